@@ -1,0 +1,169 @@
+"""When a study is complete, and the one "study ready" event per completed version.
+
+A study is complete once no instance of it has arrived for the stable age. Everything is in
+the database, so a node restarted mid-study picks up where it was: the study completes once
+(the (study, version) row is unique), and a ready event not yet taken is sent again.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from pydicom import dcmread
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from dicom_node.pixels import PixelError, model_image
+from dicom_node.selection import select as select_image
+from dicom_node.storage import InstanceStore
+from records.tables import Instance, Study, StudyState, StudyVersion
+
+log = logging.getLogger(__name__)
+
+OnReady = Callable[[int, int], None]
+Clock = Callable[[], datetime]
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    selected: bool
+    reason: str
+    pixel_error: str | None = None
+
+
+def evaluate(store: InstanceStore, relative_path: str) -> Evaluation:
+    """Select from the header; decode a selected image once so a corrupt one is known now."""
+    try:
+        ds = dcmread(store.path(relative_path))
+    except Exception as exc:
+        return Evaluation(False, "unreadable file", f"{type(exc).__name__}: {exc}")
+    choice = select_image(ds)
+    if not choice.selected:
+        return Evaluation(False, choice.reason)
+    try:
+        model_image(ds)
+    except PixelError as exc:
+        return Evaluation(True, choice.reason, str(exc))
+    return Evaluation(True, choice.reason)
+
+
+def _nothing_reason(instances: list[Instance]) -> str:
+    reasons = Counter(
+        f"pixel error: {i.pixel_error}" if i.pixel_error else (i.selection_reason or "unknown")
+        for i in instances
+    )
+    listed = "; ".join(f"{n} x {reason}" for reason, n in reasons.most_common())
+    return f"no usable frontal chest image ({listed})"
+
+
+def complete_study(
+    sessions: sessionmaker[Session], store: InstanceStore, study_id: int, cutoff: datetime, now: datetime
+) -> StudyVersion | None:
+    """Complete ``study_id`` if it has been quiet since ``cutoff``; None if it was not (or is done)."""
+    with sessions() as session:
+        pending = session.execute(
+            select(Instance.id, Instance.path).where(Instance.study_id == study_id, Instance.selected.is_(None))
+        ).all()
+    # Header reads and decoding happen outside any transaction: they take seconds, not milliseconds.
+    evaluations = {instance_id: evaluate(store, path) for instance_id, path in pending}
+
+    with sessions() as session, session.begin():
+        study = session.scalar(select(Study).where(Study.id == study_id).with_for_update())
+        if study is None or study.state is not StudyState.receiving or study.last_received_at > cutoff:
+            return None
+        for instance in study.instances:
+            if instance.id in evaluations:
+                result = evaluations[instance.id]
+                instance.selected, instance.selection_reason, instance.pixel_error = (
+                    result.selected, result.reason, result.pixel_error)
+        unevaluated = [i for i in study.instances if i.selected is None]
+        if unevaluated:  # arrived between the two phases; the next pass completes the study
+            return None
+        usable = [i for i in study.instances if i.selected and not i.pixel_error]
+        outcome = StudyState.ready if usable else StudyState.nothing_to_analyse
+        reason = (f"{len(usable)} frontal chest image(s) to analyse" if usable
+                  else _nothing_reason(study.instances))
+        version = StudyVersion(
+            study_id=study.id, version=study.version, completed_at=now, outcome=outcome, reason=reason,
+            instance_count=len(study.instances), selected_count=len(usable),
+        )
+        session.add(version)
+        study.state, study.state_reason = outcome, reason
+        session.flush()
+        log.info("study %s version %d complete: %s", study.study_instance_uid, study.version, reason)
+        return version
+
+
+def stable_study_ids(session: Session, cutoff: datetime) -> list[int]:
+    query = select(Study.id).where(Study.state == StudyState.receiving, Study.last_received_at <= cutoff)
+    return list(session.scalars(query.order_by(Study.last_received_at)))
+
+
+def dispatch_ready(sessions: sessionmaker[Session], on_ready: OnReady, now: datetime) -> int:
+    """Hand each ready version not yet taken to ``on_ready``; mark it taken only once that returns."""
+    with sessions() as session:
+        waiting = session.execute(
+            select(StudyVersion.id, StudyVersion.study_id, StudyVersion.version)
+            .where(StudyVersion.outcome == StudyState.ready, StudyVersion.dispatched_at.is_(None))
+            .order_by(StudyVersion.id)
+        ).all()
+    sent = 0
+    for version_id, study_id, version in waiting:
+        try:
+            on_ready(study_id, version)
+        except Exception:
+            log.exception("study ready event for study %d version %d not taken; will retry", study_id, version)
+            continue
+        with sessions() as session, session.begin():
+            session.get_one(StudyVersion, version_id).dispatched_at = now
+        sent += 1
+    return sent
+
+
+class CompletionMonitor:
+    """A thread that completes quiet studies and dispatches their ready events."""
+
+    def __init__(
+        self,
+        sessions: sessionmaker[Session],
+        store: InstanceStore,
+        *,
+        stable_age: timedelta,
+        poll_interval: float,
+        on_ready: OnReady,
+        clock: Clock,
+    ) -> None:
+        self.sessions, self.store, self.stable_age = sessions, store, stable_age
+        self.poll_interval, self.on_ready, self.clock = poll_interval, on_ready, clock
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def run_once(self) -> list[StudyVersion]:
+        now = self.clock()
+        cutoff = now - self.stable_age
+        with self.sessions() as session:
+            candidates = stable_study_ids(session, cutoff)
+        completed = [v for sid in candidates if (v := complete_study(self.sessions, self.store, sid, cutoff, now))]
+        dispatch_ready(self.sessions, self.on_ready, now)
+        return completed
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.poll_interval):
+            try:
+                self.run_once()
+            except Exception:  # the database may be briefly away; the next pass retries
+                log.exception("completion pass failed; retrying in %.1f s", self.poll_interval)
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="completion-monitor", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()

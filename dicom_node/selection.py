@@ -1,0 +1,101 @@
+"""Which received images are frontal chest radiographs, each decision with its reason.
+
+The rules read only the header: Modality, SOP Class, BodyPartExamined, ViewPosition and the
+View Code Sequence, Image Laterality and the series/protocol text. Where the structured
+attributes are silent, descriptive text decides; where everything is silent the image is
+kept as "assumed frontal", because a CR/DX routed to a chest AI node is most often a chest.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from pydicom import Dataset
+
+from dicom_node.sop import (
+    ComputedRadiographyImageStorage,
+    DigitalXRayImageStorageForPresentation,
+    DigitalXRayImageStorageForProcessing,
+)
+
+XRAY_MODALITIES = {"CR", "DX"}
+CHEST_SOP_CLASSES = {
+    ComputedRadiographyImageStorage,
+    DigitalXRayImageStorageForPresentation,
+    DigitalXRayImageStorageForProcessing,
+}
+CHEST_BODY_PARTS = {"CHEST", "THORAX", "LUNG", "HEART", "RIBS"}
+FRONTAL_VIEWS = {"PA", "AP"}
+LATERAL_VIEWS = {"LL", "RL", "LATERAL", "LAT", "LLD", "RLD"}
+OTHER_VIEWS = {"LLO", "RLO", "LPO", "RPO", "LAO", "RAO", "OBL"}
+
+# View Code Sequence codes (CID 4010 / SNOMED CT, and the SRT codes older devices still send).
+FRONTAL_VIEW_CODES = {"399348003", "272479007", "R-10214", "R-10206", "111046", "111047"}
+LATERAL_VIEW_CODES = {"399198007", "260460007", "R-10236", "R-102CD", "R-10232", "399083002", "399173006"}
+
+LATERAL_TEXT = re.compile(r"\b(LAT|LATERAL|LL|RL|SEITLICH|LATERALE?)\b")
+FRONTAL_TEXT = re.compile(r"\b(PA|AP|FRONTAL|P\.A\.|A\.P\.|POSTEROANTERIOR|ANTEROPOSTERIOR)\b")
+CHEST_TEXT = re.compile(r"\b(CHEST|THORAX|TORAX|LUNG|CXR|PULMO|THX)\b")
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Whether an image goes to the model, and the reason, in words an administrator reads."""
+
+    selected: bool
+    reason: str
+
+
+def _text(ds: Dataset, *keywords: str) -> str:
+    parts = [str(ds.get(k, "") or "") for k in keywords]
+    return " ".join(parts).upper()
+
+
+def _view_code(ds: Dataset) -> str | None:
+    seq = ds.get("ViewCodeSequence")
+    if not seq:
+        return None
+    item = seq[0]
+    return str(item.get("CodeValue") or item.get("LongCodeValue") or "") or None
+
+
+def select(ds: Dataset) -> Selection:
+    """Decide whether ``ds`` (a header; pixel data not needed) is a frontal chest radiograph."""
+    modality = str(ds.get("Modality", "") or "").upper()
+    if modality not in XRAY_MODALITIES:
+        return Selection(False, f"not an X-ray: Modality {modality or 'missing'}")
+    sop_class = str(ds.get("SOPClassUID", ""))
+    if sop_class not in CHEST_SOP_CLASSES:
+        return Selection(False, f"not a chest X-ray: SOP class {sop_class} (mammography or intra-oral)")
+
+    body_part = str(ds.get("BodyPartExamined", "") or "").upper().strip()
+    descriptions = _text(ds, "SeriesDescription", "ProtocolName", "StudyDescription")
+    if body_part and body_part not in CHEST_BODY_PARTS:
+        return Selection(False, f"not chest: BodyPartExamined {body_part}")
+    if not body_part and descriptions.strip() and not CHEST_TEXT.search(descriptions):
+        return Selection(False, f"not chest: no BodyPartExamined and no chest term in {descriptions.strip()!r}")
+
+    view = str(ds.get("ViewPosition", "") or "").upper().strip()
+    code = _view_code(ds)
+    if view in LATERAL_VIEWS:
+        return Selection(False, f"lateral: ViewPosition {view}")
+    if view in OTHER_VIEWS:
+        return Selection(False, f"oblique: ViewPosition {view}")
+    if view in FRONTAL_VIEWS:
+        return Selection(True, f"frontal chest: ViewPosition {view}")
+    if code in LATERAL_VIEW_CODES:
+        return Selection(False, f"lateral: View Code {code}")
+    if code in FRONTAL_VIEW_CODES:
+        return Selection(True, f"frontal chest: View Code {code}")
+    if view:
+        return Selection(False, f"not frontal: ViewPosition {view}")
+
+    view_text = _text(ds, "SeriesDescription", "ProtocolName", "ImageComments", "AcquisitionDeviceProcessingDescription")
+    if LATERAL_TEXT.search(view_text):
+        return Selection(False, f"lateral: series text {view_text.strip()!r}")
+    if str(ds.get("ImageLaterality", "") or "").upper() in {"L", "R"}:
+        return Selection(False, f"not frontal: ImageLaterality {ds.ImageLaterality} on a chest image")
+    if FRONTAL_TEXT.search(view_text):
+        return Selection(True, "frontal chest: series text")
+    return Selection(True, "assumed frontal chest: no view attribute or text")

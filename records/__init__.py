@@ -1,0 +1,1 @@
+"""What every part of radvlm-pacs shares: settings, database tables and sessions."""

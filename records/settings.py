@@ -1,0 +1,128 @@
+"""One settings object for the whole service, read from the environment and an optional TOML file.
+
+Environment variables use the prefix ``RADVLM_`` and ``__`` between nested names, e.g.
+``RADVLM_NODE__AE_TITLE=RADVLM`` or ``RADVLM_DATABASE_URL=postgresql+psycopg://...``.
+A TOML file (``--config FILE`` or ``RADVLM_CONFIG_FILE``) holds the same keys in sections.
+The environment wins over the file; explicit arguments win over both.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import AfterValidator, BaseModel, Field
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+CONFIG_FILE_ENV = "RADVLM_CONFIG_FILE"
+
+
+def _check_ae_title(value: str) -> str:
+    """AE titles are 1-16 characters of the default repertoire, no backslash or control codes."""
+    stripped = value.strip()
+    if not 1 <= len(stripped) <= 16 or "\\" in stripped or not stripped.isprintable():
+        raise ValueError(f"invalid AE title {value!r}: 1 to 16 printable characters, no backslash")
+    return stripped
+
+
+AETitle = Annotated[str, AfterValidator(_check_ae_title)]
+
+
+class CallerRule(BaseModel):
+    """A peer allowed to open associations: its calling AE title and, optionally, its address."""
+
+    ae_title: AETitle
+    host: str | None = Field(default=None, description="IP address the peer connects from; None: any")
+
+    def matches(self, ae_title: str, address: str) -> bool:
+        return ae_title == self.ae_title and (self.host is None or self.host == address)
+
+
+class NodeSettings(BaseModel):
+    """The DICOM node: listening address, who may call, and when a study counts as complete."""
+
+    ae_title: AETitle = "RADVLM"
+    bind_address: str = "0.0.0.0"
+    port: int = Field(default=11112, ge=0, le=65535)
+    allowed_callers: list[CallerRule] = Field(
+        default_factory=list,
+        description="empty: any caller is accepted (a warning is logged at start)",
+    )
+    max_associations: int = Field(default=10, ge=1)
+    max_pdu_bytes: int = Field(default=4 * 1024 * 1024, ge=0, description="0: unlimited")
+    disk_reserve_mb: int = Field(default=1024, ge=0, description="refuse stores below this free space")
+    fsync: bool = Field(default=True, description="fsync each stored file before answering success")
+    stable_age_s: float = Field(default=10.0, gt=0, description="quiet time after which a study is complete")
+    completion_poll_s: float = Field(default=1.0, gt=0)
+    acse_timeout_s: float = 30.0
+    dimse_timeout_s: float = 60.0
+    network_timeout_s: float = 120.0
+
+
+class Destination(BaseModel):
+    """A DICOM peer that receives the results (used by the delivery issue)."""
+
+    name: str
+    ae_title: AETitle
+    host: str
+    port: int = Field(ge=1, le=65535)
+    tls: bool = False
+
+
+class Settings(BaseSettings):
+    """Effective configuration. Paths left unset are derived from ``data_dir``."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="RADVLM_",
+        env_nested_delimiter="__",
+        extra="forbid",
+    )
+
+    data_dir: Path = Path("radvlm-data")
+    database_url: str | None = Field(default=None, description="default: SQLite in data_dir")
+    storage_dir: Path | None = Field(default=None, description="default: data_dir/dicom")
+    broker_url: str | None = Field(default=None, description="Redis URL; None runs jobs in-process")
+    log_level: str = "INFO"
+    node: NodeSettings = Field(default_factory=NodeSettings)
+    destinations: list[Destination] = Field(default_factory=list)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, file_secret_settings, TomlConfigSettingsSource(settings_cls))
+
+    @property
+    def effective_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'radvlm.sqlite').resolve()}"
+
+    @property
+    def effective_storage_dir(self) -> Path:
+        return (self.storage_dir or self.data_dir / "dicom").resolve()
+
+
+def load_settings(config_file: Path | None = None) -> Settings:
+    """Read settings from the environment and ``config_file`` (or ``RADVLM_CONFIG_FILE``)."""
+    path = config_file or os.environ.get(CONFIG_FILE_ENV)
+    if not path:
+        return Settings()
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"configuration file {path}: no such file")
+
+    class FileSettings(Settings):
+        model_config = SettingsConfigDict(toml_file=path)
+
+    return FileSettings()

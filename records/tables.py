@@ -1,0 +1,112 @@
+"""Database tables. The caller owns every transaction: nothing here commits."""
+
+from __future__ import annotations
+
+import enum
+from datetime import datetime, timezone
+
+from sqlalchemy import BigInteger, DateTime, TypeDecorator, Enum, ForeignKey, Integer, String, Text, UniqueConstraint
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Aware UTC datetimes in, aware UTC datetimes out, also on SQLite (which drops the zone)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: object) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime: pass an aware UTC datetime")
+        return value.astimezone(timezone.utc)
+
+    def process_result_value(self, value: datetime | None, dialect: object) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            return value.replace(tzinfo=timezone.utc)
+        return value
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {datetime: UTCDateTime()}
+
+
+class StudyState(str, enum.Enum):
+    """Where a study stands. ``receiving`` until it has been quiet for the stable age."""
+
+    receiving = "receiving"
+    ready = "ready"  # complete, has at least one frontal chest image: to be analysed
+    nothing_to_analyse = "nothing_to_analyse"  # complete, but no usable frontal chest image
+
+
+def _enum(cls: type[enum.Enum]) -> Enum:
+    return Enum(cls, native_enum=False, length=32, values_callable=lambda e: [m.value for m in e])
+
+
+class Study(Base):
+    """A study as received. ``version`` grows by one each time an instance reopens it after completion."""
+
+    __tablename__ = "studies"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    study_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    patient_id: Mapped[str | None] = mapped_column(String(64))
+    patient_name: Mapped[str | None] = mapped_column(String(324))
+    accession_number: Mapped[str | None] = mapped_column(String(16))
+    study_date: Mapped[str | None] = mapped_column(String(8))
+    state: Mapped[StudyState] = mapped_column(_enum(StudyState), default=StudyState.receiving, index=True)
+    state_reason: Mapped[str | None] = mapped_column(Text)
+    version: Mapped[int] = mapped_column(Integer, default=1)
+    first_received_at: Mapped[datetime]
+    last_received_at: Mapped[datetime] = mapped_column(index=True)
+
+    instances: Mapped[list[Instance]] = relationship(back_populates="study", order_by="Instance.id")
+    versions: Mapped[list[StudyVersion]] = relationship(back_populates="study", order_by="StudyVersion.version")
+
+
+class Instance(Base):
+    """One stored SOP instance: where its bytes are, and whether it is a frontal chest image."""
+
+    __tablename__ = "instances"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)
+    study_version: Mapped[int] = mapped_column(Integer, doc="the study version this instance arrived in")
+    sop_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    sop_class_uid: Mapped[str] = mapped_column(String(64))
+    series_instance_uid: Mapped[str] = mapped_column(String(64))
+    transfer_syntax_uid: Mapped[str] = mapped_column(String(64))
+    path: Mapped[str] = mapped_column(Text, doc="relative to the storage folder")
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    calling_ae: Mapped[str] = mapped_column(String(16))
+    calling_host: Mapped[str] = mapped_column(String(64))
+    received_at: Mapped[datetime]
+    selected: Mapped[bool | None] = mapped_column(doc="None until the study completes")
+    selection_reason: Mapped[str | None] = mapped_column(Text)
+    pixel_error: Mapped[str | None] = mapped_column(Text)
+
+    study: Mapped[Study] = relationship(back_populates="instances")
+
+
+class StudyVersion(Base):
+    """A completed version of a study: the persisted "study ready" event, made once per version.
+
+    ``dispatched_at`` stays empty until the consumer (the analysis queue) has taken the event,
+    so a restart re-sends what was never taken and nothing that was.
+    """
+
+    __tablename__ = "study_versions"
+    __table_args__ = (UniqueConstraint("study_id", "version"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)
+    version: Mapped[int] = mapped_column(Integer)
+    completed_at: Mapped[datetime]
+    outcome: Mapped[StudyState] = mapped_column(_enum(StudyState))
+    reason: Mapped[str | None] = mapped_column(Text)
+    instance_count: Mapped[int] = mapped_column(Integer)
+    selected_count: Mapped[int] = mapped_column(Integer)
+    dispatched_at: Mapped[datetime | None]
+
+    study: Mapped[Study] = relationship(back_populates="versions")
