@@ -14,6 +14,7 @@ from datetime import datetime
 
 from pydicom import Dataset
 from pydicom.dataelem import RawDataElement
+from pynetdicom.dsutils import decode
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -87,8 +88,12 @@ def handle_store(event, receiver: Receiver) -> int | Dataset:  # type: ignore[no
                   free >> 20, receiver.reserve_bytes >> 20)
         return _status(OUT_OF_RESOURCES, "disk space below the reserve")
 
+    syntax = event.context.transfer_syntax
     try:
-        ds = event.dataset
+        # decoded here rather than through event.dataset, which overwrites the encoding pydicom found
+        ds = decode(event.request.DataSet, syntax.is_implicit_VR, syntax.is_little_endian, syntax.is_deflated)
+        if ds.original_encoding != (syntax.is_implicit_VR, syntax.is_little_endian):
+            raise ValueError(f"not encoded as the negotiated {syntax.name}")
         study_uid = str(ds.get("StudyInstanceUID", ""))
         series_uid = str(ds.get("SeriesInstanceUID", ""))
         ds_sop_uid, ds_class_uid = str(ds.get("SOPInstanceUID", "")), str(ds.get("SOPClassUID", ""))
@@ -128,7 +133,7 @@ def handle_store(event, receiver: Receiver) -> int | Dataset:  # type: ignore[no
 
     arrival = Arrival(
         study_instance_uid=study_uid, series_instance_uid=series_uid, sop_instance_uid=sop_uid,
-        sop_class_uid=ds_class_uid, transfer_syntax_uid=str(event.context.transfer_syntax),
+        sop_class_uid=ds_class_uid, transfer_syntax_uid=str(syntax),
         path=relative, size_bytes=size, calling_ae=event.assoc.requestor.ae_title,
         calling_host=event.assoc.requestor.address,
         patient_id=header["PatientID"], patient_name=header["PatientName"],
@@ -160,14 +165,18 @@ def handle_requested(event, allowed: Sequence[CallerRule]) -> None:  # type: ign
     """A-ASSOCIATE-RQ: reject a caller outside the allow-list (empty list: allow all)."""
     if not allowed:
         return
-    requestor = event.assoc.requestor
-    if any(rule.matches(requestor.ae_title, requestor.address) for rule in allowed):
+    # The A-ASSOCIATE-RQ is not negotiated yet: the calling AE title is only in the primitive.
+    calling = event.assoc.requestor.primitive.calling_ae_title.strip()
+    address = event.assoc.requestor.address
+    if any(rule.matches(calling, address) for rule in allowed):
         return
-    known_ae = any(rule.ae_title == requestor.ae_title for rule in allowed)
+    known_ae = any(rule.ae_title == calling for rule in allowed)
     reason = "host not allowed for this AE title" if known_ae else "calling AE title not allowed"
-    log.warning("rejected association from %s: %s", _peer(event), reason)
-    # rejected-permanent, by the service user, calling AE title not recognised
+    log.warning("rejected association from %s@%s: %s", calling, address, reason)
+    # rejected-permanent, by the service user, calling AE title not recognised; then wait for the
+    # PDU to leave before the socket closes, as pynetdicom's own rejections do
     event.assoc.acse.send_reject(0x01, 0x01, 0x03)
+    event.assoc.kill()
 
 
 def handle_accepted(event) -> None:  # type: ignore[no-untyped-def]

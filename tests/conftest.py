@@ -1,0 +1,148 @@
+"""Fixtures: free ports, a fresh database (SQLite or PostgreSQL), real radiographs, a running node."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import socket
+import subprocess
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pytest
+from pydicom.data import get_testdata_file
+from sqlalchemy import create_engine, text
+from sqlalchemy.orm import Session, sessionmaker
+
+from dicom_node.server import Node
+from dicom_node.storage import InstanceStore
+from records.db import make_engine, make_session_factory, upgrade
+from records.settings import NodeSettings
+
+POSTGRES_ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+DCMTK_STORESCU = "/usr/bin/storescu"  # a venv's PATH would find pynetdicom's app of the same name
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def radiograph(name: str) -> Path:
+    """A real file from pydicom-data; fails loudly if the package is missing."""
+    path = get_testdata_file(name, download=False)
+    if path is None:
+        raise RuntimeError(f"{name} not found: install pydicom-data (pip install -e .[test])")
+    return Path(path)
+
+
+def wait_for(predicate: Callable[[], object], timeout: float, interval: float = 0.1) -> object:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"condition not met within {timeout} s")
+        time.sleep(interval)
+
+
+def storescu(port: int, *files: Path, calling: str = "STORESCU", called: str = "RADVLM",
+             extra: tuple[str, ...] = ()) -> subprocess.CompletedProcess[str]:
+    """DCMTK's storescu, the real peer most modalities and PACS behave like."""
+    if shutil.which(DCMTK_STORESCU) is None:
+        raise RuntimeError("DCMTK storescu missing: apt-get install dcmtk")
+    cmd = [DCMTK_STORESCU, "-aet", calling, "-aec", called, *extra, "127.0.0.1", str(port), *map(str, files)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+
+
+def _postgres_available() -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", 5432), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A migrated, empty database of each kind the service supports."""
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'radvlm.sqlite'}"
+        upgrade(url)
+        yield url
+        return
+    if not _postgres_available():
+        pytest.fail("PostgreSQL is not running on 127.0.0.1:5432 (see README: start it)")
+    name = f"radvlm_test_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    url = f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
+    upgrade(url)
+    try:
+        yield url
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> str:
+    url = f"sqlite:///{tmp_path / 'radvlm.sqlite'}"
+    upgrade(url)
+    return url
+
+
+@dataclass
+class RunningNode:
+    """A node started in-process on a free port, with the ready events it emitted."""
+
+    node: Node
+    sessions: sessionmaker[Session]
+    store: InstanceStore
+    url: str
+    ready: list[tuple[int, int]] = field(default_factory=list)
+
+    @property
+    def port(self) -> int:
+        return self.node.port
+
+
+@pytest.fixture
+def start_node(tmp_path: Path) -> Iterator[Callable[..., RunningNode]]:
+    """Factory: start a node on ``url`` with node settings overridden by keyword."""
+    started: list[RunningNode] = []
+
+    def _start(url: str, storage: Path | None = None, **node_overrides: object) -> RunningNode:
+        overrides = {"port": 0, "bind_address": "127.0.0.1", "stable_age_s": 1.0, "completion_poll_s": 0.2,
+                     "disk_reserve_mb": 1, "fsync": False, **node_overrides}
+        settings = NodeSettings(**overrides)
+        engine = make_engine(url)
+        sessions = make_session_factory(engine)
+        store = InstanceStore(storage or tmp_path / f"dicom-{len(started)}", fsync=settings.fsync)
+        running: RunningNode
+        node = Node(settings, sessions, store, on_ready=lambda s, v: running.ready.append((s, v)), clock=utcnow)
+        running = RunningNode(node=node, sessions=sessions, store=store, url=url)
+        node.start()
+        started.append(running)
+        return running
+
+    yield _start
+    for running in started:
+        running.node.stop()
+
+
+@pytest.fixture(autouse=True)
+def _quiet_pynetdicom() -> None:
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)

@@ -1,0 +1,266 @@
+"""The node against DCMTK storescu and pynetdicom, with the real radiographs from pydicom-data."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pynetdicom import AE, _config
+from pynetdicom.dsutils import encode
+from pynetdicom.sop_class import ComputedRadiographyImageStorage, CTImageStorage, Verification
+from sqlalchemy import func, select
+
+from dicom_node.pixels import read_model_image
+from records.tables import Instance, Study, StudyState, StudyVersion
+from tests.conftest import storescu, radiograph, wait_for
+
+RG1_STUDY = "1.3.6.1.4.1.5962.1.2.9.20040826185059.5457"
+RG3_STUDY = "1.3.6.1.4.1.5962.1.2.11.20040826185059.5457"
+
+
+def _study(running, uid: str) -> Study | None:
+    with running.sessions() as session:
+        study = session.scalar(select(Study).where(Study.study_instance_uid == uid))
+        if study is not None:
+            _ = study.instances, study.versions  # load while the session is open
+        return study
+
+
+def _complete(running, uid: str, timeout: float = 15.0) -> Study:
+    return wait_for(lambda: (s := _study(running, uid)) and s.state is not StudyState.receiving and s, timeout)
+
+
+def test_chest_pa_and_tibia_with_storescu(database_url, start_node):
+    running = start_node(database_url)
+    result = storescu(running.port, radiograph("RG1_UNCI.dcm"), radiograph("RG3_UNCI.dcm"))
+    assert result.returncode == 0, result.stderr
+
+    chest = _complete(running, RG1_STUDY)
+    assert chest.state is StudyState.ready
+    [instance] = chest.instances
+    assert instance.selected is True and instance.pixel_error is None
+    assert instance.selection_reason == "frontal chest: ViewPosition PA"
+    assert instance.calling_ae == "STORESCU"
+
+    tibia = _complete(running, RG3_STUDY)
+    assert tibia.state is StudyState.nothing_to_analyse
+    assert "not chest: BodyPartExamined EXTREMITY" in tibia.state_reason
+    [skipped] = tibia.instances
+    assert skipped.selected is False
+    assert running.store.path(skipped.path).is_file()  # stored, though skipped
+
+    # stored as received: the same bytes as the source file's dataset, meta rebuilt by the node
+    stored = pydicom.dcmread(running.store.path(instance.path))
+    source = pydicom.dcmread(radiograph("RG1_UNCI.dcm"))
+    assert stored.PixelData == source.PixelData
+    assert stored.file_meta.TransferSyntaxUID == source.file_meta.TransferSyntaxUID
+
+    # exactly one ready event, for the chest study only
+    wait_for(lambda: running.ready, 5)
+    assert running.ready == [(chest.id, 1)]
+    [version] = _study(running, RG1_STUDY).versions
+    assert version.dispatched_at is not None and version.selected_count == 1
+
+
+@pytest.mark.parametrize("compressed_file, flag, uncompressed_file",
+                         [("RG1_J2KR.dcm", "-xv", "RG1_UNCR.dcm"), ("RG1_J2KI.dcm", "-xw", "RG1_UNCI.dcm")])
+def test_jpeg2000_received_compressed_decodes_like_uncompressed(
+        sqlite_url, start_node, compressed_file, flag, uncompressed_file):
+    """storescu sends JPEG 2000 as is; the node stores it compressed and decodes it identically."""
+    running = start_node(sqlite_url)
+    result = storescu(running.port, radiograph(compressed_file), extra=(flag,))
+    assert result.returncode == 0, result.stderr
+    study = _complete(running, RG1_STUDY)
+    [instance] = study.instances
+    assert instance.transfer_syntax_uid.startswith("1.2.840.10008.1.2.4.9")
+    compressed = read_model_image(running.store.path(instance.path))
+    uncompressed = read_model_image(radiograph(uncompressed_file))
+    # RG1_J2KR equals RG1_UNCR and RG1_J2KI equals RG1_UNCI, pixel for pixel
+    assert np.array_equal(compressed.pixels, uncompressed.pixels)
+    assert (compressed.rows, compressed.columns) == (1955, 1841)
+
+
+def test_unci_and_j2kr_differ_only_by_the_lossy_coding(tmp_path):
+    """RG1_UNCI is the decompressed lossy J2KI: against the lossless J2KR it is within 3 grey levels."""
+    unci = read_model_image(radiograph("RG1_UNCI.dcm")).pixels.astype(int)
+    j2kr = read_model_image(radiograph("RG1_J2KR.dcm")).pixels.astype(int)
+    difference = np.abs(unci - j2kr)
+    assert difference.max() <= 3
+    assert difference.mean() < 0.5
+
+
+def test_same_instance_twice_is_stored_once(database_url, start_node):
+    running = start_node(database_url)
+    for _ in range(2):
+        result = storescu(running.port, radiograph("RG1_UNCI.dcm"))
+        assert result.returncode == 0, result.stderr
+    study = _complete(running, RG1_STUDY)
+    assert len(study.instances) == 1
+    files = list(running.store.root.rglob("*.dcm"))
+    assert len(files) == 1
+
+
+def test_unknown_calling_ae_is_rejected(sqlite_url, start_node, caplog):
+    from records.settings import CallerRule
+
+    running = start_node(sqlite_url, allowed_callers=[CallerRule(ae_title="ORTHANC", host="127.0.0.1")])
+    with caplog.at_level(logging.WARNING, logger="dicom_node.handlers"):
+        result = storescu(running.port, radiograph("RG1_UNCI.dcm"), calling="INTRUDER")
+    assert result.returncode != 0
+    assert "Calling AE Title Not Recognized" in result.stderr or "Association Rejected" in result.stderr
+    assert "rejected association from INTRUDER@127.0.0.1: calling AE title not allowed" in caplog.text
+    assert _study(running, RG1_STUDY) is None
+
+    # the allowed AE from the allowed host is accepted, the same AE from another host is not
+    ok = storescu(running.port, radiograph("RG1_UNCI.dcm"), calling="ORTHANC")
+    assert ok.returncode == 0, ok.stderr
+    wrong_host = start_node(sqlite_url, allowed_callers=[CallerRule(ae_title="ORTHANC", host="10.9.9.9")])
+    with caplog.at_level(logging.WARNING, logger="dicom_node.handlers"):
+        refused = storescu(wrong_host.port, radiograph("RG1_UNCI.dcm"), calling="ORTHANC")
+    assert refused.returncode != 0
+    assert "host not allowed for this AE title" in caplog.text
+
+
+def test_wrong_called_ae_is_rejected(sqlite_url, start_node):
+    running = start_node(sqlite_url)
+    result = storescu(running.port, radiograph("RG1_UNCI.dcm"), called="SOMEONEELSE")
+    assert result.returncode != 0
+    assert "Called AE Title Not Recognized" in result.stderr
+
+
+def test_unsupported_sop_class_is_rejected_at_negotiation(sqlite_url, start_node, caplog):
+    running = start_node(sqlite_url)
+    ae = AE(ae_title="SCU")
+    ae.add_requested_context(CTImageStorage)
+    ae.add_requested_context(Verification)
+    with caplog.at_level(logging.INFO, logger="dicom_node.handlers"):
+        assoc = ae.associate("127.0.0.1", running.port, ae_title="RADVLM")
+        assert assoc.is_established
+        [rejected] = assoc.rejected_contexts
+        assoc.release()
+    assert rejected.abstract_syntax == CTImageStorage
+    assert rejected.result == 0x03  # abstract syntax not supported
+    assert "SOP classes not supported (rejected): CT Image Storage" in caplog.text
+
+
+def _cr_file(path: Path, dataset_bytes: bytes, sop_uid: str) -> Path:
+    """A Part 10 file whose meta is valid and whose dataset bytes are whatever the test says."""
+    meta = pydicom.dataset.FileMetaDataset()
+    meta.MediaStorageSOPClassUID = ComputedRadiographyImageStorage
+    meta.MediaStorageSOPInstanceUID = sop_uid
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    buffer = pydicom.filebase.DicomBytesIO()
+    pydicom.filewriter.write_file_meta_info(buffer, meta, enforce_standard=True)
+    path.write_bytes(b"\x00" * 128 + b"DICM" + buffer.getvalue() + dataset_bytes)
+    return path
+
+
+def _send_raw(port: int, path: Path) -> int:
+    """Send the file's dataset bytes as they are, undecoded (pynetdicom's chunked send)."""
+    ae = AE(ae_title="SCU")
+    ae.add_requested_context(ComputedRadiographyImageStorage, ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", port, ae_title="RADVLM")
+    assert assoc.is_established
+    previous = _config.STORE_SEND_CHUNKED_DATASET
+    _config.STORE_SEND_CHUNKED_DATASET = True
+    try:
+        status = assoc.send_c_store(path)
+    finally:
+        _config.STORE_SEND_CHUNKED_DATASET = previous
+        assoc.release()
+    return int(status.Status)
+
+
+def test_bad_datasets_get_their_status_and_lose_nothing(database_url, start_node, tmp_path, caplog):
+    running = start_node(database_url)
+    # first, a good instance that must survive everything below
+    assert storescu(running.port, radiograph("RG1_UNCI.dcm")).returncode == 0
+
+    source = pydicom.dcmread(radiograph("RG1_UNCI.dcm"))
+    with caplog.at_level(logging.ERROR, logger="dicom_node.handlers"):
+        # not DICOM at all
+        garbage = _cr_file(tmp_path / "garbage.dcm", b"this is a JPEG, not a dataset" * 100, generate_uid())
+        assert _send_raw(running.port, garbage) == 0xC210
+        # a dataset cut in the middle of its pixel data
+        ds = pydicom.dcmread(radiograph("RG1_UNCI.dcm"))
+        ds.SOPInstanceUID = generate_uid()
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        full = tmp_path / "full.dcm"
+        ds.save_as(full, enforce_file_format=True)
+        cut = tmp_path / "cut.dcm"
+        cut.write_bytes(full.read_bytes()[:-100_000])
+        assert _send_raw(running.port, cut) == 0xC212
+        # a dataset whose SOP Instance UID differs from the one in the command
+        mismatch = _cr_file(tmp_path / "mismatch.dcm", encode(ds, False, True), generate_uid())
+        assert _send_raw(running.port, mismatch) == 0xA900
+    assert "cannot decode the dataset" in caplog.text
+    assert "pixel data truncated" in caplog.text
+    assert "differ from the request's" in caplog.text
+
+    with running.sessions() as session:
+        uids = set(session.scalars(select(Instance.sop_instance_uid)))
+    assert uids == {source.SOPInstanceUID}
+    assert len(list(running.store.root.rglob("*.dcm"))) == 1
+    assert not list(running.store.root.rglob("*.part"))
+    assert _complete(running, RG1_STUDY).state is StudyState.ready
+
+
+def test_disk_below_reserve_refuses_with_out_of_resources(sqlite_url, start_node, caplog):
+    running = start_node(sqlite_url, disk_reserve_mb=1 << 40)  # more than any disk has
+    with caplog.at_level(logging.ERROR, logger="dicom_node.handlers"):
+        result = storescu(running.port, radiograph("RG1_UNCI.dcm"))
+    assert "0xa700" in (result.stdout + result.stderr).lower() or result.returncode != 0
+    assert "disk space below the reserve" in (result.stdout + result.stderr) or "reserve is" in caplog.text
+    assert "reserve is" in caplog.text
+    assert _study(running, RG1_STUDY) is None
+    assert not list(running.store.root.rglob("*.dcm"))
+
+
+def test_restart_mid_study_completes_exactly_once(database_url, start_node, tmp_path):
+    storage = tmp_path / "shared-storage"
+    first = start_node(database_url, storage=storage, stable_age_s=3.0)
+    assert storescu(first.port, radiograph("RG1_UNCI.dcm")).returncode == 0
+    first.node.stop()  # the node goes down before the stable age has passed
+    assert _study(first, RG1_STUDY).state is StudyState.receiving
+
+    second = start_node(database_url, storage=storage, stable_age_s=3.0)
+    study = _complete(second, RG1_STUDY)
+    assert study.state is StudyState.ready
+    wait_for(lambda: second.ready, 5)
+    assert second.ready == [(study.id, 1)] and first.ready == []
+
+    # a third start dispatches nothing again
+    second.node.stop()
+    third = start_node(database_url, storage=storage, stable_age_s=3.0)
+    third.node.monitor.run_once()
+    assert third.ready == []
+    with third.sessions() as session:
+        assert session.scalar(select(func.count()).select_from(StudyVersion)) == 1
+
+
+def test_instance_after_completion_reopens_as_new_version(database_url, start_node, tmp_path):
+    running = start_node(database_url)
+    assert storescu(running.port, radiograph("RG1_UNCI.dcm")).returncode == 0
+    first = _complete(running, RG1_STUDY)
+    wait_for(lambda: running.ready, 5)
+
+    late = pydicom.dcmread(radiograph("RG1_UNCI.dcm"))
+    late.SOPInstanceUID = generate_uid()
+    late.file_meta.MediaStorageSOPInstanceUID = late.SOPInstanceUID
+    late.ViewPosition = "LL"
+    late_path = tmp_path / "late.dcm"
+    late.save_as(late_path, enforce_file_format=True)
+    assert storescu(running.port, late_path).returncode == 0
+
+    wait_for(lambda: len(running.ready) == 2, 15)
+    study = _study(running, RG1_STUDY)
+    assert study.version == 2 and study.state is StudyState.ready
+    assert [v.version for v in study.versions] == [1, 2]
+    assert running.ready == [(first.id, 1), (first.id, 2)]
+    lateral = next(i for i in study.instances if i.sop_instance_uid == late.SOPInstanceUID)
+    assert lateral.study_version == 2 and lateral.selected is False
+    assert lateral.selection_reason == "lateral: ViewPosition LL"
