@@ -8,6 +8,7 @@ import logging
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -43,7 +44,17 @@ def log_ready(study_id: int, version: int) -> None:
     log.info("study %d version %d ready for analysis", study_id, version)
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    """The whole service in one process on the embedded default (SQLite, jobs in-process)."""
+    return run_node(args, on_ready=log_ready)
+
+
 def cmd_node(args: argparse.Namespace) -> int:
+    """The DICOM node alone (production layout: workers run elsewhere)."""
+    return run_node(args, on_ready=log_ready)
+
+
+def run_node(args: argparse.Namespace, on_ready: Callable[[int, int], None]) -> int:
     """Run the DICOM node until SIGINT/SIGTERM."""
     from dicom_node.server import Node
     from dicom_node.storage import InstanceStore
@@ -57,7 +68,7 @@ def cmd_node(args: argparse.Namespace) -> int:
     node = Node(
         settings.node, make_session_factory(engine),
         InstanceStore(settings.effective_storage_dir, fsync=settings.node.fsync),
-        on_ready=log_ready, clock=utcnow,
+        on_ready=on_ready, clock=utcnow,
     )
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -119,7 +130,9 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="radvlm-pacs", description=__doc__)
     parser.add_argument("--config", type=Path, help="TOML settings file (else RADVLM_CONFIG_FILE)")
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("node", help="run the DICOM node").set_defaults(func=cmd_node)
+    sub.add_parser("serve", help="run the whole service in one process (embedded default)").set_defaults(
+        func=cmd_serve)
+    sub.add_parser("node", help="run the DICOM node alone").set_defaults(func=cmd_node)
     db = sub.add_parser("db", help="database schema").add_subparsers(dest="db_command", required=True)
     db.add_parser("upgrade", help="apply migrations").set_defaults(func=cmd_db_upgrade)
     studies = sub.add_parser("studies", help="received studies").add_subparsers(dest="studies_command", required=True)

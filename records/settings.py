@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import AfterValidator, BaseModel, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -34,7 +34,13 @@ def _check_ae_title(value: str) -> str:
 AETitle = Annotated[str, AfterValidator(_check_ae_title)]
 
 
-class CallerRule(BaseModel):
+class Section(BaseModel):
+    """A settings section: an unknown key is an error (a typo must not be silently ignored)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class CallerRule(Section):
     """A peer allowed to open associations: its calling AE title and, optionally, its address."""
 
     ae_title: AETitle
@@ -44,7 +50,7 @@ class CallerRule(BaseModel):
         return ae_title == self.ae_title and (self.host is None or self.host == address)
 
 
-class NodeSettings(BaseModel):
+class NodeSettings(Section):
     """The DICOM node: listening address, who may call, and when a study counts as complete."""
 
     ae_title: AETitle = "RADVLM"
@@ -65,7 +71,7 @@ class NodeSettings(BaseModel):
     network_timeout_s: float = 120.0
 
 
-class Destination(BaseModel):
+class Destination(Section):
     """A DICOM peer that receives the results (used by the delivery issue)."""
 
     name: str
