@@ -9,16 +9,19 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
+from concurrent.futures import Executor, wait
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 
-from pydicom import Dataset
+from pydicom import Dataset, dcmread
+from pydicom.filereader import read_file_meta_info
 from pydicom.dataelem import RawDataElement
-from pynetdicom.dsutils import decode
+from pydicom.uid import UID
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicom_node.catalog import Arrival, is_stored, record_arrival
+from dicom_node.catalog import Arrival, record_arrival
 from dicom_node.storage import InstanceStore, valid_uid
 from records.settings import CallerRule
 
@@ -33,6 +36,7 @@ MISSING_UID = 0xC211
 BAD_PIXEL_DATA = 0xC212
 
 UNDEFINED_LENGTH = 0xFFFFFFFF
+DEFER_BYTES = 64 * 1024  # values larger than this are not read into memory by the handler
 
 
 @dataclass
@@ -43,6 +47,7 @@ class Receiver:
     sessions: sessionmaker[Session]
     reserve_bytes: int
     clock: Callable[[], datetime]
+    syncer: Executor  # runs InstanceStore.sync beside the database transaction
 
 
 def _status(code: int, reason: str) -> Dataset:
@@ -57,13 +62,37 @@ def _peer(event) -> str:  # type: ignore[no-untyped-def]
     return f"{requestor.ae_title}@{requestor.address}"
 
 
-def pixel_data_problem(ds: Dataset) -> str | None:
-    """Why the pixel data of ``ds`` is unusable as received, or None when it is complete."""
+def encoding_problem(path: Path, syntax: UID) -> str | None:
+    """Why the dataset is not in the negotiated syntax, when that can be seen (explicit VR only).
+
+    pydicom reads on past a mismatch (it assumes the writer switched to implicit VR), so bytes
+    that are no dataset at all would be parsed into nonsense elements. In explicit VR the first
+    element's VR must be two upper-case letters (PS3.5 7.1.2).
+    """
+    if syntax.is_implicit_VR or syntax.is_deflated:
+        return None
+    start = 128 + 4 + 12 + int(read_file_meta_info(path).FileMetaInformationGroupLength)
+    with path.open("rb") as fh:
+        fh.seek(start + 4)
+        vr = fh.read(2)
+    if len(vr) == 2 and all(0x41 <= b <= 0x5A for b in vr):
+        return None
+    return f"not encoded as the negotiated {syntax.name}"
+
+
+def pixel_data_problem(ds: Dataset, file_size: int) -> str | None:
+    """Why the pixel data of ``ds`` is unusable as received, or None when it is complete.
+
+    ``ds`` is read with large values deferred: their length is checked against the file's size.
+    """
     if "PixelData" not in ds:
         return "no pixel data (absent, or encapsulated data cut short)"
-    element = ds.get_item(0x7FE00010)
+    element = ds.get_item(0x7FE00010, keep_deferred=True)
     if isinstance(element, RawDataElement) and element.length != UNDEFINED_LENGTH:
-        received = len(element.value or b"")
+        if element.value is None:  # deferred: the bytes are in the file from value_tell on
+            received = max(0, min(element.length, file_size - element.value_tell))
+        else:
+            received = len(element.value)
         if received < element.length:
             return f"pixel data truncated: {received} of {element.length} bytes"
         try:
@@ -78,7 +107,12 @@ def pixel_data_problem(ds: Dataset) -> str | None:
 
 
 def handle_store(event, receiver: Receiver) -> int | Dataset:  # type: ignore[no-untyped-def]
-    """C-STORE: check space, read the header, keep the bytes as received, record the arrival."""
+    """C-STORE: check space, read the header, keep the file as received, record the arrival.
+
+    pynetdicom has written the dataset to a temporary Part 10 file as its fragments arrived
+    (``STORE_RECV_CHUNKED_DATASET``); the handler reads the header from it and moves it into
+    storage, so the pixel data is never copied in memory.
+    """
     sop_uid = str(event.request.AffectedSOPInstanceUID)
     peer = _peer(event)
 
@@ -88,18 +122,19 @@ def handle_store(event, receiver: Receiver) -> int | Dataset:  # type: ignore[no
                   free >> 20, receiver.reserve_bytes >> 20)
         return _status(OUT_OF_RESOURCES, "disk space below the reserve")
 
+    incoming = Path(event.dataset_path)
     syntax = event.context.transfer_syntax
     try:
-        # decoded here rather than through event.dataset, which overwrites the encoding pydicom found
-        ds = decode(event.request.DataSet, syntax.is_implicit_VR, syntax.is_little_endian, syntax.is_deflated)
-        if ds.original_encoding != (syntax.is_implicit_VR, syntax.is_little_endian):
-            raise ValueError(f"not encoded as the negotiated {syntax.name}")
+        problem = encoding_problem(incoming, syntax)
+        if problem:
+            raise ValueError(problem)
+        ds = dcmread(incoming, defer_size=DEFER_BYTES)
         study_uid = str(ds.get("StudyInstanceUID", ""))
         series_uid = str(ds.get("SeriesInstanceUID", ""))
         ds_sop_uid, ds_class_uid = str(ds.get("SOPInstanceUID", "")), str(ds.get("SOPClassUID", ""))
         header = {k: (str(ds[k].value) if k in ds and ds[k].value not in (None, "") else None)
                   for k in ("PatientID", "PatientName", "AccessionNumber", "StudyDate")}
-        problem = pixel_data_problem(ds)
+        problem = pixel_data_problem(ds, incoming.stat().st_size)
     except Exception as exc:  # any parse failure: the bytes are not a dataset we can read
         log.error("refused %s from %s: cannot decode the dataset: %s: %s", sop_uid, peer, type(exc).__name__, exc)
         return _status(UNDECODABLE, f"cannot decode dataset: {type(exc).__name__}")
@@ -118,19 +153,11 @@ def handle_store(event, receiver: Receiver) -> int | Dataset:  # type: ignore[no
         return _status(BAD_PIXEL_DATA, problem)
 
     try:
-        with receiver.sessions() as session:
-            if is_stored(session, sop_uid):
-                log.info("duplicate %s from %s: already stored, first copy kept", sop_uid, peer)
-                return SUCCESS
         relative = receiver.store.relative_path(study_uid, series_uid, sop_uid)
-        size = receiver.store.write(relative, event.encoded_dataset())
-    except OSError as exc:
-        log.error("refused %s from %s: cannot write: %s", sop_uid, peer, exc)
-        return _status(CANNOT_STORE, "cannot write the file")
-    except SQLAlchemyError as exc:
-        log.error("refused %s from %s: database unavailable: %s", sop_uid, peer, exc)
-        return _status(CANNOT_STORE, "database unavailable")
-
+        size = incoming.stat().st_size
+    except (OSError, ValueError) as exc:
+        log.error("refused %s from %s: cannot store: %s", sop_uid, peer, exc)
+        return _status(CANNOT_STORE, "cannot store the file")
     arrival = Arrival(
         study_instance_uid=study_uid, series_instance_uid=series_uid, sop_instance_uid=sop_uid,
         sop_class_uid=ds_class_uid, transfer_syntax_uid=str(syntax),
@@ -139,20 +166,31 @@ def handle_store(event, receiver: Receiver) -> int | Dataset:  # type: ignore[no
         patient_id=header["PatientID"], patient_name=header["PatientName"],
         accession_number=header["AccessionNumber"], study_date=header["StudyDate"],
     )
+    # The file is forced to disk while the database does its part; the row is committed only
+    # once the file is durable and in place, and success is answered only after the commit.
+    synced = receiver.syncer.submit(receiver.store.sync, incoming)
     try:
         with receiver.sessions() as session, session.begin():
             study, new = record_arrival(session, arrival, receiver.clock())
             version = study.version
+            if new:
+                synced.result()
+                receiver.store.place(incoming, relative)
     except IntegrityError:  # the same instance committed by a concurrent association
         log.info("duplicate %s from %s: stored concurrently, first copy kept", sop_uid, peer)
         return SUCCESS
+    except OSError as exc:
+        log.error("refused %s from %s: cannot write: %s", sop_uid, peer, exc)
+        return _status(CANNOT_STORE, "cannot write the file")
     except SQLAlchemyError as exc:
         log.error("refused %s from %s: database unavailable: %s", sop_uid, peer, exc)
         return _status(CANNOT_STORE, "database unavailable")
+    finally:
+        wait([synced])  # never leave a sync running on a file pynetdicom is about to delete
     if new:
         log.debug("stored %s (study %s version %d) from %s", sop_uid, study_uid, version, peer)
     else:
-        log.info("duplicate %s from %s: recorded meanwhile, first copy kept", sop_uid, peer)
+        log.info("duplicate %s from %s: already stored, first copy kept", sop_uid, peer)
     return SUCCESS
 
 

@@ -6,7 +6,11 @@ import logging
 from collections.abc import Callable
 from datetime import datetime, timedelta
 
-from pynetdicom import AE, evt
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from pynetdicom import AE, _config, evt
 from pynetdicom.sop_class import Verification
 from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy.orm import Session, sessionmaker
@@ -49,8 +53,9 @@ class Node:
     ) -> None:
         self.settings = node
         self.ae = build_ae(node)
+        self.syncer = ThreadPoolExecutor(max_workers=node.max_associations, thread_name_prefix="fsync")
         self.receiver = Receiver(store=store, sessions=sessions, reserve_bytes=node.disk_reserve_mb << 20,
-                                 clock=clock)
+                                 clock=clock, syncer=self.syncer)
         self.monitor = CompletionMonitor(
             sessions, store, stable_age=timedelta(seconds=node.stable_age_s),
             poll_interval=node.completion_poll_s, on_ready=on_ready, clock=clock,
@@ -66,6 +71,13 @@ class Node:
     def start(self) -> None:
         if not self.settings.allowed_callers:
             log.warning("no allowed_callers configured: any calling AE title is accepted")
+        # pynetdicom writes each incoming dataset to a temporary file as its fragments arrive;
+        # the handler moves that file into storage (see handlers.handle_store).
+        _config.STORE_RECV_CHUNKED_DATASET = True
+        if not self.receiver.store.same_device_as(Path(tempfile.gettempdir())):
+            log.warning("TMPDIR %s is not on the storage file system: every received file is copied "
+                        "once more; set TMPDIR to a folder beside %s", tempfile.gettempdir(),
+                        self.receiver.store.root)
         handlers = [
             (evt.EVT_C_STORE, handle_store, [self.receiver]),
             (evt.EVT_C_ECHO, handle_echo),
@@ -83,3 +95,4 @@ class Node:
         if self.server is not None:
             self.server.shutdown()
             self.server = None
+        self.syncer.shutdown(wait=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import shutil
@@ -17,7 +18,7 @@ def valid_uid(value: str) -> bool:
 
 
 class InstanceStore:
-    """Files under ``root/<study>/<series>/<sop>.dcm``, written atomically (temp file, fsync, rename)."""
+    """Files under ``root/<study>/<series>/<sop>.dcm``, each placed atomically once fully received."""
 
     def __init__(self, root: Path, *, fsync: bool = True) -> None:
         self.root = root
@@ -30,22 +31,48 @@ class InstanceStore:
                 raise ValueError(f"invalid {name} UID {uid!r}")
         return f"{study_uid}/{series_uid}/{sop_uid}.dcm"
 
-    def write(self, relative: str, data: bytes | memoryview) -> int:
-        """Write ``data`` at ``relative``; return its size. A reader never sees a partial file."""
+    def sync(self, incoming: Path) -> None:
+        """Force a received file to disk (when ``fsync`` is on); may run on another thread."""
+        if self.fsync:
+            with incoming.open("rb") as fh:
+                os.fsync(fh.fileno())
+
+    def place(self, incoming: Path, relative: str) -> None:
+        """Move a completely received (and synced) file to ``relative``.
+
+        A rename when ``incoming`` is on the storage file system (set TMPDIR to a folder there),
+        otherwise a copy. Either way a reader never sees a partial file.
+        """
         target = self.root / relative
         target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.replace(incoming, target)
+        except OSError as exc:
+            if exc.errno != errno.EXDEV:
+                raise
+            self._copy(incoming, target)
+        if self.fsync:
+            directory = os.open(target.parent, os.O_RDONLY)
+            try:
+                os.fsync(directory)
+            finally:
+                os.close(directory)
+
+    def _copy(self, source: Path, target: Path) -> None:
         fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".incoming-", suffix=".part")
         try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
+            with os.fdopen(fd, "wb") as out, source.open("rb") as src:
+                shutil.copyfileobj(src, out, 1 << 20)
                 if self.fsync:
-                    fh.flush()
-                    os.fsync(fh.fileno())
+                    out.flush()
+                    os.fsync(out.fileno())
             os.replace(tmp, target)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
-        return len(data)
+
+    def same_device_as(self, folder: Path) -> bool:
+        return os.stat(folder).st_dev == os.stat(self.root).st_dev
 
     def remove(self, relative: str) -> None:
         (self.root / relative).unlink(missing_ok=True)
