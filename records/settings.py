@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from pydantic_settings import (
@@ -71,6 +71,40 @@ class NodeSettings(Section):
     network_timeout_s: float = 120.0
 
 
+class ModelSettings(Section):
+    """Which RadVLM to load and how. ``backend = "scripted"`` is the test double: never for patients."""
+
+    id: str = Field(default="KrauthammerLab/RadVLM", description="Hugging Face model id or a local folder")
+    revision: str | None = None
+    backend: Literal["transformers", "scripted"] = "transformers"
+    device: str = Field(default="auto", description="auto: cuda if available, else cpu")
+    quantization: Literal["8bit", "4bit"] | None = Field(default=None, description="bitsandbytes, GPUs < 24 GB")
+    max_new_tokens: int = Field(default=1500, ge=1)
+    regions: list[str] = Field(default_factory=list,
+                               description="anatomical regions to ground on every image, e.g. 'right lung'")
+
+
+class PriorityRule(Section):
+    """A study is STAT when a header attribute (top level or in RequestAttributesSequence) has this value."""
+
+    keyword: str
+    value: str
+
+
+class WorkerSettings(Section):
+    """Celery job behaviour: limits, retries, redelivery, priority."""
+
+    task_time_limit_s: float = Field(default=900, gt=0)
+    max_retries: int = Field(default=5, ge=0)
+    retry_backoff_s: float = Field(default=10, gt=0)
+    visibility_timeout_s: float = Field(default=3600, gt=0,
+                                        description="Redis redelivers an unacknowledged task after this long")
+    stat_rules: list[PriorityRule] = Field(default_factory=lambda: [
+        PriorityRule(keyword="RequestedProcedurePriority", value="STAT"),
+        PriorityRule(keyword="ScheduledProcedureStepPriority", value="HIGH"),
+    ])
+
+
 class Destination(Section):
     """A DICOM peer that receives the results (used by the delivery issue)."""
 
@@ -96,6 +130,8 @@ class Settings(BaseSettings):
     broker_url: str | None = Field(default=None, description="Redis URL; None runs jobs in-process")
     log_level: str = "INFO"
     node: NodeSettings = Field(default_factory=NodeSettings)
+    model: ModelSettings = Field(default_factory=ModelSettings)
+    worker: WorkerSettings = Field(default_factory=WorkerSettings)
     destinations: list[Destination] = Field(default_factory=list)
 
     @classmethod

@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 from datetime import datetime, timezone
 
-from sqlalchemy import BigInteger, DateTime, TypeDecorator, Enum, ForeignKey, Integer, String, Text, UniqueConstraint
+from sqlalchemy import JSON, BigInteger, DateTime, Enum, ForeignKey, Integer, String, Text, TypeDecorator, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 
@@ -38,6 +38,17 @@ class StudyState(str, enum.Enum):
     receiving = "receiving"
     ready = "ready"  # complete, has at least one frontal chest image: to be analysed
     nothing_to_analyse = "nothing_to_analyse"  # complete, but no usable frontal chest image
+    analysing = "analysing"
+    analysed = "analysed"
+    failed = "failed"  # analysis failed for good; the reason says why
+
+
+class JobState(str, enum.Enum):
+    queued = "queued"
+    running = "running"
+    done = "done"
+    failed = "failed"
+    superseded = "superseded"  # a newer version of the study arrived before this one ran
 
 
 def _enum(cls: type[enum.Enum]) -> Enum:
@@ -63,6 +74,7 @@ class Study(Base):
 
     instances: Mapped[list[Instance]] = relationship(back_populates="study", order_by="Instance.id")
     versions: Mapped[list[StudyVersion]] = relationship(back_populates="study", order_by="StudyVersion.version")
+    priority: Mapped[int] = mapped_column(Integer, default=5, doc="0 = STAT (first), 5 = routine")
 
 
 class Instance(Base):
@@ -110,3 +122,39 @@ class StudyVersion(Base):
     dispatched_at: Mapped[datetime | None]
 
     study: Mapped[Study] = relationship(back_populates="versions")
+
+
+class Job(Base):
+    """One analysis of one study version by one model revision: the key that makes results unique."""
+
+    __tablename__ = "jobs"
+    __table_args__ = (UniqueConstraint("study_id", "study_version", "model_revision"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)
+    study_version: Mapped[int] = mapped_column(Integer)
+    model_id: Mapped[str] = mapped_column(String(200))
+    model_revision: Mapped[str] = mapped_column(String(64))
+    state: Mapped[JobState] = mapped_column(_enum(JobState), default=JobState.queued)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime]
+    started_at: Mapped[datetime | None]
+    finished_at: Mapped[datetime | None]
+
+    result: Mapped[Result | None] = relationship(back_populates="job")
+
+
+class Result(Base):
+    """The stored ``records.schema.StudyResult`` of a job: at most one per job."""
+
+    __tablename__ = "results"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"), unique=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)
+    schema_version: Mapped[int] = mapped_column(Integer)
+    payload: Mapped[dict] = mapped_column(JSON)
+    created_at: Mapped[datetime]
+
+    job: Mapped[Job] = relationship(back_populates="result")

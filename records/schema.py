@@ -1,0 +1,80 @@
+"""``StudyResult``: what the worker writes and what delivery and the API read (versioned).
+
+Boxes are kept twice: as the model gave them (fractions of the original image's width and height)
+and in pixels of the original image (column, row), so a reader never re-derives the mapping.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, Field, model_validator
+
+SCHEMA_VERSION = 1
+
+#: The 14 CheXpert labels, in CheXpert's order; "No Finding" is implied when no other is present.
+CHEXPERT_LABELS: tuple[str, ...] = (
+    "No Finding", "Enlarged Cardiomediastinum", "Cardiomegaly", "Lung Opacity", "Lung Lesion", "Edema",
+    "Consolidation", "Pneumonia", "Atelectasis", "Pneumothorax", "Pleural Effusion", "Pleural Other",
+    "Fracture", "Support Devices",
+)
+
+
+class Box(BaseModel):
+    """One box: normalised to [0, 1] (x = column / Columns, y = row / Rows) and in pixels."""
+
+    x1: float = Field(ge=0, le=1)
+    y1: float = Field(ge=0, le=1)
+    x2: float = Field(ge=0, le=1)
+    y2: float = Field(ge=0, le=1)
+    px: tuple[float, float, float, float] = Field(description="column1, row1, column2, row2 in the original image")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Box:
+        if not (self.x1 < self.x2 and self.y1 < self.y2):
+            raise ValueError(f"box corners out of order: {self.x1, self.y1, self.x2, self.y2}")
+        return self
+
+
+class Answer(BaseModel):
+    """One question to the model and its answer, with what was parsed from it."""
+
+    task: str
+    question: str
+    text: str
+    boxes: list[Box] = Field(default_factory=list)
+    malformed: str | None = Field(default=None, description="why the answer could not be fully parsed")
+    seconds: float = 0.0
+    new_tokens: int = 0
+
+
+class Grounding(BaseModel):
+    """Where a finding or anatomical region is on the image."""
+
+    label: str
+    kind: str = Field(description="'abnormality' or 'anatomy'")
+    answer: Answer
+
+
+class ImageResult(BaseModel):
+    """Everything the model said about one frontal image."""
+
+    sop_instance_uid: str
+    series_instance_uid: str
+    rows: int
+    columns: int
+    pixel_steps: list[str]
+    report: Answer
+    abnormalities: Answer
+    labels: dict[str, bool] = Field(description="each of the 14 CheXpert labels: present or not")
+    groundings: list[Grounding] = Field(default_factory=list)
+
+
+class StudyResult(BaseModel):
+    schema_version: int = SCHEMA_VERSION
+    study_instance_uid: str
+    study_version: int
+    model_id: str
+    model_revision: str
+    prompt_version: str
+    backend: str
+    images: list[ImageResult]
+    seconds: float

@@ -1,0 +1,1 @@
+"""GPU workers: RadVLM analyses complete studies; results are stored for delivery and chat."""

@@ -1,0 +1,139 @@
+"""The database side of an analysis: claim the job, read the images, store one result.
+
+A job is keyed by (study, study version, model revision). Whoever runs it (a Celery worker, a
+redelivered task, a second worker, or the in-process runner of ``serve``) claims it in a
+transaction, and the result row is unique per job: a repeat finds the job done and stops, and a
+race between two runners leaves one result.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from datetime import datetime
+
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
+
+from dicom_node.pixels import PixelError, read_model_image
+from dicom_node.storage import InstanceStore
+from records.schema import StudyResult
+from records.tables import Instance, Job, JobState, Result, Study, StudyState
+from worker.backends.base import ModelBackend
+from worker.pipeline import AnalysisOptions, analyse_image
+from worker.prompts import PROMPT_VERSION
+
+log = logging.getLogger(__name__)
+Clock = Callable[[], datetime]
+
+
+class PermanentFailure(Exception):
+    """An analysis that no retry can fix (no decodable image, study gone)."""
+
+
+def _job(session: Session, study_id: int, version: int, backend: ModelBackend, now: datetime) -> Job:
+    query = select(Job).where(Job.study_id == study_id, Job.study_version == version,
+                              Job.model_revision == backend.model_revision).with_for_update()
+    job = session.scalar(query)
+    if job is None:
+        try:
+            with session.begin_nested():
+                session.add(Job(study_id=study_id, study_version=version, model_id=backend.model_id,
+                                model_revision=backend.model_revision, state=JobState.queued, attempts=0,
+                                created_at=now))
+        except IntegrityError:
+            pass
+        job = session.scalars(query).one()
+    return job
+
+
+def claim(sessions: sessionmaker[Session], study_id: int, version: int, backend: ModelBackend,
+          now: datetime) -> int | None:
+    """Mark the job running and return its id; None when there is nothing (left) to do."""
+    with sessions() as session, session.begin():
+        study = session.scalar(select(Study).where(Study.id == study_id).with_for_update())
+        if study is None:
+            raise PermanentFailure(f"study {study_id} does not exist")
+        job = _job(session, study_id, version, backend, now)
+        if job.state in (JobState.done, JobState.superseded, JobState.failed):
+            log.info("study %d version %d: job %d already %s", study_id, version, job.id, job.state.value)
+            return None
+        if study.version != version:
+            job.state, job.error, job.finished_at = JobState.superseded, f"study is at version {study.version}", now
+            return None
+        job.state, job.attempts, job.started_at = JobState.running, job.attempts + 1, now
+        study.state, study.state_reason = StudyState.analysing, f"analysing with {backend.model_id}"
+        return job.id
+
+
+def usable_instances(session: Session, study_id: int) -> list[Instance]:
+    query = select(Instance).where(Instance.study_id == study_id, Instance.selected.is_(True),
+                                   Instance.pixel_error.is_(None)).order_by(Instance.id)
+    return list(session.scalars(query))
+
+
+def finish(sessions: sessionmaker[Session], job_id: int, result: StudyResult, now: datetime) -> bool:
+    """Store the result; False if another runner stored one for this job first."""
+    try:
+        with sessions() as session, session.begin():
+            job = session.get_one(Job, job_id, with_for_update=True)
+            if job.result is not None:
+                return False
+            session.add(Result(job_id=job_id, study_id=job.study_id, schema_version=result.schema_version,
+                               payload=result.model_dump(mode="json"), created_at=now))
+            job.state, job.finished_at, job.error = JobState.done, now, None
+            study = session.get_one(Study, job.study_id)
+            if study.version == job.study_version:
+                findings = sorted({label for image in result.images for label, present in image.labels.items()
+                                   if present})
+                study.state, study.state_reason = StudyState.analysed, f"analysed: {', '.join(findings)}"
+    except IntegrityError:
+        return False
+    return True
+
+
+def fail(sessions: sessionmaker[Session], study_id: int, version: int, model_revision: str, reason: str,
+         now: datetime) -> None:
+    """Leave the job and the study in a visible failed state with the reason."""
+    with sessions() as session, session.begin():
+        job = session.scalar(select(Job).where(Job.study_id == study_id, Job.study_version == version,
+                                               Job.model_revision == model_revision))
+        if job is not None and job.state is not JobState.done:
+            job.state, job.error, job.finished_at = JobState.failed, reason, now
+        study = session.get(Study, study_id)
+        if study is not None and study.version == version and study.state is not StudyState.analysed:
+            study.state, study.state_reason = StudyState.failed, reason
+
+
+def run_analysis(study_id: int, version: int, *, sessions: sessionmaker[Session], store: InstanceStore,
+                 backend: ModelBackend, options: AnalysisOptions, clock: Clock) -> JobState:
+    """Analyse one study version end to end; idempotent."""
+    job_id = claim(sessions, study_id, version, backend, clock())
+    if job_id is None:
+        return JobState.done
+    start = time.perf_counter()
+    with sessions() as session:
+        study_uid = session.get_one(Study, study_id).study_instance_uid
+        instances = [(i.sop_instance_uid, i.series_instance_uid, i.path) for i in usable_instances(session, study_id)]
+    images = []
+    errors = []
+    for sop_uid, series_uid, path in instances:
+        try:
+            model_image = read_model_image(store.path(path))
+        except PixelError as exc:
+            errors.append(f"{sop_uid}: {exc}")
+            continue
+        images.append(analyse_image(backend, model_image, sop_uid, series_uid, options))
+    if not images:
+        raise PermanentFailure("no decodable frontal image: " + ("; ".join(errors) or "none selected"))
+    result = StudyResult(
+        study_instance_uid=study_uid, study_version=version, model_id=backend.model_id,
+        model_revision=backend.model_revision, prompt_version=PROMPT_VERSION, backend=backend.name,
+        images=images, seconds=round(time.perf_counter() - start, 3),
+    )
+    stored = finish(sessions, job_id, result, clock())
+    log.info("study %s version %d analysed in %.1f s%s", study_uid, version, result.seconds,
+             "" if stored else " (a result was already stored)")
+    return JobState.done

@@ -1,0 +1,39 @@
+"""The Celery application: a ``gpu`` queue for model work and an ``io`` queue for delivery.
+
+At-least-once with idempotent results: tasks are acknowledged late, a worker takes one task at a
+time, and Redis redelivers what a dead worker never acknowledged (after ``visibility_timeout``,
+set above the task time limit). Results are unique per (study, version, model revision).
+"""
+
+from __future__ import annotations
+
+from celery import Celery
+
+from records.settings import Settings
+
+ANALYSE_TASK = "radvlm.analyse_study"
+GPU_QUEUE, IO_QUEUE = "gpu", "io"
+STAT_PRIORITY, ROUTINE_PRIORITY = 0, 5  # Redis transport: a lower number is served first
+
+
+def make_celery(settings: Settings) -> Celery:
+    if not settings.broker_url:
+        raise ValueError("broker_url is not set: Celery needs Redis (serve runs analyses in-process instead)")
+    app = Celery("radvlm", broker=settings.broker_url, backend=settings.broker_url)
+    policy = settings.worker
+    app.conf.update(
+        task_serializer="json", result_serializer="json", accept_content=["json"],
+        task_acks_late=True, task_reject_on_worker_lost=True, worker_prefetch_multiplier=1,
+        task_time_limit=policy.task_time_limit_s, task_soft_time_limit=max(1.0, policy.task_time_limit_s - 30),
+        task_routes={ANALYSE_TASK: {"queue": GPU_QUEUE}},
+        task_default_priority=ROUTINE_PRIORITY,
+        broker_transport_options={
+            "visibility_timeout": max(policy.visibility_timeout_s, policy.task_time_limit_s + 60),
+            "priority_steps": list(range(10)), "sep": ":", "queue_order_strategy": "priority",
+        },
+        broker_connection_retry_on_startup=True,
+        result_expires=24 * 3600,
+        worker_hijack_root_logger=False,
+    )
+    app.radvlm_settings = settings  # read by worker.tasks to build the process's context once
+    return app

@@ -1,0 +1,1 @@
+"""Model backends: one interface, so prompts and parsing give the same answer on every backend."""

@@ -1,0 +1,39 @@
+"""The seam between the pipeline and a model: an image, RadVLM-formatted turns, greedy params."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from worker.prompts import Turn
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    """Greedy decoding, as RadVLM was evaluated; only the length is a choice."""
+
+    max_new_tokens: int = 1500
+
+
+@dataclass(frozen=True)
+class Completion:
+    text: str
+    prompt_tokens: int
+    new_tokens: int
+    seconds: float
+
+
+class ModelBackend(Protocol):
+    """``image`` is the 8-bit grayscale model image (rows, columns) at the original size."""
+
+    name: str
+    model_id: str
+    model_revision: str
+
+    def generate(self, image: np.ndarray, turns: list[Turn], params: GenerationParams) -> Completion: ...
+
+
+class ModelLoadError(RuntimeError):
+    """The model could not be loaded; the message says what to do about it."""

@@ -1,0 +1,101 @@
+"""RadVLM in-process on transformers' LLaVA-OneVision classes and the checkpoint's own processor."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import numpy as np
+
+from worker import prompts
+from worker.backends.base import Completion, GenerationParams, ModelLoadError
+from worker.prompts import Turn
+
+log = logging.getLogger(__name__)
+
+
+def _load_error(model_id: str, exc: BaseException) -> ModelLoadError:
+    text = f"{type(exc).__name__}: {exc}"
+    if "out of memory" in text.lower():
+        hint = "not enough GPU memory: set RADVLM_MODEL__QUANTIZATION=8bit or 4bit, or use a larger GPU"
+    elif isinstance(exc, OSError):
+        hint = ("weights not found: give a local folder as RADVLM_MODEL__ID, or allow downloads "
+                "(unset HF_HUB_OFFLINE) so that the model id can be fetched")
+    elif isinstance(exc, (ValueError, KeyError)):
+        hint = "this does not look like a LLaVA-OneVision checkpoint in transformers format"
+    elif isinstance(exc, ImportError):
+        hint = "a package is missing: install the model extras (pip install -e .[model])"
+    else:
+        hint = "see the error above"
+    return ModelLoadError(f"cannot load {model_id}: {hint} ({text[:500]})")
+
+
+class TransformersBackend:
+    """LlavaOnevisionForConditionalGeneration + AutoProcessor; bf16 on GPU, float32 on CPU."""
+
+    name = "transformers"
+
+    def __init__(self, model_id: str, *, revision: str | None = None, device: str = "auto",
+                 quantization: str | None = None) -> None:
+        try:
+            import torch
+            from transformers import AutoProcessor, LlavaOnevisionForConditionalGeneration
+        except ImportError as exc:
+            raise _load_error(model_id, exc) from exc
+        self.torch = torch
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(device)
+        dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        kwargs: dict[str, Any] = {"revision": revision, "dtype": dtype}
+        if quantization:
+            if self.device.type != "cuda":
+                raise ModelLoadError(f"quantization {quantization!r} needs a CUDA GPU")
+            try:
+                from transformers import BitsAndBytesConfig
+            except ImportError as exc:
+                raise _load_error(model_id, exc) from exc
+            if quantization not in ("8bit", "4bit"):
+                raise ModelLoadError(f"quantization must be 8bit or 4bit, not {quantization!r}")
+            kwargs["quantization_config"] = BitsAndBytesConfig(
+                load_in_8bit=quantization == "8bit", load_in_4bit=quantization == "4bit",
+                bnb_4bit_compute_dtype=torch.bfloat16)
+            kwargs["device_map"] = {"": self.device.index or 0}
+        try:
+            self.processor = AutoProcessor.from_pretrained(model_id, revision=revision)
+            self.model = LlavaOnevisionForConditionalGeneration.from_pretrained(model_id, **kwargs)
+        except Exception as exc:  # every loading failure gets its hint
+            raise _load_error(model_id, exc) from exc
+        if not quantization:
+            self.model.to(self.device)
+        self.model.eval()
+        self.model_id = model_id
+        self.model_revision = str(getattr(self.model.config, "_commit_hash", None) or revision or "local")
+        if not hasattr(self.processor, "tokenizer") or not hasattr(self.processor, "image_processor"):
+            raise ModelLoadError(f"cannot load {model_id}: AutoProcessor gave {type(self.processor).__name__}, "
+                                 "not a LLaVA-OneVision processor")
+        log.info("loaded %s (revision %s) on %s in %s", model_id, self.model_revision, self.device, dtype)
+
+    def inputs(self, image: np.ndarray, turns: list[Turn]) -> Any:
+        """The processor's tensors for ``turns`` about ``image``, on the model's device."""
+        from PIL import Image
+
+        if image.dtype != np.uint8 or image.ndim != 2:
+            raise ValueError("image must be 8-bit grayscale (rows, columns)")
+        # RadVLM saw RGB JPEGs: give the processor three identical channels.
+        picture = Image.fromarray(image, mode="L").convert("RGB")
+        batch = self.processor(images=picture, text=prompts.render(turns), return_tensors="pt")
+        return batch.to(self.device, dtype=self.model.dtype)
+
+    def generate(self, image: np.ndarray, turns: list[Turn], params: GenerationParams) -> Completion:
+        batch = self.inputs(image, turns)
+        prompt_tokens = int(batch["input_ids"].shape[1])
+        start = time.perf_counter()
+        with self.torch.inference_mode():
+            output = self.model.generate(**batch, do_sample=False, max_new_tokens=params.max_new_tokens)
+        seconds = time.perf_counter() - start
+        new = output[0, prompt_tokens:]
+        text = self.processor.tokenizer.decode(new, skip_special_tokens=True)
+        return Completion(text=text.strip(), prompt_tokens=prompt_tokens, new_tokens=int(new.shape[0]),
+                          seconds=seconds)

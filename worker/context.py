@@ -1,0 +1,44 @@
+"""What a worker process holds for its whole life: sessions, storage, and the model, loaded once."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from dicom_node.storage import InstanceStore
+from records.db import make_engine, make_session_factory
+from records.settings import ModelSettings, Settings
+from worker.backends.base import ModelBackend
+from worker.pipeline import AnalysisOptions
+
+
+@dataclass
+class WorkerContext:
+    settings: Settings
+    sessions: sessionmaker[Session]
+    store: InstanceStore
+    backend: ModelBackend
+    options: AnalysisOptions
+
+
+def load_backend(model: ModelSettings) -> ModelBackend:
+    """The configured backend. ``scripted`` is the named test double and says so in every result."""
+    if model.backend == "scripted":
+        from worker.backends.scripted import ScriptedBackend
+
+        return ScriptedBackend()
+    from worker.backends.transformers import TransformersBackend
+
+    return TransformersBackend(model.id, revision=model.revision, device=model.device,
+                               quantization=model.quantization)
+
+
+def build_context(settings: Settings, backend: ModelBackend | None = None) -> WorkerContext:
+    return WorkerContext(
+        settings=settings,
+        sessions=make_session_factory(make_engine(settings.effective_database_url)),
+        store=InstanceStore(settings.effective_storage_dir, fsync=settings.node.fsync),
+        backend=backend or load_backend(settings.model),
+        options=AnalysisOptions(max_new_tokens=settings.model.max_new_tokens, regions=tuple(settings.model.regions)),
+    )

@@ -1,0 +1,68 @@
+"""Turning a "study ready" event into work: a Celery message (production) or an in-process run."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from concurrent.futures import Executor
+
+from pydicom import dcmread
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from dicom_node.storage import InstanceStore
+from records.settings import PriorityRule
+from records.tables import Instance, Study
+from worker.app import ANALYSE_TASK, GPU_QUEUE, ROUTINE_PRIORITY, STAT_PRIORITY
+from worker.context import WorkerContext
+from worker.jobs import attempt
+
+log = logging.getLogger(__name__)
+
+
+def _matches(ds, rules: Sequence[PriorityRule]) -> bool:  # type: ignore[no-untyped-def]
+    items = [ds, *ds.get("RequestAttributesSequence", [])]
+    return any(str(item.get(rule.keyword, "") or "").strip().upper() == rule.value.upper()
+               for rule in rules for item in items)
+
+
+def study_priority(sessions: sessionmaker[Session], store: InstanceStore, study_id: int,
+                   rules: Sequence[PriorityRule]) -> int:
+    """STAT when any instance's header matches a rule; the priority is recorded on the study."""
+    with sessions() as session, session.begin():
+        paths = session.scalars(select(Instance.path).where(Instance.study_id == study_id)).all()
+        stat = any(_matches(dcmread(store.path(p), stop_before_pixels=True), rules) for p in paths)
+        priority = STAT_PRIORITY if stat else ROUTINE_PRIORITY
+        session.get_one(Study, study_id).priority = priority
+    return priority
+
+
+class CeleryDispatcher:
+    """The node's ``on_ready`` in production: one analysis message on the gpu queue, by priority."""
+
+    def __init__(self, app, sessions: sessionmaker[Session], store: InstanceStore,  # type: ignore[no-untyped-def]
+                 rules: Sequence[PriorityRule]) -> None:
+        self.app, self.sessions, self.store, self.rules = app, sessions, store, rules
+
+    def __call__(self, study_id: int, version: int) -> None:
+        priority = study_priority(self.sessions, self.store, study_id, self.rules)
+        self.app.send_task(ANALYSE_TASK, args=[study_id, version], queue=GPU_QUEUE, priority=priority)
+        log.info("study %d version %d queued for analysis (priority %d)", study_id, version, priority)
+
+
+class InProcessRunner:
+    """``serve``'s ``on_ready``: the same attempt as the Celery task, on a single model thread."""
+
+    def __init__(self, ctx: WorkerContext, executor: Executor) -> None:
+        self.ctx, self.executor = ctx, executor
+
+    def _run(self, study_id: int, version: int) -> None:
+        retries = 0
+        while (delay := attempt(self.ctx, study_id, version, retries)) is not None:
+            time.sleep(delay)
+            retries += 1
+
+    def __call__(self, study_id: int, version: int) -> None:
+        study_priority(self.ctx.sessions, self.ctx.store, study_id, self.ctx.settings.worker.stat_rules)
+        self.executor.submit(self._run, study_id, version)

@@ -1,0 +1,34 @@
+"""How an analysis attempt ends, the same for a Celery task and for ``serve``'s in-process runner."""
+
+from __future__ import annotations
+
+import logging
+
+from records.clock import utcnow
+from worker.analysis import PermanentFailure, fail, run_analysis
+from worker.context import WorkerContext
+
+log = logging.getLogger(__name__)
+
+
+def attempt(ctx: WorkerContext, study_id: int, version: int, retries_done: int) -> float | None:
+    """Run one attempt. Return None when finished (done or failed for good), else the retry delay."""
+    try:
+        run_analysis(study_id, version, sessions=ctx.sessions, store=ctx.store, backend=ctx.backend,
+                     options=ctx.options, clock=utcnow)
+        return None
+    except PermanentFailure as exc:
+        log.error("study %d version %d failed: %s", study_id, version, exc)
+        fail(ctx.sessions, study_id, version, ctx.backend.model_revision, str(exc), utcnow())
+        return None
+    except Exception as exc:  # transient until the retries are spent: database, GPU memory, ...
+        policy = ctx.settings.worker
+        if retries_done >= policy.max_retries:
+            reason = f"gave up after {retries_done + 1} attempts: {type(exc).__name__}: {exc}"
+            log.error("study %d version %d %s", study_id, version, reason)
+            fail(ctx.sessions, study_id, version, ctx.backend.model_revision, reason, utcnow())
+            return None
+        delay = policy.retry_backoff_s * 2**retries_done
+        log.warning("study %d version %d attempt %d failed (%s: %s); retrying in %.0f s", study_id, version,
+                    retries_done + 1, type(exc).__name__, exc, delay)
+        return delay

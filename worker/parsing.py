@@ -1,0 +1,81 @@
+"""From RadVLM's answers to labels and boxes.
+
+Labels: RadVLM's evaluation matches the 13 lower-case label names as substrings, with no
+negation, and reads "none named" as No Finding. This parser matches the same names but skips a
+mention inside a negated clause ("no pneumothorax", "without pleural effusion"), which the
+paper's matching would count as present.
+
+Boxes: every ``[x1, y1, x2, y2]`` (RadVLM's own pattern), validated as 0 <= x1 < x2 <= 1 and the
+same for y, and mapped to pixels of the original image: x * Columns, y * Rows.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from records.schema import CHEXPERT_LABELS, Box
+
+BOX_PATTERN = re.compile(r"\[([\d\.]+),\s*([\d\.]+),\s*([\d\.]+),\s*([\d\.]+)\]")
+ANY_BRACKET = re.compile(r"\[[^\[\]]*\]")
+NEGATION = re.compile(r"\b(no|not|without|negative for|free of|absence of|absent|rule out|ruled out|resolved)\b")
+CLAUSE_BREAK = re.compile(r"[.;:\n]|\bbut\b|\bhowever\b|\bwith\b")
+
+#: lower-case names longest first, so that no name is matched inside a longer one
+_NAMES = sorted(((label.lower(), label) for label in CHEXPERT_LABELS if label != "No Finding"),
+                key=lambda item: -len(item[0]))
+
+
+def labels_from_answer(text: str) -> dict[str, bool]:
+    """Each CheXpert label present or not, from an abnormality answer or report."""
+    found = {label: False for label in CHEXPERT_LABELS}
+    lowered = text.lower()
+    for clause in CLAUSE_BREAK.split(lowered):
+        negated_from = None
+        match = NEGATION.search(clause)
+        if match:
+            negated_from = match.start()
+        for name, label in _NAMES:
+            position = clause.find(name)
+            if position < 0:
+                continue
+            if negated_from is not None and negated_from < position:
+                continue
+            found[label] = True
+    found["No Finding"] = not any(found[label] for label in CHEXPERT_LABELS if label != "No Finding")
+    return found
+
+
+def labels_as_radvlm_evaluates(text: str) -> dict[str, bool]:
+    """The paper's matching: plain lower-case substrings, no negation (kept for evaluation)."""
+    lowered = text.lower()
+    found = {label: label.lower() in lowered for label in CHEXPERT_LABELS if label != "No Finding"}
+    return {"No Finding": not any(found.values()), **found}
+
+
+@dataclass(frozen=True)
+class ParsedBoxes:
+    boxes: list[Box]
+    malformed: str | None
+
+
+def boxes_from_answer(text: str, columns: int, rows: int) -> ParsedBoxes:
+    """Every valid box in ``text``; anything bracketed that is not one is reported as malformed."""
+    boxes: list[Box] = []
+    problems: list[str] = []
+    for match in BOX_PATTERN.finditer(text):
+        try:
+            x1, y1, x2, y2 = (float(v) for v in match.groups())
+        except ValueError:
+            problems.append(f"not numbers: {match.group(0)}")
+            continue
+        if not (0 <= x1 < x2 <= 1 and 0 <= y1 < y2 <= 1):
+            problems.append(f"out of range or unordered: {match.group(0)}")
+            continue
+        boxes.append(Box(x1=x1, y1=y1, x2=x2, y2=y2,
+                         px=(x1 * columns, y1 * rows, x2 * columns, y2 * rows)))
+    matched = {m.group(0) for m in BOX_PATTERN.finditer(text)}
+    for bracket in ANY_BRACKET.findall(text):
+        if bracket not in matched:
+            problems.append(f"not a box: {bracket[:40]}")
+    return ParsedBoxes(boxes, "; ".join(problems) or None)

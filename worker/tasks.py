@@ -1,0 +1,25 @@
+"""Celery tasks. Arguments are IDs; the task re-reads the world and decides what is left to do."""
+
+from __future__ import annotations
+
+from celery import Task, shared_task
+
+from worker.app import ANALYSE_TASK
+from worker.context import WorkerContext, build_context
+from worker.jobs import attempt
+
+
+def context_of(app) -> WorkerContext:  # type: ignore[no-untyped-def]
+    """The worker process's context, built on first use and kept: the model loads once."""
+    ctx = getattr(app, "radvlm_context", None)
+    if ctx is None:
+        ctx = app.radvlm_context = build_context(app.radvlm_settings)
+    return ctx
+
+
+@shared_task(bind=True, name=ANALYSE_TASK, max_retries=None)
+def analyse_study(self: Task, study_id: int, version: int) -> str:
+    delay = attempt(context_of(self.app), study_id, version, self.request.retries)
+    if delay is not None:
+        raise self.retry(countdown=delay)
+    return "finished"
