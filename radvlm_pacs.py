@@ -5,18 +5,17 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 import threading
 from collections.abc import Callable
-from datetime import datetime, timezone
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from records.clock import utcnow
+
 log = logging.getLogger("radvlm_pacs")
-
-
-def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
 
 
 def _setup_logging(level: str) -> None:
@@ -39,32 +38,71 @@ def cmd_db_upgrade(args: argparse.Namespace) -> int:
     return 0
 
 
-def log_ready(study_id: int, version: int) -> None:
-    """The ready consumer until analysis is wired in: the event stays recorded in study_versions."""
-    log.info("study %d version %d ready for analysis", study_id, version)
-
-
 def cmd_serve(args: argparse.Namespace) -> int:
-    """The whole service in one process on the embedded default (SQLite, jobs in-process)."""
-    return run_node(args, on_ready=log_ready)
-
-
-def cmd_node(args: argparse.Namespace) -> int:
-    """The DICOM node alone (production layout: workers run elsewhere)."""
-    return run_node(args, on_ready=log_ready)
-
-
-def run_node(args: argparse.Namespace, on_ready: Callable[[int, int], None]) -> int:
-    """Run the DICOM node until SIGINT/SIGTERM."""
-    from dicom_node.server import Node
-    from dicom_node.storage import InstanceStore
-    from records.db import make_engine, make_session_factory, upgrade
+    """The whole service in one process on the embedded default: node, and analyses on one model thread."""
+    from worker.context import build_context
+    from worker.dispatch import InProcessRunner
 
     settings = _settings(args)
     _setup_logging(settings.log_level)
-    url = settings.effective_database_url
-    upgrade(url)
-    engine = make_engine(url)
+    _upgrade(settings)
+    ctx = build_context(settings)  # loads the model before the node accepts anything
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="model") as executor:
+        return run_node(settings, on_ready=InProcessRunner(ctx, executor))
+
+
+def cmd_node(args: argparse.Namespace) -> int:
+    """The DICOM node alone (production layout): ready studies go to the Celery gpu queue."""
+    from dicom_node.storage import InstanceStore
+    from records.db import make_engine, make_session_factory
+    from worker.app import make_celery
+    from worker.dispatch import CeleryDispatcher
+
+    settings = _settings(args)
+    _setup_logging(settings.log_level)
+    _upgrade(settings)
+    dispatcher = CeleryDispatcher(
+        make_celery(settings), make_session_factory(make_engine(settings.effective_database_url)),
+        InstanceStore(settings.effective_storage_dir, fsync=settings.node.fsync), settings.worker.stat_rules)
+    return run_node(settings, on_ready=dispatcher)
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    """A GPU worker: loads the model once, then takes analyses from the gpu queue one at a time."""
+    from worker import tasks
+    from worker.app import GPU_QUEUE, make_celery
+
+    settings = _settings(args)
+    _setup_logging(settings.log_level)
+    _upgrade(settings)
+    app = make_celery(settings)
+    tasks.context_of(app)  # load the model now: a load error stops the worker before it takes work
+    app.worker_main(["worker", "--pool=solo", "-Q", args.queues or GPU_QUEUE, "--without-mingle",
+                     "--without-gossip", "-n", f"radvlm-gpu@%h-{os.getpid()}", "-l", settings.log_level])
+    return 0
+
+
+def cmd_make_test_model(args: argparse.Namespace) -> int:
+    from worker.test_model import make_test_model
+
+    path = make_test_model(args.folder, seed=args.seed)
+    print(f"tiny LLaVA-OneVision checkpoint (random weights) written to {path}")
+    return 0
+
+
+def _upgrade(settings) -> None:  # type: ignore[no-untyped-def]
+    from records.db import upgrade
+
+    upgrade(settings.effective_database_url)
+
+
+def run_node(settings, on_ready: Callable[[int, int], None]) -> int:  # type: ignore[no-untyped-def]
+    """Run the DICOM node until SIGINT/SIGTERM."""
+    from dicom_node.server import Node
+    from dicom_node.storage import InstanceStore
+    from records.db import make_engine, make_session_factory
+
+    engine = make_engine(settings.effective_database_url)
     node = Node(
         settings.node, make_session_factory(engine),
         InstanceStore(settings.effective_storage_dir, fsync=settings.node.fsync),
@@ -100,12 +138,14 @@ def cmd_studies_show(args: argparse.Namespace) -> int:
     from sqlalchemy import select
 
     from records.db import make_engine, make_session_factory
-    from records.tables import Study
+    from records.tables import Job, Study
 
     settings = _settings(args)
     sessions = make_session_factory(make_engine(settings.effective_database_url))
     with sessions() as session:
         study = session.scalar(select(Study).where(Study.study_instance_uid == args.uid))
+        jobs = [] if study is None else session.scalars(select(Job).where(Job.study_id == study.id)
+                                                        .order_by(Job.id)).all()
         if study is None:
             print(f"no study {args.uid}", file=sys.stderr)
             return 1
@@ -122,6 +162,10 @@ def cmd_studies_show(args: argparse.Namespace) -> int:
                            "selected": i.selected, "reason": i.selection_reason, "pixel_error": i.pixel_error,
                            "transfer_syntax": i.transfer_syntax_uid, "calling_ae": i.calling_ae}
                           for i in study.instances],
+            "priority": study.priority,
+            "jobs": [{"version": j.study_version, "model": j.model_id, "revision": j.model_revision,
+                      "state": j.state.value, "attempts": j.attempts, "error": j.error,
+                      "result": j.result.payload if j.result else None} for j in jobs],
         }, indent=2))
     return 0
 
@@ -132,7 +176,14 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("serve", help="run the whole service in one process (embedded default)").set_defaults(
         func=cmd_serve)
-    sub.add_parser("node", help="run the DICOM node alone").set_defaults(func=cmd_node)
+    sub.add_parser("node", help="run the DICOM node alone; analyses go to Celery").set_defaults(func=cmd_node)
+    worker = sub.add_parser("worker", help="run a GPU worker (Celery, Redis)")
+    worker.add_argument("--queues", help="comma-separated queues (default: gpu)")
+    worker.set_defaults(func=cmd_worker)
+    tiny = sub.add_parser("make-test-model", help="write a tiny random LLaVA-OneVision checkpoint for tests")
+    tiny.add_argument("folder", type=Path)
+    tiny.add_argument("--seed", type=int, default=0)
+    tiny.set_defaults(func=cmd_make_test_model)
     db = sub.add_parser("db", help="database schema").add_subparsers(dest="db_command", required=True)
     db.add_parser("upgrade", help="apply migrations").set_defaults(func=cmd_db_upgrade)
     studies = sub.add_parser("studies", help="received studies").add_subparsers(dest="studies_command", required=True)

@@ -82,6 +82,8 @@ class ModelSettings(Section):
     max_new_tokens: int = Field(default=1500, ge=1)
     regions: list[str] = Field(default_factory=list,
                                description="anatomical regions to ground on every image, e.g. 'right lung'")
+    scripted_delay_s: float = Field(default=0.0, ge=0,
+                                    description="scripted backend only: seconds per answer (a slow GPU in tests)")
 
 
 class PriorityRule(Section):

@@ -3,5 +3,5 @@
 # Settings come from RADVLM_* variables or RADVLM_CONFIG_FILE (see README).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/install.sh
+scripts/install.sh model
 exec .venv/bin/radvlm-pacs serve "$@"

@@ -10,7 +10,6 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
@@ -20,15 +19,12 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.server import Node
 from dicom_node.storage import InstanceStore
+from records.clock import utcnow
 from records.db import make_engine, make_session_factory, upgrade
 from records.settings import NodeSettings
 
 POSTGRES_ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 DCMTK_STORESCU = "/usr/bin/storescu"  # a venv's PATH would find pynetdicom's app of the same name
-
-
-def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
 
 
 def free_port() -> int:
@@ -124,7 +120,8 @@ def start_node(tmp_path: Path) -> Iterator[Callable[..., RunningNode]]:
     """Factory: start a node on ``url`` with node settings overridden by keyword."""
     started: list[RunningNode] = []
 
-    def _start(url: str, storage: Path | None = None, **node_overrides: object) -> RunningNode:
+    def _start(url: str, storage: Path | None = None, on_ready: Callable[[int, int], None] | None = None,
+               **node_overrides: object) -> RunningNode:
         overrides = {"port": 0, "bind_address": "127.0.0.1", "stable_age_s": 1.0, "completion_poll_s": 0.2,
                      "disk_reserve_mb": 1, "fsync": False, **node_overrides}
         settings = NodeSettings(**overrides)
@@ -132,7 +129,12 @@ def start_node(tmp_path: Path) -> Iterator[Callable[..., RunningNode]]:
         sessions = make_session_factory(engine)
         store = InstanceStore(storage or tmp_path / f"dicom-{len(started)}", fsync=settings.fsync)
         running: RunningNode
-        node = Node(settings, sessions, store, on_ready=lambda s, v: running.ready.append((s, v)), clock=utcnow)
+        def record_and_forward(study_id: int, version: int) -> None:
+            running.ready.append((study_id, version))
+            if on_ready is not None:
+                on_ready(study_id, version)
+
+        node = Node(settings, sessions, store, on_ready=record_and_forward, clock=utcnow)
         running = RunningNode(node=node, sessions=sessions, store=store, url=url)
         node.start()
         started.append(running)
@@ -146,3 +148,11 @@ def start_node(tmp_path: Path) -> Iterator[Callable[..., RunningNode]]:
 @pytest.fixture(autouse=True)
 def _quiet_pynetdicom() -> None:
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny random LLaVA-OneVision checkpoint, built once per test session."""
+    from worker.test_model import make_test_model
+
+    return make_test_model(tmp_path_factory.mktemp("tiny-llava-onevision"))

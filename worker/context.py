@@ -27,7 +27,7 @@ def load_backend(model: ModelSettings) -> ModelBackend:
     if model.backend == "scripted":
         from worker.backends.scripted import ScriptedBackend
 
-        return ScriptedBackend()
+        return ScriptedBackend(delay_s=model.scripted_delay_s)
     from worker.backends.transformers import TransformersBackend
 
     return TransformersBackend(model.id, revision=model.revision, device=model.device,

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -13,6 +15,20 @@ from worker.backends.base import Completion, GenerationParams, ModelLoadError
 from worker.prompts import Turn
 
 log = logging.getLogger(__name__)
+
+
+def local_revision(folder: Path) -> str:
+    """A revision for a local checkpoint: a digest of its configuration and weight file headers.
+
+    Results are keyed by model revision, so different weights in the same folder must not share one.
+    """
+    digest = hashlib.sha256()
+    for path in sorted(folder.glob("*.json")) + sorted(folder.glob("*.safetensors")):
+        digest.update(path.name.encode())
+        with path.open("rb") as fh:
+            digest.update(fh.read(1 << 16))
+        digest.update(str(path.stat().st_size).encode())
+    return "local-" + digest.hexdigest()[:16]
 
 
 def _load_error(model_id: str, exc: BaseException) -> ModelLoadError:
@@ -71,7 +87,8 @@ class TransformersBackend:
             self.model.to(self.device)
         self.model.eval()
         self.model_id = model_id
-        self.model_revision = str(getattr(self.model.config, "_commit_hash", None) or revision or "local")
+        self.model_revision = str(getattr(self.model.config, "_commit_hash", None) or revision
+                                  or local_revision(Path(model_id)))
         if not hasattr(self.processor, "tokenizer") or not hasattr(self.processor, "image_processor"):
             raise ModelLoadError(f"cannot load {model_id}: AutoProcessor gave {type(self.processor).__name__}, "
                                  "not a LLaVA-OneVision processor")

@@ -1,0 +1,161 @@
+"""Analysis in-process: the real pipeline with the scripted test backend and the tiny real model."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import pydicom
+import pytest
+from pydicom.uid import generate_uid
+from sqlalchemy import func, select
+
+from records.clock import utcnow
+from records.schema import StudyResult
+from records.settings import Settings
+from records.tables import Job, JobState, Result, Study, StudyState
+from worker.analysis import claim, run_analysis
+from worker.backends.scripted import ScriptedBackend
+from worker.context import WorkerContext
+from worker.dispatch import InProcessRunner
+from worker.pipeline import AnalysisOptions
+from tests.conftest import radiograph, storescu, wait_for
+
+RG1_STUDY = "1.3.6.1.4.1.5962.1.2.9.20040826185059.5457"
+
+
+def _context(running, backend, **settings) -> WorkerContext:
+    return WorkerContext(settings=Settings(**settings), sessions=running.sessions, store=running.store,
+                         backend=backend, options=AnalysisOptions(max_new_tokens=64))
+
+
+def _analysed(running, uid: str, timeout: float = 60) -> Study:
+    def done():
+        with running.sessions() as session:
+            study = session.scalar(select(Study).where(Study.study_instance_uid == uid))
+            return study if study and study.state in (StudyState.analysed, StudyState.failed) else None
+    return wait_for(done, timeout)
+
+
+def _result(running, study_id: int) -> StudyResult:
+    with running.sessions() as session:
+        [row] = session.scalars(select(Result).where(Result.study_id == study_id)).all()
+        return StudyResult.model_validate(row.payload)
+
+
+def test_storescu_to_stored_result_with_pixel_boxes(database_url, start_node):
+    backend = ScriptedBackend()
+    with ThreadPoolExecutor(max_workers=1) as executor:
+        holder = {}
+        running = start_node(database_url, on_ready=lambda s, v: holder["runner"](s, v))
+        holder["runner"] = InProcessRunner(_context(running, backend), executor)
+        assert storescu(running.port, radiograph("RG1_UNCI.dcm")).returncode == 0
+        study = _analysed(running, RG1_STUDY)
+    assert study.state is StudyState.analysed, study.state_reason
+    result = _result(running, study.id)
+    assert (result.backend, result.model_revision, result.study_version) == ("scripted", "scripted", 1)
+    [image] = result.images
+    assert (image.rows, image.columns) == (1955, 1841)
+    assert "MONOCHROME1 inverted" in image.pixel_steps
+    assert image.report.text.startswith("Findings:")
+    assert {k for k, v in image.labels.items() if v} == {"Cardiomegaly", "Pleural Effusion"}
+    by_label = {g.label: g for g in image.groundings}
+    assert set(by_label) == {"Cardiomegaly", "Pleural Effusion"}
+    effusion = by_label["Pleural Effusion"].answer
+    assert effusion.question == "Where is the pleural effusion located in this Chest X-ray?"
+    assert len(effusion.boxes) == 2 and effusion.malformed is None
+    box = effusion.boxes[0]
+    assert (box.x1, box.y1, box.x2, box.y2) == (0.05, 0.62, 0.31, 0.88)
+    assert box.px == pytest.approx((0.05 * 1841, 0.62 * 1955, 0.31 * 1841, 0.88 * 1955))
+    # every question was one user turn with the image, RadVLM's evaluation format
+    assert all(len(turns) == 1 and turns[0].role == "user" for turns in backend.requests)
+    assert len(backend.requests) == 4  # report, abnormalities, two groundings
+
+
+def test_a_repeat_or_second_runner_stores_one_result(sqlite_url, start_node):
+    running = start_node(sqlite_url)
+    assert storescu(running.port, radiograph("RG1_UNCI.dcm")).returncode == 0
+    wait_for(lambda: running.ready, 15)
+    [(study_id, version)] = running.ready
+    backend = ScriptedBackend()
+    for _ in range(2):
+        assert run_analysis(study_id, version, sessions=running.sessions, store=running.store, backend=backend,
+                            options=AnalysisOptions(), clock=utcnow) is JobState.done
+    with running.sessions() as session:
+        assert session.scalar(select(func.count()).select_from(Result)) == 1
+        [job] = session.scalars(select(Job)).all()
+        assert job.attempts == 1 and job.state is JobState.done
+    assert len(backend.requests) == 4  # the repeat asked the model nothing
+
+
+def test_an_older_version_is_superseded(sqlite_url, start_node, tmp_path):
+    running = start_node(sqlite_url)
+    assert storescu(running.port, radiograph("RG1_UNCI.dcm")).returncode == 0
+    wait_for(lambda: running.ready, 15)
+    late = pydicom.dcmread(radiograph("RG1_UNCI.dcm"))
+    late.SOPInstanceUID = generate_uid()
+    late.file_meta.MediaStorageSOPInstanceUID = late.SOPInstanceUID
+    late.save_as(tmp_path / "late.dcm", enforce_file_format=True)
+    assert storescu(running.port, tmp_path / "late.dcm").returncode == 0
+    wait_for(lambda: len(running.ready) == 2, 15)
+    study_id = running.ready[0][0]
+    assert claim(running.sessions, study_id, 1, ScriptedBackend(), utcnow()) is None
+    with running.sessions() as session:
+        [job] = session.scalars(select(Job)).all()
+        assert job.state is JobState.superseded and job.error == "study is at version 2"
+
+
+def test_no_decodable_image_fails_visibly(sqlite_url, start_node):
+    running = start_node(sqlite_url)
+    assert storescu(running.port, radiograph("RG1_UNCI.dcm")).returncode == 0
+    wait_for(lambda: running.ready, 15)
+    [(study_id, version)] = running.ready
+    with running.sessions() as session:
+        study = session.get_one(Study, study_id)
+        running.store.path(study.instances[0].path).write_bytes(b"damaged on disk")
+    runner = InProcessRunner(_context(running, ScriptedBackend()), ThreadPoolExecutor(max_workers=1))
+    runner._run(study_id, version)
+    with running.sessions() as session:
+        study = session.get_one(Study, study_id)
+        assert study.state is StudyState.failed
+        assert study.state_reason.startswith("no decodable frontal image")
+        [job] = session.scalars(select(Job)).all()
+        assert job.state is JobState.failed
+
+
+def test_stat_studies_get_the_first_priority(sqlite_url, start_node, tmp_path):
+    from worker.dispatch import study_priority
+
+    running = start_node(sqlite_url)
+    stat = pydicom.dcmread(radiograph("RG1_UNCI.dcm"))
+    request = pydicom.Dataset()
+    request.RequestedProcedurePriority = "STAT"
+    stat.RequestAttributesSequence = [request]
+    stat.save_as(tmp_path / "stat.dcm")
+    assert storescu(running.port, tmp_path / "stat.dcm", radiograph("RG3_UNCI.dcm")).returncode == 0
+    wait_for(lambda: running.ready, 15)
+    rules = Settings().worker.stat_rules
+    with running.sessions() as session:
+        ids = {s.study_instance_uid: s.id for s in session.scalars(select(Study))}
+    assert study_priority(running.sessions, running.store, ids[RG1_STUDY], rules) == 0
+    assert study_priority(running.sessions, running.store, ids["1.3.6.1.4.1.5962.1.2.11.20040826185059.5457"],
+                          rules) == 5
+
+
+def test_tiny_real_model_end_to_end(sqlite_url, start_node, tiny_model):
+    """The real loading and generate path (transformers, LLaVA-OneVision) on CPU."""
+    from worker.backends.transformers import TransformersBackend
+
+    backend = TransformersBackend(str(tiny_model))
+    assert backend.model_revision.startswith("local-")
+    running = start_node(sqlite_url)
+    assert storescu(running.port, radiograph("RG1_UNCI.dcm")).returncode == 0
+    wait_for(lambda: running.ready, 15)
+    [(study_id, version)] = running.ready
+    run_analysis(study_id, version, sessions=running.sessions, store=running.store, backend=backend,
+                 options=AnalysisOptions(max_new_tokens=16), clock=utcnow)
+    result = _result(running, study_id)
+    [image] = result.images
+    assert result.backend == "transformers" and result.model_revision == backend.model_revision
+    assert 0 < image.report.new_tokens <= 16 and image.report.seconds > 0
+    assert set(image.labels) == {"No Finding", *[k for k in image.labels if k != "No Finding"]}
+    assert len(image.labels) == 14
