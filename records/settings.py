@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -105,6 +105,13 @@ class WorkerSettings(Section):
         PriorityRule(keyword="RequestedProcedurePriority", value="STAT"),
         PriorityRule(keyword="ScheduledProcedureStepPriority", value="HIGH"),
     ])
+
+    @model_validator(mode="after")
+    def _redelivery_after_time_limit(self) -> WorkerSettings:
+        if self.visibility_timeout_s <= self.task_time_limit_s:
+            raise ValueError("visibility_timeout_s must exceed task_time_limit_s, or Redis hands a running "
+                             "task to a second worker")
+        return self
 
 
 class Destination(Section):

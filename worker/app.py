@@ -2,7 +2,8 @@
 
 At-least-once with idempotent results: tasks are acknowledged late, a worker takes one task at a
 time, and Redis redelivers what a dead worker never acknowledged (after ``visibility_timeout``,
-set above the task time limit). Results are unique per (study, version, model revision).
+set above the task time limit, and swept for every few seconds). Results are unique per
+(study, version, model revision).
 """
 
 from __future__ import annotations
@@ -24,11 +25,14 @@ def make_celery(settings: Settings) -> Celery:
     app.conf.update(
         task_serializer="json", result_serializer="json", accept_content=["json"],
         task_acks_late=True, task_reject_on_worker_lost=True, worker_prefetch_multiplier=1,
-        task_time_limit=policy.task_time_limit_s, task_soft_time_limit=max(1.0, policy.task_time_limit_s - 30),
+        task_time_limit=policy.task_time_limit_s, task_soft_time_limit=policy.task_time_limit_s * 0.9,
         task_routes={ANALYSE_TASK: {"queue": GPU_QUEUE}},
         task_default_priority=ROUTINE_PRIORITY,
         broker_transport_options={
-            "visibility_timeout": max(policy.visibility_timeout_s, policy.task_time_limit_s + 60),
+            "visibility_timeout": policy.visibility_timeout_s,
+            # look for tasks of dead workers every few seconds (kombu's default is ~100 s)
+            "unacked_restore_interval": max(1, min(10, int(policy.visibility_timeout_s / 5))),
+            "unacked_restore_throttle": 1,
             "priority_steps": list(range(10)), "sep": ":", "queue_order_strategy": "priority",
         },
         broker_connection_retry_on_startup=True,

@@ -1,0 +1,98 @@
+"""Production layout: node process, Redis, and separate ``radvlm-pacs worker`` processes."""
+
+from __future__ import annotations
+
+import socket
+import time
+from pathlib import Path
+
+import pytest
+import redis
+from sqlalchemy import func, select
+
+from records.db import make_engine, make_session_factory
+from records.tables import Job, JobState, Result, Study, StudyState
+from tests.conftest import free_port, radiograph, storescu, wait_for
+from tests.processes import kill_hard, service
+
+REDIS_DB = 11  # a database of its own on the machine's Redis, flushed by each test
+RG1_STUDY = "1.3.6.1.4.1.5962.1.2.9.20040826185059.5457"
+
+
+@pytest.fixture
+def broker_url() -> str:
+    url = f"redis://127.0.0.1:6379/{REDIS_DB}"
+    try:
+        redis.Redis.from_url(url).flushdb()
+    except redis.ConnectionError:
+        pytest.fail("Redis is not running on 127.0.0.1:6379 (scripts/test.sh starts it)")
+    return url
+
+
+def _env(tmp_path: Path, database_url: str, broker_url: str, port: int, **extra: str) -> dict[str, str]:
+    return {
+        "RADVLM_DATABASE_URL": database_url, "RADVLM_BROKER_URL": broker_url,
+        "RADVLM_STORAGE_DIR": str(tmp_path / "dicom"), "RADVLM_NODE__PORT": str(port),
+        "RADVLM_NODE__BIND_ADDRESS": "127.0.0.1", "RADVLM_NODE__STABLE_AGE_S": "1",
+        "RADVLM_NODE__COMPLETION_POLL_S": "0.2", "RADVLM_NODE__DISK_RESERVE_MB": "1",
+        "RADVLM_MODEL__BACKEND": "scripted", "RADVLM_LOG_LEVEL": "INFO", **extra,
+    }
+
+
+def _listening(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+            return True
+    except OSError:
+        return False
+
+
+def _study(sessions) -> Study | None:  # type: ignore[no-untyped-def]
+    with sessions() as session:
+        return session.scalar(select(Study).where(Study.study_instance_uid == RG1_STUDY))
+
+
+def test_node_redis_and_worker_processes(database_url, broker_url, tmp_path):
+    port = free_port()
+    env = _env(tmp_path, database_url, broker_url, port)
+    sessions = make_session_factory(make_engine(database_url))
+    with service("node", ["node"], env, tmp_path / "logs"), service("worker", ["worker"], env, tmp_path / "logs"):
+        wait_for(lambda: _listening(port), 30)
+        assert storescu(port, radiograph("RG1_UNCI.dcm")).returncode == 0
+        wait_for(lambda: (s := _study(sessions)) and s.state is StudyState.analysed, 60)
+    with sessions() as session:
+        [result] = session.scalars(select(Result)).all()
+        [job] = session.scalars(select(Job)).all()
+    assert job.state is JobState.done and job.attempts == 1
+    assert result.payload["backend"] == "scripted"
+    image = result.payload["images"][0]
+    assert {k for k, v in image["labels"].items() if v} == {"Cardiomegaly", "Pleural Effusion"}
+
+
+def test_worker_killed_mid_study_is_analysed_once_by_the_next(sqlite_url, broker_url, tmp_path):
+    port = free_port()
+    env = _env(tmp_path, sqlite_url, broker_url, port,
+               RADVLM_MODEL__SCRIPTED_DELAY_S="1.5",  # 4 answers: 6 s of "GPU" work
+               RADVLM_WORKER__TASK_TIME_LIMIT_S="20", RADVLM_WORKER__VISIBILITY_TIMEOUT_S="25")
+    sessions = make_session_factory(make_engine(sqlite_url))
+
+    def job() -> Job | None:
+        with sessions() as session:
+            return session.scalar(select(Job))
+
+    logs = tmp_path / "logs"
+    with service("node", ["node"], env, logs):
+        wait_for(lambda: _listening(port), 30)
+        with service("worker-a", ["worker"], env, logs) as first:
+            assert storescu(port, radiograph("RG1_UNCI.dcm")).returncode == 0
+            wait_for(lambda: (j := job()) and j.state is JobState.running, 60)
+            time.sleep(1.0)  # inside the model's answers
+            kill_hard(first)
+        assert job().state is JobState.running and job().attempts == 1
+        with service("worker-b", ["worker"], env, logs):
+            study = wait_for(lambda: (s := _study(sessions)) and s.state is StudyState.analysed and s, 90)
+    assert study.state is StudyState.analysed
+    with sessions() as session:
+        assert session.scalar(select(func.count()).select_from(Result)) == 1
+        [finished] = session.scalars(select(Job)).all()
+    assert finished.state is JobState.done and finished.attempts == 2
