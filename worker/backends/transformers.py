@@ -56,7 +56,7 @@ class TransformersBackend:
                  quantization: str | None = None) -> None:
         try:
             import torch
-            from transformers import AutoProcessor, LlavaOnevisionForConditionalGeneration
+            from transformers import AutoConfig, AutoProcessor, LlavaOnevisionForConditionalGeneration
         except ImportError as exc:
             raise _load_error(model_id, exc) from exc
         self.torch = torch
@@ -79,8 +79,15 @@ class TransformersBackend:
                 bnb_4bit_compute_dtype=torch.bfloat16)
             kwargs["device_map"] = {"": self.device.index or 0}
         try:
+            config = AutoConfig.from_pretrained(model_id, revision=revision)
+        except Exception as exc:
+            raise _load_error(model_id, exc) from exc
+        if config.model_type != "llava_onevision":
+            raise ModelLoadError(f"cannot load {model_id}: it is a {config.model_type!r} checkpoint, not "
+                                 "LLaVA-OneVision (RadVLM is KrauthammerLab/RadVLM in transformers format)")
+        try:
             self.processor = AutoProcessor.from_pretrained(model_id, revision=revision)
-            self.model = LlavaOnevisionForConditionalGeneration.from_pretrained(model_id, **kwargs)
+            self.model = LlavaOnevisionForConditionalGeneration.from_pretrained(model_id, config=config, **kwargs)
         except Exception as exc:  # every loading failure gets its hint
             raise _load_error(model_id, exc) from exc
         if not quantization:

@@ -1,0 +1,48 @@
+"""Loading RadVLM through transformers: the tiny checkpoint loads; bad ones say what to do."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from worker.backends.base import GenerationParams, ModelLoadError
+from worker.backends.transformers import TransformersBackend
+from worker.prompts import REPORT, Turn
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+def test_tiny_checkpoint_prompt_has_radvlm_image_token_count(tiny_model):
+    backend = TransformersBackend(str(tiny_model))
+    image = np.full((2048, 2500), 128, dtype=np.uint8)  # rows x columns
+    batch = backend.inputs(image, [Turn("user", REPORT)])
+    image_token = backend.model.config.image_token_index
+    # anyres_max_9 over 384-px pinpoints: ~7,300 image tokens for a CXR this size (radvlm.md)
+    assert 7000 < int((batch["input_ids"] == image_token).sum()) < 7500
+    completion = backend.generate(image, [Turn("user", REPORT)], GenerationParams(max_new_tokens=8))
+    assert completion.new_tokens <= 8 and completion.prompt_tokens == batch["input_ids"].shape[1]
+    # decoding is greedy: the same input gives the same text
+    again = backend.generate(image, [Turn("user", REPORT)], GenerationParams(max_new_tokens=8))
+    assert again.text == completion.text
+
+
+def test_missing_weights_say_what_to_do(tmp_path):
+    with pytest.raises(ModelLoadError, match="weights not found: give a local folder"):
+        TransformersBackend(str(tmp_path / "no-such-model"))
+
+
+def test_wrong_architecture_is_refused(tmp_path):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    Qwen2ForCausalLM(Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                 num_key_value_heads=1, vocab_size=100)).save_pretrained(tmp_path / "qwen")
+    with pytest.raises(ModelLoadError, match="it is a 'qwen2' checkpoint, not LLaVA-OneVision"):
+        TransformersBackend(str(tmp_path / "qwen"))
+
+
+def test_quantization_needs_a_gpu(tiny_model):
+    with pytest.raises(ModelLoadError, match="needs a CUDA GPU"):
+        TransformersBackend(str(tiny_model), device="cpu", quantization="8bit")

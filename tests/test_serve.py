@@ -1,0 +1,48 @@
+"""``radvlm-pacs serve`` as a user runs it: storescu in, the result out through the CLI."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+
+from tests.conftest import free_port, radiograph, storescu, wait_for
+from tests.processes import ENTRY, service
+from tests.test_production_layout import RG1_STUDY, _listening
+
+
+def _show(env: dict[str, str]) -> dict | None:
+    shown = subprocess.run([*ENTRY, "studies", "show", RG1_STUDY], env=env, capture_output=True, text=True)
+    return json.loads(shown.stdout) if shown.returncode == 0 else None
+
+
+@pytest.mark.parametrize("backend", ["tiny", "scripted"])
+def test_serve_analyses_a_study_sent_with_storescu(backend, tiny_model, tmp_path):
+    import os
+
+    port = free_port()
+    env = {**os.environ, "RADVLM_DATA_DIR": str(tmp_path / "data"), "RADVLM_NODE__PORT": str(port),
+           "RADVLM_NODE__BIND_ADDRESS": "127.0.0.1", "RADVLM_NODE__STABLE_AGE_S": "1",
+           "RADVLM_NODE__DISK_RESERVE_MB": "1", "RADVLM_MODEL__MAX_NEW_TOKENS": "16", "HF_HUB_OFFLINE": "1"}
+    if backend == "tiny":
+        env["RADVLM_MODEL__ID"] = str(tiny_model)
+    else:
+        env["RADVLM_MODEL__BACKEND"] = "scripted"
+    with service("serve", ["serve"], env, tmp_path / "logs"):
+        wait_for(lambda: _listening(port), 60)
+        assert storescu(port, radiograph("RG1_UNCI.dcm")).returncode == 0
+        shown = wait_for(lambda: (s := _show(env)) and s["state"] in ("analysed", "failed") and s, 120)
+    assert shown["state"] == "analysed", shown["reason"]
+    [job] = shown["jobs"]
+    image = job["result"]["images"][0]
+    assert job["state"] == "done" and image["report"]["text"]
+    assert len(image["labels"]) == 14
+    if backend == "tiny":
+        assert job["result"]["backend"] == "transformers" and job["revision"].startswith("local-")
+        assert image["report"]["new_tokens"] <= 16
+    else:
+        [effusion] = [g for g in image["groundings"] if g["label"] == "Pleural Effusion"]
+        first = effusion["answer"]["boxes"][0]
+        assert first["px"] == pytest.approx([first["x1"] * 1841, first["y1"] * 1955,
+                                             first["x2"] * 1841, first["y2"] * 1955])
