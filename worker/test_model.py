@@ -31,8 +31,31 @@ _CORPUS = [
 ]
 
 
-def make_test_model(folder: Path, seed: int = 0) -> Path:
-    """Write the checkpoint (model, processor, tokenizer, chat template) to ``folder``."""
+def _shape(shape: str, vocab_size: int):  # type: ignore[no-untyped-def]
+    """Vision and text configurations: ``tiny``, or RadVLM's published 7B shape (LLaVA-OneVision-7B)."""
+    from transformers import Qwen2Config, SiglipVisionConfig
+
+    if shape == "tiny":
+        return (SiglipVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                   image_size=384, patch_size=14),
+                Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                            num_key_value_heads=2, vocab_size=vocab_size, max_position_embeddings=32768,
+                            tie_word_embeddings=False))
+    if shape == "radvlm-7b":  # SigLIP so400m (26 layers kept) + Qwen2-7B, as in radvlm.md
+        return (SiglipVisionConfig(hidden_size=1152, intermediate_size=4304, num_hidden_layers=26,
+                                   num_attention_heads=16, image_size=384, patch_size=14),
+                Qwen2Config(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                            num_key_value_heads=4, vocab_size=152064, max_position_embeddings=32768,
+                            rope_theta=1000000.0, tie_word_embeddings=False))
+    raise ValueError(f"shape must be 'tiny' or 'radvlm-7b', not {shape!r}")
+
+
+def make_test_model(folder: Path, seed: int = 0, shape: str = "tiny", device: str = "cpu") -> Path:
+    """Write the checkpoint (model, processor, tokenizer, chat template) to ``folder``.
+
+    ``shape="radvlm-7b"`` gives RadVLM's full size with random weights (16 GB in bf16), built on
+    ``device`` for GPU benchmarks: compute and memory traffic do not depend on the weight values.
+    """
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import (
@@ -42,8 +65,6 @@ def make_test_model(folder: Path, seed: int = 0) -> Path:
         LlavaOnevisionProcessor,
         LlavaOnevisionVideoProcessor,
         PreTrainedTokenizerFast,
-        Qwen2Config,
-        SiglipVisionConfig,
     )
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -60,18 +81,22 @@ def make_test_model(folder: Path, seed: int = 0) -> Path:
 
     image_token = tokenizer.convert_tokens_to_ids("<image>")
     video_token = tokenizer.convert_tokens_to_ids("<video>")
+    vision_config, text_config = _shape(shape, len(tokenizer))
     config = LlavaOnevisionConfig(
-        vision_config=SiglipVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                         num_attention_heads=4, image_size=384, patch_size=14),
-        text_config=Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                num_attention_heads=4, num_key_value_heads=2, vocab_size=len(tokenizer),
-                                max_position_embeddings=32768, tie_word_embeddings=False),
+        vision_config=vision_config, text_config=text_config,
         image_token_index=image_token, video_token_index=video_token,
         vision_feature_select_strategy="full", vision_feature_layer=-1,
         vision_aspect_ratio="anyres_max_9", image_grid_pinpoints=PINPOINTS, tie_word_embeddings=False,
     )
     torch.manual_seed(seed)
-    model = LlavaOnevisionForConditionalGeneration(config).eval()
+    dtype = torch.bfloat16 if shape != "tiny" else torch.float32
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = LlavaOnevisionForConditionalGeneration(config).eval()
+    finally:
+        torch.set_default_dtype(previous)
     model.generation_config.eos_token_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
     model.generation_config.pad_token_id = tokenizer.convert_tokens_to_ids("<|endoftext|>")
 

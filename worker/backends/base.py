@@ -15,6 +15,7 @@ class GenerationParams:
     """Greedy decoding, as RadVLM was evaluated; only the length is a choice."""
 
     max_new_tokens: int = 1500
+    min_new_tokens: int = 0  # benchmarks only: force a length on random weights
 
 
 @dataclass(frozen=True)

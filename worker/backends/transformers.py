@@ -117,7 +117,8 @@ class TransformersBackend:
         prompt_tokens = int(batch["input_ids"].shape[1])
         start = time.perf_counter()
         with self.torch.inference_mode():
-            output = self.model.generate(**batch, do_sample=False, max_new_tokens=params.max_new_tokens)
+            output = self.model.generate(**batch, do_sample=False, max_new_tokens=params.max_new_tokens,
+                                         min_new_tokens=params.min_new_tokens or None)
         seconds = time.perf_counter() - start
         new = output[0, prompt_tokens:]
         text = self.processor.tokenizer.decode(new, skip_special_tokens=True)
