@@ -1,0 +1,122 @@
+"""The TID 1500 SR: valid for dciodvfy, dsrdump, highdicom and Orthanc, and right where they don't look."""
+
+from __future__ import annotations
+
+import subprocess
+from datetime import datetime, timezone
+
+import highdicom as hd
+import numpy as np
+import pydicom
+import pytest
+
+from dicom_node.pixels import read_model_image
+from worker.backends.scripted import ScriptedBackend
+from worker.delivery.sr import Device, Placement, closed_rectangle, measurement_report, split_report, verify_regions
+from worker.pipeline import AnalysisOptions, analyse_image
+from tests.conftest import radiograph
+from tests.orthanc import running_orthanc
+
+DEVICE = Device(model_id="KrauthammerLab/RadVLM", model_revision="abc123", software_version="0.1.0")
+PLACE = Placement(series_instance_uid="1.2.826.0.1.3680043.10.1.1", sop_instance_uid="1.2.826.0.1.3680043.10.1.2",
+                  content_datetime=datetime(2026, 11, 23, 12, 0, tzinfo=timezone.utc))
+
+
+@pytest.fixture(scope="module")
+def analysed():
+    path = radiograph("RG1_UNCI.dcm")
+    header = pydicom.dcmread(path, stop_before_pixels=True)
+    backend = ScriptedBackend(boxes={
+        "cardiomegaly": [(0.33, 0.45, 0.78, 0.79)],
+        "pleural effusion": [(0.05, 0.62, 0.31, 0.88), (0.7, 0.64, 1.0, 1.0)],  # one box touching the edges
+        "right lung": [(0.08, 0.12, 0.48, 0.86)],
+    })
+    result = analyse_image(backend, read_model_image(path), header.SOPInstanceUID, header.SeriesInstanceUID,
+                           AnalysisOptions(regions=("right lung",)))
+    return header, result
+
+
+@pytest.fixture(scope="module")
+def written(analysed, tmp_path_factory):
+    header, result = analysed
+    path = tmp_path_factory.mktemp("sr") / "sr.dcm"
+    measurement_report(header, result, DEVICE, PLACE).save_as(path, enforce_file_format=True)
+    return path
+
+
+def test_dciodvfy_finds_no_error(written):
+    out = subprocess.run(["dciodvfy", str(written)], capture_output=True, text=True)
+    errors = [line for line in (out.stdout + out.stderr).splitlines() if line.startswith("Error")]
+    assert errors == []
+    assert "Comprehensive3DSR" in out.stdout + out.stderr
+
+
+def test_dsrdump_reads_the_tree(written):
+    out = subprocess.run(["dsrdump", str(written)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "Verification Flag   : UNVERIFIED" in out.stdout and "Completion Flag     : PARTIAL" in out.stdout
+    assert 'Tracking Identifier")="Pleural Effusion #2"' in out.stdout
+    assert "(75958009,SCT,\"Bounded by\")" in out.stdout
+    assert out.stdout.count('CODE:(,,"Pneumothorax")=(272519000,SCT,"Absent")') == 1
+
+
+def test_highdicom_reads_groups_and_regions(written, analysed):
+    header, result = analysed
+    sr = hd.sr.srread(written)
+    groups = sr.content.get_planar_roi_measurement_groups()
+    assert [g.tracking_identifier for g in groups] == ["Cardiomegaly #1", "Pleural Effusion #1",
+                                                       "Pleural Effusion #2", "right lung #1"]
+    region = groups[1].roi
+    assert region.graphic_type == hd.sr.GraphicTypeValues.POLYLINE
+    box = result.groundings[1].answer.boxes[0]
+    np.testing.assert_allclose(region.value, [[box.px[0], box.px[1]], [box.px[2], box.px[1]], [box.px[2], box.px[3]],
+                                              [box.px[0], box.px[3]], [box.px[0], box.px[1]]], rtol=1e-6)
+    assert sr.PreliminaryFlag == "PRELIMINARY" and sr.AuthorObserverSequence[0].ObserverType == "DEV"
+    assert sr.StudyInstanceUID == header.StudyInstanceUID and sr.SeriesInstanceUID != header.SeriesInstanceUID
+    assert sr.CodingSchemeIdentificationSequence[0].CodingSchemeDesignator == "99RADVLM"
+
+
+def test_regions_closed_inside_and_equal_to_the_model_box(analysed):
+    header, result = analysed
+    edge = result.groundings[1].answer.boxes[1]
+    rectangle = closed_rectangle(edge, result.columns, result.rows)
+    assert rectangle.max(axis=0).tolist() == [1841, 1955] and (rectangle[0] == rectangle[-1]).all()
+    sr = measurement_report(header, result, DEVICE, PLACE)
+    verify_regions(sr, result)
+    # a tampered region is caught
+    scoord = sr.ContentSequence[-2].ContentSequence[0].ContentSequence[-1]
+    assert scoord.ValueType == "SCOORD"
+    scoord.GraphicData = [*scoord.GraphicData[:-2], 0.0, 0.0]
+    with pytest.raises(ValueError, match="closed 5-point POLYLINE"):
+        verify_regions(sr, result)
+
+
+def test_same_inputs_same_bytes_and_a_new_model_a_new_device(analysed, tmp_path):
+    header, result = analysed
+    first, second = tmp_path / "a.dcm", tmp_path / "b.dcm"
+    measurement_report(header, result, DEVICE, PLACE).save_as(first, enforce_file_format=True)
+    measurement_report(header, result, DEVICE, PLACE).save_as(second, enforce_file_format=True)
+    assert first.read_bytes() == second.read_bytes()
+    other = Device(model_id=DEVICE.model_id, model_revision="def456", software_version="0.1.0")
+    assert other.uid != DEVICE.uid
+
+
+def test_mismatched_image_is_refused(analysed):
+    header, result = analysed
+    other = pydicom.dcmread(radiograph("RG3_UNCI.dcm"), stop_before_pixels=True)
+    with pytest.raises(ValueError, match="different SOP instances"):
+        measurement_report(other, result, DEVICE, PLACE)
+
+
+def test_split_report():
+    assert split_report("Findings: Clear lungs. Impression: Normal.") == ("Clear lungs.", "Normal.")
+    assert split_report("Clear lungs.") == ("Clear lungs.", "")
+
+
+def test_orthanc_accepts_it(written, tmp_path):
+    with running_orthanc(tmp_path / "orthanc", {}) as orthanc:
+        orthanc.upload(radiograph("RG1_UNCI.dcm"))
+        answer = orthanc.request("POST", "/instances", raw=written.read_bytes())
+        assert answer["Status"] == "Success"
+        study = orthanc.request("GET", f"/studies/{answer['ParentStudy']}")
+        assert len(study["Series"]) == 2  # the image's series and the SR's, in the same study

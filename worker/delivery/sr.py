@@ -1,0 +1,253 @@
+"""The TID 1500 Imaging Measurement Report (Comprehensive 3D SR) for one analysed image.
+
+Built with highdicom as ``sr-spec.md`` describes: a device observer that is the model, an image
+library, one planar ROI group per box (tracking identifier and UID, coded finding, finding site,
+"Bounded by", a closed 5-point POLYLINE in the image's pixels), qualitative evaluations for all
+14 CheXpert labels with the draft text, and the flags of an unverified, preliminary AI draft.
+Every UID and date is passed in: the same inputs give the same bytes, so a resend is the same
+instance.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+
+import highdicom as hd
+import numpy as np
+from highdicom.coding_schemes import CodingSchemeIdentificationItem
+from highdicom.sr import (
+    AlgorithmIdentification,
+    CodeContentItem,
+    Comprehensive3DSR,
+    ContainerContentItem,
+    DeviceObserverIdentifyingAttributes,
+    FindingSite,
+    ImageContentItem,
+    ImageRegion,
+    LanguageOfContentItemAndDescendants,
+    MeasurementReport,
+    ObservationContext,
+    ObserverContext,
+    PlanarROIMeasurementsAndQualitativeEvaluations,
+    QualitativeEvaluation,
+    RelationshipTypeValues,
+    SourceImageForRegion,
+    TextContentItem,
+    TrackingIdentifier,
+)
+from pydicom import Dataset
+from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
+from pydicom.uid import generate_uid
+
+from records.schema import Box, ImageResult
+from worker.delivery import codes as cx
+
+MANUFACTURER = "radvlm-pacs"
+SOURCE = Code("260753009", "SCT", "Source")
+DRAFT_NOTICE = "AI draft, not verified by a radiologist"
+
+
+@dataclass(frozen=True)
+class Device:
+    """The model as the device observer and contributing equipment of every object it makes."""
+
+    model_id: str
+    model_revision: str
+    software_version: str
+    station_name: str = "RADVLM"
+    institution_name: str | None = None
+
+    @property
+    def uid(self) -> str:
+        """Deterministic, and different for every model revision."""
+        return str(generate_uid(entropy_srcs=["radvlm-device", self.model_id, self.model_revision]))
+
+    @property
+    def model_name(self) -> str:
+        return self.model_id.rsplit("/", 1)[-1][:64]
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where the new object goes: its UIDs, numbers and content time, chosen by the caller."""
+
+    series_instance_uid: str
+    sop_instance_uid: str
+    content_datetime: datetime
+    series_number: int = 9901
+    instance_number: int = 1
+
+
+def closed_rectangle(box: Box, columns: int, rows: int) -> np.ndarray:
+    """The box as 5 (column, row) points, the last equal to the first, clamped to the image."""
+    x1, y1, x2, y2 = box.px
+    x1, x2 = (float(np.clip(v, 0, columns)) for v in (x1, x2))
+    y1, y2 = (float(np.clip(v, 0, rows)) for v in (y1, y2))
+    return np.array([[x1, y1], [x2, y1], [x2, y2], [x1, y2], [x1, y1]], dtype=np.float32)
+
+
+def split_report(text: str) -> tuple[str, str]:
+    """RadVLM's report as (findings, impression); an impression is only there when it says so."""
+    parts = re.split(r"\bimpression\s*:", text, maxsplit=1, flags=re.IGNORECASE)
+    findings = re.sub(r"^\s*findings\s*:\s*", "", parts[0], flags=re.IGNORECASE).strip()
+    impression = parts[1].strip() if len(parts) > 1 else ""
+    return findings, impression
+
+
+def _groups(image: Dataset, result: ImageResult, device: Device, sop_uid: str
+            ) -> list[PlanarROIMeasurementsAndQualitativeEvaluations]:
+    source = SourceImageForRegion.from_source_image(image)
+    algorithm = AlgorithmIdentification(name=device.model_name, version=device.model_revision[:64])
+    groups = []
+    for grounding in result.groundings:
+        if grounding.kind == "abnormality":
+            coding = cx.LABELS[grounding.label]
+            finding, site, laterality, category = coding.finding, coding.site, None, cx.LESION_CATEGORY
+        elif grounding.label in cx.REGIONS:
+            site, laterality = cx.REGIONS[grounding.label]
+            finding, category = site, cx.ANATOMY_CATEGORY
+        else:
+            continue  # a region with no exact code is kept in the result, not invented here
+        for number, box in enumerate(grounding.answer.boxes, start=1):
+            groups.append(PlanarROIMeasurementsAndQualitativeEvaluations(
+                tracking_identifier=TrackingIdentifier(
+                    uid=str(generate_uid(entropy_srcs=[sop_uid, grounding.label, str(number)])),
+                    identifier=f"{grounding.label} #{number}"),
+                referenced_region=ImageRegion(graphic_type="POLYLINE", source_image=source,
+                                              graphic_data=closed_rectangle(box, result.columns, result.rows)),
+                finding_type=finding,
+                finding_category=category,
+                finding_sites=[FindingSite(site, laterality=laterality)] if site else None,
+                algorithm_id=algorithm,
+                geometric_purpose=cx.BOUNDED_BY,
+                qualitative_evaluations=[QualitativeEvaluation(finding, cx.PRESENT)],
+            ))
+    return groups
+
+
+def _describable(image: Dataset) -> bool:
+    """highdicom's TID 1602 descriptors for radiographs need these two attributes."""
+    return "ImagerPixelSpacing" in image and "PatientOrientation" in image and len(image.PatientOrientation) == 2
+
+
+def _bare_image_library(image: Dataset) -> ContainerContentItem:
+    """TID 1600 with one entry and no descriptors (all conditional in TID 1602), for images that
+    lack what highdicom's descriptors need, such as a CR whose only spacing is ``0\\0``."""
+    entry = ImageContentItem(name=SOURCE, referenced_sop_class_uid=image.SOPClassUID,
+                             referenced_sop_instance_uid=image.SOPInstanceUID,
+                             relationship_type=RelationshipTypeValues.CONTAINS)
+    group = ContainerContentItem(name=codes.DCM.ImageLibraryGroup, relationship_type=RelationshipTypeValues.CONTAINS)
+    group.ContentSequence = [entry]
+    library = ContainerContentItem(name=codes.DCM.ImageLibrary, relationship_type=RelationshipTypeValues.CONTAINS)
+    library.ContentSequence = [group]
+    return library
+
+
+def _evaluations(result: ImageResult) -> ContainerContentItem:
+    """TID 1500 rows 12-14: every label present or absent, and the draft text."""
+    container = ContainerContentItem(name=cx.QUALITATIVE_EVALUATIONS, relationship_type=RelationshipTypeValues.CONTAINS)
+    items = [CodeContentItem(name=cx.LABELS[label].finding, value=cx.PRESENT if present else cx.ABSENT,
+                             relationship_type=RelationshipTypeValues.CONTAINS)
+             for label, present in result.labels.items()]
+    findings, impression = split_report(result.report.text)
+    items.append(TextContentItem(name=cx.FINDING, value=f"{DRAFT_NOTICE}. {findings}"[:10000],
+                                 relationship_type=RelationshipTypeValues.CONTAINS))
+    if impression:
+        items.append(TextContentItem(name=cx.IMPRESSION, value=impression[:10000],
+                                     relationship_type=RelationshipTypeValues.CONTAINS))
+    container.ContentSequence = items
+    return container
+
+
+def _finish(sr: Dataset, device: Device, place: Placement) -> None:
+    """The SR flags highdicom does not set, and its clock readings replaced by the caller's time."""
+    stamp = place.content_datetime
+    sr.InstanceCreationDate, sr.InstanceCreationTime = stamp.strftime("%Y%m%d"), stamp.strftime("%H%M%S")
+    for item in sr.get("ContributingEquipmentSequence", []):
+        item.ContributionDateTime = stamp.strftime("%Y%m%d%H%M%S")
+    sr.PreliminaryFlag = "PRELIMINARY"
+    author = Dataset()
+    author.ObserverType = "DEV"
+    author.DeviceUID = device.uid
+    author.Manufacturer = MANUFACTURER
+    author.ManufacturerModelName = device.model_name
+    author.StationName = device.station_name
+    author.InstitutionName = device.institution_name or ""
+    author.InstitutionCodeSequence = []
+    sr.AuthorObserverSequence = [author]
+
+
+def measurement_report(image: Dataset, result: ImageResult, device: Device, place: Placement) -> Comprehensive3DSR:
+    """The TID 1500 SR for ``result`` about ``image`` (a header suffices; no pixel data needed)."""
+    if str(image.SOPInstanceUID) != result.sop_instance_uid:
+        raise ValueError("image and result describe different SOP instances")
+    if (int(image.Rows), int(image.Columns)) != (result.rows, result.columns):
+        raise ValueError("result was computed on an image of another size")
+    observer = ObserverContext(
+        observer_type=codes.DCM.Device,
+        observer_identifying_attributes=DeviceObserverIdentifyingAttributes(
+            uid=device.uid, name=device.model_name, manufacturer_name=MANUFACTURER, model_name=device.model_name))
+    report = MeasurementReport(
+        observation_context=ObservationContext(observer_device_context=observer),
+        procedure_reported=cx.XR_PROCEDURE,
+        imaging_measurements=_groups(image, result, device, place.sop_instance_uid) or None,
+        language_of_content_item_and_descendants=LanguageOfContentItemAndDescendants(
+            Code("en-US", "RFC5646", "English (United States)")),
+        referenced_images=[image] if _describable(image) else None,
+    )
+    root = report[0]
+    if not _describable(image):  # the library goes before the measurements, as TID 1500 orders them
+        names = [item.ConceptNameCodeSequence[0].CodeValue for item in root.ContentSequence]
+        at = names.index("126010") if "126010" in names else len(names)
+        root.ContentSequence.insert(at, _bare_image_library(image))
+    root.ContentSequence.append(_evaluations(result))
+    sr = Comprehensive3DSR(
+        evidence=[image], content=root, series_instance_uid=place.series_instance_uid,
+        series_number=place.series_number, sop_instance_uid=place.sop_instance_uid,
+        instance_number=place.instance_number, manufacturer=MANUFACTURER, is_complete=False, is_final=False,
+        is_verified=False, institution_name=device.institution_name,
+        contributing_equipment=[hd.ContributingEquipment(
+            manufacturer=MANUFACTURER, purpose_of_reference=Code("109102", "DCM", "Processing Equipment"),
+            manufacturer_model_name=device.model_name, software_versions=device.software_version,
+            station_name=device.station_name, contribution_datetime=place.content_datetime)],
+        series_description=f"RadVLM findings - {DRAFT_NOTICE} - UNVERIFIED"[:64],
+        manufacturer_model_name=device.model_name, software_versions=device.software_version,
+        content_date=place.content_datetime.date(), content_time=place.content_datetime.time(),
+        series_date=place.content_datetime.date(), series_time=place.content_datetime.time(),
+        coding_schemes=[CodingSchemeIdentificationItem(
+            designator=cx.PRIVATE_SCHEME, name="radvlm-pacs private codes",
+            responsible_organization="radvlm-pacs project")],
+    )
+    _finish(sr, device, place)
+    verify_regions(sr, result)
+    return sr
+
+
+def _scoords(items: Sequence[Dataset]) -> Iterator[Dataset]:
+    for item in items:
+        if item.ValueType == "SCOORD":
+            yield item
+        yield from _scoords(item.get("ContentSequence", []))
+
+
+def verify_regions(sr: Dataset, result: ImageResult) -> None:
+    """What no validator checks: every region a closed 5-point POLYLINE inside the image, equal to
+    the model's normalised box times Columns and Rows (clamped). Raises ``ValueError``."""
+    expected = [closed_rectangle(box, result.columns, result.rows)
+                for g in result.groundings if g.kind == "abnormality" or g.label in cx.REGIONS
+                for box in g.answer.boxes]
+    found = list(_scoords(sr.ContentSequence))
+    if len(found) != len(expected):
+        raise ValueError(f"{len(found)} regions in the SR for {len(expected)} boxes in the result")
+    for item, rectangle in zip(found, expected):
+        points = np.asarray(item.GraphicData, dtype=np.float32).reshape(-1, 2)
+        if item.GraphicType != "POLYLINE" or len(points) != 5 or not np.array_equal(points[0], points[-1]):
+            raise ValueError(f"region is not a closed 5-point POLYLINE: {item.GraphicType} {len(points)} points")
+        if (points < 0).any() or (points[:, 0] > result.columns).any() or (points[:, 1] > result.rows).any():
+            raise ValueError("region outside the image")
+        if not np.allclose(points, rectangle, atol=1e-3):
+            raise ValueError("region differs from the model's box mapped to pixels")
