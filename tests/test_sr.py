@@ -12,7 +12,8 @@ import pytest
 
 from dicom_node.pixels import read_model_image
 from worker.backends.scripted import ScriptedBackend
-from worker.delivery.sr import Device, Placement, closed_rectangle, measurement_report, split_report, verify_regions
+from worker.delivery.equipment import Device, Placement, closed_rectangle
+from worker.delivery.sr import measurement_report, split_report, verify_regions
 from worker.pipeline import AnalysisOptions, analyse_image
 from tests.conftest import radiograph
 from tests.orthanc import running_orthanc
@@ -91,11 +92,16 @@ def test_regions_closed_inside_and_equal_to_the_model_box(analysed):
         verify_regions(sr, result)
 
 
-def test_same_inputs_same_bytes_and_a_new_model_a_new_device(analysed, tmp_path):
+@pytest.mark.parametrize("builder", ["sr", "narrative", "gsps"])
+def test_same_inputs_same_bytes_and_a_new_model_a_new_device(analysed, tmp_path, builder):
+    from worker.delivery.gsps import presentation_state
+    from worker.delivery.narrative import narrative_report
+
+    build = {"sr": measurement_report, "narrative": narrative_report, "gsps": presentation_state}[builder]
     header, result = analysed
     first, second = tmp_path / "a.dcm", tmp_path / "b.dcm"
-    measurement_report(header, result, DEVICE, PLACE).save_as(first, enforce_file_format=True)
-    measurement_report(header, result, DEVICE, PLACE).save_as(second, enforce_file_format=True)
+    build(header, result, DEVICE, PLACE).save_as(first, enforce_file_format=True)
+    build(header, result, DEVICE, PLACE).save_as(second, enforce_file_format=True)
     assert first.read_bytes() == second.read_bytes()
     other = Device(model_id=DEVICE.model_id, model_revision="def456", software_version="0.1.0")
     assert other.uid != DEVICE.uid
@@ -120,3 +126,61 @@ def test_orthanc_accepts_it(written, tmp_path):
         assert answer["Status"] == "Success"
         study = orthanc.request("GET", f"/studies/{answer['ParentStudy']}")
         assert len(study["Series"]) == 2  # the image's series and the SR's, in the same study
+
+
+def _dciodvfy_errors(path) -> list[str]:
+    out = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True)
+    return [line for line in (out.stdout + out.stderr).splitlines() if line.startswith("Error")]
+
+
+def test_narrative_report_tid_2000(analysed, tmp_path):
+    from worker.delivery.narrative import narrative_report
+
+    header, result = analysed
+    path = tmp_path / "narrative.dcm"
+    narrative_report(header, result, DEVICE, PLACE).save_as(path, enforce_file_format=True)
+    assert _dciodvfy_errors(path) == []
+    dump = subprocess.run(["dsrdump", str(path)], capture_output=True, text=True)
+    assert dump.returncode == 0 and "Enhanced SR Document" in dump.stdout
+    assert '<CONTAINER:(,,"Diagnostic Imaging Report")=SEPARATE>' in dump.stdout
+    assert 'CONTAINER:(,,"Findings")' in dump.stdout and 'CONTAINER:(,,"Impression")' in dump.stdout
+    sr = hd.sr.srread(path)
+    assert sr.VerificationFlag == "UNVERIFIED" and sr.CompletionFlag == "PARTIAL"
+
+
+def test_presentation_state_draws_every_box(analysed, tmp_path):
+    from worker.delivery.gsps import presentation_state
+
+    header, result = analysed
+    path = tmp_path / "gsps.dcm"
+    presentation_state(header, result, DEVICE, PLACE).save_as(path, enforce_file_format=True)
+    assert _dciodvfy_errors(path) == []
+    state = pydicom.dcmread(path)
+    [annotation] = state.GraphicAnnotationSequence
+    boxes = [b for g in result.groundings for b in g.answer.boxes]
+    assert len(annotation.GraphicObjectSequence) == len(boxes) == 4
+    for graphic, box in zip(annotation.GraphicObjectSequence, boxes):
+        points = np.asarray(graphic.GraphicData, dtype=np.float32).reshape(-1, 2)
+        assert graphic.GraphicType == "POLYLINE" and graphic.NumberOfGraphicPoints == 5
+        np.testing.assert_allclose(points, closed_rectangle(box, result.columns, result.rows))
+        assert graphic.GraphicAnnotationUnits == "PIXEL"
+    assert [t.UnformattedTextValue for t in annotation.TextObjectSequence] == [
+        "AI: Cardiomegaly", "AI: Pleural Effusion", "AI: Pleural Effusion", "AI: right lung"]
+    assert state.BodyPartExamined == "CHEST"
+
+
+def test_burned_in_capture(analysed, tmp_path):
+    from worker.delivery.capture import BOX_COLOUR, burned_in_capture
+
+    header, result = analysed
+    model_image = read_model_image(radiograph("RG1_UNCI.dcm"))
+    path = tmp_path / "sc.dcm"
+    burned_in_capture(header, model_image, result, DEVICE, PLACE).save_as(path, enforce_file_format=True)
+    assert _dciodvfy_errors(path) == []
+    capture = pydicom.dcmread(path)
+    assert capture.BurnedInAnnotation == "YES" and capture.SeriesInstanceUID != header.SeriesInstanceUID
+    pixels = capture.pixel_array
+    assert pixels.shape == (1955, 1841, 3)
+    x1, y1, x2, y2 = (int(round(v)) for v in result.groundings[0].answer.boxes[0].px)
+    assert tuple(pixels[y1, (x1 + x2) // 2]) == BOX_COLOUR  # the top edge of the cardiomegaly box
+    assert tuple(pixels[(y1 + y2) // 2, (x1 + x2) // 2]) != BOX_COLOUR  # its inside is the image

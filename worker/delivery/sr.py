@@ -12,10 +12,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
-from datetime import datetime
 
-import highdicom as hd
 import numpy as np
 from highdicom.coding_schemes import CodingSchemeIdentificationItem
 from highdicom.sr import (
@@ -23,14 +20,11 @@ from highdicom.sr import (
     CodeContentItem,
     Comprehensive3DSR,
     ContainerContentItem,
-    DeviceObserverIdentifyingAttributes,
     FindingSite,
     ImageContentItem,
     ImageRegion,
     LanguageOfContentItemAndDescendants,
     MeasurementReport,
-    ObservationContext,
-    ObserverContext,
     PlanarROIMeasurementsAndQualitativeEvaluations,
     QualitativeEvaluation,
     RelationshipTypeValues,
@@ -43,51 +37,12 @@ from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 from pydicom.uid import generate_uid
 
-from records.schema import Box, ImageResult
+from records.schema import ImageResult
 from worker.delivery import codes as cx
+from worker.delivery.equipment import DRAFT_NOTICE, MANUFACTURER, Device, Placement, closed_rectangle, \
+    mark_device_author, stamp
 
-MANUFACTURER = "radvlm-pacs"
 SOURCE = Code("260753009", "SCT", "Source")
-DRAFT_NOTICE = "AI draft, not verified by a radiologist"
-
-
-@dataclass(frozen=True)
-class Device:
-    """The model as the device observer and contributing equipment of every object it makes."""
-
-    model_id: str
-    model_revision: str
-    software_version: str
-    station_name: str = "RADVLM"
-    institution_name: str | None = None
-
-    @property
-    def uid(self) -> str:
-        """Deterministic, and different for every model revision."""
-        return str(generate_uid(entropy_srcs=["radvlm-device", self.model_id, self.model_revision]))
-
-    @property
-    def model_name(self) -> str:
-        return self.model_id.rsplit("/", 1)[-1][:64]
-
-
-@dataclass(frozen=True)
-class Placement:
-    """Where the new object goes: its UIDs, numbers and content time, chosen by the caller."""
-
-    series_instance_uid: str
-    sop_instance_uid: str
-    content_datetime: datetime
-    series_number: int = 9901
-    instance_number: int = 1
-
-
-def closed_rectangle(box: Box, columns: int, rows: int) -> np.ndarray:
-    """The box as 5 (column, row) points, the last equal to the first, clamped to the image."""
-    x1, y1, x2, y2 = box.px
-    x1, x2 = (float(np.clip(v, 0, columns)) for v in (x1, x2))
-    y1, y2 = (float(np.clip(v, 0, rows)) for v in (y1, y2))
-    return np.array([[x1, y1], [x2, y1], [x2, y2], [x1, y2], [x1, y1]], dtype=np.float32)
 
 
 def split_report(text: str) -> tuple[str, str]:
@@ -163,36 +118,14 @@ def _evaluations(result: ImageResult) -> ContainerContentItem:
     return container
 
 
-def _finish(sr: Dataset, device: Device, place: Placement) -> None:
-    """The SR flags highdicom does not set, and its clock readings replaced by the caller's time."""
-    stamp = place.content_datetime
-    sr.InstanceCreationDate, sr.InstanceCreationTime = stamp.strftime("%Y%m%d"), stamp.strftime("%H%M%S")
-    for item in sr.get("ContributingEquipmentSequence", []):
-        item.ContributionDateTime = stamp.strftime("%Y%m%d%H%M%S")
-    sr.PreliminaryFlag = "PRELIMINARY"
-    author = Dataset()
-    author.ObserverType = "DEV"
-    author.DeviceUID = device.uid
-    author.Manufacturer = MANUFACTURER
-    author.ManufacturerModelName = device.model_name
-    author.StationName = device.station_name
-    author.InstitutionName = device.institution_name or ""
-    author.InstitutionCodeSequence = []
-    sr.AuthorObserverSequence = [author]
-
-
 def measurement_report(image: Dataset, result: ImageResult, device: Device, place: Placement) -> Comprehensive3DSR:
     """The TID 1500 SR for ``result`` about ``image`` (a header suffices; no pixel data needed)."""
     if str(image.SOPInstanceUID) != result.sop_instance_uid:
         raise ValueError("image and result describe different SOP instances")
     if (int(image.Rows), int(image.Columns)) != (result.rows, result.columns):
         raise ValueError("result was computed on an image of another size")
-    observer = ObserverContext(
-        observer_type=codes.DCM.Device,
-        observer_identifying_attributes=DeviceObserverIdentifyingAttributes(
-            uid=device.uid, name=device.model_name, manufacturer_name=MANUFACTURER, model_name=device.model_name))
     report = MeasurementReport(
-        observation_context=ObservationContext(observer_device_context=observer),
+        observation_context=device.observation_context(),
         procedure_reported=cx.XR_PROCEDURE,
         imaging_measurements=_groups(image, result, device, place.sop_instance_uid) or None,
         language_of_content_item_and_descendants=LanguageOfContentItemAndDescendants(
@@ -210,10 +143,7 @@ def measurement_report(image: Dataset, result: ImageResult, device: Device, plac
         series_number=place.series_number, sop_instance_uid=place.sop_instance_uid,
         instance_number=place.instance_number, manufacturer=MANUFACTURER, is_complete=False, is_final=False,
         is_verified=False, institution_name=device.institution_name,
-        contributing_equipment=[hd.ContributingEquipment(
-            manufacturer=MANUFACTURER, purpose_of_reference=Code("109102", "DCM", "Processing Equipment"),
-            manufacturer_model_name=device.model_name, software_versions=device.software_version,
-            station_name=device.station_name, contribution_datetime=place.content_datetime)],
+        contributing_equipment=[device.contributing_equipment(place.content_datetime)],
         series_description=f"RadVLM findings - {DRAFT_NOTICE} - UNVERIFIED"[:64],
         manufacturer_model_name=device.model_name, software_versions=device.software_version,
         content_date=place.content_datetime.date(), content_time=place.content_datetime.time(),
@@ -222,7 +152,8 @@ def measurement_report(image: Dataset, result: ImageResult, device: Device, plac
             designator=cx.PRIVATE_SCHEME, name="radvlm-pacs private codes",
             responsible_organization="radvlm-pacs project")],
     )
-    _finish(sr, device, place)
+    stamp(sr, place)
+    mark_device_author(sr, device)
     verify_regions(sr, result)
     return sr
 

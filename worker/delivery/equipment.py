@@ -1,0 +1,98 @@
+"""What every produced object shares: the model as device, where the object goes, its rectangles."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+import highdicom as hd
+import numpy as np
+from highdicom.sr import DeviceObserverIdentifyingAttributes, ObservationContext, ObserverContext
+from pydicom import Dataset
+from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
+from pydicom.uid import generate_uid
+
+from records.schema import Box
+
+MANUFACTURER = "radvlm-pacs"
+DRAFT_NOTICE = "AI draft, not verified by a radiologist"
+
+
+@dataclass(frozen=True)
+class Device:
+    """The model as the device observer and contributing equipment of every object it makes."""
+
+    model_id: str
+    model_revision: str
+    software_version: str
+    station_name: str = "RADVLM"
+    institution_name: str | None = None
+
+    @property
+    def uid(self) -> str:
+        """Deterministic, and different for every model revision."""
+        return str(generate_uid(entropy_srcs=["radvlm-device", self.model_id, self.model_revision]))
+
+    @property
+    def model_name(self) -> str:
+        return self.model_id.rsplit("/", 1)[-1][:64]
+
+    def observation_context(self) -> ObservationContext:
+        return ObservationContext(observer_device_context=ObserverContext(
+            observer_type=codes.DCM.Device,
+            observer_identifying_attributes=DeviceObserverIdentifyingAttributes(
+                uid=self.uid, name=self.model_name, manufacturer_name=MANUFACTURER, model_name=self.model_name)))
+
+    def contributing_equipment(self, when: datetime) -> hd.ContributingEquipment:
+        """The IHE AI Results Contributing Equipment entry."""
+        return hd.ContributingEquipment(
+            manufacturer=MANUFACTURER, purpose_of_reference=Code("109102", "DCM", "Processing Equipment"),
+            manufacturer_model_name=self.model_name, software_versions=self.software_version,
+            station_name=self.station_name, contribution_datetime=when)
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a new object goes: its UIDs, numbers and content time, chosen by the caller."""
+
+    series_instance_uid: str
+    sop_instance_uid: str
+    content_datetime: datetime
+    series_number: int = 9901
+    instance_number: int = 1
+
+
+def closed_rectangle(box: Box, columns: int, rows: int) -> np.ndarray:
+    """The box as 5 (column, row) points, the last equal to the first, clamped to the image."""
+    x1, y1, x2, y2 = box.px
+    x1, x2 = (float(np.clip(v, 0, columns)) for v in (x1, x2))
+    y1, y2 = (float(np.clip(v, 0, rows)) for v in (y1, y2))
+    return np.array([[x1, y1], [x2, y1], [x2, y2], [x1, y2], [x1, y1]], dtype=np.float32)
+
+
+def stamp(ds: Dataset, place: Placement) -> None:
+    """Replace highdicom's clock readings with the caller's time: the same inputs give the same bytes."""
+    when = place.content_datetime
+    day, time = when.strftime("%Y%m%d"), when.strftime("%H%M%S")
+    ds.InstanceCreationDate, ds.InstanceCreationTime = day, time
+    for prefix in ("PresentationCreation", "Series", "Content"):
+        if f"{prefix}Date" in ds:
+            setattr(ds, f"{prefix}Date", day)
+            setattr(ds, f"{prefix}Time", time)
+    for item in ds.get("ContributingEquipmentSequence", []):
+        item.ContributionDateTime = when.strftime("%Y%m%d%H%M%S")
+
+
+def mark_device_author(sr: Dataset, device: Device) -> None:
+    """The SR flags of an unverified AI draft, with the model as author (sr-spec.md item 4)."""
+    sr.PreliminaryFlag = "PRELIMINARY"
+    author = Dataset()
+    author.ObserverType = "DEV"
+    author.DeviceUID = device.uid
+    author.Manufacturer = MANUFACTURER
+    author.ManufacturerModelName = device.model_name
+    author.StationName = device.station_name
+    author.InstitutionName = device.institution_name or ""
+    author.InstitutionCodeSequence = []
+    sr.AuthorObserverSequence = [author]

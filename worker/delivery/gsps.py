@@ -1,0 +1,57 @@
+"""A Grayscale Softcopy Presentation State with a rectangle and a label per box.
+
+For viewers that ignore SR coordinates (Weasis, OsiriX and Orthanc Stone draw GSPS). One layer,
+PIXEL units, a closed 5-point POLYLINE per box, "AI: <label>" beside it; highdicom copies the
+image's VOI settings.
+"""
+
+from __future__ import annotations
+
+from highdicom.pr import (
+    AnnotationUnitsValues,
+    GraphicAnnotation,
+    GraphicLayer,
+    GraphicObject,
+    GrayscaleSoftcopyPresentationState,
+    TextObject,
+)
+from pydicom import Dataset
+
+from records.schema import ImageResult
+from worker.delivery.equipment import DRAFT_NOTICE, MANUFACTURER, Device, Placement, closed_rectangle, stamp
+
+LAYER = GraphicLayer(layer_name="AI_FINDINGS", order=1, description=DRAFT_NOTICE)
+
+
+def presentation_state(image: Dataset, result: ImageResult, device: Device, place: Placement
+                       ) -> GrayscaleSoftcopyPresentationState:
+    if str(image.SOPInstanceUID) != result.sop_instance_uid:
+        raise ValueError("image and result describe different SOP instances")
+    graphics, texts = [], []
+    for grounding in result.groundings:
+        for box in grounding.answer.boxes:
+            rectangle = closed_rectangle(box, result.columns, result.rows)
+            graphics.append(GraphicObject(graphic_type="POLYLINE", graphic_data=rectangle,
+                                          units=AnnotationUnitsValues.PIXEL))
+            x1, y1 = rectangle[0]
+            x2 = rectangle[2][0]
+            top = max(0.0, float(y1) - 40.0)
+            texts.append(TextObject(text_value=f"AI: {grounding.label}", units=AnnotationUnitsValues.PIXEL,
+                                    bounding_box=(float(x1), top, float(x2), top + 38.0)))
+    annotations = [GraphicAnnotation(referenced_images=[image], graphic_layer=LAYER, graphic_objects=graphics,
+                                     text_objects=texts)] if graphics else None
+    state = GrayscaleSoftcopyPresentationState(
+        referenced_images=[image], series_instance_uid=place.series_instance_uid,
+        series_number=place.series_number, sop_instance_uid=place.sop_instance_uid,
+        instance_number=place.instance_number, manufacturer=MANUFACTURER, manufacturer_model_name=device.model_name,
+        software_versions=device.software_version, device_serial_number=device.model_revision[:64],
+        content_label="AI_CXR", content_description=DRAFT_NOTICE[:64],
+        graphic_annotations=annotations, graphic_layers=[LAYER] if annotations else None,
+        institution_name=device.institution_name, content_creator_name="RadVLM^",
+        contributing_equipment=[device.contributing_equipment(place.content_datetime)],
+        series_description=f"RadVLM boxes - {DRAFT_NOTICE}"[:64],
+    )
+    if "BodyPartExamined" in image:
+        state.BodyPartExamined = image.BodyPartExamined
+    stamp(state, place)
+    return state
