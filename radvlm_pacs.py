@@ -46,9 +46,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings = _settings(args)
     _setup_logging(settings.log_level)
     _upgrade(settings)
-    ctx = build_context(settings)  # loads the model before the node accepts anything
+    ctx = build_context(settings)
+    ctx.backend  # load the model before the node accepts anything
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="model") as executor:
-        return run_node(settings, on_ready=InProcessRunner(ctx, executor))
+        runner = InProcessRunner(ctx, executor)
+        runner.start()  # also sends what a previous run left in the outbox
+        try:
+            return run_node(settings, on_ready=runner)
+        finally:
+            runner.close()
 
 
 def cmd_node(args: argparse.Namespace) -> int:
@@ -70,15 +76,22 @@ def cmd_node(args: argparse.Namespace) -> int:
 def cmd_worker(args: argparse.Namespace) -> int:
     """A GPU worker: loads the model once, then takes analyses from the gpu queue one at a time."""
     from worker import tasks
-    from worker.app import GPU_QUEUE, make_celery
+    from worker.app import GPU_QUEUE, IO_QUEUE, make_celery, send_deliveries
+    from worker.delivery.outbox import due_items
 
     settings = _settings(args)
     _setup_logging(settings.log_level)
     _upgrade(settings)
     app = make_celery(settings)
-    tasks.context_of(app)  # load the model now: a load error stops the worker before it takes work
-    app.worker_main(["worker", "--pool=solo", "-Q", args.queues or GPU_QUEUE, "--without-mingle",
-                     "--without-gossip", "-n", f"radvlm-gpu@%h-{os.getpid()}", "-l", settings.log_level])
+    queues = args.queues or GPU_QUEUE
+    ctx = tasks.context_of(app)
+    if GPU_QUEUE in queues.split(","):
+        ctx.backend  # load the model now: a load error stops the worker before it takes work
+    if IO_QUEUE in queues.split(","):
+        with ctx.sessions() as session:  # what a previous run left in the outbox
+            send_deliveries(app, due_items(session, utcnow()))
+    app.worker_main(["worker", "--pool=solo", "-Q", queues, "--without-mingle", "--without-gossip",
+                     "-n", f"radvlm-{queues.replace(',', '-')}@%h-{os.getpid()}", "-l", settings.log_level])
     return 0
 
 
@@ -138,7 +151,7 @@ def cmd_studies_show(args: argparse.Namespace) -> int:
     from sqlalchemy import select
 
     from records.db import make_engine, make_session_factory
-    from records.tables import Job, Study
+    from records.tables import Job, OutboxItem, Study
 
     settings = _settings(args)
     sessions = make_session_factory(make_engine(settings.effective_database_url))
@@ -146,6 +159,8 @@ def cmd_studies_show(args: argparse.Namespace) -> int:
         study = session.scalar(select(Study).where(Study.study_instance_uid == args.uid))
         jobs = [] if study is None else session.scalars(select(Job).where(Job.study_id == study.id)
                                                         .order_by(Job.id)).all()
+        outbox = [] if study is None else session.scalars(select(OutboxItem).where(OutboxItem.study_id == study.id)
+                                                          .order_by(OutboxItem.id)).all()
         if study is None:
             print(f"no study {args.uid}", file=sys.stderr)
             return 1
@@ -166,6 +181,9 @@ def cmd_studies_show(args: argparse.Namespace) -> int:
             "jobs": [{"version": j.study_version, "model": j.model_id, "revision": j.model_revision,
                       "state": j.state.value, "attempts": j.attempts, "error": j.error,
                       "result": j.result.payload if j.result else None} for j in jobs],
+            "deliveries": [{"kind": o.kind, "destination": o.destination, "uid": o.object_uid,
+                            "state": o.state.value, "attempts": o.attempts, "last_error": o.last_error,
+                            "sent_at": o.sent_at.isoformat() if o.sent_at else None} for o in outbox],
         }, indent=2))
     return 0
 
@@ -178,7 +196,7 @@ def _parser() -> argparse.ArgumentParser:
         func=cmd_serve)
     sub.add_parser("node", help="run the DICOM node alone; analyses go to Celery").set_defaults(func=cmd_node)
     worker = sub.add_parser("worker", help="run a GPU worker (Celery, Redis)")
-    worker.add_argument("--queues", help="comma-separated queues (default: gpu)")
+    worker.add_argument("--queues", help="comma-separated queues: gpu (model work, the default), io (delivery)")
     worker.set_defaults(func=cmd_worker)
     tiny = sub.add_parser("make-test-model", help="write a tiny random LLaVA-OneVision checkpoint for tests")
     tiny.add_argument("folder", type=Path)

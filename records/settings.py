@@ -114,14 +114,31 @@ class WorkerSettings(Section):
         return self
 
 
+DicomObject = Literal["sr", "narrative", "gsps", "sc"]
+
+
 class Destination(Section):
-    """A DICOM peer that receives the results (used by the delivery issue)."""
+    """A DICOM peer (the PACS) that receives the results by C-STORE."""
 
     name: str
     ae_title: AETitle
     host: str
     port: int = Field(ge=1, le=65535)
+    objects: list[DicomObject] = Field(default_factory=lambda: ["sr", "narrative", "gsps"],
+                                       description="sc (boxes burned into a copy of the image) is off by default")
     tls: bool = False
+    tls_ca_file: Path | None = Field(default=None, description="CA bundle to verify the peer (TLS)")
+    tls_cert_file: Path | None = Field(default=None, description="our client certificate, if the peer asks")
+    tls_key_file: Path | None = None
+
+
+class DeliverySettings(Section):
+    """Retries: an object waits in the outbox until its destination confirms, for as long as this."""
+
+    deliver_for_s: float = Field(default=7 * 24 * 3600, gt=0)
+    retry_backoff_s: float = Field(default=5, gt=0)
+    max_backoff_s: float = Field(default=600, gt=0)
+    timeout_s: float = Field(default=30, gt=0, description="network and DIMSE timeout per attempt")
 
 
 class Settings(BaseSettings):
@@ -142,6 +159,7 @@ class Settings(BaseSettings):
     model: ModelSettings = Field(default_factory=ModelSettings)
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
     destinations: list[Destination] = Field(default_factory=list)
+    delivery: DeliverySettings = Field(default_factory=DeliverySettings)
 
     @classmethod
     def settings_customise_sources(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 from datetime import datetime, timezone
 
-from sqlalchemy import JSON, BigInteger, DateTime, Enum, ForeignKey, Integer, String, Text, TypeDecorator, UniqueConstraint
+from sqlalchemy import JSON, BigInteger, LargeBinary, DateTime, Enum, ForeignKey, Integer, String, Text, TypeDecorator, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 
@@ -41,6 +41,12 @@ class StudyState(str, enum.Enum):
     analysing = "analysing"
     analysed = "analysed"
     failed = "failed"  # analysis failed for good; the reason says why
+
+
+class DeliveryState(str, enum.Enum):
+    pending = "pending"  # waiting for its first or next attempt
+    sent = "sent"  # the destination confirmed it
+    failed = "failed"  # refused for good, or not delivered within the configured time
 
 
 class JobState(str, enum.Enum):
@@ -158,3 +164,30 @@ class Result(Base):
     created_at: Mapped[datetime]
 
     job: Mapped[Job] = relationship(back_populates="result")
+
+
+class OutboxItem(Base):
+    """One object for one destination, kept until the destination confirms it.
+
+    The encoded object is stored, with its SOP Instance UID (or HL7 control ID), so every retry
+    sends the same bytes and a destination that got it twice sees the same instance twice.
+    """
+
+    __tablename__ = "outbox"
+    __table_args__ = (UniqueConstraint("object_uid", "destination"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"), index=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)
+    kind: Mapped[str] = mapped_column(String(16), doc="sr, narrative, gsps, sc or hl7")
+    destination: Mapped[str] = mapped_column(String(64))
+    object_uid: Mapped[str] = mapped_column(String(64), doc="SOP Instance UID or HL7 message control ID")
+    sop_class_uid: Mapped[str | None] = mapped_column(String(64))
+    payload: Mapped[bytes] = mapped_column(LargeBinary)
+    state: Mapped[DeliveryState] = mapped_column(_enum(DeliveryState), default=DeliveryState.pending, index=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime]
+    next_attempt_at: Mapped[datetime] = mapped_column(index=True)
+    deliver_by: Mapped[datetime]
+    sent_at: Mapped[datetime | None]

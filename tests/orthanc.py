@@ -41,13 +41,13 @@ class Orthanc:
 
 
 @contextmanager
-def running_orthanc(workdir: Path, modalities: dict[str, tuple[str, str, int]],
-                    ae_title: str = "ORTHANC") -> Iterator[Orthanc]:
+def running_orthanc(workdir: Path, modalities: dict[str, tuple[str, str, int]], ae_title: str = "ORTHANC",
+                    dicom_port: int | None = None) -> Iterator[Orthanc]:
     """Start Orthanc with ``modalities`` (name -> AE, host, port) and stop it afterwards."""
     if shutil.which(ORTHANC) is None:
         raise RuntimeError("Orthanc missing: apt-get install orthanc")
     workdir.mkdir(parents=True, exist_ok=True)
-    orthanc = Orthanc(http_port=free_port(), dicom_port=free_port(), ae_title=ae_title)
+    orthanc = Orthanc(http_port=free_port(), dicom_port=dicom_port or free_port(), ae_title=ae_title)
     config = {
         "Name": "radvlm-test", "HttpPort": orthanc.http_port, "DicomPort": orthanc.dicom_port,
         "DicomAet": ae_title, "RemoteAccessAllowed": False, "AuthenticationEnabled": False,

@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime
+from importlib.metadata import PackageNotFoundError, version as package_version
 
+from pydicom import dcmread
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
@@ -20,13 +23,21 @@ from sqlalchemy.orm import Session, sessionmaker
 from dicom_node.pixels import PixelError, read_model_image
 from dicom_node.storage import InstanceStore
 from records.schema import StudyResult
+from records.settings import DeliverySettings, Destination
 from records.tables import Instance, Job, JobState, Result, Study, StudyState
 from worker.backends.base import ModelBackend
+from worker.delivery.equipment import Device
+from worker.delivery.outbox import BuiltObject, build_objects, enqueue, previous_reports
 from worker.pipeline import AnalysisOptions, analyse_image
 from worker.prompts import PROMPT_VERSION
 
 log = logging.getLogger(__name__)
 Clock = Callable[[], datetime]
+
+try:
+    SOFTWARE_VERSION = package_version("radvlm-pacs")
+except PackageNotFoundError:  # running from a checkout that was not installed
+    SOFTWARE_VERSION = "0+unknown"
 
 
 class PermanentFailure(Exception):
@@ -74,24 +85,38 @@ def usable_instances(session: Session, study_id: int) -> list[Instance]:
     return list(session.scalars(query))
 
 
-def finish(sessions: sessionmaker[Session], job_id: int, result: StudyResult, now: datetime) -> bool:
-    """Store the result; False if another runner stored one for this job first."""
+@dataclass(frozen=True)
+class Outputs:
+    """Where results go: the destinations, their retry policy, and the device that signs them."""
+
+    destinations: Sequence[Destination] = ()
+    policy: DeliverySettings = field(default_factory=DeliverySettings)
+    station_name: str = "RADVLM"
+
+    def kinds(self) -> set[str]:
+        return {kind for destination in self.destinations for kind in destination.objects}
+
+
+def finish(sessions: sessionmaker[Session], job_id: int, result: StudyResult, objects: Sequence[BuiltObject],
+           outputs: Outputs, now: datetime) -> list[int] | None:
+    """Store the result and its outbox items; None if another runner stored one for this job first."""
     try:
         with sessions() as session, session.begin():
             job = session.get_one(Job, job_id, with_for_update=True)
             if job.result is not None:
-                return False
+                return None
             session.add(Result(job_id=job_id, study_id=job.study_id, schema_version=result.schema_version,
                                payload=result.model_dump(mode="json"), created_at=now))
+            items = enqueue(session, job, objects, outputs.destinations, outputs.policy, now)
             job.state, job.finished_at, job.error = JobState.done, now, None
             study = session.get_one(Study, job.study_id)
             if study.version == job.study_version:
                 findings = sorted({label for image in result.images for label, present in image.labels.items()
                                    if present})
                 study.state, study.state_reason = StudyState.analysed, f"analysed: {', '.join(findings)}"
+            return [item.id for item in items]
     except IntegrityError:
-        return False
-    return True
+        return None
 
 
 def fail(sessions: sessionmaker[Session], study_id: int, version: int, model_revision: str, reason: str,
@@ -108,16 +133,19 @@ def fail(sessions: sessionmaker[Session], study_id: int, version: int, model_rev
 
 
 def run_analysis(study_id: int, version: int, *, sessions: sessionmaker[Session], store: InstanceStore,
-                 backend: ModelBackend, options: AnalysisOptions, clock: Clock) -> JobState:
-    """Analyse one study version end to end; idempotent."""
+                 backend: ModelBackend, options: AnalysisOptions, clock: Clock,
+                 outputs: Outputs | None = None) -> list[int]:
+    """Analyse one study version end to end; idempotent. Returns the new outbox items to deliver."""
+    outputs = outputs or Outputs()
     job_id = claim(sessions, study_id, version, backend, clock())
     if job_id is None:
-        return JobState.done
+        return []
     start = time.perf_counter()
     with sessions() as session:
         study_uid = session.get_one(Study, study_id).study_instance_uid
         instances = [(i.sop_instance_uid, i.series_instance_uid, i.path) for i in usable_instances(session, study_id)]
-    images = []
+        previous = previous_reports(session, study_id, version)
+    images, headers, model_images = [], {}, {}
     errors = []
     for sop_uid, series_uid, path in instances:
         try:
@@ -126,6 +154,8 @@ def run_analysis(study_id: int, version: int, *, sessions: sessionmaker[Session]
             errors.append(f"{sop_uid}: {exc}")
             continue
         images.append(analyse_image(backend, model_image, sop_uid, series_uid, options))
+        headers[sop_uid] = dcmread(store.path(path), stop_before_pixels=True)
+        model_images[sop_uid] = model_image
     if not images:
         raise PermanentFailure("no decodable frontal image: " + ("; ".join(errors) or "none selected"))
     result = StudyResult(
@@ -133,7 +163,11 @@ def run_analysis(study_id: int, version: int, *, sessions: sessionmaker[Session]
         model_revision=backend.model_revision, prompt_version=PROMPT_VERSION, backend=backend.name,
         images=images, seconds=round(time.perf_counter() - start, 3),
     )
-    stored = finish(sessions, job_id, result, clock())
+    now = clock()
+    device = Device(model_id=backend.model_id, model_revision=backend.model_revision,
+                    software_version=SOFTWARE_VERSION, station_name=outputs.station_name)
+    objects = build_objects(result, headers, model_images, outputs.kinds(), device, now, previous)
+    items = finish(sessions, job_id, result, objects, outputs, now)
     log.info("study %s version %d analysed in %.1f s%s", study_uid, version, result.seconds,
-             "" if stored else " (a result was already stored)")
-    return JobState.done
+             "" if items is not None else " (a result was already stored)")
+    return items or []

@@ -13,6 +13,7 @@ from celery import Celery
 from records.settings import Settings
 
 ANALYSE_TASK = "radvlm.analyse_study"
+DELIVER_TASK = "radvlm.deliver"
 GPU_QUEUE, IO_QUEUE = "gpu", "io"
 STAT_PRIORITY, ROUTINE_PRIORITY = 0, 5  # Redis transport: a lower number is served first
 
@@ -26,7 +27,7 @@ def make_celery(settings: Settings) -> Celery:
         task_serializer="json", result_serializer="json", accept_content=["json"],
         task_acks_late=True, task_reject_on_worker_lost=True, worker_prefetch_multiplier=1,
         task_time_limit=policy.task_time_limit_s, task_soft_time_limit=policy.task_time_limit_s * 0.9,
-        task_routes={ANALYSE_TASK: {"queue": GPU_QUEUE}},
+        task_routes={ANALYSE_TASK: {"queue": GPU_QUEUE}, DELIVER_TASK: {"queue": IO_QUEUE}},
         task_default_priority=ROUTINE_PRIORITY,
         broker_transport_options={
             "visibility_timeout": policy.visibility_timeout_s,
@@ -41,3 +42,9 @@ def make_celery(settings: Settings) -> Celery:
     )
     app.radvlm_settings = settings  # read by worker.tasks to build the process's context once
     return app
+
+
+def send_deliveries(app: Celery, items: list[int]) -> None:
+    """One io-queue message per outbox item (the rows are committed before this is called)."""
+    for item in items:
+        app.send_task(DELIVER_TASK, args=[item], queue=IO_QUEUE)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from sqlalchemy.orm import Session, sessionmaker
@@ -9,17 +10,31 @@ from sqlalchemy.orm import Session, sessionmaker
 from dicom_node.storage import InstanceStore
 from records.db import make_engine, make_session_factory
 from records.settings import ModelSettings, Settings
+from worker.analysis import Outputs
 from worker.backends.base import ModelBackend
 from worker.pipeline import AnalysisOptions
 
 
+Deliver = Callable[[list[int]], None]
+
+
 @dataclass
 class WorkerContext:
+    """``backend`` loads on first use: a worker on the io queue alone never loads the model."""
+
     settings: Settings
     sessions: sessionmaker[Session]
     store: InstanceStore
-    backend: ModelBackend
     options: AnalysisOptions
+    outputs: Outputs
+    deliver: Deliver = lambda items: None  # noqa: E731 (replaced by the composition root)
+    _backend: ModelBackend | None = None
+
+    @property
+    def backend(self) -> ModelBackend:
+        if self._backend is None:
+            self._backend = load_backend(self.settings.model)
+        return self._backend
 
 
 def load_backend(model: ModelSettings) -> ModelBackend:
@@ -39,6 +54,8 @@ def build_context(settings: Settings, backend: ModelBackend | None = None) -> Wo
         settings=settings,
         sessions=make_session_factory(make_engine(settings.effective_database_url)),
         store=InstanceStore(settings.effective_storage_dir, fsync=settings.node.fsync),
-        backend=backend or load_backend(settings.model),
         options=AnalysisOptions(max_new_tokens=settings.model.max_new_tokens, regions=tuple(settings.model.regions)),
+        outputs=Outputs(destinations=settings.destinations, policy=settings.delivery,
+                        station_name=settings.node.ae_title),
+        _backend=backend,
     )

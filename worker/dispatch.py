@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-import time
+import threading
 from collections.abc import Sequence
 from concurrent.futures import Executor
 
@@ -16,7 +16,9 @@ from records.settings import PriorityRule
 from records.tables import Instance, Study
 from worker.app import ANALYSE_TASK, GPU_QUEUE, ROUTINE_PRIORITY, STAT_PRIORITY
 from worker.context import WorkerContext
-from worker.jobs import attempt
+from records.clock import utcnow
+from worker.delivery.outbox import due_items
+from worker.jobs import attempt, deliver_once
 
 log = logging.getLogger(__name__)
 
@@ -51,18 +53,67 @@ class CeleryDispatcher:
         log.info("study %d version %d queued for analysis (priority %d)", study_id, version, priority)
 
 
+class OutboxLoop:
+    """``serve``'s deliverer: one thread that sends every due outbox item, then waits for new items
+    or the next poll. Items wait in the database, not in threads, so none starves another, and a
+    restart simply finds them again."""
+
+    def __init__(self, ctx: WorkerContext, poll_s: float = 1.0) -> None:
+        self.ctx, self.poll_s = ctx, poll_s
+        self._wake, self._closed = threading.Event(), threading.Event()
+        self._thread = threading.Thread(target=self._run, name="outbox", daemon=True)
+
+    def _run(self) -> None:
+        while not self._closed.is_set():
+            try:
+                with self.ctx.sessions() as session:
+                    due = due_items(session, utcnow())
+                for item in due:
+                    if self._closed.is_set():
+                        return
+                    deliver_once(self.ctx, item)
+            except Exception:  # the database may be briefly away; the next pass retries
+                log.exception("outbox pass failed")
+            self._wake.wait(self.poll_s)
+            self._wake.clear()
+
+    def deliver(self, items: list[int]) -> None:
+        self._wake.set()
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def close(self) -> None:
+        """Stop after the attempt in flight; pending items stay in the outbox for the next start."""
+        self._closed.set()
+        self._wake.set()
+        self._thread.join()
+
+
 class InProcessRunner:
-    """``serve``'s ``on_ready``: the same attempt as the Celery task, on a single model thread."""
+    """``serve``'s ``on_ready``: the same attempt as the Celery task, on a single model thread;
+    deliveries go to an ``OutboxLoop``, so a PACS that is down never holds the model."""
 
     def __init__(self, ctx: WorkerContext, executor: Executor) -> None:
         self.ctx, self.executor = ctx, executor
+        self._closed = threading.Event()
+        self.outbox = OutboxLoop(ctx)
+        ctx.deliver = self.outbox.deliver
 
     def _run(self, study_id: int, version: int) -> None:
         retries = 0
         while (delay := attempt(self.ctx, study_id, version, retries)) is not None:
-            time.sleep(delay)
+            if self._closed.wait(delay):
+                return
             retries += 1
 
     def __call__(self, study_id: int, version: int) -> None:
         study_priority(self.ctx.sessions, self.ctx.store, study_id, self.ctx.settings.worker.stat_rules)
         self.executor.submit(self._run, study_id, version)
+
+    def start(self) -> None:
+        self.outbox.start()
+
+    def close(self) -> None:
+        self._closed.set()
+        self.outbox.close()

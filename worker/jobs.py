@@ -7,6 +7,7 @@ import logging
 from records.clock import utcnow
 from worker.analysis import PermanentFailure, fail, run_analysis
 from worker.context import WorkerContext
+from worker.delivery.outbox import deliver_item
 
 log = logging.getLogger(__name__)
 
@@ -14,9 +15,8 @@ log = logging.getLogger(__name__)
 def attempt(ctx: WorkerContext, study_id: int, version: int, retries_done: int) -> float | None:
     """Run one attempt. Return None when finished (done or failed for good), else the retry delay."""
     try:
-        run_analysis(study_id, version, sessions=ctx.sessions, store=ctx.store, backend=ctx.backend,
-                     options=ctx.options, clock=utcnow)
-        return None
+        items = run_analysis(study_id, version, sessions=ctx.sessions, store=ctx.store, backend=ctx.backend,
+                             options=ctx.options, clock=utcnow, outputs=ctx.outputs)
     except PermanentFailure as exc:
         log.error("study %d version %d failed: %s", study_id, version, exc)
         fail(ctx.sessions, study_id, version, ctx.backend.model_revision, str(exc), utcnow())
@@ -32,3 +32,12 @@ def attempt(ctx: WorkerContext, study_id: int, version: int, retries_done: int) 
         log.warning("study %d version %d attempt %d failed (%s: %s); retrying in %.0f s", study_id, version,
                     retries_done + 1, type(exc).__name__, exc, delay)
         return delay
+    if items:
+        ctx.deliver(items)  # after the commit: the outbox rows exist whatever happens to the messages
+    return None
+
+
+def deliver_once(ctx: WorkerContext, item_id: int) -> float | None:
+    """One delivery attempt; None when settled, else seconds until the item is due again."""
+    return deliver_item(ctx.sessions, item_id, ctx.settings.destinations, ctx.settings.node.ae_title,
+                        ctx.settings.delivery, utcnow())

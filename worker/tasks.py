@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from celery import Task, shared_task
 
-from worker.app import ANALYSE_TASK
+from worker.app import ANALYSE_TASK, DELIVER_TASK, send_deliveries
 from worker.context import WorkerContext, build_context
-from worker.jobs import attempt
+from worker.jobs import attempt, deliver_once
 
 
 def context_of(app) -> WorkerContext:  # type: ignore[no-untyped-def]
@@ -14,6 +14,7 @@ def context_of(app) -> WorkerContext:  # type: ignore[no-untyped-def]
     ctx = getattr(app, "radvlm_context", None)
     if ctx is None:
         ctx = app.radvlm_context = build_context(app.radvlm_settings)
+        ctx.deliver = lambda items: send_deliveries(app, items)
     return ctx
 
 
@@ -23,3 +24,12 @@ def analyse_study(self: Task, study_id: int, version: int) -> str:
     if delay is not None:
         raise self.retry(countdown=delay)
     return "finished"
+
+
+@shared_task(bind=True, name=DELIVER_TASK, max_retries=None)
+def deliver(self: Task, item_id: int) -> str:
+    """One outbox item to its destination; retried with backoff until delivered or out of time."""
+    delay = deliver_once(context_of(self.app), item_id)
+    if delay is not None:
+        raise self.retry(countdown=delay)
+    return "settled"

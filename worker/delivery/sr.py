@@ -118,8 +118,12 @@ def _evaluations(result: ImageResult) -> ContainerContentItem:
     return container
 
 
-def measurement_report(image: Dataset, result: ImageResult, device: Device, place: Placement) -> Comprehensive3DSR:
-    """The TID 1500 SR for ``result`` about ``image`` (a header suffices; no pixel data needed)."""
+def measurement_report(image: Dataset, result: ImageResult, device: Device, place: Placement,
+                       previous: Sequence[Dataset] = ()) -> Comprehensive3DSR:
+    """The TID 1500 SR for ``result`` about ``image`` (a header suffices; no pixel data needed).
+
+    ``previous``: the SRs of an earlier version of the study, named as predecessor documents.
+    """
     if str(image.SOPInstanceUID) != result.sop_instance_uid:
         raise ValueError("image and result describe different SOP instances")
     if (int(image.Rows), int(image.Columns)) != (result.rows, result.columns):
@@ -142,7 +146,7 @@ def measurement_report(image: Dataset, result: ImageResult, device: Device, plac
         evidence=[image], content=root, series_instance_uid=place.series_instance_uid,
         series_number=place.series_number, sop_instance_uid=place.sop_instance_uid,
         instance_number=place.instance_number, manufacturer=MANUFACTURER, is_complete=False, is_final=False,
-        is_verified=False, institution_name=device.institution_name,
+        is_verified=False, institution_name=device.institution_name, previous_versions=list(previous) or None,
         contributing_equipment=[device.contributing_equipment(place.content_datetime)],
         series_description=f"RadVLM findings - {DRAFT_NOTICE} - UNVERIFIED"[:64],
         manufacturer_model_name=device.model_name, software_versions=device.software_version,

@@ -1,0 +1,127 @@
+"""Results back to the PACS: a real Orthanc receives SR, narrative and GSPS, also after an outage."""
+
+from __future__ import annotations
+
+import io
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pydicom
+from pydicom.uid import generate_uid
+from sqlalchemy import select
+
+from records.clock import utcnow
+from records.settings import CallerRule, DeliverySettings, Destination, Settings
+from records.tables import DeliveryState, OutboxItem, Result
+from worker.analysis import Outputs, run_analysis
+from worker.backends.scripted import ScriptedBackend
+from worker.context import WorkerContext
+from worker.dispatch import InProcessRunner
+from worker.pipeline import AnalysisOptions
+from tests.conftest import free_port, radiograph, storescu, wait_for
+from tests.orthanc import running_orthanc
+
+RG1_STUDY = "1.3.6.1.4.1.5962.1.2.9.20040826185059.5457"
+FAST_RETRIES = DeliverySettings(retry_backoff_s=0.5, max_backoff_s=1, timeout_s=5)
+
+
+def _runner(running, destinations, pool) -> InProcessRunner:
+    settings = Settings(destinations=destinations, delivery=FAST_RETRIES)
+    ctx = WorkerContext(settings=settings, sessions=running.sessions, store=running.store,
+                        options=AnalysisOptions(max_new_tokens=64),
+                        outputs=Outputs(destinations=destinations, policy=FAST_RETRIES), _backend=ScriptedBackend())
+    runner = InProcessRunner(ctx, pool)
+    runner.start()
+    return runner
+
+
+def _items(running) -> list[OutboxItem]:
+    with running.sessions() as session:
+        return list(session.scalars(select(OutboxItem).order_by(OutboxItem.id)))
+
+
+def _orthanc_series(orthanc) -> dict[str, str]:
+    """Modality of each series Orthanc holds for the chest study, by Series Instance UID."""
+    [study] = orthanc.request("POST", "/tools/lookup", raw=RG1_STUDY.encode())
+    series = orthanc.request("GET", f"/studies/{study['ID']}/series")
+    return {s["MainDicomTags"]["SeriesInstanceUID"]: s["MainDicomTags"]["Modality"] for s in series}
+
+
+def test_orthanc_routes_a_study_and_gets_sr_and_gsps_back(database_url, start_node, tmp_path):
+    holder = {}
+    node = start_node(database_url, stable_age_s=2.0, allowed_callers=[CallerRule(ae_title="ORTHANC")],
+                      on_ready=lambda s, v: holder["runner"](s, v))
+    with running_orthanc(tmp_path / "orthanc", {"RADVLM": ("RADVLM", "127.0.0.1", node.port)}) as orthanc, \
+            ThreadPoolExecutor(max_workers=2) as pool:
+        pacs = Destination(name="pacs", ae_title="ORTHANC", host="127.0.0.1", port=orthanc.dicom_port)
+        holder["runner"] = _runner(node, [pacs], pool)
+        image = orthanc.upload(radiograph("RG1_UNCI.dcm"))
+        sent = time.monotonic()
+        orthanc.send("RADVLM", image)
+        wait_for(lambda: len(_orthanc_series(orthanc)) == 4, 30)
+        holder["runner"].close()
+        elapsed = time.monotonic() - sent
+        modalities = sorted(_orthanc_series(orthanc).values())
+    with node.sessions() as session:
+        analysis_s = session.scalar(select(Result)).payload["seconds"]
+    assert modalities == ["CR", "PR", "SR", "SR"]
+    assert elapsed <= 2.0 + analysis_s + 2.0 + 1.0, (elapsed, analysis_s)  # stable age + analysis + 2 s (+1 s poll)
+    items = _items(node)
+    assert sorted(i.kind for i in items) == ["gsps", "narrative", "sr"]
+    assert all(i.state is DeliveryState.sent and i.attempts == 1 for i in items)
+
+
+def test_pacs_down_then_back_gets_each_object_once(sqlite_url, start_node, tmp_path):
+    orthanc_dicom = free_port()
+    pacs = Destination(name="pacs", ae_title="ORTHANC", host="127.0.0.1", port=orthanc_dicom)
+    pool = ThreadPoolExecutor(max_workers=1)
+    holder = {}
+    node = start_node(sqlite_url, on_ready=lambda s, v: holder["runner"](s, v))
+    holder["runner"] = _runner(node, [pacs], pool)
+    assert storescu(node.port, radiograph("RG1_UNCI.dcm")).returncode == 0
+    wait_for(lambda: (items := _items(node)) and all(i.attempts >= 2 for i in items), 30)
+    assert all(i.state is DeliveryState.pending and i.last_error.startswith("no association")
+               for i in _items(node))
+    holder["runner"].close()  # the service goes down with the PACS still away
+    pool.shutdown(wait=True)
+    node.node.stop()
+
+    with running_orthanc(tmp_path / "orthanc", {}, dicom_port=orthanc_dicom) as orthanc:
+        with ThreadPoolExecutor(max_workers=1) as again:  # the service restarts and resumes its outbox
+            restarted = _runner(node, [pacs], again)
+            wait_for(lambda: all(i.state is DeliveryState.sent for i in _items(node)), 30)
+            restarted.close()
+        stats = orthanc.request("GET", "/statistics")
+    items = _items(node)
+    assert stats["CountInstances"] == 3 == len(items)
+    assert len({i.object_uid for i in items}) == 3
+    assert all(i.attempts >= 3 for i in items)
+
+
+def test_a_new_version_names_the_earlier_report_as_predecessor(sqlite_url, start_node, tmp_path):
+    pacs = Destination(name="pacs", ae_title="ORTHANC", host="127.0.0.1", port=free_port(), objects=["sr"])
+    outputs = Outputs(destinations=[pacs], policy=FAST_RETRIES)
+    node = start_node(sqlite_url)
+    assert storescu(node.port, radiograph("RG1_UNCI.dcm")).returncode == 0
+    wait_for(lambda: node.ready, 15)
+    [(study_id, _)] = node.ready
+    [first] = run_analysis(study_id, 1, sessions=node.sessions, store=node.store, backend=ScriptedBackend(),
+                           options=AnalysisOptions(), clock=utcnow, outputs=outputs)
+    late = pydicom.dcmread(radiograph("RG1_UNCI.dcm"))
+    late.SOPInstanceUID = generate_uid()
+    late.file_meta.MediaStorageSOPInstanceUID = late.SOPInstanceUID
+    late.save_as(tmp_path / "late.dcm", enforce_file_format=True)
+    assert storescu(node.port, tmp_path / "late.dcm").returncode == 0
+    wait_for(lambda: len(node.ready) == 2, 15)
+    second = run_analysis(study_id, 2, sessions=node.sessions, store=node.store, backend=ScriptedBackend(),
+                          options=AnalysisOptions(), clock=utcnow, outputs=outputs)
+    assert len(second) == 2  # one SR per frontal image of version 2
+    with node.sessions() as session:
+        before = session.get_one(OutboxItem, first)
+        after = [session.get_one(OutboxItem, i) for i in second]
+    for item in after:
+        sr = pydicom.dcmread(io.BytesIO(item.payload))
+        [study_ref] = sr.PredecessorDocumentsSequence
+        [series_ref] = study_ref.ReferencedSeriesSequence
+        assert series_ref.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == before.object_uid
+        assert item.object_uid != before.object_uid

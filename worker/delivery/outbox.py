@@ -1,0 +1,151 @@
+"""The outbox: each produced object, per destination, until the destination confirms it.
+
+Objects are built once, when a result is stored, with UIDs derived from (study, version, model
+revision, kind, image), and their bytes are kept: every retry sends the same instance. A result of
+a later study version names the earlier objects as predecessor documents.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from pydicom import Dataset, dcmread
+from pydicom.uid import generate_uid
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from dicom_node.pixels import ModelImage
+from records.schema import StudyResult
+from records.settings import Destination, DeliverySettings
+from records.tables import DeliveryState, Job, OutboxItem
+from worker.delivery.capture import burned_in_capture
+from worker.delivery.equipment import Device, Placement
+from worker.delivery.gsps import presentation_state
+from worker.delivery.narrative import narrative_report
+from worker.delivery.send import c_store
+from worker.delivery.sr import measurement_report
+
+log = logging.getLogger(__name__)
+
+SERIES_NUMBERS = {"sr": 9901, "narrative": 9902, "gsps": 9903, "sc": 9904}
+LEASE = timedelta(minutes=5)  # an attempt in flight keeps others off the item this long
+
+
+@dataclass(frozen=True)
+class BuiltObject:
+    kind: str
+    sop_instance_uid: str
+    sop_class_uid: str
+    payload: bytes
+
+
+def _encode(ds: Dataset) -> bytes:
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def build_objects(result: StudyResult, headers: dict[str, Dataset], model_images: dict[str, ModelImage],
+                  kinds: set[str], device: Device, when: datetime,
+                  previous: Sequence[Dataset] = ()) -> list[BuiltObject]:
+    """The DICOM objects of ``result`` for ``kinds``; ``previous`` are earlier versions' SRs."""
+    built = []
+    for number, image in enumerate(result.images, start=1):
+        header = headers[image.sop_instance_uid]
+        for kind in sorted(kinds):
+            key = [result.study_instance_uid, str(result.study_version), result.model_revision, kind]
+            place = Placement(series_instance_uid=str(generate_uid(entropy_srcs=[*key, "series"])),
+                              sop_instance_uid=str(generate_uid(entropy_srcs=[*key, image.sop_instance_uid])),
+                              content_datetime=when, series_number=SERIES_NUMBERS[kind], instance_number=number)
+            if kind == "sr":
+                ds = measurement_report(header, image, device, place, previous=[p for p in previous
+                                                                               if p.Modality == "SR"])
+            elif kind == "narrative":
+                ds = narrative_report(header, image, device, place)
+            elif kind == "gsps":
+                ds = presentation_state(header, image, device, place)
+            elif kind == "sc":
+                ds = burned_in_capture(header, model_images[image.sop_instance_uid], image, device, place)
+            else:
+                raise ValueError(f"unknown object kind {kind!r}")
+            built.append(BuiltObject(kind, place.sop_instance_uid, str(ds.SOPClassUID), _encode(ds)))
+    return built
+
+
+def previous_reports(session: Session, study_id: int, before_version: int) -> list[Dataset]:
+    """The TID 1500 SRs produced for the latest earlier version of the study (for predecessors)."""
+    rows = session.execute(
+        select(OutboxItem.object_uid, OutboxItem.payload, Job.study_version)
+        .join(Job, Job.id == OutboxItem.job_id)
+        .where(OutboxItem.study_id == study_id, OutboxItem.kind == "sr", Job.study_version < before_version)
+        .order_by(Job.study_version.desc())
+    ).all()
+    if not rows:
+        return []
+    latest = rows[0][2]
+    unique = {uid: payload for uid, payload, version in rows if version == latest}
+    return [dcmread(io.BytesIO(payload)) for payload in unique.values()]
+
+
+def enqueue(session: Session, job: Job, objects: Sequence[BuiltObject], destinations: Sequence[Destination],
+            policy: DeliverySettings, now: datetime) -> list[OutboxItem]:
+    items = [OutboxItem(job_id=job.id, study_id=job.study_id, kind=obj.kind, destination=dest.name,
+                        object_uid=obj.sop_instance_uid, sop_class_uid=obj.sop_class_uid, payload=obj.payload,
+                        state=DeliveryState.pending, attempts=0, created_at=now, next_attempt_at=now,
+                        deliver_by=now + timedelta(seconds=policy.deliver_for_s))
+             for dest in destinations for obj in objects if obj.kind in dest.objects]
+    session.add_all(items)
+    session.flush()
+    return items
+
+
+def _backoff(policy: DeliverySettings, attempts: int) -> timedelta:
+    return timedelta(seconds=min(policy.max_backoff_s, policy.retry_backoff_s * 2 ** max(0, attempts - 1)))
+
+
+def deliver_item(sessions: sessionmaker[Session], item_id: int, destinations: Sequence[Destination],
+                 calling_ae: str, policy: DeliverySettings, now: datetime) -> float | None:
+    """One attempt at one item. Return None when it is settled, else seconds until it is due again."""
+    with sessions() as session, session.begin():
+        item = session.get(OutboxItem, item_id, with_for_update=True)
+        if item is None or item.state is not DeliveryState.pending:
+            return None
+        if item.next_attempt_at > now:
+            return (item.next_attempt_at - now).total_seconds()
+        item.next_attempt_at = now + LEASE  # claimed: a second deliverer waits
+        item.attempts += 1
+        payload, name, kind, uid = item.payload, item.destination, item.kind, item.object_uid
+    destination = next((d for d in destinations if d.name == name), None)
+    if destination is None:
+        attempt_detail, delivered, retry = f"destination {name!r} is no longer configured", False, False
+    else:
+        outcome = c_store(payload, destination, calling_ae, policy.timeout_s)
+        attempt_detail, delivered, retry = outcome.detail, outcome.delivered, outcome.retry
+    with sessions() as session, session.begin():
+        item = session.get_one(OutboxItem, item_id, with_for_update=True)
+        item.last_error = None if delivered else attempt_detail
+        if delivered:
+            item.state, item.sent_at = DeliveryState.sent, now
+            log.info("%s %s delivered to %s", kind, uid, name)
+            return None
+        due = now + _backoff(policy, item.attempts)
+        if not retry or due > item.deliver_by:
+            item.state = DeliveryState.failed
+            log.error("%s %s to %s failed for good after %d attempt(s): %s", kind, uid, name, item.attempts,
+                      attempt_detail)
+            return None
+        item.next_attempt_at = due
+        log.warning("%s %s to %s not delivered (%s); next attempt in %.0f s", kind, uid, name, attempt_detail,
+                    (due - now).total_seconds())
+        return (due - now).total_seconds()
+
+
+def due_items(session: Session, now: datetime) -> list[int]:
+    """Pending items whose time has come: the sweep after a restart or a lost message."""
+    return list(session.scalars(select(OutboxItem.id).where(OutboxItem.state == DeliveryState.pending,
+                                                            OutboxItem.next_attempt_at <= now)
+                                .order_by(OutboxItem.id)))

@@ -1,0 +1,62 @@
+"""C-STORE of one stored object to one destination, and what its answer means for the outbox."""
+
+from __future__ import annotations
+
+import io
+import ssl
+from dataclasses import dataclass
+
+from pydicom import dcmread
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import AE
+
+from records.settings import Destination
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """``delivered``, or why not, and whether trying again can help."""
+
+    delivered: bool
+    retry: bool
+    detail: str
+
+
+def _tls(destination: Destination) -> tuple[ssl.SSLContext, str] | None:
+    if not destination.tls:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=destination.tls_ca_file)
+    if destination.tls_cert_file:
+        context.load_cert_chain(destination.tls_cert_file, destination.tls_key_file)
+    return context, destination.host
+
+
+def c_store(payload: bytes, destination: Destination, calling_ae: str, timeout_s: float) -> Attempt:
+    """Send one Part 10 object. Refusals of the object itself are final; anything else is retried."""
+    ds = dcmread(io.BytesIO(payload))
+    ae = AE(ae_title=calling_ae)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout_s
+    ae.add_requested_context(ds.SOPClassUID, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+    try:
+        assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title,
+                             tls_args=_tls(destination))
+    except (OSError, ssl.SSLError) as exc:
+        return Attempt(False, True, f"cannot connect: {exc}")
+    if assoc.is_rejected:
+        return Attempt(False, True, "association rejected (check AE titles and the peer's allow-list)")
+    if not assoc.is_established:
+        return Attempt(False, True, "no association: peer down, unreachable or aborted")
+    try:
+        if not assoc.accepted_contexts:
+            return Attempt(False, False, f"peer does not accept {ds.SOPClassUID.name}")
+        status = assoc.send_c_store(ds)
+    finally:
+        assoc.release()
+    if "Status" not in status:
+        return Attempt(False, True, "no C-STORE response")
+    code = int(status.Status)
+    comment = str(status.get("ErrorComment", "") or "")
+    if code == 0x0000 or 0xB000 <= code <= 0xBFFF:  # success, or stored with a warning
+        return Attempt(True, False, f"stored (status 0x{code:04X})")
+    transient = 0xA700 <= code <= 0xA7FF  # out of resources: it may have room later
+    return Attempt(False, transient, f"refused with status 0x{code:04X} {comment}".strip())
