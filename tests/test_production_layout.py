@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import time
 from pathlib import Path
@@ -11,8 +12,9 @@ import redis
 from sqlalchemy import func, select
 
 from records.db import make_engine, make_session_factory
-from records.tables import Job, JobState, Result, Study, StudyState
+from records.tables import DeliveryState, Job, JobState, OutboxItem, Result, Study, StudyState
 from tests.conftest import free_port, radiograph, storescu, wait_for
+from tests.orthanc import running_orthanc
 from tests.processes import kill_hard, service
 
 REDIS_DB = 11  # a database of its own on the machine's Redis, flushed by each test
@@ -54,16 +56,30 @@ def _study(sessions) -> Study | None:  # type: ignore[no-untyped-def]
 
 def test_node_redis_and_worker_processes(database_url, broker_url, tmp_path):
     port = free_port()
-    env = _env(tmp_path, database_url, broker_url, port)
     sessions = make_session_factory(make_engine(database_url))
-    with service("node", ["node"], env, tmp_path / "logs"), service("worker", ["worker"], env, tmp_path / "logs"):
-        wait_for(lambda: _listening(port), 30)
-        assert storescu(port, radiograph("RG1_UNCI.dcm")).returncode == 0
-        wait_for(lambda: (s := _study(sessions)) and s.state is StudyState.analysed, 60)
-    with sessions() as session:
-        [result] = session.scalars(select(Result)).all()
-        [job] = session.scalars(select(Job)).all()
+    logs = tmp_path / "logs"
+    with running_orthanc(tmp_path / "orthanc", {}) as orthanc:
+        destinations = json.dumps([{"name": "pacs", "ae_title": "ORTHANC", "host": "127.0.0.1",
+                                    "port": orthanc.dicom_port}])
+        env = _env(tmp_path, database_url, broker_url, port, RADVLM_DESTINATIONS=destinations)
+        with service("node", ["node"], env, logs), service("gpu-worker", ["worker"], env, logs), \
+                service("io-worker", ["worker", "--queues", "io"], env, logs):
+            wait_for(lambda: _listening(port), 30)
+            assert storescu(port, radiograph("RG1_UNCI.dcm")).returncode == 0
+            wait_for(lambda: (s := _study(sessions)) and s.state is StudyState.analysed, 60)
+            wait_for(lambda: orthanc.request("GET", "/statistics")["CountInstances"] == 3, 30)
+        with sessions() as session:
+            [result] = session.scalars(select(Result)).all()
+            [job] = session.scalars(select(Job)).all()
+            items = session.scalars(select(OutboxItem)).all()
+        received = {orthanc.request("GET", f"/instances/{i}")["MainDicomTags"]["SOPInstanceUID"]
+                    for i in orthanc.request("GET", "/instances")}
     assert job.state is JobState.done and job.attempts == 1
+    assert sorted(i.kind for i in items) == ["gsps", "narrative", "sr"]
+    assert all(i.state is DeliveryState.sent for i in items)
+    assert received == {i.object_uid for i in items}
+    io_log = (logs / "io-worker.log").read_text()
+    assert "radvlm.deliver" in io_log and "loaded " not in io_log  # the io worker never loads the model
     assert result.payload["backend"] == "scripted"
     image = result.payload["images"][0]
     assert {k for k, v in image["labels"].items() if v} == {"Cardiomegaly", "Pleural Effusion"}
