@@ -132,6 +132,19 @@ class Destination(Section):
     tls_key_file: Path | None = None
 
 
+class HL7Settings(Section):
+    """The RIS endpoint for ORU^R01 results over MLLP."""
+
+    host: str
+    port: int = Field(ge=1, le=65535)
+    sending_application: str = "RADVLM"
+    sending_facility: str = "RADVLM"
+    receiving_application: str = "RIS"
+    receiving_facility: str = "RIS"
+    urgent_findings: list[str] = Field(default_factory=lambda: ["Pneumothorax"],
+                                       description="CheXpert labels flagged critical (AA) when present")
+
+
 class DeliverySettings(Section):
     """Retries: an object waits in the outbox until its destination confirms, for as long as this."""
 
@@ -160,6 +173,7 @@ class Settings(BaseSettings):
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
     destinations: list[Destination] = Field(default_factory=list)
     delivery: DeliverySettings = Field(default_factory=DeliverySettings)
+    hl7: HL7Settings | None = None
 
     @classmethod
     def settings_customise_sources(

@@ -23,11 +23,11 @@ from sqlalchemy.orm import Session, sessionmaker
 from dicom_node.pixels import PixelError, read_model_image
 from dicom_node.storage import InstanceStore
 from records.schema import StudyResult
-from records.settings import DeliverySettings, Destination
+from records.settings import DeliverySettings, Destination, HL7Settings
 from records.tables import Instance, Job, JobState, Result, Study, StudyState
 from worker.backends.base import ModelBackend
 from worker.delivery.equipment import Device
-from worker.delivery.outbox import BuiltObject, build_objects, enqueue, previous_reports
+from worker.delivery.outbox import BuiltObject, build_objects, enqueue, hl7_result, previous_reports
 from worker.pipeline import AnalysisOptions, analyse_image
 from worker.prompts import PROMPT_VERSION
 
@@ -92,6 +92,7 @@ class Outputs:
     destinations: Sequence[Destination] = ()
     policy: DeliverySettings = field(default_factory=DeliverySettings)
     station_name: str = "RADVLM"
+    hl7: HL7Settings | None = None
 
     def kinds(self) -> set[str]:
         return {kind for destination in self.destinations for kind in destination.objects}
@@ -167,6 +168,8 @@ def run_analysis(study_id: int, version: int, *, sessions: sessionmaker[Session]
     device = Device(model_id=backend.model_id, model_revision=backend.model_revision,
                     software_version=SOFTWARE_VERSION, station_name=outputs.station_name)
     objects = build_objects(result, headers, model_images, outputs.kinds(), device, now, previous)
+    if outputs.hl7 is not None:
+        objects.append(hl7_result(result, headers[result.images[0].sop_instance_uid], outputs.hl7, now))
     items = finish(sessions, job_id, result, objects, outputs, now)
     log.info("study %s version %d analysed in %.1f s%s", study_uid, version, result.seconds,
              "" if items is not None else " (a result was already stored)")

@@ -7,7 +7,7 @@ import logging
 from records.clock import utcnow
 from worker.analysis import PermanentFailure, fail, run_analysis
 from worker.context import WorkerContext
-from worker.delivery.outbox import deliver_item
+from worker.delivery.outbox import deliver_item, sender
 
 log = logging.getLogger(__name__)
 
@@ -39,5 +39,6 @@ def attempt(ctx: WorkerContext, study_id: int, version: int, retries_done: int) 
 
 def deliver_once(ctx: WorkerContext, item_id: int) -> float | None:
     """One delivery attempt; None when settled, else seconds until the item is due again."""
-    return deliver_item(ctx.sessions, item_id, ctx.settings.destinations, ctx.settings.node.ae_title,
-                        ctx.settings.delivery, utcnow())
+    settings = ctx.settings
+    send = sender(settings.destinations, settings.hl7, settings.node.ae_title, settings.delivery)
+    return deliver_item(ctx.sessions, item_id, send, settings.delivery, utcnow())

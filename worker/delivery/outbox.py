@@ -7,9 +7,10 @@ a later study version names the earlier objects as predecessor documents.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -20,27 +21,49 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.pixels import ModelImage
 from records.schema import StudyResult
-from records.settings import Destination, DeliverySettings
+from records.settings import DeliverySettings, Destination, HL7Settings
 from records.tables import DeliveryState, Job, OutboxItem
 from worker.delivery.capture import burned_in_capture
 from worker.delivery.equipment import Device, Placement
 from worker.delivery.gsps import presentation_state
 from worker.delivery.narrative import narrative_report
-from worker.delivery.send import c_store
+from worker.delivery.hl7 import mllp_send, oru_message
+from worker.delivery.send import Attempt, c_store
 from worker.delivery.sr import measurement_report
 
 log = logging.getLogger(__name__)
 
 SERIES_NUMBERS = {"sr": 9901, "narrative": 9902, "gsps": 9903, "sc": 9904}
+RIS = "ris"  # the destination name of HL7 results
 LEASE = timedelta(minutes=5)  # an attempt in flight keeps others off the item this long
 
 
 @dataclass(frozen=True)
 class BuiltObject:
     kind: str
-    sop_instance_uid: str
-    sop_class_uid: str
+    sop_instance_uid: str  # or the HL7 message control ID
+    sop_class_uid: str | None
     payload: bytes
+
+
+Send = Callable[[str, str, bytes], Attempt]  # (kind, destination name, payload) -> outcome
+
+
+def sender(destinations: Sequence[Destination], hl7: HL7Settings | None, calling_ae: str,
+           policy: DeliverySettings) -> Send:
+    """How each kind of object travels: DICOM by C-STORE to its destination, HL7 by MLLP to the RIS."""
+    by_name = {d.name: d for d in destinations}
+
+    def send(kind: str, name: str, payload: bytes) -> Attempt:
+        if kind == "hl7":
+            if hl7 is None:
+                return Attempt(False, False, "no HL7 endpoint is configured any more")
+            return mllp_send(payload, hl7.host, hl7.port, policy.timeout_s)
+        if name not in by_name:
+            return Attempt(False, False, f"destination {name!r} is no longer configured")
+        return c_store(payload, by_name[name], calling_ae, policy.timeout_s)
+
+    return send
 
 
 def _encode(ds: Dataset) -> bytes:
@@ -91,13 +114,26 @@ def previous_reports(session: Session, study_id: int, before_version: int) -> li
     return [dcmread(io.BytesIO(payload)) for payload in unique.values()]
 
 
+def hl7_result(result: StudyResult, header: Dataset, hl7: HL7Settings, when: datetime) -> BuiltObject:
+    """The study's ORU^R01, with a control ID derived from the job (MSH-10 holds 20 characters)."""
+    key = "/".join([result.study_instance_uid, str(result.study_version), result.model_revision])
+    control_id = hashlib.sha1(key.encode()).hexdigest()[:20]
+    er7 = oru_message(header, result, control_id, when, sending_application=hl7.sending_application,
+                      sending_facility=hl7.sending_facility, receiving_application=hl7.receiving_application,
+                      receiving_facility=hl7.receiving_facility, urgent=set(hl7.urgent_findings))
+    return BuiltObject("hl7", control_id, None, er7.encode())
+
+
 def enqueue(session: Session, job: Job, objects: Sequence[BuiltObject], destinations: Sequence[Destination],
             policy: DeliverySettings, now: datetime) -> list[OutboxItem]:
-    items = [OutboxItem(job_id=job.id, study_id=job.study_id, kind=obj.kind, destination=dest.name,
+    """One row per object and destination that takes it; the HL7 result goes to the RIS."""
+    targets = [(obj, dest.name) for dest in destinations for obj in objects if obj.kind in dest.objects]
+    targets += [(obj, RIS) for obj in objects if obj.kind == "hl7"]
+    items = [OutboxItem(job_id=job.id, study_id=job.study_id, kind=obj.kind, destination=name,
                         object_uid=obj.sop_instance_uid, sop_class_uid=obj.sop_class_uid, payload=obj.payload,
                         state=DeliveryState.pending, attempts=0, created_at=now, next_attempt_at=now,
                         deliver_by=now + timedelta(seconds=policy.deliver_for_s))
-             for dest in destinations for obj in objects if obj.kind in dest.objects]
+             for obj, name in targets]
     session.add_all(items)
     session.flush()
     return items
@@ -107,8 +143,8 @@ def _backoff(policy: DeliverySettings, attempts: int) -> timedelta:
     return timedelta(seconds=min(policy.max_backoff_s, policy.retry_backoff_s * 2 ** max(0, attempts - 1)))
 
 
-def deliver_item(sessions: sessionmaker[Session], item_id: int, destinations: Sequence[Destination],
-                 calling_ae: str, policy: DeliverySettings, now: datetime) -> float | None:
+def deliver_item(sessions: sessionmaker[Session], item_id: int, send: Send, policy: DeliverySettings,
+                 now: datetime) -> float | None:
     """One attempt at one item. Return None when it is settled, else seconds until it is due again."""
     with sessions() as session, session.begin():
         item = session.get(OutboxItem, item_id, with_for_update=True)
@@ -119,12 +155,8 @@ def deliver_item(sessions: sessionmaker[Session], item_id: int, destinations: Se
         item.next_attempt_at = now + LEASE  # claimed: a second deliverer waits
         item.attempts += 1
         payload, name, kind, uid = item.payload, item.destination, item.kind, item.object_uid
-    destination = next((d for d in destinations if d.name == name), None)
-    if destination is None:
-        attempt_detail, delivered, retry = f"destination {name!r} is no longer configured", False, False
-    else:
-        outcome = c_store(payload, destination, calling_ae, policy.timeout_s)
-        attempt_detail, delivered, retry = outcome.detail, outcome.delivered, outcome.retry
+    outcome = send(kind, name, payload)
+    attempt_detail, delivered, retry = outcome.detail, outcome.delivered, outcome.retry
     with sessions() as session, session.begin():
         item = session.get_one(OutboxItem, item_id, with_for_update=True)
         item.last_error = None if delivered else attempt_detail

@@ -1,0 +1,63 @@
+"""A RIS stand-in for tests: hl7apy's MLLPServer, a real MLLP listener in its own process.
+
+Each ORU^R01 is parsed with hl7apy's strict validation, saved to FOLDER, and answered with an ACK
+whose MSA-1 is ANSWER (AA accepts; AE and AR let the tests see retries and refusals).
+
+    python -m tests.hl7_listener PORT FOLDER [ANSWER]
+"""
+
+from __future__ import annotations
+
+import sys
+from itertools import count
+from pathlib import Path
+
+from hl7apy.consts import VALIDATION_LEVEL
+from hl7apy.core import Message
+from hl7apy.mllp import AbstractErrorHandler, AbstractHandler, MLLPServer
+from hl7apy.parser import parse_message
+
+NUMBERS = count(1)
+
+
+def _ack(code: str, control_id: str, text: str = "") -> str:
+    ack = Message("ACK", version="2.5.1")
+    ack.msh.msh_3, ack.msh.msh_5 = "RIS", "RADVLM"
+    ack.msh.msh_9 = "ACK^R01^ACK"
+    ack.msh.msh_10 = f"ACK{next(NUMBERS)}"
+    ack.msh.msh_11 = "P"
+    ack.msa.msa_1 = code
+    ack.msa.msa_2 = control_id
+    if text:
+        ack.msa.msa_3 = text[:80]
+    return ack.to_mllp()
+
+
+class SaveResult(AbstractHandler):
+    def __init__(self, message: str, folder: Path, answer: str) -> None:
+        super().__init__(message)
+        self.folder, self.answer = folder, answer
+
+    def reply(self) -> str:
+        message = parse_message(self.incoming_message, validation_level=VALIDATION_LEVEL.STRICT, find_groups=True)
+        message.validate()
+        control_id = message.msh.msh_10.value
+        (self.folder / f"{control_id}-{next(NUMBERS)}.hl7").write_text(self.incoming_message)
+        return _ack(self.answer, control_id)
+
+
+class Refuse(AbstractErrorHandler):
+    def reply(self) -> str:
+        return _ack("AE", "", f"{type(self.exc).__name__}: {self.exc}")
+
+
+def main() -> None:
+    port, folder = int(sys.argv[1]), Path(sys.argv[2])
+    answer = sys.argv[3] if len(sys.argv) > 3 else "AA"
+    folder.mkdir(parents=True, exist_ok=True)
+    server = MLLPServer("127.0.0.1", port, {"ORU^R01^ORU_R01": (SaveResult, folder, answer), "ERR": (Refuse,)})
+    server.serve_forever()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,121 @@
+"""The RIS result: an HL7 v2.5.1 ORU^R01 per analysed study, sent over MLLP with ACK handling.
+
+PID from the DICOM patient, OBR with the accession number and result status P (preliminary),
+an OBX with the draft report, and an OBX per CheXpert label, flagged abnormal when present and
+critical (AA) when it is one of the configured urgent findings. Built with hl7apy and checked by
+its strict validation before it is stored in the outbox.
+"""
+
+from __future__ import annotations
+
+import socket
+from datetime import datetime
+
+from hl7apy.consts import VALIDATION_LEVEL
+from hl7apy.core import Message
+from hl7apy.parser import parse_message
+from pydicom import Dataset
+
+from records.schema import StudyResult
+from worker.delivery import codes as cx
+from worker.delivery.equipment import DRAFT_NOTICE
+from worker.delivery.send import Attempt
+
+START, END = b"\x0b", b"\x1c\x0d"
+REPORT_CODE = "18748-4^Diagnostic Imaging Report^LN"
+NARRATIVE_CODE = "18782-3^Radiology Study observation (narrative)^LN"
+
+
+def _escape(text: str) -> str:
+    """HL7 escapes for the delimiters (v2.5.1 section 2.7), newlines as \\.br\\."""
+    for raw, escaped in (("\\", "\\E\\"), ("|", "\\F\\"), ("^", "\\S\\"), ("&", "\\T\\"), ("~", "\\R\\")):
+        text = text.replace(raw, escaped)
+    return text.replace("\r\n", "\\.br\\").replace("\n", "\\.br\\")
+
+
+def _name(value: str) -> str:
+    """A DICOM PN (family^given^middle^prefix^suffix) as HL7 XPN components."""
+    return "^".join(_escape(part) for part in value.split("=")[0].split("^")[:5])
+
+
+def oru_message(header: Dataset, result: StudyResult, control_id: str, when: datetime, *,
+                sending_application: str, sending_facility: str, receiving_application: str,
+                receiving_facility: str, urgent: set[str]) -> str:
+    """The ORU^R01 as ER7 text (segments separated by CR)."""
+    m = Message("ORU_R01", version="2.5.1", validation_level=VALIDATION_LEVEL.STRICT)
+    m.msh.msh_3 = sending_application
+    m.msh.msh_4 = sending_facility
+    m.msh.msh_5 = receiving_application
+    m.msh.msh_6 = receiving_facility
+    m.msh.msh_7 = when.strftime("%Y%m%d%H%M%S")
+    m.msh.msh_9 = "ORU^R01^ORU_R01"
+    m.msh.msh_10 = control_id
+    m.msh.msh_11 = "P"
+    m.msh.msh_12 = "2.5.1"
+    patient_result = m.add_group("ORU_R01_PATIENT_RESULT")
+    pid = patient_result.add_group("ORU_R01_PATIENT").pid
+    pid.pid_1 = "1"
+    pid.pid_3 = _escape(str(header.get("PatientID", "") or "UNKNOWN"))
+    pid.pid_5 = _name(str(header.get("PatientName", "") or "UNKNOWN"))
+    if header.get("PatientBirthDate"):
+        pid.pid_7 = str(header.PatientBirthDate)
+    if header.get("PatientSex") in ("M", "F", "O"):
+        pid.pid_8 = str(header.PatientSex)
+    order = patient_result.add_group("ORU_R01_ORDER_OBSERVATION")
+    order.obr.obr_1 = "1"
+    order.obr.obr_3 = _escape(str(header.get("AccessionNumber", "") or result.study_instance_uid[-22:]))
+    order.obr.obr_4 = REPORT_CODE
+    order.obr.obr_7 = str(header.get("StudyDate", "") or when.strftime("%Y%m%d"))
+    order.obr.obr_22 = when.strftime("%Y%m%d%H%M%S")
+    order.obr.obr_25 = "P"
+    labels = {label: any(image.labels.get(label) for image in result.images) for label in cx.LABELS}
+    critical = sorted(label for label, present in labels.items() if present and label in urgent)
+    rows: list[tuple[str, str, str, str]] = [
+        ("TX", NARRATIVE_CODE, _escape(f"{DRAFT_NOTICE}. {result.images[0].report.text}"), "AA" if critical else ""),
+    ]
+    for label, present in labels.items():
+        coding = cx.LABELS[label].finding
+        code = f"{coding.value}^{coding.meaning}^{coding.scheme_designator}"
+        value = f"{cx.PRESENT.value}^Present^SCT" if present else f"{cx.ABSENT.value}^Absent^SCT"
+        flag = ("AA" if label in critical else "A") if present and label != "No Finding" else ""
+        rows.append(("CWE", code, value, flag))
+    for number, (value_type, code, value, flag) in enumerate(rows, start=1):
+        obx = order.add_group("ORU_R01_OBSERVATION").obx
+        obx.obx_1 = str(number)
+        obx.obx_2 = value_type
+        obx.obx_3 = code
+        obx.obx_5 = value
+        if flag:
+            obx.obx_8 = flag
+        obx.obx_11 = "P"
+    m.validate()
+    return m.to_er7()
+
+
+def parse_strict(er7: str) -> Message:
+    return parse_message(er7.replace("\n", "\r"), validation_level=VALIDATION_LEVEL.STRICT, find_groups=True)
+
+
+def mllp_send(payload: bytes, host: str, port: int, timeout_s: float) -> Attempt:
+    """Send one framed message and read the ACK: AA/CA delivered, AR/CR refused, AE/CE retried."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s) as conn:
+            conn.sendall(START + payload + END)
+            answer = b""
+            while not answer.endswith(END):
+                chunk = conn.recv(65536)
+                if not chunk:
+                    break
+                answer += chunk
+    except OSError as exc:
+        return Attempt(False, True, f"MLLP {host}:{port}: {exc}")
+    if not answer.endswith(END):
+        return Attempt(False, True, "MLLP connection closed before a complete ACK")
+    try:
+        ack = parse_message(answer.strip(START + END).decode(), find_groups=False)
+        code = ack.msa.msa_1.value
+    except Exception as exc:  # an unreadable ACK: the message may or may not have been taken
+        return Attempt(False, True, f"unreadable ACK: {exc}")
+    if code in ("AA", "CA"):
+        return Attempt(True, False, f"acknowledged {code}")
+    return Attempt(False, code in ("AE", "CE"), f"ACK {code}: {ack.msa.msa_3.value if ack.msa.msa_3 else ''}")
