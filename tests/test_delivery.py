@@ -99,13 +99,14 @@ def test_pacs_down_then_back_gets_each_object_once(sqlite_url, start_node, tmp_p
 
 
 def test_a_new_version_names_the_earlier_report_as_predecessor(sqlite_url, start_node, tmp_path):
-    pacs = Destination(name="pacs", ae_title="ORTHANC", host="127.0.0.1", port=free_port(), objects=["sr"])
+    pacs = Destination(name="pacs", ae_title="ORTHANC", host="127.0.0.1", port=free_port(),
+                       objects=["sr", "narrative"])
     outputs = Outputs(destinations=[pacs], policy=FAST_RETRIES)
     node = start_node(sqlite_url)
     assert storescu(node.port, radiograph("RG1_UNCI.dcm")).returncode == 0
     wait_for(lambda: node.ready, 15)
     [(study_id, _)] = node.ready
-    [first] = run_analysis(study_id, 1, sessions=node.sessions, store=node.store, backend=ScriptedBackend(),
+    first = run_analysis(study_id, 1, sessions=node.sessions, store=node.store, backend=ScriptedBackend(),
                            options=AnalysisOptions(), clock=utcnow, outputs=outputs)
     late = pydicom.dcmread(radiograph("RG1_UNCI.dcm"))
     late.SOPInstanceUID = generate_uid()
@@ -115,13 +116,13 @@ def test_a_new_version_names_the_earlier_report_as_predecessor(sqlite_url, start
     wait_for(lambda: len(node.ready) == 2, 15)
     second = run_analysis(study_id, 2, sessions=node.sessions, store=node.store, backend=ScriptedBackend(),
                           options=AnalysisOptions(), clock=utcnow, outputs=outputs)
-    assert len(second) == 2  # one SR per frontal image of version 2
+    assert len(second) == 4  # an SR and a narrative per frontal image of version 2
     with node.sessions() as session:
-        before = session.get_one(OutboxItem, first)
+        before = {i.kind: i for i in session.scalars(select(OutboxItem).where(OutboxItem.id.in_(first)))}
         after = [session.get_one(OutboxItem, i) for i in second]
     for item in after:
         sr = pydicom.dcmread(io.BytesIO(item.payload))
         [study_ref] = sr.PredecessorDocumentsSequence
         [series_ref] = study_ref.ReferencedSeriesSequence
-        assert series_ref.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == before.object_uid
-        assert item.object_uid != before.object_uid
+        assert series_ref.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == before[item.kind].object_uid
+        assert item.object_uid != before[item.kind].object_uid

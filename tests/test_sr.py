@@ -119,13 +119,26 @@ def test_split_report():
     assert split_report("Clear lungs.") == ("Clear lungs.", "")
 
 
-def test_orthanc_accepts_it(written, tmp_path):
+def test_orthanc_accepts_every_object(analysed, written, tmp_path):
+    from worker.delivery.capture import burned_in_capture
+    from worker.delivery.gsps import presentation_state
+    from worker.delivery.narrative import narrative_report
+
+    header, result = analysed
+    others = [narrative_report(header, result, DEVICE, PLACE), presentation_state(header, result, DEVICE, PLACE),
+              burned_in_capture(header, read_model_image(radiograph("RG1_UNCI.dcm")), result, DEVICE, PLACE)]
+    payloads = [written.read_bytes()]
+    for number, ds in enumerate(others):
+        ds.SeriesInstanceUID = ds.SOPInstanceUID = f"1.2.826.0.1.3680043.10.2.{number}"
+        path = tmp_path / f"other{number}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        payloads.append(path.read_bytes())
     with running_orthanc(tmp_path / "orthanc", {}) as orthanc:
         orthanc.upload(radiograph("RG1_UNCI.dcm"))
-        answer = orthanc.request("POST", "/instances", raw=written.read_bytes())
-        assert answer["Status"] == "Success"
-        study = orthanc.request("GET", f"/studies/{answer['ParentStudy']}")
-        assert len(study["Series"]) == 2  # the image's series and the SR's, in the same study
+        answers = [orthanc.request("POST", "/instances", raw=payload) for payload in payloads]
+        assert [a["Status"] for a in answers] == ["Success"] * 4
+        study = orthanc.request("GET", f"/studies/{answers[0]['ParentStudy']}")
+        assert len(study["Series"]) == 5  # the image's series and one per object, in the same study
 
 
 def _dciodvfy_errors(path) -> list[str]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from highdicom.sr import (
     ContainerContentItem,
     EnhancedSR,
@@ -29,7 +31,9 @@ def _section(name: Code, concept: Code, text: str) -> ContainerContentItem:
     return section
 
 
-def narrative_report(image: Dataset, result: ImageResult, device: Device, place: Placement) -> EnhancedSR:
+def narrative_report(image: Dataset, result: ImageResult, device: Device, place: Placement,
+                     previous: Sequence[Dataset] = ()) -> EnhancedSR:
+    """``previous``: the narrative SRs of an earlier version of the study (predecessor documents)."""
     if str(image.SOPInstanceUID) != result.sop_instance_uid:
         raise ValueError("image and result describe different SOP instances")
     findings, impression = split_report(result.report.text)
@@ -45,7 +49,7 @@ def narrative_report(image: Dataset, result: ImageResult, device: Device, place:
         evidence=[image], content=root, series_instance_uid=place.series_instance_uid,
         series_number=place.series_number, sop_instance_uid=place.sop_instance_uid,
         instance_number=place.instance_number, manufacturer=MANUFACTURER, is_complete=False, is_final=False,
-        is_verified=False, institution_name=device.institution_name,
+        is_verified=False, institution_name=device.institution_name, previous_versions=list(previous) or None,
         contributing_equipment=[device.contributing_equipment(place.content_datetime)],
         series_description=f"RadVLM report - {DRAFT_NOTICE} - UNVERIFIED"[:64],
         manufacturer_model_name=device.model_name, software_versions=device.software_version,

@@ -16,6 +16,7 @@ from datetime import datetime, timedelta
 
 from pydicom import Dataset, dcmread
 from pydicom.uid import generate_uid
+from pynetdicom.sop_class import Comprehensive3DSRStorage, EnhancedSRStorage
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -35,6 +36,7 @@ log = logging.getLogger(__name__)
 
 SERIES_NUMBERS = {"sr": 9901, "narrative": 9902, "gsps": 9903, "sc": 9904}
 RIS = "ris"  # the destination name of HL7 results
+SR_CLASSES = {"sr": Comprehensive3DSRStorage, "narrative": EnhancedSRStorage}
 LEASE = timedelta(minutes=5)  # an attempt in flight keeps others off the item this long
 
 
@@ -84,11 +86,11 @@ def build_objects(result: StudyResult, headers: dict[str, Dataset], model_images
             place = Placement(series_instance_uid=str(generate_uid(entropy_srcs=[*key, "series"])),
                               sop_instance_uid=str(generate_uid(entropy_srcs=[*key, image.sop_instance_uid])),
                               content_datetime=when, series_number=SERIES_NUMBERS[kind], instance_number=number)
+            earlier = [p for p in previous if p.SOPClassUID == SR_CLASSES[kind]] if kind in SR_CLASSES else []
             if kind == "sr":
-                ds = measurement_report(header, image, device, place, previous=[p for p in previous
-                                                                               if p.Modality == "SR"])
+                ds = measurement_report(header, image, device, place, previous=earlier)
             elif kind == "narrative":
-                ds = narrative_report(header, image, device, place)
+                ds = narrative_report(header, image, device, place, previous=earlier)
             elif kind == "gsps":
                 ds = presentation_state(header, image, device, place)
             elif kind == "sc":
@@ -100,11 +102,12 @@ def build_objects(result: StudyResult, headers: dict[str, Dataset], model_images
 
 
 def previous_reports(session: Session, study_id: int, before_version: int) -> list[Dataset]:
-    """The TID 1500 SRs produced for the latest earlier version of the study (for predecessors)."""
+    """The SRs (both kinds) produced for the latest earlier version of the study (for predecessors)."""
     rows = session.execute(
         select(OutboxItem.object_uid, OutboxItem.payload, Job.study_version)
         .join(Job, Job.id == OutboxItem.job_id)
-        .where(OutboxItem.study_id == study_id, OutboxItem.kind == "sr", Job.study_version < before_version)
+        .where(OutboxItem.study_id == study_id, OutboxItem.kind.in_(SR_CLASSES),
+               Job.study_version < before_version)
         .order_by(Job.study_version.desc())
     ).all()
     if not rows:
