@@ -224,7 +224,7 @@ def main() -> None:
             medians[name] = statistics.median(times)
             print(f"  {name}: runs {', '.join(f'{t:.1f}' for t in times)} s", flush=True)
 
-    print(f"\n| receiver | inst/s | MiB/s |\n|---|---|---|")
+    print("\n| receiver | inst/s | MiB/s |\n|---|---|---|")
     for name, seconds in medians.items():
         print(f"| {name} | {args.count / seconds:.1f} | {mib / seconds:.0f} |")
     for node in [name for name in medians if name.startswith("radvlm-pacs")]:

@@ -15,8 +15,8 @@ from datetime import datetime
 from pathlib import Path
 
 from pydicom import Dataset, dcmread
-from pydicom.filereader import read_file_meta_info
 from pydicom.dataelem import RawDataElement
+from pydicom.filereader import read_file_meta_info
 from pydicom.uid import UID
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker

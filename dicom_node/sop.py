@@ -1,12 +1,12 @@
 """Which SOP classes and transfer syntaxes the node accepts, and why."""
 
 from pydicom.uid import (
+    JPEG2000,
     UID,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
-    JPEG2000,
     JPEG2000Lossless,
     JPEGBaseline8Bit,
     JPEGExtended12Bit,
@@ -18,12 +18,12 @@ from pydicom.uid import (
 )
 from pynetdicom.sop_class import (
     ComputedRadiographyImageStorage,
-    DigitalIntraOralXRayImageStorageForProcessing,
     DigitalIntraOralXRayImageStorageForPresentation,
-    DigitalMammographyXRayImageStorageForProcessing,
+    DigitalIntraOralXRayImageStorageForProcessing,
     DigitalMammographyXRayImageStorageForPresentation,
-    DigitalXRayImageStorageForProcessing,
+    DigitalMammographyXRayImageStorageForProcessing,
     DigitalXRayImageStorageForPresentation,
+    DigitalXRayImageStorageForProcessing,
 )
 
 #: Projection radiography: CR and the DX family. Mammography and intra-oral images are

@@ -12,8 +12,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pydicom
 import pytest
 from pydicom.data import get_testdata_file
+from pydicom.uid import generate_uid
 from sqlalchemy import create_engine, text
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -39,6 +41,18 @@ def radiograph(name: str) -> Path:
     if path is None:
         raise RuntimeError(f"{name} not found: install pydicom-data (pip install -e .[test])")
     return Path(path)
+
+
+def rg1_copy(folder: Path, name: str = "copy.dcm", **changes: object) -> Path:
+    """RG1_UNCI as a new instance of the same study (a new SOP Instance UID), with ``changes``."""
+    ds = pydicom.dcmread(radiograph("RG1_UNCI.dcm"))
+    ds.SOPInstanceUID = generate_uid()
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    for keyword, value in changes.items():
+        setattr(ds, keyword, value)
+    path = folder / name
+    ds.save_as(path, enforce_file_format=True)
+    return path
 
 
 def wait_for(predicate: Callable[[], object], timeout: float, interval: float = 0.1) -> object:

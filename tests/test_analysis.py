@@ -6,19 +6,18 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pydicom
 import pytest
-from pydicom.uid import generate_uid
 from sqlalchemy import func, select
 
 from records.clock import utcnow
 from records.schema import StudyResult
 from records.settings import Settings
 from records.tables import Job, JobState, Result, Study, StudyState
+from tests.conftest import radiograph, rg1_copy, storescu, wait_for
 from worker.analysis import Outputs, claim, run_analysis
 from worker.backends.scripted import ScriptedBackend
 from worker.context import WorkerContext
 from worker.dispatch import InProcessRunner
 from worker.pipeline import AnalysisOptions
-from tests.conftest import radiograph, storescu, wait_for
 
 RG1_STUDY = "1.3.6.1.4.1.5962.1.2.9.20040826185059.5457"
 
@@ -91,11 +90,7 @@ def test_an_older_version_is_superseded(sqlite_url, start_node, tmp_path):
     running = start_node(sqlite_url)
     assert storescu(running.port, radiograph("RG1_UNCI.dcm")).returncode == 0
     wait_for(lambda: running.ready, 15)
-    late = pydicom.dcmread(radiograph("RG1_UNCI.dcm"))
-    late.SOPInstanceUID = generate_uid()
-    late.file_meta.MediaStorageSOPInstanceUID = late.SOPInstanceUID
-    late.save_as(tmp_path / "late.dcm", enforce_file_format=True)
-    assert storescu(running.port, tmp_path / "late.dcm").returncode == 0
+    assert storescu(running.port, rg1_copy(tmp_path)).returncode == 0
     wait_for(lambda: len(running.ready) == 2, 15)
     study_id = running.ready[0][0]
     assert claim(running.sessions, study_id, 1, ScriptedBackend(), utcnow()) is None

@@ -7,19 +7,18 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pydicom
-from pydicom.uid import generate_uid
 from sqlalchemy import select
 
 from records.clock import utcnow
 from records.settings import CallerRule, DeliverySettings, Destination, Settings
 from records.tables import DeliveryState, OutboxItem, Result
+from tests.conftest import free_port, radiograph, rg1_copy, storescu, wait_for
+from tests.orthanc import running_orthanc
 from worker.analysis import Outputs, run_analysis
 from worker.backends.scripted import ScriptedBackend
 from worker.context import WorkerContext
 from worker.dispatch import InProcessRunner
 from worker.pipeline import AnalysisOptions
-from tests.conftest import free_port, radiograph, storescu, wait_for
-from tests.orthanc import running_orthanc
 
 RG1_STUDY = "1.3.6.1.4.1.5962.1.2.9.20040826185059.5457"
 FAST_RETRIES = DeliverySettings(retry_backoff_s=0.5, max_backoff_s=1, timeout_s=5)
@@ -108,11 +107,7 @@ def test_a_new_version_names_the_earlier_report_as_predecessor(sqlite_url, start
     [(study_id, _)] = node.ready
     first = run_analysis(study_id, 1, sessions=node.sessions, store=node.store, backend=ScriptedBackend(),
                            options=AnalysisOptions(), clock=utcnow, outputs=outputs)
-    late = pydicom.dcmread(radiograph("RG1_UNCI.dcm"))
-    late.SOPInstanceUID = generate_uid()
-    late.file_meta.MediaStorageSOPInstanceUID = late.SOPInstanceUID
-    late.save_as(tmp_path / "late.dcm", enforce_file_format=True)
-    assert storescu(node.port, tmp_path / "late.dcm").returncode == 0
+    assert storescu(node.port, rg1_copy(tmp_path)).returncode == 0
     wait_for(lambda: len(node.ready) == 2, 15)
     second = run_analysis(study_id, 2, sessions=node.sessions, store=node.store, backend=ScriptedBackend(),
                           options=AnalysisOptions(), clock=utcnow, outputs=outputs)

@@ -10,19 +10,18 @@ from datetime import datetime, timezone
 
 import pydicom
 import pytest
-from sqlalchemy import select
 
 from dicom_node.pixels import read_model_image
 from records.clock import utcnow
 from records.schema import StudyResult
 from records.settings import DeliverySettings, HL7Settings
 from records.tables import DeliveryState, OutboxItem
+from tests.conftest import free_port, radiograph, storescu, wait_for
 from worker.analysis import Outputs, run_analysis
 from worker.backends.scripted import ScriptedBackend
 from worker.delivery.hl7 import mllp_send, oru_message, parse_strict
 from worker.delivery.outbox import deliver_item, sender
 from worker.pipeline import AnalysisOptions, analyse_image
-from tests.conftest import free_port, radiograph, storescu, wait_for
 
 WHEN = datetime(2026, 11, 23, 12, 0, tzinfo=timezone.utc)
 

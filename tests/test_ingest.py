@@ -16,7 +16,7 @@ from sqlalchemy import func, select
 
 from dicom_node.pixels import read_model_image
 from records.tables import Instance, Study, StudyState, StudyVersion
-from tests.conftest import storescu, radiograph, wait_for
+from tests.conftest import radiograph, rg1_copy, storescu, wait_for
 
 RG1_STUDY = "1.3.6.1.4.1.5962.1.2.9.20040826185059.5457"
 RG3_STUDY = "1.3.6.1.4.1.5962.1.2.11.20040826185059.5457"
@@ -248,12 +248,8 @@ def test_instance_after_completion_reopens_as_new_version(database_url, start_no
     first = _complete(running, RG1_STUDY)
     wait_for(lambda: running.ready, 5)
 
-    late = pydicom.dcmread(radiograph("RG1_UNCI.dcm"))
-    late.SOPInstanceUID = generate_uid()
-    late.file_meta.MediaStorageSOPInstanceUID = late.SOPInstanceUID
-    late.ViewPosition = "LL"
-    late_path = tmp_path / "late.dcm"
-    late.save_as(late_path, enforce_file_format=True)
+    late_path = rg1_copy(tmp_path, ViewPosition="LL")
+    late = pydicom.dcmread(late_path, stop_before_pixels=True)
     assert storescu(running.port, late_path).returncode == 0
 
     wait_for(lambda: len(running.ready) == 2, 15)

@@ -11,12 +11,12 @@ import pydicom
 import pytest
 
 from dicom_node.pixels import read_model_image
+from tests.conftest import radiograph
+from tests.orthanc import running_orthanc
 from worker.backends.scripted import ScriptedBackend
 from worker.delivery.equipment import Device, Placement, closed_rectangle
 from worker.delivery.sr import measurement_report, split_report, verify_regions
 from worker.pipeline import AnalysisOptions, analyse_image
-from tests.conftest import radiograph
-from tests.orthanc import running_orthanc
 
 DEVICE = Device(model_id="KrauthammerLab/RadVLM", model_revision="abc123", software_version="0.1.0")
 PLACE = Placement(series_instance_uid="1.2.826.0.1.3680043.10.1.1", sop_instance_uid="1.2.826.0.1.3680043.10.1.2",

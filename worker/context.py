@@ -14,7 +14,6 @@ from worker.analysis import Outputs
 from worker.backends.base import ModelBackend
 from worker.pipeline import AnalysisOptions
 
-
 Deliver = Callable[[list[int]], None]
 
 

@@ -12,11 +12,11 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.storage import InstanceStore
+from records.clock import utcnow
 from records.settings import PriorityRule
 from records.tables import Instance, Study
 from worker.app import ANALYSE_TASK, GPU_QUEUE, ROUTINE_PRIORITY, STAT_PRIORITY
 from worker.context import WorkerContext
-from records.clock import utcnow
 from worker.delivery.outbox import due_items
 from worker.jobs import attempt, deliver_once
 

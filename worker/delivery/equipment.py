@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 import highdicom as hd
 import numpy as np
@@ -69,6 +71,22 @@ def closed_rectangle(box: Box, columns: int, rows: int) -> np.ndarray:
     x1, x2 = (float(np.clip(v, 0, columns)) for v in (x1, x2))
     y1, y2 = (float(np.clip(v, 0, rows)) for v in (y1, y2))
     return np.array([[x1, y1], [x2, y1], [x2, y2], [x1, y2], [x1, y1]], dtype=np.float32)
+
+
+def draft_sr_attributes(device: Device, place: Placement, image: Dataset, description: str,
+                        previous: Sequence[Dataset]) -> dict[str, Any]:
+    """The keyword arguments every draft SR of ours passes to highdicom: placement, equipment, and
+    the flags of a partial, unverified document (a radiologist's sign-off is a new SR)."""
+    when = place.content_datetime
+    return dict(
+        evidence=[image], series_instance_uid=place.series_instance_uid, series_number=place.series_number,
+        sop_instance_uid=place.sop_instance_uid, instance_number=place.instance_number, manufacturer=MANUFACTURER,
+        is_complete=False, is_final=False, is_verified=False, institution_name=device.institution_name,
+        previous_versions=list(previous) or None, contributing_equipment=[device.contributing_equipment(when)],
+        series_description=f"RadVLM {description} - {DRAFT_NOTICE} - UNVERIFIED"[:64],
+        manufacturer_model_name=device.model_name, software_versions=device.software_version,
+        content_date=when.date(), content_time=when.time(), series_date=when.date(), series_time=when.time(),
+    )
 
 
 def stamp(ds: Dataset, place: Placement) -> None:

@@ -16,7 +16,7 @@ from pydicom.sr.coding import Code
 
 from records.schema import ImageResult
 from worker.delivery import codes as cx
-from worker.delivery.equipment import DRAFT_NOTICE, MANUFACTURER, Device, Placement, mark_device_author, stamp
+from worker.delivery.equipment import DRAFT_NOTICE, Device, Placement, draft_sr_attributes, mark_device_author, stamp
 from worker.delivery.sr import split_report
 
 DIAGNOSTIC_IMAGING_REPORT = Code("18748-4", "LN", "Diagnostic Imaging Report")
@@ -45,17 +45,7 @@ def narrative_report(image: Dataset, result: ImageResult, device: Device, place:
     ]
     if impression:
         root.ContentSequence.append(_section(IMPRESSION_SECTION, cx.IMPRESSION, impression))
-    sr = EnhancedSR(
-        evidence=[image], content=root, series_instance_uid=place.series_instance_uid,
-        series_number=place.series_number, sop_instance_uid=place.sop_instance_uid,
-        instance_number=place.instance_number, manufacturer=MANUFACTURER, is_complete=False, is_final=False,
-        is_verified=False, institution_name=device.institution_name, previous_versions=list(previous) or None,
-        contributing_equipment=[device.contributing_equipment(place.content_datetime)],
-        series_description=f"RadVLM report - {DRAFT_NOTICE} - UNVERIFIED"[:64],
-        manufacturer_model_name=device.model_name, software_versions=device.software_version,
-        content_date=place.content_datetime.date(), content_time=place.content_datetime.time(),
-        series_date=place.content_datetime.date(), series_time=place.content_datetime.time(),
-    )
+    sr = EnhancedSR(content=root, **draft_sr_attributes(device, place, image, "report", previous))
     stamp(sr, place)
     mark_device_author(sr, device)
     return sr

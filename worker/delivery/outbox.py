@@ -27,8 +27,8 @@ from records.tables import DeliveryState, Job, OutboxItem
 from worker.delivery.capture import burned_in_capture
 from worker.delivery.equipment import Device, Placement
 from worker.delivery.gsps import presentation_state
-from worker.delivery.narrative import narrative_report
 from worker.delivery.hl7 import mllp_send, oru_message
+from worker.delivery.narrative import narrative_report
 from worker.delivery.send import Attempt, c_store
 from worker.delivery.sr import measurement_report
 

@@ -39,8 +39,15 @@ from pydicom.uid import generate_uid
 
 from records.schema import ImageResult
 from worker.delivery import codes as cx
-from worker.delivery.equipment import DRAFT_NOTICE, MANUFACTURER, Device, Placement, closed_rectangle, \
-    mark_device_author, stamp
+from worker.delivery.equipment import (
+    DRAFT_NOTICE,
+    Device,
+    Placement,
+    closed_rectangle,
+    draft_sr_attributes,
+    mark_device_author,
+    stamp,
+)
 
 SOURCE = Code("260753009", "SCT", "Source")
 
@@ -143,15 +150,7 @@ def measurement_report(image: Dataset, result: ImageResult, device: Device, plac
         root.ContentSequence.insert(at, _bare_image_library(image))
     root.ContentSequence.append(_evaluations(result))
     sr = Comprehensive3DSR(
-        evidence=[image], content=root, series_instance_uid=place.series_instance_uid,
-        series_number=place.series_number, sop_instance_uid=place.sop_instance_uid,
-        instance_number=place.instance_number, manufacturer=MANUFACTURER, is_complete=False, is_final=False,
-        is_verified=False, institution_name=device.institution_name, previous_versions=list(previous) or None,
-        contributing_equipment=[device.contributing_equipment(place.content_datetime)],
-        series_description=f"RadVLM findings - {DRAFT_NOTICE} - UNVERIFIED"[:64],
-        manufacturer_model_name=device.model_name, software_versions=device.software_version,
-        content_date=place.content_datetime.date(), content_time=place.content_datetime.time(),
-        series_date=place.content_datetime.date(), series_time=place.content_datetime.time(),
+        content=root, **draft_sr_attributes(device, place, image, "findings", previous),
         coding_schemes=[CodingSchemeIdentificationItem(
             designator=cx.PRIVATE_SCHEME, name="radvlm-pacs private codes",
             responsible_organization="radvlm-pacs project")],
