@@ -91,7 +91,8 @@ def select(ds: Dataset) -> Selection:
     if view:
         return Selection(False, f"not frontal: ViewPosition {view}")
 
-    view_text = _text(ds, "SeriesDescription", "ProtocolName", "ImageComments", "AcquisitionDeviceProcessingDescription")
+    view_text = _text(ds, "SeriesDescription", "ProtocolName", "ImageComments",
+                      "AcquisitionDeviceProcessingDescription")
     if LATERAL_TEXT.search(view_text):
         return Selection(False, f"lateral: series text {view_text.strip()!r}")
     if str(ds.get("ImageLaterality", "") or "").upper() in {"L", "R"}:

@@ -42,8 +42,8 @@ class Orthanc:
 
 @contextmanager
 def running_orthanc(workdir: Path, modalities: dict[str, tuple[str, str, int]], ae_title: str = "ORTHANC",
-                    dicom_port: int | None = None) -> Iterator[Orthanc]:
-    """Start Orthanc with ``modalities`` (name -> AE, host, port) and stop it afterwards."""
+                    dicom_port: int | None = None, extra: dict[str, Any] | None = None) -> Iterator[Orthanc]:
+    """Start Orthanc with ``modalities`` (name -> AE, host, port) and ``extra`` settings; stop it afterwards."""
     if shutil.which(ORTHANC) is None:
         raise RuntimeError("Orthanc missing: apt-get install orthanc")
     workdir.mkdir(parents=True, exist_ok=True)
@@ -54,6 +54,7 @@ def running_orthanc(workdir: Path, modalities: dict[str, tuple[str, str, int]], 
         "StorageDirectory": str(workdir / "storage"), "IndexDirectory": str(workdir / "index"),
         "SaveJobs": False, "Plugins": [], "DicomCheckCalledAet": False,
         "DicomModalities": {name: list(spec) for name, spec in modalities.items()},
+        **(extra or {}),
     }
     config_path = workdir / "orthanc.json"
     config_path.write_text(json.dumps(config))
