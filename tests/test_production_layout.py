@@ -7,13 +7,15 @@ import socket
 import time
 from pathlib import Path
 
+import pydicom
 import pytest
 import redis
+from pydicom.uid import generate_uid
 from sqlalchemy import func, select
 
 from records.db import make_engine, make_session_factory
-from records.tables import DeliveryState, Job, JobState, OutboxItem, Result, Study, StudyState
-from tests.conftest import free_port, radiograph, storescu, wait_for
+from records.tables import DeliveryState, Job, JobState, OutboxItem, Result, Study, StudyState, StudyVersion
+from tests.conftest import free_port, radiograph, rg1_copy, storescu, wait_for
 from tests.orthanc import running_orthanc
 from tests.processes import kill_hard, service
 
@@ -112,3 +114,37 @@ def test_worker_killed_mid_study_is_analysed_once_by_the_next(sqlite_url, broker
         assert session.scalar(select(func.count()).select_from(Result)) == 1
         [finished] = session.scalars(select(Job)).all()
     assert finished.state is JobState.done and finished.attempts == 2
+
+
+def test_stat_study_is_analysed_before_routine_ones(sqlite_url, broker_url, tmp_path):
+    port = free_port()
+    env = _env(tmp_path, sqlite_url, broker_url, port)
+    sessions = make_session_factory(make_engine(sqlite_url))
+    request = pydicom.Dataset()
+    request.RequestedProcedurePriority = "STAT"
+    studies = [rg1_copy(tmp_path, f"routine{n}.dcm", StudyInstanceUID=generate_uid()) for n in range(3)]
+    stat = rg1_copy(tmp_path, "stat.dcm", StudyInstanceUID=generate_uid(), RequestAttributesSequence=[request])
+    logs = tmp_path / "logs"
+    with service("node", ["node"], env, logs):
+        wait_for(lambda: _listening(port), 30)
+        for path in [*studies, stat]:  # the STAT study arrives last
+            assert storescu(port, path).returncode == 0
+
+        def queued() -> int:
+            with sessions() as session:
+                return len(session.scalars(select(StudyVersion).where(StudyVersion.dispatched_at.is_not(None))).all())
+
+        wait_for(lambda: queued() == 4, 30)
+        with service("worker", ["worker"], env, logs):
+            wait_for(lambda: len(_all_jobs(sessions)) == 4 and all(j.state is JobState.done
+                                                                   for j in _all_jobs(sessions)), 60)
+    with sessions() as session:
+        first = min(_all_jobs(sessions), key=lambda j: j.started_at)
+        assert session.get_one(Study, first.study_id).priority == 0
+        priorities = sorted(s.priority for s in session.scalars(select(Study)))
+    assert priorities == [0, 5, 5, 5]
+
+
+def _all_jobs(sessions) -> list[Job]:  # type: ignore[no-untyped-def]
+    with sessions() as session:
+        return list(session.scalars(select(Job)))
