@@ -213,8 +213,16 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from pydantic import ValidationError
+
+    from worker.backends.base import ModelLoadError
+
     args = _parser().parse_args(argv)
-    return int(args.func(args))
+    try:
+        return int(args.func(args))
+    except (ModelLoadError, ValidationError, FileNotFoundError) as exc:  # what the user can fix: no traceback
+        print(f"radvlm-pacs: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -53,3 +53,22 @@ def test_caller_rule_matching():
     assert rule.matches("PACS", "127.0.0.1")
     assert not rule.matches("PACS", "127.0.0.2")
     assert CallerRule(ae_title="PACS").matches("PACS", "192.0.2.1")
+
+
+def test_cli_reports_what_the_user_can_fix_without_a_traceback(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "RADVLM_DATA_DIR": str(tmp_path), "RADVLM_NODE__PORT": "not-a-port"}
+    out = subprocess.run([sys.executable, "-m", "radvlm_pacs", "studies", "list"], env=env, capture_output=True,
+                         text=True)
+    assert out.returncode == 2
+    assert "node.port" in out.stderr and "Traceback" not in out.stderr
+    env = {**os.environ, "RADVLM_DATA_DIR": str(tmp_path), "RADVLM_MODEL__ID": str(tmp_path / "missing"),
+           "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run([sys.executable, "-m", "radvlm_pacs", "serve"], env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 2
+    assert "weights not found: give a local folder as RADVLM_MODEL__ID" in out.stderr
+    assert "Traceback" not in out.stderr
