@@ -30,10 +30,8 @@ def _settings(args: argparse.Namespace):  # type: ignore[no-untyped-def]
 
 
 def cmd_db_upgrade(args: argparse.Namespace) -> int:
-    from records.db import upgrade
-
     settings = _settings(args)
-    upgrade(settings.effective_database_url)
+    _upgrade(settings)
     print(f"database at revision head: {settings.effective_database_url.split('@')[-1]}")
     return 0
 
@@ -74,7 +72,8 @@ def cmd_node(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    """A GPU worker: loads the model once, then takes analyses from the gpu queue one at a time."""
+    """A Celery worker: on the gpu queue it loads the model once and takes analyses one at a time;
+    on the io queue it delivers results (and loads no model)."""
     from worker import tasks
     from worker.app import GPU_QUEUE, IO_QUEUE, make_celery, send_deliveries
     from worker.delivery.outbox import due_items
