@@ -86,7 +86,7 @@ def test_delivered_through_the_outbox_to_an_mllp_listener(sqlite_url, start_node
         [item_id] = run_analysis(study_id, version, sessions=node.sessions, store=node.store,
                                  backend=ScriptedBackend(), options=AnalysisOptions(), clock=utcnow,
                                  outputs=Outputs(hl7=hl7, policy=policy))
-        assert deliver_item(node.sessions, item_id, sender([], hl7, "RADVLM", policy), policy, utcnow()) is None
+        assert deliver_item(node.sessions, item_id, sender([], hl7, "RADVLM", policy), policy, utcnow) is None
     with node.sessions() as session:
         item = session.get_one(OutboxItem, item_id)
     assert item.kind == "hl7" and item.destination == "ris" and item.state is DeliveryState.sent

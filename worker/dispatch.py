@@ -29,13 +29,21 @@ def _matches(ds, rules: Sequence[PriorityRule]) -> bool:  # type: ignore[no-unty
                for rule in rules for item in items)
 
 
+def _header(store: InstanceStore, path: str):  # type: ignore[no-untyped-def]
+    try:
+        return dcmread(store.path(path), stop_before_pixels=True)
+    except Exception:  # an unreadable file is recorded by completion; it just cannot make a study STAT
+        return None
+
+
 def study_priority(sessions: sessionmaker[Session], store: InstanceStore, study_id: int,
                    rules: Sequence[PriorityRule]) -> int:
     """STAT when any instance's header matches a rule; the priority is recorded on the study."""
-    with sessions() as session, session.begin():
+    with sessions() as session:
         paths = session.scalars(select(Instance.path).where(Instance.study_id == study_id)).all()
-        stat = any(_matches(dcmread(store.path(p), stop_before_pixels=True), rules) for p in paths)
-        priority = STAT_PRIORITY if stat else ROUTINE_PRIORITY
+    headers = [h for h in (_header(store, p) for p in paths) if h is not None]
+    priority = STAT_PRIORITY if any(_matches(h, rules) for h in headers) else ROUTINE_PRIORITY
+    with sessions() as session, session.begin():
         session.get_one(Study, study_id).priority = priority
     return priority
 

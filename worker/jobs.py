@@ -41,4 +41,4 @@ def deliver_once(ctx: WorkerContext, item_id: int) -> float | None:
     """One delivery attempt; None when settled, else seconds until the item is due again."""
     settings = ctx.settings
     send = sender(settings.destinations, settings.hl7, settings.node.ae_title, settings.delivery)
-    return deliver_item(ctx.sessions, item_id, send, settings.delivery, utcnow())
+    return deliver_item(ctx.sessions, item_id, send, settings.delivery, utcnow)

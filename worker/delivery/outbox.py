@@ -147,8 +147,9 @@ def _backoff(policy: DeliverySettings, attempts: int) -> timedelta:
 
 
 def deliver_item(sessions: sessionmaker[Session], item_id: int, send: Send, policy: DeliverySettings,
-                 now: datetime) -> float | None:
+                 clock: Callable[[], datetime]) -> float | None:
     """One attempt at one item. Return None when it is settled, else seconds until it is due again."""
+    now = clock()
     with sessions() as session, session.begin():
         item = session.get(OutboxItem, item_id, with_for_update=True)
         if item is None or item.state is not DeliveryState.pending:
@@ -160,6 +161,7 @@ def deliver_item(sessions: sessionmaker[Session], item_id: int, send: Send, poli
         payload, name, kind, uid = item.payload, item.destination, item.kind, item.object_uid
     outcome = send(kind, name, payload)
     attempt_detail, delivered, retry = outcome.detail, outcome.delivered, outcome.retry
+    now = clock()  # a send can take up to the timeout
     with sessions() as session, session.begin():
         item = session.get_one(OutboxItem, item_id, with_for_update=True)
         item.last_error = None if delivered else attempt_detail
