@@ -46,6 +46,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     _upgrade(settings)
     ctx = build_context(settings)
     ctx.backend  # load the model before the node accepts anything
+    api = _api_server(settings)
+    threading.Thread(target=api.run, name="api", daemon=True).start()
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="model") as executor:
         runner = InProcessRunner(ctx, executor)
         runner.start()  # also sends what a previous run left in the outbox
@@ -53,6 +55,26 @@ def cmd_serve(args: argparse.Namespace) -> int:
             return run_node(settings, on_ready=runner)
         finally:
             runner.close()
+            api.should_exit = True
+
+
+def _api_server(settings):  # type: ignore[no-untyped-def]
+    import uvicorn
+
+    from api.main import create_app
+
+    config = uvicorn.Config(create_app(settings), host=settings.api.bind_address, port=settings.api.port,
+                            log_level=settings.log_level.lower())
+    return uvicorn.Server(config)
+
+
+def cmd_api(args: argparse.Namespace) -> int:
+    """The API alone (production layout): it reads what node and workers store."""
+    settings = _settings(args)
+    _setup_logging(settings.log_level)
+    _upgrade(settings)
+    _api_server(settings).run()
+    return 0
 
 
 def cmd_node(args: argparse.Namespace) -> int:
@@ -194,6 +216,7 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("serve", help="run the whole service in one process (embedded default)").set_defaults(
         func=cmd_serve)
     sub.add_parser("node", help="run the DICOM node alone; analyses go to Celery").set_defaults(func=cmd_node)
+    sub.add_parser("api", help="run the HTTP API alone").set_defaults(func=cmd_api)
     worker = sub.add_parser("worker", help="run a GPU worker (Celery, Redis)")
     worker.add_argument("--queues", help="comma-separated queues: gpu (model work, the default), io (delivery)")
     worker.set_defaults(func=cmd_worker)

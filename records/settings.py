@@ -145,6 +145,20 @@ class HL7Settings(Section):
                                        description="CheXpert labels flagged critical (AA) when present")
 
 
+class ApiUser(Section):
+    """A user of the API. Only the SHA-256 of the token is configured: no secret in the settings."""
+
+    name: str
+    role: Literal["radiologist", "admin"] = "radiologist"
+    token_sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="sha256 hex of the bearer token")
+
+
+class ApiSettings(Section):
+    bind_address: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=0, le=65535)
+    users: list[ApiUser] = Field(default_factory=list, description="no users: every route but health is closed")
+
+
 class DeliverySettings(Section):
     """Retries: an object waits in the outbox until its destination confirms, for as long as this."""
 
@@ -174,6 +188,7 @@ class Settings(BaseSettings):
     destinations: list[Destination] = Field(default_factory=list)
     delivery: DeliverySettings = Field(default_factory=DeliverySettings)
     hl7: HL7Settings | None = None
+    api: ApiSettings = Field(default_factory=ApiSettings)
 
     @classmethod
     def settings_customise_sources(

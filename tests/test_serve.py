@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import subprocess
+import urllib.error
+import urllib.request
 
 import pytest
 
@@ -21,8 +23,9 @@ def _show(env: dict[str, str]) -> dict | None:
 def test_serve_analyses_a_study_sent_with_storescu(backend, tiny_model, tmp_path):
     import os
 
-    port = free_port()
+    port, api_port = free_port(), free_port()
     env = {**os.environ, "RADVLM_DATA_DIR": str(tmp_path / "data"), "RADVLM_NODE__PORT": str(port),
+           "RADVLM_API__PORT": str(api_port),
            "RADVLM_NODE__BIND_ADDRESS": "127.0.0.1", "RADVLM_NODE__STABLE_AGE_S": "1",
            "RADVLM_NODE__DISK_RESERVE_MB": "1", "RADVLM_MODEL__MAX_NEW_TOKENS": "16", "HF_HUB_OFFLINE": "1"}
     if backend == "tiny":
@@ -33,6 +36,12 @@ def test_serve_analyses_a_study_sent_with_storescu(backend, tiny_model, tmp_path
         wait_for(lambda: _listening(port), 60)
         assert storescu(port, radiograph("RG1_UNCI.dcm")).returncode == 0
         shown = wait_for(lambda: (s := _show(env)) and s["state"] in ("analysed", "failed") and s, 120)
+        wait_for(lambda: _listening(api_port), 10)
+        with urllib.request.urlopen(f"http://127.0.0.1:{api_port}/health", timeout=5) as rsp:
+            assert json.load(rsp) == {"status": "ok"}  # serve runs the API too
+        with pytest.raises(urllib.error.HTTPError) as closed:
+            urllib.request.urlopen(f"http://127.0.0.1:{api_port}/studies", timeout=5)
+        assert closed.value.code == 401
     assert shown["state"] == "analysed", shown["reason"]
     [job] = shown["jobs"]
     image = job["result"]["images"][0]

@@ -18,11 +18,11 @@ from worker.delivery.equipment import DRAFT_NOTICE, MANUFACTURER, Device, Placem
 BOX_COLOUR = (255, 64, 64)
 
 
-def burned_in_capture(image: Dataset, model_image: ModelImage, result: ImageResult, device: Device,
-                      place: Placement) -> SCImage:
-    if str(image.SOPInstanceUID) != result.sop_instance_uid:
-        raise ValueError("image and result describe different SOP instances")
+def draw_boxes(model_image: ModelImage, result: ImageResult | None) -> Image.Image:
+    """The model image in RGB with each box of ``result`` drawn and labelled (none if ``result`` is None)."""
     canvas = Image.fromarray(model_image.pixels, mode="L").convert("RGB")
+    if result is None:
+        return canvas
     draw = ImageDraw.Draw(canvas)
     width = max(2, result.columns // 400)
     for grounding in result.groundings:
@@ -31,6 +31,14 @@ def burned_in_capture(image: Dataset, model_image: ModelImage, result: ImageResu
             draw.line(points, fill=BOX_COLOUR, width=width)
             draw.text((points[0][0] + width, max(0.0, points[0][1] - 12 * width)), f"AI: {grounding.label}",
                       fill=BOX_COLOUR, font_size=10 * width)
+    return canvas
+
+
+def burned_in_capture(image: Dataset, model_image: ModelImage, result: ImageResult, device: Device,
+                      place: Placement) -> SCImage:
+    if str(image.SOPInstanceUID) != result.sop_instance_uid:
+        raise ValueError("image and result describe different SOP instances")
+    canvas = draw_boxes(model_image, result)
     capture = SCImage.from_ref_dataset(
         ref_dataset=image, pixel_array=np.asarray(canvas), photometric_interpretation="RGB", bits_allocated=8,
         coordinate_system="PATIENT", series_instance_uid=place.series_instance_uid,

@@ -1,0 +1,48 @@
+"""What a route asks for by type: a database session, the storage, the authenticated user."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from collections.abc import Iterator
+from typing import Annotated
+
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy.orm import Session
+
+from api.problems import Problem
+from dicom_node.storage import InstanceStore
+from records.settings import ApiUser, Settings
+
+bearer = HTTPBearer(auto_error=False, description="a token whose SHA-256 is configured in api.users")
+
+
+def get_settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+def get_session(request: Request) -> Iterator[Session]:
+    with request.app.state.sessions() as session:
+        yield session
+
+
+def get_store(request: Request) -> InstanceStore:
+    return request.app.state.store
+
+
+def current_user(settings: Annotated[Settings, Depends(get_settings)],
+                 credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> ApiUser:
+    challenge = {"WWW-Authenticate": "Bearer"}
+    if credentials is None:
+        raise Problem(401, "authentication required", "send Authorization: Bearer <token>", challenge)
+    digest = hashlib.sha256(credentials.credentials.encode()).hexdigest()
+    for user in settings.api.users:
+        if hmac.compare_digest(digest, user.token_sha256):
+            return user
+    raise Problem(401, "invalid token", "the bearer token is not known here", challenge)
+
+
+SessionDep = Annotated[Session, Depends(get_session)]
+StoreDep = Annotated[InstanceStore, Depends(get_store)]
+CurrentUser = Annotated[ApiUser, Depends(current_user)]

@@ -1,0 +1,108 @@
+"""Studies: list with filters, detail with the stored result, and the analysed image as PNG."""
+
+from __future__ import annotations
+
+import io
+from typing import Annotated
+
+from fastapi import APIRouter, Query
+from fastapi.responses import Response
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from api.deps import CurrentUser, SessionDep, StoreDep
+from api.problems import Problem
+from api.schemas import DeliveryPublic, InstancePublic, StudiesPublic, StudyDetail, StudyPublic
+from dicom_node.pixels import PixelError, read_model_image
+from records.schema import StudyResult
+from records.tables import Job, JobState, OutboxItem, Study, StudyState
+from worker.delivery.capture import draw_boxes
+
+router = APIRouter(prefix="/studies", tags=["studies"])
+
+
+def _public(study: Study) -> StudyPublic:
+    return StudyPublic(study_instance_uid=study.study_instance_uid, state=study.state.value,
+                       reason=study.state_reason, version=study.version, priority=study.priority,
+                       accession_number=study.accession_number, patient_id=study.patient_id,
+                       patient_name=study.patient_name, study_date=study.study_date,
+                       last_received_at=study.last_received_at)
+
+
+def _study(session: Session, uid: str) -> Study:
+    study = session.scalar(select(Study).where(Study.study_instance_uid == uid))
+    if study is None:
+        raise Problem(404, "unknown study", f"no study {uid} has been received")
+    return study
+
+
+def _result(session: Session, study: Study) -> StudyResult | None:
+    job = session.scalar(select(Job).where(Job.study_id == study.id, Job.state == JobState.done)
+                         .order_by(Job.study_version.desc(), Job.id.desc()))
+    return StudyResult.model_validate(job.result.payload) if job is not None and job.result else None
+
+
+@router.get("", response_model=StudiesPublic)
+def list_studies(
+    session: SessionDep, user: CurrentUser,
+    state: StudyState | None = None, accession: str | None = None, patient_id: str | None = None,
+    date_from: Annotated[str | None, Query(pattern=r"^\d{8}$", description="YYYYMMDD")] = None,
+    date_to: Annotated[str | None, Query(pattern=r"^\d{8}$", description="YYYYMMDD")] = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50, offset: Annotated[int, Query(ge=0)] = 0,
+) -> StudiesPublic:
+    query = select(Study)
+    if state is not None:
+        query = query.where(Study.state == state)
+    if accession:
+        query = query.where(Study.accession_number == accession)
+    if patient_id:
+        query = query.where(Study.patient_id == patient_id)
+    if date_from:
+        query = query.where(Study.study_date >= date_from)
+    if date_to:
+        query = query.where(Study.study_date <= date_to)
+    count = session.scalar(select(func.count()).select_from(query.subquery())) or 0
+    rows = session.scalars(query.order_by(Study.last_received_at.desc()).limit(limit).offset(offset))
+    return StudiesPublic(data=[_public(s) for s in rows], count=count)
+
+
+@router.get("/{uid}", response_model=StudyDetail)
+def get_study(uid: str, session: SessionDep, user: CurrentUser) -> StudyDetail:
+    study = _study(session, uid)
+    result = _result(session, study)
+    deliveries = session.scalars(select(OutboxItem).where(OutboxItem.study_id == study.id).order_by(OutboxItem.id))
+    return StudyDetail(
+        **_public(study).model_dump(),
+        instances=[InstancePublic(sop_instance_uid=i.sop_instance_uid, series_instance_uid=i.series_instance_uid,
+                                  version=i.study_version, selected=i.selected, reason=i.selection_reason,
+                                  pixel_error=i.pixel_error) for i in study.instances],
+        result=result.model_dump(mode="json") if result else None,
+        deliveries=[DeliveryPublic(kind=d.kind, destination=d.destination, object_uid=d.object_uid,
+                                   state=d.state.value, attempts=d.attempts, last_error=d.last_error,
+                                   sent_at=d.sent_at) for d in deliveries],
+    )
+
+
+@router.get("/{uid}/image.png", responses={200: {"content": {"image/png": {}}}}, response_class=Response)
+def study_image(uid: str, session: SessionDep, store: StoreDep, user: CurrentUser,
+                sop: str | None = None, boxes: bool = True) -> Response:
+    """The analysed image as the model saw it (windowed, 8-bit), with the model's boxes unless ``boxes=false``."""
+    study = _study(session, uid)
+    result = _result(session, study)
+    if boxes and result is None:
+        raise Problem(409, "no result yet", f"study {uid} is {study.state.value}: no boxes to draw yet")
+    candidates = [i for i in study.instances if i.selected and not i.pixel_error]
+    instance = next((i for i in candidates if sop in (None, i.sop_instance_uid)), None)
+    if instance is None:
+        which = f"image {sop}" if sop else "frontal image"
+        raise Problem(404, "no such image", f"no analysable {which} in study {uid}")
+    try:
+        model_image = read_model_image(store.path(instance.path))
+    except PixelError as exc:
+        raise Problem(422, "image cannot be decoded", str(exc)) from exc
+    images = result.images if result else []
+    image_result = next((r for r in images if r.sop_instance_uid == instance.sop_instance_uid), None)
+    picture = draw_boxes(model_image, image_result if boxes else None)
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG")
+    return Response(buffer.getvalue(), media_type="image/png")
