@@ -103,10 +103,14 @@ def model_image(ds: Dataset) -> ModelImage:
     return ModelImage(pixels=pixels, rows=rows, columns=columns, steps=steps)
 
 
-def read_model_image(path: Path) -> ModelImage:
-    """Read a stored file and return its model image; any reading failure is a ``PixelError``."""
+def read_dataset(path: Path) -> Dataset:
+    """Read a stored file with its pixel data; any reading failure is a ``PixelError``."""
     try:
-        ds = dcmread(path)
+        return dcmread(path)
     except Exception as exc:
         raise PixelError(f"cannot read {path.name}: {type(exc).__name__}: {exc}") from exc
-    return model_image(ds)
+
+
+def read_model_image(path: Path) -> ModelImage:
+    """Read a stored file and return its model image; any failure is a ``PixelError``."""
+    return model_image(read_dataset(path))

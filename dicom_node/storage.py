@@ -74,9 +74,6 @@ class InstanceStore:
     def same_device_as(self, folder: Path) -> bool:
         return os.stat(folder).st_dev == os.stat(self.root).st_dev
 
-    def remove(self, relative: str) -> None:
-        (self.root / relative).unlink(missing_ok=True)
-
     def path(self, relative: str) -> Path:
         return self.root / relative
 

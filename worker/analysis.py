@@ -16,12 +16,11 @@ from datetime import datetime
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as package_version
 
-from pydicom import dcmread
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicom_node.pixels import PixelError, read_model_image
+from dicom_node.pixels import PixelError, model_image, read_dataset
 from dicom_node.storage import InstanceStore
 from records.schema import StudyResult
 from records.settings import DeliverySettings, Destination, HL7Settings
@@ -151,13 +150,14 @@ def run_analysis(study_id: int, version: int, *, sessions: sessionmaker[Session]
     errors = []
     for sop_uid, series_uid, path in instances:
         try:
-            model_image = read_model_image(store.path(path))
+            ds = read_dataset(store.path(path))
+            image = model_image(ds)
         except PixelError as exc:
             errors.append(f"{sop_uid}: {exc}")
             continue
-        images.append(analyse_image(backend, model_image, sop_uid, series_uid, options))
-        headers[sop_uid] = dcmread(store.path(path), stop_before_pixels=True)
-        model_images[sop_uid] = model_image
+        del ds.PixelData  # the header is all the result objects need; the file is read once
+        images.append(analyse_image(backend, image, sop_uid, series_uid, options))
+        headers[sop_uid], model_images[sop_uid] = ds, image
     if not images:
         raise PermanentFailure("no decodable frontal image: " + ("; ".join(errors) or "none selected"))
     result = StudyResult(

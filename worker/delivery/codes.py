@@ -15,7 +15,6 @@ PRIVATE_SCHEME = "99RADVLM"
 
 PRESENT = Code("52101004", "SCT", "Present")
 ABSENT = Code("272519000", "SCT", "Absent")
-UNDETERMINED = Code("373068000", "SCT", "Undetermined")
 FINDING = Code("121071", "DCM", "Finding")
 IMPRESSION = Code("121073", "DCM", "Impression")
 LESION_CATEGORY = Code("49755003", "SCT", "Morphologically Abnormal Structure")
