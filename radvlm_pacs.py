@@ -7,10 +7,10 @@ import json
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from records.clock import utcnow
@@ -37,43 +37,55 @@ def cmd_db_upgrade(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    """The whole service in one process on the embedded default: node, and analyses on one model thread."""
+    """The whole service in one process on the embedded default: node, API, and one model thread that
+    answers questions first and analyses studies by priority."""
+    from api.askers import LocalAsker
     from worker.context import build_context
     from worker.dispatch import InProcessRunner
+    from worker.model_thread import ModelThread
 
     settings = _settings(args)
     _setup_logging(settings.log_level)
     _upgrade(settings)
     ctx = build_context(settings)
     ctx.backend  # load the model before the node accepts anything
-    api = _api_server(settings)
-    threading.Thread(target=api.run, name="api", daemon=True).start()
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="model") as executor:
-        runner = InProcessRunner(ctx, executor)
+    with ModelThread() as model_thread:
+        runner = InProcessRunner(ctx, model_thread)
         runner.start()  # also sends what a previous run left in the outbox
+        api = _api_server(settings, LocalAsker(ctx, model_thread), ctx.deliver)
+        threading.Thread(target=api.run, name="api", daemon=True).start()
         try:
             return run_node(settings, on_ready=runner)
         finally:
-            runner.close()
             api.should_exit = True
+            runner.close()
 
 
-def _api_server(settings):  # type: ignore[no-untyped-def]
+def _api_server(settings, asker, deliver):  # type: ignore[no-untyped-def]
     import uvicorn
 
     from api.main import create_app
 
-    config = uvicorn.Config(create_app(settings), host=settings.api.bind_address, port=settings.api.port,
-                            log_level=settings.log_level.lower())
+    config = uvicorn.Config(create_app(settings, asker, deliver), host=settings.api.bind_address,
+                            port=settings.api.port, log_level=settings.log_level.lower())
     return uvicorn.Server(config)
 
 
 def cmd_api(args: argparse.Namespace) -> int:
-    """The API alone (production layout): it reads what node and workers store."""
+    """The API alone (production layout): it reads what node and workers store, and questions go to the
+    GPU workers through Celery (without a broker, chat answers 503)."""
+    from api.askers import CeleryAsker
+    from worker.app import make_celery, send_deliveries
+
     settings = _settings(args)
     _setup_logging(settings.log_level)
     _upgrade(settings)
-    _api_server(settings).run()
+    asker = deliver = None
+    if settings.broker_url:
+        app = make_celery(settings)
+        asker = CeleryAsker(app, settings.broker_url)
+        deliver = lambda items: send_deliveries(app, items)  # noqa: E731
+    _api_server(settings, asker, deliver).run()
     return 0
 
 
@@ -96,9 +108,12 @@ def cmd_node(args: argparse.Namespace) -> int:
 def cmd_worker(args: argparse.Namespace) -> int:
     """A Celery worker: on the gpu queue it loads the model once and takes analyses one at a time;
     on the io queue it delivers results (and loads no model)."""
+    import redis
+
     from worker import tasks
     from worker.app import GPU_QUEUE, IO_QUEUE, make_celery, send_deliveries
     from worker.delivery.outbox import due_items
+    from worker.presence import Presence
 
     settings = _settings(args)
     _setup_logging(settings.log_level)
@@ -106,13 +121,21 @@ def cmd_worker(args: argparse.Namespace) -> int:
     app = make_celery(settings)
     queues = args.queues or GPU_QUEUE
     ctx = tasks.context_of(app)
+    name = f"radvlm-{queues.replace(',', '-')}@{socket.gethostname()}-{os.getpid()}"
+    presence = None
     if GPU_QUEUE in queues.split(","):
         ctx.backend  # load the model now: a load error stops the worker before it takes work
+        presence = Presence(redis.Redis.from_url(settings.broker_url), name, ctx.backend.model_id)
+        presence.start()  # the API tells "model down" from this
     if IO_QUEUE in queues.split(","):
         with ctx.sessions() as session:  # what a previous run left in the outbox
             send_deliveries(app, due_items(session, utcnow()))
-    app.worker_main(["worker", "--pool=solo", "-Q", queues, "--without-mingle", "--without-gossip",
-                     "-n", f"radvlm-{queues.replace(',', '-')}@%h-{os.getpid()}", "-l", settings.log_level])
+    try:
+        app.worker_main(["worker", "--pool=solo", "-Q", queues, "--without-mingle", "--without-gossip",
+                         "-n", name, "-l", settings.log_level])
+    finally:
+        if presence is not None:
+            presence.stop()
     return 0
 
 

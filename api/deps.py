@@ -11,9 +11,12 @@ from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
+from api.askers import Asker
+from api.audit import Audit
 from api.problems import Problem
 from dicom_node.storage import InstanceStore
 from records.settings import ApiUser, Settings
+from worker.context import Deliver
 
 bearer = HTTPBearer(auto_error=False, description="a token whose SHA-256 is configured in api.users")
 
@@ -43,6 +46,31 @@ def current_user(settings: Annotated[Settings, Depends(get_settings)],
     raise Problem(401, "invalid token", "the bearer token is not known here", challenge)
 
 
+def get_audit(request: Request, session: Annotated[Session, Depends(get_session)],
+              user: Annotated[ApiUser, Depends(current_user)]) -> Audit:
+    return Audit(session, user, request.client.host if request.client else None)
+
+
+def get_asker(request: Request) -> Asker:
+    """The model, or 503 with the reason it cannot answer now."""
+    asker: Asker | None = request.app.state.asker
+    if asker is None:
+        raise Problem(503, "model unavailable", "no model here: set broker_url to reach the GPU workers, "
+                                                "or run radvlm-pacs serve, which holds the model itself")
+    reason = asker.down()
+    if reason:
+        raise Problem(503, "model unavailable", reason)
+    return asker
+
+
+def get_deliver(request: Request) -> Deliver:
+    return request.app.state.deliver
+
+
 SessionDep = Annotated[Session, Depends(get_session)]
 StoreDep = Annotated[InstanceStore, Depends(get_store)]
+SettingsDep = Annotated[Settings, Depends(get_settings)]
 CurrentUser = Annotated[ApiUser, Depends(current_user)]
+AuditDep = Annotated[Audit, Depends(get_audit)]
+AskerDep = Annotated[Asker, Depends(get_asker)]
+DeliverDep = Annotated[Deliver, Depends(get_deliver)]

@@ -1,37 +1,58 @@
-"""The FastAPI application: built from settings in its lifespan, never at import."""
+"""The FastAPI application: built from settings in its lifespan, never at import.
+
+``asker`` answers questions (a GPU worker through Celery, or ``serve``'s model thread; None: chat
+is unavailable) and ``deliver`` hands new outbox items to the deliverer; both come from the
+composition root.
+"""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 from fastapi import FastAPI
+from fastapi.responses import RedirectResponse
+from fastapi.staticfiles import StaticFiles
 
 from api import problems
-from api.routes import studies
+from api.askers import Asker
+from api.routes import admin, chat, signoff, studies
 from dicom_node.storage import InstanceStore
 from records.db import make_engine, make_session_factory
 from records.settings import Settings
+from worker.context import Deliver
+
+PAGE = Path(__file__).with_name("page")
 
 
-def create_app(settings: Settings) -> FastAPI:
+def create_app(settings: Settings, asker: Asker | None = None, deliver: Deliver | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         engine = make_engine(settings.effective_database_url)
         app.state.settings = settings
         app.state.sessions = make_session_factory(engine)
         app.state.store = InstanceStore(settings.effective_storage_dir, fsync=settings.node.fsync)
+        app.state.asker = asker
+        app.state.deliver = deliver or (lambda items: None)  # the outbox sweep finds them later
         yield
         engine.dispose()
 
     app = FastAPI(title="radvlm-pacs", version="0.1.0", lifespan=lifespan,
-                  description="RadVLM drafts for chest X-ray studies: studies, results, images. "
-                              "Every route but /health needs a bearer token.")
+                  description="RadVLM drafts for chest X-ray studies: studies, results, images, follow-up "
+                              "questions and sign-off. Every route but /health needs a bearer token; the web "
+                              "page at /ui/ holds no data and asks for one.")
     problems.install(app)
-    app.include_router(studies.router)
+    for module in (studies, chat, signoff, admin):
+        app.include_router(module.router)
 
     @app.get("/health", tags=["health"])
     def health() -> dict[str, str]:
         return {"status": "ok"}
 
+    @app.get("/", include_in_schema=False)
+    def home() -> RedirectResponse:
+        return RedirectResponse("/ui/")
+
+    app.mount("/ui", StaticFiles(directory=PAGE, html=True), name="page")
     return app

@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
+
+from records.schema import CHEXPERT_LABELS, Box
+from records.tables import AuditEvent, Conversation, Exchange, SignOff
+
+Finding = Literal[tuple(label for label in CHEXPERT_LABELS if label != "No Finding")]  # type: ignore[valid-type]
 
 
 class StudyPublic(BaseModel):
@@ -45,7 +50,98 @@ class DeliveryPublic(BaseModel):
     sent_at: datetime | None
 
 
+class SignOffIn(BaseModel):
+    """The report as the radiologist signs it: the draft's text and findings, accepted or edited."""
+
+    report: str = Field(min_length=1, max_length=10000)
+    findings: list[Finding] = Field(description="the CheXpert labels present; none means No Finding")
+
+
+class SignOffPublic(BaseModel):
+    user_name: str
+    observer_name: str
+    report: str
+    findings: list[str]
+    edited: bool
+    sr_uid: str
+    signed_at: datetime
+
+    @classmethod
+    def of(cls, row: SignOff) -> SignOffPublic:
+        return cls(user_name=row.user_name, observer_name=row.observer_name, report=row.report,
+                   findings=row.findings, edited=row.edited, sr_uid=row.sr_uid, signed_at=row.signed_at)
+
+
+class SignOffResult(SignOffPublic):
+    deliveries: int = Field(description="objects queued for the destinations and the RIS")
+
+
 class StudyDetail(StudyPublic):
     instances: list[InstancePublic]
     result: dict[str, Any] | None  # records.schema.StudyResult of the newest finished job
     deliveries: list[DeliveryPublic]
+    sign_off: SignOffPublic | None
+
+
+class ConversationIn(BaseModel):
+    sop_instance_uid: str | None = Field(default=None, max_length=64,
+                                         description="the image to talk about; default: the first analysed one")
+
+
+class QuestionIn(BaseModel):
+    text: str = Field(min_length=1, max_length=2000, pattern=r"\S")
+
+
+class ExchangePublic(BaseModel):
+    id: int
+    position: int
+    question: str
+    answer: str | None
+    boxes: list[Box] = Field(description="boxes in the answer, normalised and in pixels of the original image")
+    malformed: str | None
+    state: str
+    error: str | None
+    asked_at: datetime
+    answered_at: datetime | None
+
+    @classmethod
+    def of(cls, row: Exchange) -> ExchangePublic:
+        return cls(id=row.id, position=row.position, question=row.question, answer=row.answer,
+                   boxes=[Box.model_validate(b) for b in row.boxes or []], malformed=row.malformed,
+                   state=row.state.value, error=row.error, asked_at=row.asked_at, answered_at=row.answered_at)
+
+
+class ConversationPublic(BaseModel):
+    id: int
+    study_instance_uid: str
+    sop_instance_uid: str
+    user_name: str
+    created_at: datetime
+    exchanges: list[ExchangePublic]
+
+    @classmethod
+    def of(cls, row: Conversation, study_uid: str) -> ConversationPublic:
+        return cls(id=row.id, study_instance_uid=study_uid, sop_instance_uid=row.sop_instance_uid,
+                   user_name=row.user_name, created_at=row.created_at,
+                   exchanges=[ExchangePublic.of(e) for e in row.exchanges])
+
+
+class UserPublic(BaseModel):
+    name: str
+    role: str
+    person_name: str
+
+
+class AuditEventPublic(BaseModel):
+    at: datetime
+    user_name: str
+    role: str
+    action: str
+    study_instance_uid: str | None
+    detail: str | None
+    client: str | None
+
+    @classmethod
+    def of(cls, row: AuditEvent) -> AuditEventPublic:
+        return cls(at=row.at, user_name=row.user_name, role=row.role, action=row.action,
+                   study_instance_uid=row.study_instance_uid, detail=row.detail, client=row.client)

@@ -148,15 +148,29 @@ class HL7Settings(Section):
 class ApiUser(Section):
     """A user of the API. Only the SHA-256 of the token is configured: no secret in the settings."""
 
-    name: str
-    role: Literal["radiologist", "admin"] = "radiologist"
+    name: str = Field(max_length=64)
+    role: Literal["radiologist", "admin"] = Field(
+        default="radiologist", description="radiologist: read, ask, sign off; admin: read all studies and the audit")
     token_sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="sha256 hex of the bearer token")
+    person_name: str | None = Field(default=None, description="DICOM PN (Family^Given) for sign-offs; default name")
+    sources: list[AETitle] = Field(
+        default_factory=list,
+        description="calling AE titles whose studies this user sees; empty: every study (admins see all)")
+
+    @property
+    def observer_name(self) -> str:
+        return self.person_name or self.name
 
 
 class ApiSettings(Section):
     bind_address: str = "127.0.0.1"
     port: int = Field(default=8080, ge=0, le=65535)
     users: list[ApiUser] = Field(default_factory=list, description="no users: every route but health is closed")
+    organization: str = Field(default="Radiology", max_length=64,
+                              description="the verifying organization named in signed-off reports")
+    chat_timeout_s: float = Field(default=120, gt=0, description="a plain JSON question waits this long")
+    chat_max_rounds: int = Field(default=10, ge=1,
+                                 description="questions per conversation (RadVLM trained on 5-10 rounds)")
 
 
 class DeliverySettings(Section):

@@ -52,6 +52,7 @@ class StudyState(str, enum.Enum):
     nothing_to_analyse = "nothing_to_analyse"  # complete, but no usable frontal chest image
     analysing = "analysing"
     analysed = "analysed"
+    signed_off = "signed_off"  # a radiologist verified the draft; the verified SR went out
     failed = "failed"  # analysis failed for good; the reason says why
 
 
@@ -203,3 +204,79 @@ class OutboxItem(Base):
     next_attempt_at: Mapped[datetime] = mapped_column(index=True)
     deliver_by: Mapped[datetime]
     sent_at: Mapped[datetime | None]
+
+
+class ExchangeState(str, enum.Enum):
+    queued = "queued"  # asked, waiting for the model
+    answering = "answering"
+    answered = "answered"
+    failed = "failed"  # the model could not answer; the error says why
+
+
+class Conversation(Base):
+    """A radiologist's conversation with the model about one analysed image of a study."""
+
+    __tablename__ = "conversations"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)
+    sop_instance_uid: Mapped[str] = mapped_column(String(64), doc="the image the conversation is about")
+    user_name: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime]
+
+    exchanges: Mapped[list[Exchange]] = relationship(back_populates="conversation", order_by="Exchange.position")
+
+
+class Exchange(Base):
+    """One question and the model's answer: the rows of a conversation, in order, are its history."""
+
+    __tablename__ = "exchanges"
+    __table_args__ = (UniqueConstraint("conversation_id", "position"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    conversation_id: Mapped[int] = mapped_column(ForeignKey("conversations.id"), index=True)
+    position: Mapped[int] = mapped_column(Integer)
+    question: Mapped[str] = mapped_column(Text)
+    answer: Mapped[str | None] = mapped_column(Text)
+    boxes: Mapped[list | None] = mapped_column(JSON, doc="records.schema.Box list parsed from the answer")
+    malformed: Mapped[str | None] = mapped_column(Text)
+    state: Mapped[ExchangeState] = mapped_column(_enum(ExchangeState), default=ExchangeState.queued)
+    error: Mapped[str | None] = mapped_column(Text)
+    model_id: Mapped[str | None] = mapped_column(String(200))
+    model_revision: Mapped[str | None] = mapped_column(String(64))
+    asked_at: Mapped[datetime]
+    answered_at: Mapped[datetime | None]
+
+    conversation: Mapped[Conversation] = relationship(back_populates="exchanges")
+
+
+class SignOff(Base):
+    """A radiologist's verification of a job's draft: the text and findings as signed, and the SR made."""
+
+    __tablename__ = "sign_offs"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"), index=True, unique=True)
+    user_name: Mapped[str] = mapped_column(String(64))
+    observer_name: Mapped[str] = mapped_column(String(324), doc="DICOM PN of the verifying observer")
+    report: Mapped[str] = mapped_column(Text)
+    findings: Mapped[list] = mapped_column(JSON, doc="CheXpert labels present, as signed")
+    edited: Mapped[bool]
+    sr_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    signed_at: Mapped[datetime]
+
+
+class AuditEvent(Base):
+    """Who read which study or asked what, and when. Written in the request, before the answer."""
+
+    __tablename__ = "audit_events"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    at: Mapped[datetime] = mapped_column(index=True)
+    user_name: Mapped[str] = mapped_column(String(64), index=True)
+    role: Mapped[str] = mapped_column(String(32))
+    action: Mapped[str] = mapped_column(String(32))
+    study_instance_uid: Mapped[str | None] = mapped_column(String(64), index=True)
+    detail: Mapped[str | None] = mapped_column(Text)
+    client: Mapped[str | None] = mapped_column(String(64))

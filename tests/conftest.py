@@ -16,15 +16,18 @@ import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
-from sqlalchemy import create_engine, text
+from sqlalchemy import create_engine, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.server import Node
 from dicom_node.storage import InstanceStore
 from records.clock import utcnow
 from records.db import make_engine, make_session_factory, upgrade
-from records.settings import NodeSettings
+from records.settings import NodeSettings, Settings
+from records.tables import Study, StudyState
 
+RG1_STUDY = "1.3.6.1.4.1.5962.1.2.9.20040826185059.5457"  # the chest PA in pydicom-data
+RG3_STUDY = "1.3.6.1.4.1.5962.1.2.11.20040826185059.5457"  # the tibia
 POSTGRES_ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 DCMTK_STORESCU = "/usr/bin/storescu"  # a venv's PATH would find pynetdicom's app of the same name
 
@@ -170,3 +173,45 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from worker.test_model import make_test_model
 
     return make_test_model(tmp_path_factory.mktemp("tiny-llava-onevision"))
+
+
+def worker_context(running: RunningNode, backend, outputs=None, **settings):  # type: ignore[no-untyped-def]
+    """What a worker holds, over the running node's database and storage, with ``backend``."""
+    from worker.analysis import Outputs
+    from worker.context import WorkerContext
+    from worker.pipeline import AnalysisOptions
+
+    return WorkerContext(settings=Settings(**settings), sessions=running.sessions, store=running.store,
+                         options=AnalysisOptions(max_new_tokens=64), outputs=outputs or Outputs(), _backend=backend)
+
+
+@dataclass
+class AnalysedNode:
+    """A node that received RG1 (chest, analysed by the scripted model) and RG3 (tibia, not analysable),
+    and the model thread and runner that analysed it, still running (its outbox loop delivers)."""
+
+    running: RunningNode
+    runner: object
+    model_thread: object
+
+
+@pytest.fixture
+def analysed_node(sqlite_url: str, start_node) -> Iterator[AnalysedNode]:  # type: ignore[no-untyped-def]
+    from worker.backends.scripted import ScriptedBackend
+    from worker.dispatch import InProcessRunner
+    from worker.model_thread import ModelThread
+
+    holder: dict[str, InProcessRunner] = {}
+    node = start_node(sqlite_url, on_ready=lambda s, v: holder["runner"](s, v))
+    with ModelThread() as model_thread:
+        runner = holder["runner"] = InProcessRunner(worker_context(node, ScriptedBackend()), model_thread)
+        runner.start()
+        assert storescu(node.port, radiograph("RG1_UNCI.dcm"), radiograph("RG3_UNCI.dcm")).returncode == 0
+
+        def state() -> StudyState | None:
+            with node.sessions() as session:
+                return session.scalar(select(Study.state).where(Study.study_instance_uid == RG1_STUDY))
+
+        wait_for(lambda: state() is StudyState.analysed, 30)
+        yield AnalysedNode(node, runner, model_thread)
+        runner.close()

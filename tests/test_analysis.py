@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
-
 import pydicom
 import pytest
 from sqlalchemy import func, select
@@ -12,19 +10,13 @@ from records.clock import utcnow
 from records.schema import StudyResult
 from records.settings import Settings
 from records.tables import Job, JobState, Result, Study, StudyState
-from tests.conftest import radiograph, rg1_copy, storescu, wait_for
-from worker.analysis import Outputs, claim, run_analysis
+from tests.conftest import RG1_STUDY, radiograph, rg1_copy, storescu, wait_for, worker_context
+from worker.analysis import claim, run_analysis
+from worker.app import ROUTINE_PRIORITY, STAT_PRIORITY
 from worker.backends.scripted import ScriptedBackend
-from worker.context import WorkerContext
 from worker.dispatch import InProcessRunner
+from worker.model_thread import ModelThread
 from worker.pipeline import AnalysisOptions
-
-RG1_STUDY = "1.3.6.1.4.1.5962.1.2.9.20040826185059.5457"
-
-
-def _context(running, backend, **settings) -> WorkerContext:
-    return WorkerContext(settings=Settings(**settings), sessions=running.sessions, store=running.store,
-                         options=AnalysisOptions(max_new_tokens=64), outputs=Outputs(), _backend=backend)
 
 
 def _analysed(running, uid: str, timeout: float = 60) -> Study:
@@ -43,10 +35,10 @@ def _result(running, study_id: int) -> StudyResult:
 
 def test_storescu_to_stored_result_with_pixel_boxes(database_url, start_node):
     backend = ScriptedBackend()
-    with ThreadPoolExecutor(max_workers=1) as executor:
+    with ModelThread() as executor:
         holder = {}
         running = start_node(database_url, on_ready=lambda s, v: holder["runner"](s, v))
-        holder["runner"] = InProcessRunner(_context(running, backend), executor)
+        holder["runner"] = InProcessRunner(worker_context(running, backend), executor)
         assert storescu(running.port, radiograph("RG1_UNCI.dcm")).returncode == 0
         study = _analysed(running, RG1_STUDY)
     assert study.state is StudyState.analysed, study.state_reason
@@ -107,7 +99,7 @@ def test_no_decodable_image_fails_visibly(sqlite_url, start_node):
     with running.sessions() as session:
         study = session.get_one(Study, study_id)
         running.store.path(study.instances[0].path).write_bytes(b"damaged on disk")
-    runner = InProcessRunner(_context(running, ScriptedBackend()), ThreadPoolExecutor(max_workers=1))
+    runner = InProcessRunner(worker_context(running, ScriptedBackend()), ModelThread())
     runner._run(study_id, version)
     with running.sessions() as session:
         study = session.get_one(Study, study_id)
@@ -131,9 +123,9 @@ def test_stat_studies_get_the_first_priority(sqlite_url, start_node, tmp_path):
     rules = Settings().worker.stat_rules
     with running.sessions() as session:
         ids = {s.study_instance_uid: s.id for s in session.scalars(select(Study))}
-    assert study_priority(running.sessions, running.store, ids[RG1_STUDY], rules) == 0
+    assert study_priority(running.sessions, running.store, ids[RG1_STUDY], rules) == STAT_PRIORITY
     assert study_priority(running.sessions, running.store, ids["1.3.6.1.4.1.5962.1.2.11.20040826185059.5457"],
-                          rules) == 5
+                          rules) == ROUTINE_PRIORITY
 
 
 def test_tiny_real_model_end_to_end(sqlite_url, start_node, tiny_model):

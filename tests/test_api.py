@@ -4,46 +4,25 @@ from __future__ import annotations
 
 import hashlib
 import io
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
-from sqlalchemy import select
 
 from api.main import create_app
 from records.settings import ApiUser, Settings
-from records.tables import Study, StudyState
-from tests.conftest import radiograph, storescu, wait_for
-from tests.test_analysis import RG1_STUDY, _context
-from worker.backends.scripted import ScriptedBackend
+from tests.conftest import RG1_STUDY, RG3_STUDY
 from worker.delivery.capture import BOX_COLOUR
-from worker.dispatch import InProcessRunner
 
 TOKEN = "correct horse battery staple"
 HEADERS = {"Authorization": f"Bearer {TOKEN}"}
 
 
 @pytest.fixture
-def analysed(sqlite_url, start_node):
-    holder = {}
-    node = start_node(sqlite_url, on_ready=lambda s, v: holder["runner"](s, v))
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        holder["runner"] = InProcessRunner(_context(node, ScriptedBackend()), pool)
-        assert storescu(node.port, radiograph("RG1_UNCI.dcm"), radiograph("RG3_UNCI.dcm")).returncode == 0
-
-        def state():
-            with node.sessions() as session:
-                return session.scalar(select(Study.state).where(Study.study_instance_uid == RG1_STUDY))
-
-        wait_for(lambda: state() is StudyState.analysed, 30)
-    return node
-
-
-@pytest.fixture
-def client(analysed):
-    settings = Settings(database_url=analysed.url, storage_dir=analysed.store.root, api={
+def client(analysed_node):
+    running = analysed_node.running
+    settings = Settings(database_url=running.url, storage_dir=running.store.root, api={
         "users": [ApiUser(name="dr.house", token_sha256=hashlib.sha256(TOKEN.encode()).hexdigest())]})
     with TestClient(create_app(settings)) as client:
         yield client
@@ -93,7 +72,7 @@ def test_image_with_and_without_boxes(client):
 
 
 def test_image_of_a_study_without_result_is_a_conflict_or_absent(client):
-    tibia = "1.3.6.1.4.1.5962.1.2.11.20040826185059.5457"
+    tibia = RG3_STUDY
     conflict = client.get(f"/studies/{tibia}/image.png", headers=HEADERS)
     assert conflict.status_code == 409 and "nothing_to_analyse" in conflict.json()["detail"]
     absent = client.get(f"/studies/{tibia}/image.png", params={"boxes": "false"}, headers=HEADERS)

@@ -8,7 +8,6 @@ import os
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import pydicom
 from sqlalchemy import select
@@ -23,6 +22,7 @@ from worker.backends.scripted import ScriptedBackend
 from worker.context import WorkerContext
 from worker.delivery.send import c_store
 from worker.dispatch import InProcessRunner
+from worker.model_thread import ModelThread
 from worker.pipeline import AnalysisOptions
 
 RG1_STUDY = "1.3.6.1.4.1.5962.1.2.9.20040826185059.5457"
@@ -56,7 +56,7 @@ def test_orthanc_routes_a_study_and_gets_sr_and_gsps_back(database_url, start_no
     node = start_node(database_url, stable_age_s=2.0, allowed_callers=[CallerRule(ae_title="ORTHANC")],
                       on_ready=lambda s, v: holder["runner"](s, v))
     with running_orthanc(tmp_path / "orthanc", {"RADVLM": ("RADVLM", "127.0.0.1", node.port)}) as orthanc, \
-            ThreadPoolExecutor(max_workers=2) as pool:
+            ModelThread() as pool:
         pacs = Destination(name="pacs", ae_title="ORTHANC", host="127.0.0.1", port=orthanc.dicom_port)
         holder["runner"] = _runner(node, [pacs], pool)
         image = orthanc.upload(radiograph("RG1_UNCI.dcm"))
@@ -81,7 +81,7 @@ def test_orthanc_routes_a_study_and_gets_sr_and_gsps_back(database_url, start_no
 def test_pacs_down_then_back_gets_each_object_once(sqlite_url, start_node, tmp_path):
     orthanc_dicom = free_port()
     pacs = Destination(name="pacs", ae_title="ORTHANC", host="127.0.0.1", port=orthanc_dicom)
-    pool = ThreadPoolExecutor(max_workers=1)
+    pool = ModelThread()
     holder = {}
     node = start_node(sqlite_url, on_ready=lambda s, v: holder["runner"](s, v))
     holder["runner"] = _runner(node, [pacs], pool)
@@ -94,7 +94,7 @@ def test_pacs_down_then_back_gets_each_object_once(sqlite_url, start_node, tmp_p
     node.node.stop()
 
     with running_orthanc(tmp_path / "orthanc", {}, dicom_port=orthanc_dicom) as orthanc:
-        with ThreadPoolExecutor(max_workers=1) as again:  # the service restarts and resumes its outbox
+        with ModelThread() as again:  # the service restarts and resumes its outbox
             restarted = _runner(node, [pacs], again)
             wait_for(lambda: all(i.state is DeliveryState.sent for i in _items(node)), 30)
             restarted.close()

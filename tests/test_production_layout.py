@@ -18,6 +18,7 @@ from records.tables import DeliveryState, Job, JobState, OutboxItem, Result, Stu
 from tests.conftest import free_port, radiograph, rg1_copy, storescu, wait_for
 from tests.orthanc import running_orthanc
 from tests.processes import kill_hard, service
+from worker.app import STAT_PRIORITY
 
 REDIS_DB = 11  # a database of its own on the machine's Redis, flushed by each test
 RG1_STUDY = "1.3.6.1.4.1.5962.1.2.9.20040826185059.5457"
@@ -140,7 +141,7 @@ def test_stat_study_is_analysed_before_routine_ones(sqlite_url, broker_url, tmp_
                                                                    for j in _all_jobs(sessions)), 60)
     with sessions() as session:
         first = min(_all_jobs(sessions), key=lambda j: j.started_at)
-        assert session.get_one(Study, first.study_id).priority == 0
+        assert session.get_one(Study, first.study_id).priority == STAT_PRIORITY
         priorities = sorted(s.priority for s in session.scalars(select(Study)))
     assert priorities == [0, 5, 5, 5]
 

@@ -13,9 +13,11 @@ from celery import Celery
 from records.settings import Settings
 
 ANALYSE_TASK = "radvlm.analyse_study"
+CHAT_TASK = "radvlm.chat"
 DELIVER_TASK = "radvlm.deliver"
 GPU_QUEUE, IO_QUEUE = "gpu", "io"
-STAT_PRIORITY, ROUTINE_PRIORITY = 0, 5  # Redis transport: a lower number is served first
+# Redis transport: a lower number is served first. A radiologist waiting on a question goes first.
+CHAT_PRIORITY, STAT_PRIORITY, ROUTINE_PRIORITY = 0, 1, 5
 
 
 def make_celery(settings: Settings) -> Celery:
@@ -27,7 +29,8 @@ def make_celery(settings: Settings) -> Celery:
         task_serializer="json", result_serializer="json", accept_content=["json"],
         task_acks_late=True, task_reject_on_worker_lost=True, worker_prefetch_multiplier=1,
         task_time_limit=policy.task_time_limit_s, task_soft_time_limit=policy.task_time_limit_s * 0.9,
-        task_routes={ANALYSE_TASK: {"queue": GPU_QUEUE}, DELIVER_TASK: {"queue": IO_QUEUE}},
+        task_routes={ANALYSE_TASK: {"queue": GPU_QUEUE}, CHAT_TASK: {"queue": GPU_QUEUE},
+                     DELIVER_TASK: {"queue": IO_QUEUE}},
         task_default_priority=ROUTINE_PRIORITY,
         broker_transport_options={
             "visibility_timeout": policy.visibility_timeout_s,

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Sequence
-from concurrent.futures import Executor
 
 from pydicom import dcmread
 from sqlalchemy import select
@@ -19,6 +18,7 @@ from worker.app import ANALYSE_TASK, GPU_QUEUE, ROUTINE_PRIORITY, STAT_PRIORITY
 from worker.context import WorkerContext
 from worker.delivery.outbox import due_items
 from worker.jobs import attempt, deliver_once
+from worker.model_thread import ModelThread
 
 log = logging.getLogger(__name__)
 
@@ -99,11 +99,11 @@ class OutboxLoop:
 
 
 class InProcessRunner:
-    """``serve``'s ``on_ready``: the same attempt as the Celery task, on a single model thread;
-    deliveries go to an ``OutboxLoop``, so a PACS that is down never holds the model."""
+    """``serve``'s ``on_ready``: the same attempt as the Celery task, on the model thread, by the
+    study's priority; deliveries go to an ``OutboxLoop``, so a PACS that is down never holds the model."""
 
-    def __init__(self, ctx: WorkerContext, executor: Executor) -> None:
-        self.ctx, self.executor = ctx, executor
+    def __init__(self, ctx: WorkerContext, model_thread: ModelThread) -> None:
+        self.ctx, self.model_thread = ctx, model_thread
         self._closed = threading.Event()
         self.outbox = OutboxLoop(ctx)
         ctx.deliver = self.outbox.deliver
@@ -116,8 +116,8 @@ class InProcessRunner:
             retries += 1
 
     def __call__(self, study_id: int, version: int) -> None:
-        study_priority(self.ctx.sessions, self.ctx.store, study_id, self.ctx.settings.worker.stat_rules)
-        self.executor.submit(self._run, study_id, version)
+        priority = study_priority(self.ctx.sessions, self.ctx.store, study_id, self.ctx.settings.worker.stat_rules)
+        self.model_thread.submit_at(priority, self._run, study_id, version)
 
     def start(self) -> None:
         self.outbox.start()

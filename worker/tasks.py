@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import redis
 from celery import Task, shared_task
 
-from worker.app import ANALYSE_TASK, DELIVER_TASK, send_deliveries
+from records.clock import utcnow
+from worker.app import ANALYSE_TASK, CHAT_TASK, DELIVER_TASK, send_deliveries
+from worker.backends.base import GenerationParams
+from worker.chat import answer_question, redis_publisher
 from worker.context import WorkerContext, build_context
 from worker.jobs import attempt, deliver_once
 
@@ -24,6 +28,19 @@ def analyse_study(self: Task, study_id: int, version: int) -> str:
     if delay is not None:
         raise self.retry(countdown=delay)
     return "finished"
+
+
+@shared_task(bind=True, name=CHAT_TASK, max_retries=0)
+def chat(self: Task, exchange_id: int) -> str:
+    """A radiologist's question: answered once, streamed to the API over Redis pub/sub, never retried
+    (a failure is shown to the radiologist, who may ask again)."""
+    ctx = context_of(self.app)
+    client = getattr(self.app, "radvlm_redis", None) or redis.Redis.from_url(ctx.settings.broker_url)
+    self.app.radvlm_redis = client
+    answer_question(exchange_id, sessions=ctx.sessions, store=ctx.store, backend=ctx.backend,
+                    params=GenerationParams(max_new_tokens=ctx.options.max_new_tokens), clock=utcnow,
+                    publish=redis_publisher(client, exchange_id))
+    return "answered"
 
 
 @shared_task(bind=True, name=DELIVER_TASK, max_retries=None)

@@ -10,12 +10,13 @@ from fastapi.responses import Response
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from api.deps import CurrentUser, SessionDep, StoreDep
+from api.access import find_study, visible
+from api.deps import AuditDep, CurrentUser, SessionDep, StoreDep
 from api.problems import Problem
-from api.schemas import DeliveryPublic, InstancePublic, StudiesPublic, StudyDetail, StudyPublic
+from api.schemas import DeliveryPublic, InstancePublic, SignOffPublic, StudiesPublic, StudyDetail, StudyPublic
 from dicom_node.pixels import PixelError, read_model_image
 from records.schema import StudyResult
-from records.tables import Job, JobState, OutboxItem, Study, StudyState
+from records.tables import Job, JobState, OutboxItem, SignOff, Study, StudyState
 from worker.delivery.capture import draw_boxes
 
 router = APIRouter(prefix="/studies", tags=["studies"])
@@ -29,14 +30,8 @@ def _public(study: Study) -> StudyPublic:
                        last_received_at=study.last_received_at)
 
 
-def _study(session: Session, uid: str) -> Study:
-    study = session.scalar(select(Study).where(Study.study_instance_uid == uid))
-    if study is None:
-        raise Problem(404, "unknown study", f"no study {uid} has been received")
-    return study
-
-
-def _result(session: Session, study: Study) -> StudyResult | None:
+def latest_result(session: Session, study: Study) -> StudyResult | None:
+    """The result of the newest finished analysis of the study."""
     job = session.scalar(select(Job).where(Job.study_id == study.id, Job.state == JobState.done)
                          .order_by(Job.study_version.desc(), Job.id.desc()))
     return StudyResult.model_validate(job.result.payload) if job is not None and job.result else None
@@ -44,13 +39,16 @@ def _result(session: Session, study: Study) -> StudyResult | None:
 
 @router.get("", response_model=StudiesPublic)
 def list_studies(
-    session: SessionDep, user: CurrentUser,
+    session: SessionDep, user: CurrentUser, audit: AuditDep,
     state: StudyState | None = None, accession: str | None = None, patient_id: str | None = None,
     date_from: Annotated[str | None, Query(pattern=r"^\d{8}$", description="YYYYMMDD")] = None,
     date_to: Annotated[str | None, Query(pattern=r"^\d{8}$", description="YYYYMMDD")] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50, offset: Annotated[int, Query(ge=0)] = 0,
 ) -> StudiesPublic:
-    query = select(Study)
+    audit("list_studies", detail="; ".join(f"{k}={v}" for k, v in dict(
+        state=state and state.value, accession=accession, patient_id=patient_id, date_from=date_from,
+        date_to=date_to).items() if v) or None)
+    query = visible(select(Study), user)
     if state is not None:
         query = query.where(Study.state == state)
     if accession:
@@ -67,9 +65,11 @@ def list_studies(
 
 
 @router.get("/{uid}", response_model=StudyDetail)
-def get_study(uid: str, session: SessionDep, user: CurrentUser) -> StudyDetail:
-    study = _study(session, uid)
-    result = _result(session, study)
+def get_study(uid: str, session: SessionDep, user: CurrentUser, audit: AuditDep) -> StudyDetail:
+    audit("read_study", uid)  # attempts too: a denied or unknown study is logged as asked
+    study = find_study(session, user, uid)
+    result = latest_result(session, study)
+    signed = session.scalar(select(SignOff).where(SignOff.study_id == study.id).order_by(SignOff.id.desc()))
     deliveries = session.scalars(select(OutboxItem).where(OutboxItem.study_id == study.id).order_by(OutboxItem.id))
     return StudyDetail(
         **_public(study).model_dump(),
@@ -80,15 +80,17 @@ def get_study(uid: str, session: SessionDep, user: CurrentUser) -> StudyDetail:
         deliveries=[DeliveryPublic(kind=d.kind, destination=d.destination, object_uid=d.object_uid,
                                    state=d.state.value, attempts=d.attempts, last_error=d.last_error,
                                    sent_at=d.sent_at) for d in deliveries],
+        sign_off=SignOffPublic.of(signed) if signed else None,
     )
 
 
 @router.get("/{uid}/image.png", responses={200: {"content": {"image/png": {}}}}, response_class=Response)
-def study_image(uid: str, session: SessionDep, store: StoreDep, user: CurrentUser,
+def study_image(uid: str, session: SessionDep, store: StoreDep, user: CurrentUser, audit: AuditDep,
                 sop: str | None = None, boxes: bool = True) -> Response:
     """The analysed image as the model saw it (windowed, 8-bit), with the model's boxes unless ``boxes=false``."""
-    study = _study(session, uid)
-    result = _result(session, study)
+    audit("read_image", uid, sop)
+    study = find_study(session, user, uid)
+    result = latest_result(session, study)
     if boxes and result is None:
         raise Problem(409, "no result yet", f"study {uid} is {study.state.value}: no boxes to draw yet")
     candidates = [i for i in study.instances if i.selected and not i.pixel_error]

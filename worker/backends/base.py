@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -26,14 +27,22 @@ class Completion:
     seconds: float
 
 
+OnText = Callable[[str], None]
+
+
 class ModelBackend(Protocol):
-    """``image`` is the 8-bit grayscale model image (rows, columns) at the original size."""
+    """``image`` is the 8-bit grayscale model image (rows, columns) at the original size.
+
+    ``on_text``, when given, receives the answer in pieces as it is generated (for streaming);
+    the returned ``Completion`` holds the whole answer either way.
+    """
 
     name: str
     model_id: str
     model_revision: str
 
-    def generate(self, image: np.ndarray, turns: list[Turn], params: GenerationParams) -> Completion: ...
+    def generate(self, image: np.ndarray, turns: list[Turn], params: GenerationParams,
+                 on_text: OnText | None = None) -> Completion: ...
 
 
 class ModelLoadError(RuntimeError):

@@ -2,7 +2,8 @@
 
 It is named as the test double it is (backend "scripted", revision "scripted"), never loads
 weights, and is never the default. The answers follow the formats in RadVLM's paper and
-training templates; which findings it reports is set by the test.
+training templates; which findings it reports is set by the test. In a conversation it resolves
+"it" from the turns it is given, so an answer shows whether the history reached the model.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from worker import prompts
-from worker.backends.base import Completion, GenerationParams
+from worker.backends.base import Completion, GenerationParams, OnText
 from worker.prompts import Turn
 
 
@@ -38,6 +39,29 @@ class ScriptedBackend:
     requests: list[list[Turn]] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
+    def _named(self, text: str) -> list[str]:
+        """The findings or boxed labels named in ``text``, in the order they appear."""
+        lowered = text.lower()
+        names = {*self.findings, *self.boxes}
+        return [name for position, name in sorted((lowered.find(n), n) for n in names) if position >= 0]
+
+    def follow_up(self, turns: list[Turn]) -> str:
+        """A free question: about the finding it names, else the last finding named earlier."""
+        question = turns[-1].text
+        named = self._named(question)
+        for turn in reversed(turns[:-1]):
+            if named:
+                break
+            named = self._named(turn.text)
+        if not named:
+            return "I cannot tell from this image what the question refers to."
+        subject = named[-1]
+        if question.lower().lstrip().startswith("where"):
+            return self.answer(prompts.grounding_question(subject))
+        if subject in self.findings:
+            return f"Yes, there is {subject} on this Chest X-ray."
+        return f"No, there is no {subject} on this Chest X-ray."
+
     def answer(self, question: str) -> str:
         if question == prompts.REPORT:
             found = ", ".join(self.findings) if self.findings else "no acute cardiopulmonary process"
@@ -55,15 +79,24 @@ class ScriptedBackend:
                 return f"The {label} is located at the coordinates {coordinates} on the image."
         return "I cannot locate it on this image."
 
-    def generate(self, image: np.ndarray, turns: list[Turn], params: GenerationParams) -> Completion:
+    def generate(self, image: np.ndarray, turns: list[Turn], params: GenerationParams,
+                 on_text: OnText | None = None) -> Completion:
         if image.dtype != np.uint8 or image.ndim != 2:
             raise ValueError("image must be 8-bit grayscale (rows, columns)")
         prompt = prompts.render(turns)  # the same validation every backend applies
         with self._lock:
             self.requests.append(list(turns))
         start = time.perf_counter()
-        if self.delay_s:
-            time.sleep(self.delay_s)
-        text = self.answer(turns[-1].text)
+        question = turns[-1].text
+        template = prompts.GROUNDING.split("{label}")
+        canned = question in (prompts.REPORT, prompts.ABNORMALITIES) or (
+            question.startswith(template[0]) and question.endswith(template[1]))
+        text = self.answer(question) if canned and len(turns) == 1 else self.follow_up(turns)
+        words = text.split(" ")
+        for index, word in enumerate(words):  # the delay is spread over the words, as a GPU streams
+            if self.delay_s:
+                time.sleep(self.delay_s / len(words))
+            if on_text:
+                on_text(word if index == len(words) - 1 else word + " ")
         return Completion(text=text, prompt_tokens=len(prompt.split()), new_tokens=len(text.split()),
                           seconds=time.perf_counter() - start)

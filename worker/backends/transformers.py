@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from worker import prompts
-from worker.backends.base import Completion, GenerationParams, ModelLoadError
+from worker.backends.base import Completion, GenerationParams, ModelLoadError, OnText
 from worker.prompts import Turn
 
 log = logging.getLogger(__name__)
@@ -45,6 +45,18 @@ def _load_error(model_id: str, exc: BaseException) -> ModelLoadError:
     else:
         hint = "see the error above"
     return ModelLoadError(f"cannot load {model_id}: {hint} ({text[:500]})")
+
+
+def _relay(tokenizer: Any, on_text: OnText) -> Any:
+    """transformers' ``TextStreamer`` (new tokens only, decoded a word at a time) handing text to ``on_text``."""
+    from transformers import TextStreamer
+
+    class Relay(TextStreamer):
+        def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+            if text:
+                on_text(text)
+
+    return Relay(tokenizer, skip_prompt=True, skip_special_tokens=True)
 
 
 class TransformersBackend:
@@ -112,13 +124,15 @@ class TransformersBackend:
         batch = self.processor(images=picture, text=prompts.render(turns), return_tensors="pt")
         return batch.to(self.device, dtype=self.model.dtype)
 
-    def generate(self, image: np.ndarray, turns: list[Turn], params: GenerationParams) -> Completion:
+    def generate(self, image: np.ndarray, turns: list[Turn], params: GenerationParams,
+                 on_text: OnText | None = None) -> Completion:
         batch = self.inputs(image, turns)
         prompt_tokens = int(batch["input_ids"].shape[1])
+        streamer = _relay(self.processor.tokenizer, on_text) if on_text else None
         start = time.perf_counter()
         with self.torch.inference_mode():
             output = self.model.generate(**batch, do_sample=False, max_new_tokens=params.max_new_tokens,
-                                         min_new_tokens=params.min_new_tokens or None)
+                                         min_new_tokens=params.min_new_tokens or None, streamer=streamer)
         seconds = time.perf_counter() - start
         new = output[0, prompt_tokens:]
         text = self.processor.tokenizer.decode(new, skip_special_tokens=True)

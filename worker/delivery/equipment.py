@@ -73,17 +73,32 @@ def closed_rectangle(box: Box, columns: int, rows: int) -> np.ndarray:
     return np.array([[x1, y1], [x2, y1], [x2, y2], [x1, y2], [x1, y1]], dtype=np.float32)
 
 
-def draft_sr_attributes(device: Device, place: Placement, image: Dataset, description: str,
-                        previous: Sequence[Dataset]) -> dict[str, Any]:
-    """The keyword arguments every draft SR of ours passes to highdicom: placement, equipment, and
-    the flags of a partial, unverified document (a radiologist's sign-off is a new SR)."""
+@dataclass(frozen=True)
+class Verifier:
+    """The radiologist who signed a report off: their SR is COMPLETE, FINAL and VERIFIED."""
+
+    observer_name: str  # DICOM PN, Family^Given
+    organization: str
+
+
+def sr_attributes(device: Device, place: Placement, image: Dataset, description: str,
+                  previous: Sequence[Dataset], verifier: Verifier | None = None) -> dict[str, Any]:
+    """The keyword arguments every SR of ours passes to highdicom: placement, equipment, and the
+    flags: a partial, unverified draft, or, with ``verifier``, the signed-off document."""
     when = place.content_datetime
+    if verifier is None:
+        flags = dict(is_complete=False, is_final=False, is_verified=False)
+        series = f"RadVLM {description} - {DRAFT_NOTICE} - UNVERIFIED"
+    else:
+        flags = dict(is_complete=True, is_final=True, is_verified=True,
+                     verifying_observer_name=verifier.observer_name, verifying_organization=verifier.organization)
+        series = f"RadVLM {description} - VERIFIED by a radiologist"
     return dict(
         evidence=[image], series_instance_uid=place.series_instance_uid, series_number=place.series_number,
         sop_instance_uid=place.sop_instance_uid, instance_number=place.instance_number, manufacturer=MANUFACTURER,
-        is_complete=False, is_final=False, is_verified=False, institution_name=device.institution_name,
+        **flags, institution_name=device.institution_name,
         previous_versions=list(previous) or None, contributing_equipment=[device.contributing_equipment(when)],
-        series_description=f"RadVLM {description} - {DRAFT_NOTICE} - UNVERIFIED"[:64],
+        series_description=series[:64],
         manufacturer_model_name=device.model_name, software_versions=device.software_version,
         content_date=when.date(), content_time=when.time(), series_date=when.date(), series_time=when.time(),
     )
@@ -100,11 +115,15 @@ def stamp(ds: Dataset, place: Placement) -> None:
             setattr(ds, f"{prefix}Time", time)
     for item in ds.get("ContributingEquipmentSequence", []):
         item.ContributionDateTime = when.strftime("%Y%m%d%H%M%S")
+    for item in ds.get("VerifyingObserverSequence", []):
+        item.VerificationDateTime = when.strftime("%Y%m%d%H%M%S")
 
 
-def mark_device_author(sr: Dataset, device: Device) -> None:
-    """The SR flags of an unverified AI draft, with the model as author (sr-spec.md item 4)."""
-    sr.PreliminaryFlag = "PRELIMINARY"
+def mark_authors(sr: Dataset, device: Device, verifier: Verifier | None = None) -> None:
+    """The model as author of a draft (sr-spec.md item 4); a signed-off document names the
+    radiologist first, then the model whose draft they verified."""
+    if verifier is None:
+        sr.PreliminaryFlag = "PRELIMINARY"
     author = Dataset()
     author.ObserverType = "DEV"
     author.DeviceUID = device.uid
@@ -113,4 +132,13 @@ def mark_device_author(sr: Dataset, device: Device) -> None:
     author.StationName = device.station_name
     author.InstitutionName = device.institution_name or ""
     author.InstitutionCodeSequence = []
-    sr.AuthorObserverSequence = [author]
+    authors = [author]
+    if verifier is not None:
+        person = Dataset()
+        person.ObserverType = "PSN"
+        person.PersonName = verifier.observer_name
+        person.PersonIdentificationCodeSequence = []
+        person.InstitutionName = verifier.organization
+        person.InstitutionCodeSequence = []
+        authors.insert(0, person)
+    sr.AuthorObserverSequence = authors

@@ -40,8 +40,10 @@ def _name(value: str) -> str:
 
 def oru_message(header: Dataset, result: StudyResult, control_id: str, when: datetime, *,
                 sending_application: str, sending_facility: str, receiving_application: str,
-                receiving_facility: str, urgent: set[str]) -> str:
-    """The ORU^R01 as ER7 text (segments separated by CR)."""
+                receiving_facility: str, urgent: set[str], final: bool = False) -> str:
+    """The ORU^R01 as ER7 text (segments separated by CR): a preliminary AI draft, or with
+    ``final`` the report as a radiologist signed it off (result status F)."""
+    status = "F" if final else "P"
     m = Message("ORU_R01", version="2.5.1", validation_level=VALIDATION_LEVEL.STRICT)
     m.msh.msh_3 = sending_application
     m.msh.msh_4 = sending_facility
@@ -67,11 +69,12 @@ def oru_message(header: Dataset, result: StudyResult, control_id: str, when: dat
     order.obr.obr_4 = REPORT_CODE
     order.obr.obr_7 = str(header.get("StudyDate", "") or when.strftime("%Y%m%d"))
     order.obr.obr_22 = when.strftime("%Y%m%d%H%M%S")
-    order.obr.obr_25 = "P"
+    order.obr.obr_25 = status
     labels = {label: any(image.labels.get(label) for image in result.images) for label in cx.LABELS}
     critical = sorted(label for label, present in labels.items() if present and label in urgent)
+    text = result.images[0].report.text
     rows: list[tuple[str, str, str, str]] = [
-        ("TX", NARRATIVE_CODE, _escape(f"{DRAFT_NOTICE}. {result.images[0].report.text}"), "AA" if critical else ""),
+        ("TX", NARRATIVE_CODE, _escape(text if final else f"{DRAFT_NOTICE}. {text}"), "AA" if critical else ""),
     ]
     for label, present in labels.items():
         coding = cx.LABELS[label].finding
@@ -87,7 +90,7 @@ def oru_message(header: Dataset, result: StudyResult, control_id: str, when: dat
         obx.obx_5 = value
         if flag:
             obx.obx_8 = flag
-        obx.obx_11 = "P"
+        obx.obx_11 = status
     m.validate()
     return m.to_er7()
 

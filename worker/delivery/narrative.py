@@ -16,7 +16,7 @@ from pydicom.sr.coding import Code
 
 from records.schema import ImageResult
 from worker.delivery import codes as cx
-from worker.delivery.equipment import DRAFT_NOTICE, Device, Placement, draft_sr_attributes, mark_device_author, stamp
+from worker.delivery.equipment import DRAFT_NOTICE, Device, Placement, mark_authors, sr_attributes, stamp
 from worker.delivery.sr import split_report
 
 DIAGNOSTIC_IMAGING_REPORT = Code("18748-4", "LN", "Diagnostic Imaging Report")
@@ -45,7 +45,7 @@ def narrative_report(image: Dataset, result: ImageResult, device: Device, place:
     ]
     if impression:
         root.ContentSequence.append(_section(IMPRESSION_SECTION, cx.IMPRESSION, impression))
-    sr = EnhancedSR(content=root, **draft_sr_attributes(device, place, image, "report", previous))
+    sr = EnhancedSR(content=root, **sr_attributes(device, place, image, "report", previous))
     stamp(sr, place)
-    mark_device_author(sr, device)
+    mark_authors(sr, device)
     return sr

@@ -34,7 +34,7 @@ from worker.delivery.sr import measurement_report
 
 log = logging.getLogger(__name__)
 
-SERIES_NUMBERS = {"sr": 9901, "narrative": 9902, "gsps": 9903, "sc": 9904}
+SERIES_NUMBERS = {"sr": 9901, "narrative": 9902, "gsps": 9903, "sc": 9904, "verified-sr": 9905}
 RIS = "ris"  # the destination name of HL7 results
 SR_CLASSES = {"sr": Comprehensive3DSRStorage, "narrative": EnhancedSRStorage}
 LEASE = timedelta(minutes=5)  # an attempt in flight keeps others off the item this long
@@ -68,10 +68,18 @@ def sender(destinations: Sequence[Destination], hl7: HL7Settings | None, calling
     return send
 
 
-def _encode(ds: Dataset) -> bytes:
+def encode(ds: Dataset) -> bytes:
     buffer = io.BytesIO()
     ds.save_as(buffer, enforce_file_format=True)
     return buffer.getvalue()
+
+
+def placement(result: StudyResult, kind: str, image_uid: str, number: int, when: datetime) -> Placement:
+    """Where the ``kind`` object about one image goes: UIDs derived from the job, the same every time."""
+    key = [result.study_instance_uid, str(result.study_version), result.model_revision, kind]
+    return Placement(series_instance_uid=str(generate_uid(entropy_srcs=[*key, "series"])),
+                     sop_instance_uid=str(generate_uid(entropy_srcs=[*key, image_uid])),
+                     content_datetime=when, series_number=SERIES_NUMBERS[kind], instance_number=number)
 
 
 def build_objects(result: StudyResult, headers: dict[str, Dataset], model_images: dict[str, ModelImage],
@@ -82,10 +90,7 @@ def build_objects(result: StudyResult, headers: dict[str, Dataset], model_images
     for number, image in enumerate(result.images, start=1):
         header = headers[image.sop_instance_uid]
         for kind in sorted(kinds):
-            key = [result.study_instance_uid, str(result.study_version), result.model_revision, kind]
-            place = Placement(series_instance_uid=str(generate_uid(entropy_srcs=[*key, "series"])),
-                              sop_instance_uid=str(generate_uid(entropy_srcs=[*key, image.sop_instance_uid])),
-                              content_datetime=when, series_number=SERIES_NUMBERS[kind], instance_number=number)
+            place = placement(result, kind, image.sop_instance_uid, number, when)
             earlier = [p for p in previous if p.SOPClassUID == SR_CLASSES[kind]] if kind in SR_CLASSES else []
             if kind == "sr":
                 ds = measurement_report(header, image, device, place, previous=earlier)
@@ -97,7 +102,7 @@ def build_objects(result: StudyResult, headers: dict[str, Dataset], model_images
                 ds = burned_in_capture(header, model_images[image.sop_instance_uid], image, device, place)
             else:
                 raise ValueError(f"unknown object kind {kind!r}")
-            built.append(BuiltObject(kind, place.sop_instance_uid, str(ds.SOPClassUID), _encode(ds)))
+            built.append(BuiltObject(kind, place.sop_instance_uid, str(ds.SOPClassUID), encode(ds)))
     return built
 
 
@@ -117,13 +122,16 @@ def previous_reports(session: Session, study_id: int, before_version: int) -> li
     return [dcmread(io.BytesIO(payload)) for payload in unique.values()]
 
 
-def hl7_result(result: StudyResult, header: Dataset, hl7: HL7Settings, when: datetime) -> BuiltObject:
-    """The study's ORU^R01, with a control ID derived from the job (MSH-10 holds 20 characters)."""
-    key = "/".join([result.study_instance_uid, str(result.study_version), result.model_revision])
+def hl7_result(result: StudyResult, header: Dataset, hl7: HL7Settings, when: datetime,
+               final: bool = False) -> BuiltObject:
+    """The study's ORU^R01, with a control ID derived from the job (MSH-10 holds 20 characters);
+    ``final``: the signed-off report, which gets a control ID of its own."""
+    key = "/".join([result.study_instance_uid, str(result.study_version), result.model_revision]
+                   + (["final"] if final else []))
     control_id = hashlib.sha1(key.encode()).hexdigest()[:20]
     er7 = oru_message(header, result, control_id, when, sending_application=hl7.sending_application,
                       sending_facility=hl7.sending_facility, receiving_application=hl7.receiving_application,
-                      receiving_facility=hl7.receiving_facility, urgent=set(hl7.urgent_findings))
+                      receiving_facility=hl7.receiving_facility, urgent=set(hl7.urgent_findings), final=final)
     return BuiltObject("hl7", control_id, None, er7.encode())
 
 

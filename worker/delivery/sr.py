@@ -43,9 +43,10 @@ from worker.delivery.equipment import (
     DRAFT_NOTICE,
     Device,
     Placement,
+    Verifier,
     closed_rectangle,
-    draft_sr_attributes,
-    mark_device_author,
+    mark_authors,
+    sr_attributes,
     stamp,
 )
 
@@ -109,14 +110,15 @@ def _bare_image_library(image: Dataset) -> ContainerContentItem:
     return library
 
 
-def _evaluations(result: ImageResult) -> ContainerContentItem:
-    """TID 1500 rows 12-14: every label present or absent, and the draft text."""
+def _evaluations(result: ImageResult, draft: bool) -> ContainerContentItem:
+    """TID 1500 rows 12-14: every label present or absent, and the report text."""
     container = ContainerContentItem(name=cx.QUALITATIVE_EVALUATIONS, relationship_type=RelationshipTypeValues.CONTAINS)
     items = [CodeContentItem(name=cx.LABELS[label].finding, value=cx.PRESENT if present else cx.ABSENT,
                              relationship_type=RelationshipTypeValues.CONTAINS)
              for label, present in result.labels.items()]
     findings, impression = split_report(result.report.text)
-    items.append(TextContentItem(name=cx.FINDING, value=f"{DRAFT_NOTICE}. {findings}"[:10000],
+    text = f"{DRAFT_NOTICE}. {findings}" if draft else findings
+    items.append(TextContentItem(name=cx.FINDING, value=text[:10000],
                                  relationship_type=RelationshipTypeValues.CONTAINS))
     if impression:
         items.append(TextContentItem(name=cx.IMPRESSION, value=impression[:10000],
@@ -126,10 +128,11 @@ def _evaluations(result: ImageResult) -> ContainerContentItem:
 
 
 def measurement_report(image: Dataset, result: ImageResult, device: Device, place: Placement,
-                       previous: Sequence[Dataset] = ()) -> Comprehensive3DSR:
+                       previous: Sequence[Dataset] = (), verifier: Verifier | None = None) -> Comprehensive3DSR:
     """The TID 1500 SR for ``result`` about ``image`` (a header suffices; no pixel data needed).
 
-    ``previous``: the SRs of an earlier version of the study, named as predecessor documents.
+    ``previous``: the SRs this one replaces (an earlier study version's, or the draft a
+    radiologist signed off), named as predecessor documents. ``verifier``: who signed it off.
     """
     if str(image.SOPInstanceUID) != result.sop_instance_uid:
         raise ValueError("image and result describe different SOP instances")
@@ -148,15 +151,15 @@ def measurement_report(image: Dataset, result: ImageResult, device: Device, plac
         names = [item.ConceptNameCodeSequence[0].CodeValue for item in root.ContentSequence]
         at = names.index("126010") if "126010" in names else len(names)
         root.ContentSequence.insert(at, _bare_image_library(image))
-    root.ContentSequence.append(_evaluations(result))
+    root.ContentSequence.append(_evaluations(result, draft=verifier is None))
     sr = Comprehensive3DSR(
-        content=root, **draft_sr_attributes(device, place, image, "findings", previous),
+        content=root, **sr_attributes(device, place, image, "findings", previous, verifier),
         coding_schemes=[CodingSchemeIdentificationItem(
             designator=cx.PRIVATE_SCHEME, name="radvlm-pacs private codes",
             responsible_organization="radvlm-pacs project")],
     )
     stamp(sr, place)
-    mark_device_author(sr, device)
+    mark_authors(sr, device, verifier)
     verify_regions(sr, result)
     return sr
 

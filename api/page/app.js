@@ -1,0 +1,327 @@
+// The radiologist's page: plain JavaScript, no build step. Every call carries the bearer token,
+// kept in this tab's sessionStorage only.
+"use strict";
+
+const LABELS = ["Enlarged Cardiomediastinum", "Cardiomegaly", "Lung Opacity", "Lung Lesion", "Edema",
+  "Consolidation", "Pneumonia", "Atelectasis", "Pneumothorax", "Pleural Effusion", "Pleural Other",
+  "Fracture", "Support Devices"];
+const PALETTE = ["#ff3b30", "#ff9500", "#ffcc00", "#34c759", "#af52de", "#ff2d55", "#5ac8fa", "#a2845e"];
+const ANSWER_COLOUR = "#00e5ff";
+
+const $ = (id) => document.getElementById(id);
+const state = { token: sessionStorage.getItem("radvlm-token"), study: null, result: null, image: null,
+  base: null, zoom: 1, shown: new Set(), answerBoxes: [], conversation: null };
+
+class ApiError extends Error {
+  constructor(status, problem) { super(problem.detail || problem.title || `HTTP ${status}`); this.status = status; }
+}
+
+async function api(path, options = {}) {
+  const headers = { Authorization: `Bearer ${state.token}`, ...(options.headers || {}) };
+  if (options.json !== undefined) {
+    headers["Content-Type"] = "application/json";
+    options.body = JSON.stringify(options.json);
+  }
+  const response = await fetch(path, { ...options, headers });
+  if (response.status === 401) { logout(); }
+  if (!response.ok) {
+    let problem = {};
+    try { problem = await response.json(); } catch (e) { /* not JSON */ }
+    throw new ApiError(response.status, problem);
+  }
+  return response;
+}
+
+function show(panel) {
+  for (const id of ["login-panel", "list-panel", "study-panel"]) { $(id).hidden = id !== panel; }
+}
+
+// --- log in ------------------------------------------------------------------------------------
+async function login(token) {
+  state.token = token;
+  try {
+    const me = await (await api("/me")).json();
+    sessionStorage.setItem("radvlm-token", token);
+    $("who").textContent = `${me.name} (${me.role})`;
+    $("logout").hidden = false;
+    await listStudies();
+  } catch (error) {
+    state.token = null;
+    $("login-error").textContent = error.status === 401 ? "This token is not known here." : error.message;
+    show("login-panel");
+  }
+}
+
+function logout() {
+  sessionStorage.removeItem("radvlm-token");
+  state.token = null;
+  $("who").textContent = "";
+  $("logout").hidden = true;
+  show("login-panel");
+}
+
+// --- study list --------------------------------------------------------------------------------
+async function listStudies() {
+  const query = new URLSearchParams();
+  if ($("filter-state").value) query.set("state", $("filter-state").value);
+  if ($("filter-patient").value) query.set("patient_id", $("filter-patient").value);
+  if ($("filter-accession").value) query.set("accession", $("filter-accession").value);
+  const studies = await (await api(`/studies?${query}`)).json();
+  const body = $("studies").querySelector("tbody");
+  body.replaceChildren();
+  for (const study of studies.data) {
+    const row = document.createElement("tr");
+    row.dataset.uid = study.study_instance_uid;
+    for (const value of [study.patient_name, study.patient_id, study.accession_number, study.study_date,
+      study.state, new Date(study.last_received_at).toLocaleString()]) {
+      const cell = document.createElement("td");
+      cell.textContent = value ?? "";
+      row.append(cell);
+    }
+    row.addEventListener("click", () => openStudy(study.study_instance_uid));
+    body.append(row);
+  }
+  show("list-panel");
+}
+
+// --- viewer ------------------------------------------------------------------------------------
+async function openStudy(uid) {
+  const detail = await (await api(`/studies/${encodeURIComponent(uid)}`)).json();
+  state.study = detail;
+  state.result = detail.result ? detail.result.images[0] : null;
+  state.answerBoxes = [];
+  state.conversation = null;
+  $("answers").replaceChildren();
+  $("chat-error").textContent = "";
+  $("study-title").textContent = `${detail.patient_name || ""} ${detail.accession_number || ""} — ${detail.state}`;
+  show("study-panel");
+  renderFindings();
+  renderSignOff();
+  if (!state.result) {
+    $("report").textContent = detail.reason || `This study is ${detail.state}: no draft yet.`;
+    return;
+  }
+  $("report").textContent = state.result.report.text;
+  const picture = await (await api(`/studies/${encodeURIComponent(uid)}/image.png?boxes=false&sop=${
+    encodeURIComponent(state.result.sop_instance_uid)}`)).blob();
+  const bitmap = await createImageBitmap(picture);
+  const canvas = $("image");
+  canvas.width = bitmap.width;
+  canvas.height = bitmap.height;
+  const context = canvas.getContext("2d", { willReadFrequently: true });
+  context.drawImage(bitmap, 0, 0);
+  state.base = context.getImageData(0, 0, canvas.width, canvas.height);
+  resetWindow();
+  fit();
+}
+
+function groundings() {
+  return (state.result ? state.result.groundings : []).filter((g) => g.answer.boxes.length);
+}
+
+function renderFindings() {
+  const list = $("findings");
+  list.replaceChildren();
+  state.shown = new Set();
+  if (!state.result) return;
+  const boxed = new Map(groundings().map((g, i) => [g.label, PALETTE[i % PALETTE.length]]));
+  const present = Object.entries(state.result.labels).filter(([label, on]) => on).map(([label]) => label);
+  for (const label of present) {
+    const item = document.createElement("li");
+    if (boxed.has(label)) {
+      const toggle = document.createElement("input");
+      toggle.type = "checkbox";
+      toggle.checked = true;
+      toggle.className = "finding-toggle";
+      toggle.dataset.label = label;
+      toggle.addEventListener("change", () => {
+        if (toggle.checked) state.shown.add(label); else state.shown.delete(label);
+        draw();
+      });
+      state.shown.add(label);
+      const swatch = document.createElement("span");
+      swatch.className = "swatch";
+      swatch.style.background = boxed.get(label);
+      item.append(toggle, swatch);
+    }
+    item.append(document.createTextNode(label));
+    list.append(item);
+  }
+}
+
+function resetWindow() { $("window").value = 255; $("level").value = 128; draw(); }
+
+function draw() {
+  if (!state.base) return;
+  const canvas = $("image");
+  const context = canvas.getContext("2d");
+  const width = Number($("window").value), level = Number($("level").value);
+  const low = level - width / 2;
+  const lut = new Uint8ClampedArray(256);
+  for (let v = 0; v < 256; v++) lut[v] = ((v - low) / width) * 255;
+  const out = new ImageData(new Uint8ClampedArray(state.base.data), state.base.width, state.base.height);
+  const data = out.data;
+  for (let i = 0; i < data.length; i += 4) { data[i] = data[i + 1] = data[i + 2] = lut[data[i]]; }
+  context.putImageData(out, 0, 0);
+  const line = Math.max(2, Math.round(canvas.width / 400));
+  groundings().forEach((g, i) => {
+    if (state.shown.has(g.label)) strokeBoxes(context, g.answer.boxes, PALETTE[i % PALETTE.length], line);
+  });
+  strokeBoxes(context, state.answerBoxes, ANSWER_COLOUR, line);
+}
+
+function strokeBoxes(context, boxes, colour, line) {
+  context.strokeStyle = colour;
+  context.lineWidth = line;
+  for (const box of boxes) {
+    const [x1, y1, x2, y2] = box.px;
+    context.strokeRect(x1, y1, x2 - x1, y2 - y1);
+  }
+}
+
+function setZoom(zoom) {
+  state.zoom = Math.min(8, Math.max(0.05, zoom));
+  const canvas = $("image");
+  canvas.style.width = `${canvas.width * state.zoom}px`;
+  canvas.style.height = `${canvas.height * state.zoom}px`;
+}
+
+function fit() {
+  const stage = $("stage"), canvas = $("image");
+  setZoom(Math.min(stage.clientWidth / canvas.width, stage.clientHeight / canvas.height));
+}
+
+function windowDrag() {
+  let last = null;
+  const canvas = $("image");
+  canvas.addEventListener("contextmenu", (event) => event.preventDefault());
+  canvas.addEventListener("mousedown", (event) => { if (event.button === 2) last = [event.clientX, event.clientY]; });
+  window.addEventListener("mouseup", () => { last = null; });
+  window.addEventListener("mousemove", (event) => {
+    if (!last) return;
+    $("window").value = Number($("window").value) + (event.clientX - last[0]);
+    $("level").value = Number($("level").value) - (event.clientY - last[1]);
+    last = [event.clientX, event.clientY];
+    draw();
+  });
+  $("stage").addEventListener("wheel", (event) => {
+    event.preventDefault();
+    setZoom(state.zoom * (event.deltaY < 0 ? 1.15 : 1 / 1.15));
+  }, { passive: false });
+}
+
+// --- chat --------------------------------------------------------------------------------------
+async function ask(question) {
+  const uid = encodeURIComponent(state.study.study_instance_uid);
+  if (!state.conversation) {
+    const response = await api(`/studies/${uid}/conversations`, { method: "POST",
+      json: { sop_instance_uid: state.result.sop_instance_uid } });
+    state.conversation = await response.json();
+  }
+  const turn = document.createElement("div");
+  turn.className = "turn";
+  const asked = document.createElement("div");
+  asked.className = "question";
+  asked.textContent = question;
+  const answer = document.createElement("div");
+  answer.className = "answer";
+  turn.append(asked, answer);
+  $("answers").append(turn);
+  const response = await api(`/studies/${uid}/conversations/${state.conversation.id}/questions/stream`,
+    { method: "POST", json: { text: question }, headers: { Accept: "text/event-stream" } });
+  for await (const event of serverSentEvents(response)) {
+    if (event.event === "token") {
+      answer.textContent += event.data.text;
+    } else if (event.event === "done") {
+      answer.textContent = event.data.answer;
+      answer.dataset.done = "true";
+      state.answerBoxes = event.data.boxes;
+      draw();
+    } else if (event.event === "error") {
+      throw new ApiError(event.data.status, event.data);
+    }
+  }
+}
+
+async function* serverSentEvents(response) {
+  const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
+  let buffer = "";
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) return;
+    buffer += value.replaceAll("\r\n", "\n");
+    let end;
+    while ((end = buffer.indexOf("\n\n")) >= 0) {
+      const block = buffer.slice(0, end);
+      buffer = buffer.slice(end + 2);
+      const event = { event: "message", data: "" };
+      for (const line of block.split("\n")) {
+        if (line.startsWith("event:")) event.event = line.slice(6).trim();
+        else if (line.startsWith("data:")) event.data += line.slice(5).trimStart();
+      }
+      if (event.data) { event.data = JSON.parse(event.data); yield event; }
+    }
+  }
+}
+
+// --- sign-off ----------------------------------------------------------------------------------
+function renderSignOff() {
+  const box = $("signoff-findings");
+  box.querySelectorAll("label").forEach((label) => label.remove());
+  const signed = state.study.sign_off;
+  const labels = signed ? new Set(signed.findings) : new Set(
+    state.result ? Object.entries(state.result.labels).filter(([l, on]) => on && l !== "No Finding").map(([l]) => l) : []);
+  for (const label of LABELS) {
+    const wrapper = document.createElement("label");
+    const input = document.createElement("input");
+    input.type = "checkbox";
+    input.value = label;
+    input.checked = labels.has(label);
+    wrapper.append(input, document.createTextNode(` ${label}`));
+    box.append(wrapper);
+  }
+  $("signoff-report").value = signed ? signed.report : (state.result ? state.result.report.text : "");
+  $("signoff-submit").disabled = Boolean(signed) || !state.result;
+  $("signoff-status").textContent = signed
+    ? `Signed off by ${signed.user_name} at ${new Date(signed.signed_at).toLocaleString()}.` : "";
+}
+
+async function signOff() {
+  const uid = encodeURIComponent(state.study.study_instance_uid);
+  const findings = [...$("signoff-findings").querySelectorAll("input:checked")].map((input) => input.value);
+  try {
+    const response = await api(`/studies/${uid}/sign-off`, { method: "POST",
+      json: { report: $("signoff-report").value, findings } });
+    const signed = await response.json();
+    $("signoff-status").textContent = `Signed off: verified report ${signed.sr_uid} sent ` +
+      `(${signed.deliveries} deliver${signed.deliveries === 1 ? "y" : "ies"} queued).`;
+    $("signoff-submit").disabled = true;
+  } catch (error) {
+    $("signoff-status").textContent = `Not signed off: ${error.message}`;
+  }
+}
+
+// --- wiring ------------------------------------------------------------------------------------
+$("login-form").addEventListener("submit", (event) => { event.preventDefault(); login($("token").value); });
+$("logout").addEventListener("click", logout);
+$("filters").addEventListener("submit", (event) => { event.preventDefault(); listStudies(); });
+$("back").addEventListener("click", listStudies);
+$("window").addEventListener("input", draw);
+$("level").addEventListener("input", draw);
+$("reset-wl").addEventListener("click", resetWindow);
+$("zoom-in").addEventListener("click", () => setZoom(state.zoom * 1.25));
+$("zoom-out").addEventListener("click", () => setZoom(state.zoom / 1.25));
+$("zoom-fit").addEventListener("click", fit);
+$("ask-form").addEventListener("submit", async (event) => {
+  event.preventDefault();
+  const question = $("question").value.trim();
+  if (!question) return;
+  $("question").value = "";
+  $("chat-error").textContent = "";
+  $("ask").disabled = true;
+  try { await ask(question); } catch (error) { $("chat-error").textContent = error.message; }
+  finally { $("ask").disabled = false; }
+});
+$("signoff-form").addEventListener("submit", (event) => { event.preventDefault(); signOff(); });
+windowDrag();
+if (state.token) login(state.token); else show("login-panel");

@@ -1,0 +1,176 @@
+"""Chat over a study analysed for real: history in RadVLM's format, SSE streaming, roles, audit, problems.
+
+The model is the scripted test double on ``serve``'s model thread (``LocalAsker``); the Celery
+path is tested in test_production_layout.py.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+from fastapi.testclient import TestClient
+
+from api.askers import LocalAsker
+from api.main import create_app
+from records.settings import Settings
+from tests.conftest import RG1_STUDY, RG3_STUDY, worker_context
+from worker import prompts
+from worker.backends.scripted import ScriptedBackend
+from worker.model_thread import ModelThread
+from worker.prompts import Turn
+
+TOKENS = {"dr.house": "radiologist token", "it.admin": "admin token", "dr.elsewhere": "another site"}
+
+
+def users() -> list[dict]:
+    digest = {name: hashlib.sha256(token.encode()).hexdigest() for name, token in TOKENS.items()}
+    return [
+        {"name": "dr.house", "person_name": "House^Gregory", "token_sha256": digest["dr.house"]},
+        {"name": "it.admin", "role": "admin", "token_sha256": digest["it.admin"]},
+        {"name": "dr.elsewhere", "token_sha256": digest["dr.elsewhere"], "sources": ["OTHERPACS"]},
+    ]
+
+
+def auth(name: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {TOKENS[name]}"}
+
+
+HOUSE = auth("dr.house")
+
+
+def settings_for(running, **api) -> Settings:  # type: ignore[no-untyped-def]
+    return Settings(database_url=running.url, storage_dir=running.store.root, api={"users": users(), **api})
+
+
+@pytest.fixture
+def chat(analysed_node):
+    """(client, backend): the API with a scripted model of its own on a model thread."""
+    running = analysed_node.running
+    backend = ScriptedBackend()
+    with ModelThread() as thread:
+        asker = LocalAsker(worker_context(running, backend), thread)
+        with TestClient(create_app(settings_for(running), asker)) as client:
+            yield client, backend
+
+
+def conversation(client: TestClient) -> int:
+    created = client.post(f"/studies/{RG1_STUDY}/conversations", json={}, headers=HOUSE)
+    assert created.status_code == 201, created.text
+    return created.json()["id"]
+
+
+def test_where_is_it_is_answered_with_the_history(chat):
+    client, backend = chat
+    cid = conversation(client)
+    first = client.post(f"/studies/{RG1_STUDY}/conversations/{cid}/questions",
+                        json={"text": "Is there a pleural effusion?"}, headers=HOUSE)
+    assert first.status_code == 200, first.text
+    assert first.json()["answer"] == "Yes, there is pleural effusion on this Chest X-ray."
+    assert first.json()["boxes"] == []
+    second = client.post(f"/studies/{RG1_STUDY}/conversations/{cid}/questions", json={"text": "Where is it?"},
+                         headers=HOUSE).json()
+    # the request the model received: the first exchange, then the new question
+    assert backend.requests[-1] == [Turn("user", "Is there a pleural effusion?"),
+                                    Turn("assistant", first.json()["answer"]), Turn("user", "Where is it?")]
+    assert prompts.render(backend.requests[-1]).count("<image>") == 1
+    # the scripted model can only know what "it" is from the history
+    assert second["answer"].startswith("The pleural effusion is located at the coordinates")
+    boxes = second["boxes"]
+    assert [(b["x1"], b["y1"], b["x2"], b["y2"]) for b in boxes] == [(0.05, 0.62, 0.31, 0.88), (0.7, 0.64, 0.95, 0.9)]
+    assert boxes[0]["px"] == pytest.approx([0.05 * 1841, 0.62 * 1955, 0.31 * 1841, 0.88 * 1955])
+    stored = client.get(f"/studies/{RG1_STUDY}/conversations/{cid}", headers=HOUSE).json()
+    assert [e["position"] for e in stored["exchanges"]] == [1, 2]
+    assert stored["exchanges"][1]["boxes"] == boxes
+
+
+def sse(text: str) -> list[tuple[str, dict]]:
+    events = []
+    for block in text.replace("\r\n", "\n").strip().split("\n\n"):
+        fields = dict(line.split(": ", 1) for line in block.split("\n") if ": " in line)
+        if "data" in fields:
+            events.append((fields.get("event", "message"), json.loads(fields["data"])))
+    return events
+
+
+def test_answers_stream_token_by_token(chat):
+    client, _ = chat
+    cid = conversation(client)
+    with client.stream("POST", f"/studies/{RG1_STUDY}/conversations/{cid}/questions/stream",
+                       json={"text": "Where is the cardiomegaly?"}, headers=HOUSE) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        events = sse(response.read().decode())
+    kinds = [kind for kind, _ in events]
+    assert kinds[-1] == "done" and set(kinds[:-1]) == {"token"} and len(kinds) > 5
+    done = events[-1][1]
+    assert "".join(data["text"] for _, data in events[:-1]) == done["answer"]
+    assert done["answer"] == "The cardiomegaly is located at the coordinates [0.33, 0.45, 0.78, 0.79] on the image."
+    assert done["boxes"][0]["px"] == pytest.approx([0.33 * 1841, 0.45 * 1955, 0.78 * 1841, 0.79 * 1955])
+
+
+def test_each_problem_has_its_own_status(chat, analysed_node):
+    client, _ = chat
+    unknown = client.post("/studies/1.2.3/conversations", json={}, headers=HOUSE)
+    assert unknown.status_code == 404 and unknown.json()["title"] == "unknown study"
+    tibia = client.post(f"/studies/{RG3_STUDY}/conversations", json={}, headers=HOUSE)
+    assert tibia.status_code == 409 and "nothing_to_analyse" in tibia.json()["detail"]
+    other_image = client.post(f"/studies/{RG1_STUDY}/conversations", json={"sop_instance_uid": "1.2.3"},
+                              headers=HOUSE)
+    assert other_image.status_code == 404 and other_image.json()["title"] == "no such image"
+    cid = conversation(client)
+    empty = client.post(f"/studies/{RG1_STUDY}/conversations/{cid}/questions", json={"text": "  "}, headers=HOUSE)
+    assert empty.status_code == 422 and empty.headers["content-type"] == "application/problem+json"
+    assert client.post(f"/studies/{RG1_STUDY}/conversations/999/questions", json={"text": "Any effusion?"},
+                       headers=HOUSE).status_code == 404
+
+    running = analysed_node.running
+    with TestClient(create_app(settings_for(running))) as no_model:  # e.g. `radvlm-pacs api` without a broker
+        down = no_model.post(f"/studies/{RG1_STUDY}/conversations/{cid}/questions", json={"text": "Effusion?"},
+                             headers=HOUSE)
+    assert down.status_code == 503 and down.json()["title"] == "model unavailable"
+    stopped = ModelThread()
+    stopped.shutdown()
+    with TestClient(create_app(settings_for(running, chat_max_rounds=1),
+                               LocalAsker(worker_context(running, ScriptedBackend()), stopped))) as stopping:
+        assert "stopped" in stopping.post(f"/studies/{RG1_STUDY}/conversations/{cid}/questions",
+                                          json={"text": "Effusion?"}, headers=HOUSE).json()["detail"]
+    with ModelThread() as thread, TestClient(create_app(
+            settings_for(running, chat_max_rounds=1),
+            LocalAsker(worker_context(running, ScriptedBackend()), thread))) as short:
+        path = f"/studies/{RG1_STUDY}/conversations/{cid}/questions"
+        assert short.post(path, json={"text": "Is there cardiomegaly?"}, headers=HOUSE).status_code == 200
+        full = short.post(path, json={"text": "Where is it?"}, headers=HOUSE)
+    assert full.status_code == 409 and full.json()["title"] == "conversation full"
+
+
+def test_roles_visibility_and_audit(chat):
+    client, _ = chat
+    admin, elsewhere = auth("it.admin"), auth("dr.elsewhere")
+    assert client.get("/me", headers=HOUSE).json() == {"name": "dr.house", "role": "radiologist",
+                                                       "person_name": "House^Gregory"}
+    # the admin sees every study but may not ask the model or sign off
+    assert client.get("/studies", headers=admin).json()["count"] == 2
+    refused = client.post(f"/studies/{RG1_STUDY}/conversations", json={}, headers=admin)
+    assert refused.status_code == 403 and refused.json()["title"] == "radiologists only"
+    assert client.post(f"/studies/{RG1_STUDY}/sign-off", json={"report": "x", "findings": []},
+                       headers=admin).status_code == 403
+    # a radiologist of another site sees none of these studies
+    assert client.get("/studies", headers=elsewhere).json() == {"data": [], "count": 0}
+    assert client.get(f"/studies/{RG1_STUDY}", headers=elsewhere).status_code == 404
+    # conversations are their owner's
+    cid = conversation(client)
+    assert client.get(f"/studies/{RG1_STUDY}/conversations/{cid}", headers=admin).status_code == 404
+    client.get(f"/studies/{RG1_STUDY}", headers=HOUSE)
+    client.post(f"/studies/{RG1_STUDY}/conversations/{cid}/questions", json={"text": "Any pneumothorax?"},
+                headers=HOUSE)
+    assert client.get("/audit", headers=HOUSE).status_code == 403
+    log = client.get("/audit", params={"user_name": "dr.house"}, headers=admin).json()
+    actions = [(e["action"], e["study_instance_uid"], e["detail"]) for e in reversed(log)]
+    assert ("read_study", RG1_STUDY, None) in actions
+    assert ("ask", RG1_STUDY, "Any pneumothorax?") in actions
+    assert all(e["client"] == "testclient" and e["role"] == "radiologist" for e in log)
+    assert ("read_study", RG1_STUDY, None) in [
+        (e["action"], e["study_instance_uid"], e["detail"])
+        for e in client.get("/audit", params={"user_name": "dr.elsewhere"}, headers=admin).json()]

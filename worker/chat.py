@@ -1,0 +1,112 @@
+"""Follow-up questions about an analysed image, answered with the conversation's history.
+
+The history is the conversation's earlier answered exchanges, in RadVLM's multi-turn format
+(``prompts.render``: the image in the first user turn only). The answer streams to ``publish``
+as it is generated and is stored with its boxes mapped to pixels of the original image.
+Whoever runs it (a GPU worker, a redelivered task, ``serve``'s model thread) finds the exchange
+in the database; an exchange already answered is not asked again.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from dicom_node.pixels import PixelError, read_model_image
+from dicom_node.storage import InstanceStore
+from records.tables import Exchange, ExchangeState, Instance
+from worker.backends.base import GenerationParams, ModelBackend
+from worker.parsing import boxes_from_answer
+from worker.prompts import Turn
+
+log = logging.getLogger(__name__)
+
+Event = dict[str, Any]
+Publish = Callable[[Event], None]
+TERMINAL = ("done", "error")  # event types after which nothing more comes
+
+
+def channel(exchange_id: int) -> str:
+    """The Redis pub/sub channel that carries one exchange's events from a worker to the API."""
+    return f"radvlm:chat:{exchange_id}"
+
+
+def history(exchanges: list[Exchange], position: int) -> list[Turn]:
+    """The answered exchanges before ``position`` as turns, then the question at ``position``."""
+    turns: list[Turn] = []
+    for exchange in exchanges:
+        if exchange.position < position and exchange.state is ExchangeState.answered and exchange.answer:
+            turns += [Turn("user", exchange.question), Turn("assistant", exchange.answer)]
+        elif exchange.position == position:
+            turns.append(Turn("user", exchange.question))
+    return turns
+
+
+def _claim(session: Session, exchange_id: int) -> tuple[list[Turn], str] | Event:
+    """The turns and image path to answer with, or the terminal event of an exchange already settled."""
+    exchange = session.get(Exchange, exchange_id, with_for_update=True)
+    if exchange is None:
+        return {"type": "error", "status": 404, "detail": f"no question {exchange_id}"}
+    if exchange.state is ExchangeState.answered:
+        return {"type": "done"}
+    if exchange.state is ExchangeState.failed:
+        return {"type": "error", "status": 502, "detail": exchange.error or "the model failed"}
+    conversation = exchange.conversation
+    path = session.scalar(select(Instance.path).where(Instance.sop_instance_uid == conversation.sop_instance_uid))
+    if path is None:
+        exchange.state, exchange.error = ExchangeState.failed, "the conversation's image is no longer stored"
+        return {"type": "error", "status": 410, "detail": exchange.error}
+    exchange.state = ExchangeState.answering
+    return history(conversation.exchanges, exchange.position), path
+
+
+def answer_question(exchange_id: int, *, sessions: sessionmaker[Session], store: InstanceStore,
+                    backend: ModelBackend, params: GenerationParams, clock: Callable[[], datetime],
+                    publish: Publish) -> None:
+    """Answer one exchange and store the answer; every outcome ends with a ``done`` or ``error`` event."""
+    with sessions() as session, session.begin():
+        claimed = _claim(session, exchange_id)
+    if isinstance(claimed, dict):
+        publish(claimed)
+        return
+    turns, path = claimed
+    try:
+        image = read_model_image(store.path(path))
+        completion = backend.generate(image.pixels, turns, params,
+                                      on_text=lambda text: publish({"type": "token", "text": text}))
+    except PixelError as exc:
+        _failed(sessions, exchange_id, f"the image cannot be decoded: {exc}", publish, 422)
+        return
+    except Exception as exc:  # the model failed; the radiologist sees why and may ask again
+        log.exception("question %d: the model failed", exchange_id)
+        _failed(sessions, exchange_id, f"the model failed: {type(exc).__name__}: {exc}", publish, 502)
+        return
+    parsed = boxes_from_answer(completion.text, image.columns, image.rows)
+    with sessions() as session, session.begin():
+        exchange = session.get_one(Exchange, exchange_id, with_for_update=True)
+        exchange.answer, exchange.malformed = completion.text, parsed.malformed
+        exchange.boxes = [box.model_dump(mode="json") for box in parsed.boxes]
+        exchange.model_id, exchange.model_revision = backend.model_id, backend.model_revision
+        exchange.state, exchange.error, exchange.answered_at = ExchangeState.answered, None, clock()
+    log.info("question %d answered in %.1f s (%d tokens, %d boxes)", exchange_id, completion.seconds,
+             completion.new_tokens, len(parsed.boxes))
+    publish({"type": "done"})
+
+
+def _failed(sessions: sessionmaker[Session], exchange_id: int, reason: str, publish: Publish, status: int) -> None:
+    with sessions() as session, session.begin():
+        exchange = session.get_one(Exchange, exchange_id, with_for_update=True)
+        exchange.state, exchange.error = ExchangeState.failed, reason
+    publish({"type": "error", "status": status, "detail": reason})
+
+
+def redis_publisher(client: Any, exchange_id: int) -> Publish:
+    """``publish`` for a GPU worker: each event as JSON on the exchange's channel (``client``: redis.Redis)."""
+    name = channel(exchange_id)
+    return lambda event: client.publish(name, json.dumps(event))

@@ -1,0 +1,71 @@
+"""``serve``'s single model thread: model work runs one item at a time, by priority, then in order."""
+
+from __future__ import annotations
+
+import itertools
+import queue
+import threading
+from collections.abc import Callable
+from concurrent.futures import Executor, Future
+from typing import Any
+
+from worker.app import ROUTINE_PRIORITY
+
+
+class ModelThread(Executor):
+    """An executor with one thread and a priority queue (a lower number first, as on the gpu queue),
+    so that a radiologist's question overtakes the routine analyses waiting for the model."""
+
+    def __init__(self, name: str = "model") -> None:
+        self._queue: queue.PriorityQueue[tuple[int, int, Future[Any] | None, Callable[[], None]]] = \
+            queue.PriorityQueue()
+        self._order = itertools.count()
+        self._shutdown = False
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            _, _, future, work = self._queue.get()
+            if future is None:
+                return
+            work()
+
+    def submit_at(self, priority: int, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
+        future: Future[Any] = Future()
+
+        def work() -> None:
+            if not future.set_running_or_notify_cancel():
+                return
+            try:
+                future.set_result(fn(*args, **kwargs))
+            except BaseException as exc:  # handed to whoever waits on the future
+                future.set_exception(exc)
+
+        with self._lock:
+            if self._shutdown:
+                raise RuntimeError("the model thread has stopped")
+            self._queue.put((priority, next(self._order), future, work))
+        return future
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
+        return self.submit_at(ROUTINE_PRIORITY, fn, *args, **kwargs)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive() and not self._shutdown
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        with self._lock:
+            if not self._shutdown:
+                self._shutdown = True
+                if cancel_futures:
+                    while not self._queue.empty():
+                        _, _, future, _ = self._queue.get_nowait()
+                        if future is not None:
+                            future.cancel()
+                # the stop mark comes after everything still queued
+                self._queue.put((1 << 30, next(self._order), None, lambda: None))
+        if wait:
+            self._thread.join()

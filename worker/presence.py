@@ -1,0 +1,46 @@
+"""GPU workers announce themselves in Redis, so the API can tell "the model is down" at once.
+
+A Celery ``ping`` would not do: a solo-pool worker answers control messages only between tasks,
+so a worker busy with a study would look dead. A thread beside the task refreshes a key with a
+time to live instead; when the worker dies, its key expires.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+PREFIX = "radvlm:gpu-worker:"
+
+
+class Presence:
+    """Keep ``PREFIX + name`` alive (value: what the worker runs) until ``stop``."""
+
+    def __init__(self, client: Any, name: str, value: str, ttl_s: float = 15.0) -> None:
+        self.client, self.key, self.value, self.ttl_s = client, PREFIX + name, value, ttl_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="presence", daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.client.set(self.key, self.value, px=int(self.ttl_s * 1000))
+            except Exception as exc:  # Redis away for a moment: the key may lapse, the worker goes on
+                log.warning("cannot announce the worker in Redis: %s", exc)
+            self._stop.wait(self.ttl_s / 3)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.client.delete(self.key)
+
+
+def gpu_workers(client: Any) -> list[str]:
+    """What each live GPU worker announced (``client``: a synchronous redis.Redis)."""
+    return [value.decode() for key in client.scan_iter(PREFIX + "*") if (value := client.get(key)) is not None]

@@ -1,0 +1,124 @@
+"""A radiologist's sign-off: the draft as accepted or edited becomes a verified SR, sent as a new version.
+
+The verified SR (COMPLETE, FINAL, VERIFIED; the radiologist as verifying observer) names the
+AI draft SR of the same image as its predecessor and goes wherever the drafts go; the RIS gets a
+final ORU. The draft's UIDs are derived from the job, so the draft is rebuilt here to be
+referenced, whether or not a destination ever took it. One sign-off per analysis.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+
+from pydicom import dcmread
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
+
+from dicom_node.storage import InstanceStore
+from records.schema import CHEXPERT_LABELS, ImageResult, StudyResult
+from records.tables import Instance, Job, JobState, SignOff, Study, StudyState
+from worker.analysis import SOFTWARE_VERSION, Outputs
+from worker.delivery.equipment import Device, Verifier
+from worker.delivery.outbox import BuiltObject, encode, enqueue, hl7_result, placement
+from worker.delivery.sr import measurement_report
+
+
+class SignOffRefused(Exception):
+    """The sign-off cannot be taken; ``status`` is the HTTP status that says why."""
+
+    def __init__(self, status: int, title: str, detail: str) -> None:
+        super().__init__(detail)
+        self.status, self.title, self.detail = status, title, detail
+
+
+@dataclass(frozen=True)
+class Signed:
+    """What the radiologist signs: the report text and the CheXpert labels present."""
+
+    report: str
+    findings: frozenset[str]
+
+    def labels(self) -> dict[str, bool]:
+        present = {label: label in self.findings for label in CHEXPERT_LABELS if label != "No Finding"}
+        return {"No Finding": not any(present.values()), **present}
+
+
+def signed_image(draft: ImageResult, signed: Signed) -> ImageResult:
+    """The draft with the signed text and labels; boxes only for findings the radiologist kept."""
+    labels = signed.labels()
+    groundings = [g for g in draft.groundings if g.kind != "abnormality" or labels.get(g.label)]
+    return draft.model_copy(update={"report": draft.report.model_copy(update={"text": signed.report}),
+                                    "labels": labels, "groundings": groundings})
+
+
+def is_edited(draft: StudyResult, signed: Signed) -> bool:
+    first = draft.images[0]
+    drafted = {label for label, present in first.labels.items() if present and label != "No Finding"}
+    return signed.report.strip() != first.report.text.strip() or drafted != set(signed.findings)
+
+
+def _latest_job(session: Session, study: Study) -> Job:
+    job = session.scalar(select(Job).where(Job.study_id == study.id, Job.study_version == study.version,
+                                           Job.state == JobState.done).order_by(Job.id.desc()).with_for_update())
+    if job is None or job.result is None:
+        raise SignOffRefused(409, "no draft to sign off", f"study {study.study_instance_uid} is {study.state.value}")
+    return job
+
+
+def sign_off(sessions: sessionmaker[Session], store: InstanceStore, study_uid: str, user_name: str,
+             verifier: Verifier, signed: Signed, outputs: Outputs, clock: Callable[[], datetime]) -> list[int]:
+    """Record the sign-off and queue the verified objects; returns the new outbox items to deliver."""
+    unknown = sorted(set(signed.findings) - set(CHEXPERT_LABELS) | ({"No Finding"} & signed.findings))
+    if unknown:
+        raise SignOffRefused(422, "unknown finding", f"not a CheXpert finding label: {', '.join(unknown)}")
+    if not signed.report.strip():
+        raise SignOffRefused(422, "empty report", "the signed report has no text")
+    try:
+        return _sign_off(sessions, store, study_uid, user_name, verifier, signed, outputs, clock)
+    except IntegrityError as exc:  # a second radiologist signed the same draft at the same moment
+        raise SignOffRefused(409, "already signed off", "another sign-off of this draft was just stored") from exc
+
+
+def _sign_off(sessions: sessionmaker[Session], store: InstanceStore, study_uid: str, user_name: str,
+              verifier: Verifier, signed: Signed, outputs: Outputs, clock: Callable[[], datetime]) -> list[int]:
+    with sessions() as session, session.begin():
+        study = session.scalar(select(Study).where(Study.study_instance_uid == study_uid).with_for_update())
+        if study is None:
+            raise SignOffRefused(404, "unknown study", f"no study {study_uid} has been received")
+        job = _latest_job(session, study)
+        earlier = session.scalar(select(SignOff).where(SignOff.job_id == job.id))
+        if earlier is not None:
+            raise SignOffRefused(409, "already signed off",
+                                 f"signed off by {earlier.user_name} at {earlier.signed_at.isoformat()}")
+        draft = StudyResult.model_validate(job.result.payload)
+        paths = dict(session.execute(select(Instance.sop_instance_uid, Instance.path)
+                                     .where(Instance.study_id == study.id)).all())
+        now = clock()
+        device = Device(model_id=job.model_id, model_revision=job.model_revision, software_version=SOFTWARE_VERSION,
+                        station_name=outputs.station_name)
+        objects, final_images, headers = [], [], []
+        for number, image in enumerate(draft.images, start=1):
+            header = dcmread(store.path(paths[image.sop_instance_uid]), stop_before_pixels=True)
+            headers.append(header)
+            predecessor = measurement_report(header, image, device, placement(draft, "sr", image.sop_instance_uid,
+                                                                              number, job.finished_at or now))
+            final = signed_image(image, signed)
+            final_images.append(final)
+            verified = measurement_report(header, final, device,
+                                          placement(draft, "verified-sr", image.sop_instance_uid, number, now),
+                                          previous=[predecessor], verifier=verifier)
+            objects.append(BuiltObject("sr", str(verified.SOPInstanceUID), str(verified.SOPClassUID),
+                                       encode(verified)))
+        if outputs.hl7 is not None:
+            final_result = draft.model_copy(update={"images": final_images})
+            objects.append(hl7_result(final_result, headers[0], outputs.hl7, now, final=True))
+        items = enqueue(session, job, objects, outputs.destinations, outputs.policy, now)
+        session.add(SignOff(study_id=study.id, job_id=job.id, user_name=user_name,
+                            observer_name=verifier.observer_name, report=signed.report,
+                            findings=sorted(signed.findings), edited=is_edited(draft, signed),
+                            sr_uid=objects[0].sop_instance_uid, signed_at=now))
+        study.state, study.state_reason = StudyState.signed_off, f"signed off by {user_name}"
+        return [item.id for item in items]
