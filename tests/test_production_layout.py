@@ -7,6 +7,7 @@ import socket
 import time
 from pathlib import Path
 
+import httpx
 import pydicom
 import pytest
 import redis
@@ -18,7 +19,8 @@ from records.tables import DeliveryState, Job, JobState, OutboxItem, Result, Stu
 from tests.conftest import free_port, radiograph, rg1_copy, storescu, wait_for
 from tests.orthanc import running_orthanc
 from tests.processes import kill_hard, service
-from worker.app import STAT_PRIORITY
+from tests.test_chat import HOUSE, sse, users
+from worker.app import ROUTINE_PRIORITY, STAT_PRIORITY
 
 REDIS_DB = 11  # a database of its own on the machine's Redis, flushed by each test
 RG1_STUDY = "1.3.6.1.4.1.5962.1.2.9.20040826185059.5457"
@@ -143,9 +145,40 @@ def test_stat_study_is_analysed_before_routine_ones(sqlite_url, broker_url, tmp_
         first = min(_all_jobs(sessions), key=lambda j: j.started_at)
         assert session.get_one(Study, first.study_id).priority == STAT_PRIORITY
         priorities = sorted(s.priority for s in session.scalars(select(Study)))
-    assert priorities == [0, 5, 5, 5]
+    assert priorities == [STAT_PRIORITY] + [ROUTINE_PRIORITY] * 3
 
 
 def _all_jobs(sessions) -> list[Job]:  # type: ignore[no-untyped-def]
     with sessions() as session:
         return list(session.scalars(select(Job)))
+
+
+def test_questions_go_to_the_gpu_worker_and_stream_back(sqlite_url, broker_url, tmp_path):
+    """`radvlm-pacs api` never loads the model: questions run on the GPU worker (Celery, gpu queue) and
+    the answer streams back over Redis; with no worker running, the API says the model is down."""
+    port, api_port = free_port(), free_port()
+    env = _env(tmp_path, sqlite_url, broker_url, port, RADVLM_API__PORT=str(api_port),
+               RADVLM_API__USERS=json.dumps(users()), RADVLM_MODEL__SCRIPTED_DELAY_S="0.5")
+    sessions = make_session_factory(make_engine(sqlite_url))
+    logs = tmp_path / "logs"
+    base = f"http://127.0.0.1:{api_port}"
+    with service("node", ["node"], env, logs), service("api", ["api"], env, logs):
+        with service("gpu-worker", ["worker"], env, logs):
+            wait_for(lambda: _listening(port) and _listening(api_port), 30)
+            assert storescu(port, radiograph("RG1_UNCI.dcm")).returncode == 0
+            wait_for(lambda: (s := _study(sessions)) and s.state is StudyState.analysed, 60)
+            with httpx.Client(base_url=base, headers=HOUSE, timeout=60) as client:
+                cid = client.post(f"/studies/{RG1_STUDY}/conversations", json={}).json()["id"]
+                questions = f"/studies/{RG1_STUDY}/conversations/{cid}/questions"
+                first = client.post(questions, json={"text": "Is there a pleural effusion?"})
+                assert first.status_code == 200, first.text
+                with client.stream("POST", questions + "/stream", json={"text": "Where is it?"}) as response:
+                    events = sse(response.read().decode())
+        with httpx.Client(base_url=base, headers=HOUSE, timeout=60) as client:
+            down = client.post(questions, json={"text": "And the heart?"})
+    assert first.json()["answer"] == "Yes, there is pleural effusion on this Chest X-ray."
+    assert [kind for kind, _ in events].count("token") > 5 and events[-1][0] == "done"
+    assert len(events[-1][1]["boxes"]) == 2  # "it" resolved from the history the worker was given
+    assert down.status_code == 503 and "no GPU worker" in down.json()["detail"]
+    api_log = (logs / "api.log").read_text()
+    assert "loaded " not in api_log and "radvlm.chat" in (logs / "gpu-worker.log").read_text()

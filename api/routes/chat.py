@@ -6,7 +6,7 @@ import asyncio
 from collections.abc import AsyncIterator
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Path, Request
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -24,9 +24,11 @@ from records.tables import Conversation, Exchange, ExchangeState, Study, StudySt
 router = APIRouter(prefix="/studies/{uid}/conversations", tags=["chat"])
 CHATTABLE = (StudyState.analysed, StudyState.signed_off)
 PENDING = (ExchangeState.queued, ExchangeState.answering)
+ConversationId = Annotated[int, Path(ge=1, le=2**31 - 1)]  # a database integer
 
 
-def _conversation(session: Session, user: ApiUser, uid: str, conversation_id: int) -> tuple[Study, Conversation]:
+def _conversation(session: Session, user: ApiUser, uid: str,
+                  conversation_id: ConversationId) -> tuple[Study, Conversation]:
     study = find_study(session, user, uid)
     conversation = session.get(Conversation, conversation_id)
     if conversation is None or conversation.study_id != study.id or conversation.user_name != user.name:
@@ -65,14 +67,14 @@ def list_conversations(uid: str, session: SessionDep, user: CurrentUser, audit: 
 
 
 @router.get("/{conversation_id}", response_model=ConversationPublic)
-def get_conversation(uid: str, conversation_id: int, session: SessionDep, user: CurrentUser,
+def get_conversation(uid: str, conversation_id: ConversationId, session: SessionDep, user: CurrentUser,
                      audit: AuditDep) -> ConversationPublic:
     audit("read_conversation", uid, str(conversation_id))
     _, conversation = _conversation(session, user, uid, conversation_id)
     return ConversationPublic.of(conversation, uid)
 
 
-def new_exchange(uid: str, conversation_id: int, body: QuestionIn, session: SessionDep, user: CurrentUser,
+def new_exchange(uid: str, conversation_id: ConversationId, body: QuestionIn, session: SessionDep, user: CurrentUser,
                  audit: AuditDep, settings: SettingsDep, asker: AskerDep) -> tuple[int, Asker]:
     """Check and store the question (before any answer starts), and say which model answers it."""
     audit("ask", uid, body.text)
@@ -102,7 +104,7 @@ def _stored(request: Request, exchange_id: int) -> ExchangePublic:
 @router.post("/{conversation_id}/questions", response_model=ExchangePublic,
              responses={502: {"description": "the model failed"}, 503: {"description": "no model is running"},
                         504: {"description": "no answer in time; it is stored when it comes"}})
-async def ask(request: Request, uid: str, conversation_id: int, asked: NewExchange,
+async def ask(request: Request, uid: str, conversation_id: ConversationId, asked: NewExchange,
               settings: SettingsDep) -> ExchangePublic:
     """Ask and wait for the whole answer; boxes in it come back parsed and mapped to pixels."""
     exchange_id, asker = asked
@@ -123,7 +125,7 @@ async def ask(request: Request, uid: str, conversation_id: int, asked: NewExchan
 @router.post("/{conversation_id}/questions/stream", response_class=EventSourceResponse,
              responses={200: {"description": "events: `token` {text}, then `done` (the stored exchange) "
                                              "or `error` {status, detail}"}})
-async def ask_streaming(request: Request, uid: str, conversation_id: int,
+async def ask_streaming(request: Request, uid: str, conversation_id: ConversationId,
                         asked: NewExchange) -> AsyncIterator[ServerSentEvent]:
     """Ask, and receive the answer as it is generated (server-sent events)."""
     exchange_id, asker = asked

@@ -1,0 +1,119 @@
+"""The radiologist's page in a real headless Chromium (Debian's, driven by Playwright): log in, open the
+study, see and toggle the boxes, ask two questions and watch the answer stream, sign off.
+
+Screenshots of each step are saved to test-artifacts/browser/ (or $RADVLM_SCREENSHOTS).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+import pytest
+import uvicorn
+from playwright.sync_api import Page, sync_playwright
+from sqlalchemy import select
+
+from api.askers import LocalAsker
+from api.main import create_app
+from records.tables import SignOff
+from tests.conftest import RG1_STUDY, free_port, wait_for, worker_context
+from tests.test_chat import TOKENS, settings_for
+from worker.backends.scripted import ScriptedBackend
+from worker.model_thread import ModelThread
+
+CHROMIUM = "/usr/bin/chromium"
+# as root, headless, on a machine with no way out: no sandbox, no background connections
+FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+         "--disable-component-update", "--disable-sync"]
+SHOTS = Path(os.environ.get("RADVLM_SCREENSHOTS", Path(__file__).parents[1] / "test-artifacts" / "browser"))
+FINDING_RED = (255, 59, 48)  # the page's colour for the first finding with boxes (Cardiomegaly)
+ANSWER_CYAN = (0, 229, 255)  # the page's colour for boxes in an answer
+
+
+@pytest.fixture
+def served(analysed_node):
+    """The API with the page on a real port; the scripted model streams at about 15 words a second."""
+    running = analysed_node.running
+    port = free_port()
+    with ModelThread() as thread:
+        asker = LocalAsker(worker_context(running, ScriptedBackend(delay_s=1.0)), thread)
+        server = uvicorn.Server(uvicorn.Config(create_app(settings_for(running), asker), host="127.0.0.1",
+                                               port=port, log_level="warning"))
+        serving = threading.Thread(target=server.run, daemon=True)
+        serving.start()
+        wait_for(lambda: server.started, 15)
+        yield f"http://127.0.0.1:{port}", running
+        server.should_exit = True
+        serving.join(10)
+
+
+def pixel(page: Page, x: float, y: float) -> tuple[int, int, int]:
+    """The colour the canvas holds at image pixel (x, y): the canvas is the image at full size."""
+    return tuple(page.evaluate("([x, y]) => Array.from(document.getElementById('image').getContext('2d')"
+                               ".getImageData(x, y, 1, 1).data.slice(0, 3))", [round(x), round(y)]))
+
+
+def test_log_in_view_ask_and_sign_off(served):
+    base, running = served
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=FLAGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 950})
+        page.goto(base)
+        page.fill("#token", "not a token")
+        page.click("#login")
+        page.wait_for_selector("#login-error:has-text('not known')")
+        page.fill("#token", TOKENS["dr.house"])
+        page.click("#login")
+        page.wait_for_selector(f"tr[data-uid='{RG1_STUDY}']")
+        assert page.inner_text("#who") == "dr.house (radiologist)"
+        page.screenshot(path=SHOTS / "1-studies.png")
+
+        page.click(f"tr[data-uid='{RG1_STUDY}']")
+        page.wait_for_function("document.getElementById('image').width === 1841")
+        page.wait_for_function("document.querySelectorAll('.finding-toggle').length === 2")
+        assert page.inner_text("#report").startswith("Findings: Frontal view of the chest.")
+        # the cardiomegaly box [0.33, 0.45, 0.78, 0.79] is drawn on its left edge, and goes when toggled off
+        x, y = 0.33 * 1841, (0.45 + 0.79) / 2 * 1955
+        assert pixel(page, x, y) == FINDING_RED
+        page.screenshot(path=SHOTS / "2-study-with-boxes.png")
+        page.uncheck(".finding-toggle[data-label='Cardiomegaly']")
+        assert pixel(page, x, y) != FINDING_RED
+        page.check(".finding-toggle[data-label='Cardiomegaly']")
+        page.click("#zoom-in")
+        assert page.evaluate("document.getElementById('image').style.width") != ""
+
+        page.fill("#question", "Is there a pleural effusion?")
+        page.click("#ask")
+        page.wait_for_selector(".turn:nth-child(1) .answer[data-done='true']")
+        assert page.inner_text(".turn:nth-child(1) .answer") == "Yes, there is pleural effusion on this Chest X-ray."
+        page.fill("#question", "Where is it?")
+        page.click("#ask")
+        second = ".turn:nth-child(2) .answer"
+        page.wait_for_function(f"document.querySelector(\"{second}\")?.textContent.length > 0")
+        partial = page.inner_text(second)
+        page.screenshot(path=SHOTS / "3-answer-streaming.png")
+        page.wait_for_selector(f"{second}[data-done='true']")
+        final = page.inner_text(second)
+        assert final.startswith("The pleural effusion is located at the coordinates")
+        assert len(partial) < len(final) and final.startswith(partial.strip())  # it arrived in pieces
+        # the answer's boxes are drawn on the image: [0.05, 0.62, 0.31, 0.88] and [0.7, 0.64, 0.95, 0.9]
+        assert pixel(page, 0.05 * 1841, 0.75 * 1955) == ANSWER_CYAN
+        assert pixel(page, 0.7 * 1841, 0.77 * 1955) == ANSWER_CYAN
+        page.screenshot(path=SHOTS / "4-answer-boxes.png")
+
+        page.fill("#signoff-report", "Findings: Cardiomegaly. Small left effusion not confirmed. Impression: "
+                                     "Cardiomegaly.")
+        page.uncheck("#signoff-findings input[value='Pleural Effusion']")
+        page.click("#signoff-submit")
+        page.wait_for_selector("#signoff-status:has-text('Signed off: verified report')")
+        page.screenshot(path=SHOTS / "5-signed-off.png")
+        browser.close()
+    with running.sessions() as session:
+        [signed] = session.scalars(select(SignOff)).all()
+    assert (signed.user_name, signed.findings, signed.edited) == ("dr.house", ["Cardiomegaly"], True)
+    assert signed.report.startswith("Findings: Cardiomegaly. Small left effusion")
+    assert sorted(p.name for p in SHOTS.glob("*.png")) == [
+        "1-studies.png", "2-study-with-boxes.png", "3-answer-streaming.png", "4-answer-boxes.png", "5-signed-off.png"]

@@ -1,0 +1,26 @@
+"""schemathesis against our OpenAPI schema, on the real app over an analysed study: no server error
+anywhere, and no route but /health answers without the token."""
+
+from __future__ import annotations
+
+import schemathesis
+from hypothesis import HealthCheck, given, settings
+from schemathesis.checks import not_a_server_error
+from schemathesis.specs.openapi.checks import ignored_auth
+
+from tests.test_chat import HOUSE, chat  # noqa: F401 (the fixture)
+
+
+def test_no_server_errors_and_no_way_in_without_a_token(chat):  # noqa: F811
+    client, _ = chat
+    schema = schemathesis.openapi.from_asgi("/openapi.json", client.app)
+    operations = [result.ok() for result in schema.get_all_operations()]
+    assert len(operations) >= 12
+    assert [op.path for op in operations if op.definition.raw.get("security") != [{"HTTPBearer": []}]] == ["/health"]
+    for operation in operations:
+        @given(case=operation.as_strategy())
+        @settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+        def exercise(case):  # type: ignore[no-untyped-def]
+            case.call_and_validate(headers=HOUSE, checks=[not_a_server_error, ignored_auth])
+
+        exercise()
