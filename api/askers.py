@@ -31,6 +31,21 @@ class Asker(Protocol):
         """Queue the exchange and yield its events up to the terminal one."""
 
 
+async def within(events: AsyncIterator[Event], seconds: float) -> AsyncIterator[Event]:
+    """``events``, or TimeoutError once ``seconds`` have passed without the last of them."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + seconds
+    try:
+        while True:
+            try:
+                event = await asyncio.wait_for(anext(events), max(0.0, deadline - loop.time()))
+            except StopAsyncIteration:
+                return
+            yield event
+    finally:
+        await events.aclose()  # type: ignore[attr-defined]
+
+
 class CeleryAsker:
     """Production: the question goes on the gpu queue ahead of routine analyses; the answer comes
     back over Redis pub/sub, to which the API subscribes before it sends the task."""
@@ -79,8 +94,10 @@ class LocalAsker:
         queue: asyncio.Queue[Event] = asyncio.Queue()
 
         def publish(event: Event) -> None:
-            if not loop.is_closed():  # the listener may be gone: the answer is stored all the same
+            try:
                 loop.call_soon_threadsafe(queue.put_nowait, event)
+            except RuntimeError:  # the listener's loop is gone: the answer is stored all the same
+                pass
 
         ctx = self.ctx
         self.model_thread.submit_at(

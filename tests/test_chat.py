@@ -15,7 +15,7 @@ from fastapi.testclient import TestClient
 from api.askers import LocalAsker
 from api.main import create_app
 from records.settings import Settings
-from tests.conftest import RG1_STUDY, RG3_STUDY, worker_context
+from tests.conftest import RG1_STUDY, RG3_STUDY, wait_for, worker_context
 from worker import prompts
 from worker.backends.scripted import ScriptedBackend
 from worker.model_thread import ModelThread
@@ -174,3 +174,26 @@ def test_roles_visibility_and_audit(chat):
     assert ("read_study", RG1_STUDY, None) in [
         (e["action"], e["study_instance_uid"], e["detail"])
         for e in client.get("/audit", params={"user_name": "dr.elsewhere"}, headers=admin).json()]
+
+
+def test_a_slow_model_times_out_and_its_answer_lands_later(analysed_node):
+    running = analysed_node.running
+    with ModelThread() as thread, TestClient(create_app(
+            settings_for(running, chat_timeout_s=0.3),
+            LocalAsker(worker_context(running, ScriptedBackend(delay_s=1.0)), thread))) as client:
+        cid = conversation(client)
+        path = f"/studies/{RG1_STUDY}/conversations/{cid}/questions"
+        late = client.post(path, json={"text": "Is there cardiomegaly?"}, headers=HOUSE)
+        assert late.status_code == 504 and late.json()["title"] == "no answer in time"
+        with client.stream("POST", path + "/stream", json={"text": "Where is it?"}, headers=HOUSE) as response:
+            events = sse(response.read().decode())
+        assert events[-1] == ("error", {"status": 504, "detail": events[-1][1]["detail"]})
+        assert "still waiting for the model" in events[-1][1]["detail"]
+
+        def answered() -> list[dict]:
+            exchanges = client.get(f"{path[:-len('/questions')]}", headers=HOUSE).json()["exchanges"]
+            return exchanges if all(e["state"] == "answered" for e in exchanges) else []
+
+        first, second = wait_for(answered, 15)
+    assert first["answer"] == "Yes, there is cardiomegaly on this Chest X-ray."
+    assert len(second["boxes"]) == 1  # asked after the first was stored: "it" is the cardiomegaly

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from datetime import timedelta
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Path, Request
@@ -12,7 +13,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from api.access import find_study, require_radiologist
-from api.askers import Asker
+from api.askers import Asker, within
 from api.deps import AskerDep, AuditDep, CurrentUser, SessionDep, SettingsDep
 from api.problems import Problem
 from api.routes.studies import latest_result
@@ -24,6 +25,7 @@ from records.tables import Conversation, Exchange, ExchangeState, Study, StudySt
 router = APIRouter(prefix="/studies/{uid}/conversations", tags=["chat"])
 CHATTABLE = (StudyState.analysed, StudyState.signed_off)
 PENDING = (ExchangeState.queued, ExchangeState.answering)
+LATE = "question {} is still waiting for the model; its answer will appear in the conversation"
 ConversationId = Annotated[int, Path(ge=1, le=2**31 - 1)]  # a database integer
 
 
@@ -81,7 +83,8 @@ def new_exchange(uid: str, conversation_id: ConversationId, body: QuestionIn, se
     require_radiologist(user, "ask the model")
     _, conversation = _conversation(session, user, uid, conversation_id)
     exchanges = conversation.exchanges
-    if any(e.state in PENDING for e in exchanges):
+    waited_since = utcnow() - timedelta(seconds=settings.api.chat_timeout_s)
+    if any(e.state in PENDING and e.asked_at > waited_since for e in exchanges):  # older ones were lost
         raise Problem(409, "question pending", "the previous question is still being answered")
     if len(exchanges) >= settings.api.chat_max_rounds:
         raise Problem(409, "conversation full", f"{len(exchanges)} questions asked: start a new conversation "
@@ -108,31 +111,31 @@ async def ask(request: Request, uid: str, conversation_id: ConversationId, asked
               settings: SettingsDep) -> ExchangePublic:
     """Ask and wait for the whole answer; boxes in it come back parsed and mapped to pixels."""
     exchange_id, asker = asked
-    events = asker.events(exchange_id)
     try:
-        async with asyncio.timeout(settings.api.chat_timeout_s):
-            async for event in events:
-                if event["type"] == "error":
-                    raise Problem(event.get("status", 502), "the model could not answer", event["detail"])
+        async for event in within(asker.events(exchange_id), settings.api.chat_timeout_s):
+            if event["type"] == "error":
+                raise Problem(event.get("status", 502), "the model could not answer", event["detail"])
     except TimeoutError:
-        raise Problem(504, "no answer in time", f"question {exchange_id} is still waiting for the model; its "
-                                                f"answer will appear in the conversation") from None
-    finally:
-        await events.aclose()
-    return _stored(request, exchange_id)
+        raise Problem(504, "no answer in time", LATE.format(exchange_id)) from None
+    return await asyncio.to_thread(_stored, request, exchange_id)
 
 
 @router.post("/{conversation_id}/questions/stream", response_class=EventSourceResponse,
              responses={200: {"description": "events: `token` {text}, then `done` (the stored exchange) "
                                              "or `error` {status, detail}"}})
-async def ask_streaming(request: Request, uid: str, conversation_id: ConversationId,
-                        asked: NewExchange) -> AsyncIterator[ServerSentEvent]:
+async def ask_streaming(request: Request, uid: str, conversation_id: ConversationId, asked: NewExchange,
+                        settings: SettingsDep) -> AsyncIterator[ServerSentEvent]:
     """Ask, and receive the answer as it is generated (server-sent events)."""
     exchange_id, asker = asked
-    async for event in asker.events(exchange_id):
-        if event["type"] == "token":
-            yield ServerSentEvent(event="token", data={"text": event["text"]})
-        elif event["type"] == "done":
-            yield ServerSentEvent(event="done", data=_stored(request, exchange_id).model_dump(mode="json"))
-        else:
-            yield ServerSentEvent(event="error", data={"status": event.get("status", 502), "detail": event["detail"]})
+    try:
+        async for event in within(asker.events(exchange_id), settings.api.chat_timeout_s):
+            if event["type"] == "token":
+                yield ServerSentEvent(event="token", data={"text": event["text"]})
+            elif event["type"] == "done":
+                stored = await asyncio.to_thread(_stored, request, exchange_id)
+                yield ServerSentEvent(event="done", data=stored.model_dump(mode="json"))
+            else:
+                yield ServerSentEvent(event="error", data={"status": event.get("status", 502),
+                                                           "detail": event["detail"]})
+    except TimeoutError:
+        yield ServerSentEvent(event="error", data={"status": 504, "detail": LATE.format(exchange_id)})
