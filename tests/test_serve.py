@@ -7,10 +7,12 @@ import subprocess
 import urllib.error
 import urllib.request
 
+import httpx
 import pytest
 
 from tests.conftest import free_port, radiograph, storescu, wait_for
 from tests.processes import ENTRY, service
+from tests.test_chat import HOUSE, sse, users
 from tests.test_production_layout import RG1_STUDY, _listening
 
 
@@ -25,7 +27,7 @@ def test_serve_analyses_a_study_sent_with_storescu(backend, tiny_model, tmp_path
 
     port, api_port = free_port(), free_port()
     env = {**os.environ, "RADVLM_DATA_DIR": str(tmp_path / "data"), "RADVLM_NODE__PORT": str(port),
-           "RADVLM_API__PORT": str(api_port),
+           "RADVLM_API__PORT": str(api_port), "RADVLM_API__USERS": json.dumps(users()),
            "RADVLM_NODE__BIND_ADDRESS": "127.0.0.1", "RADVLM_NODE__STABLE_AGE_S": "1",
            "RADVLM_NODE__DISK_RESERVE_MB": "1", "RADVLM_MODEL__MAX_NEW_TOKENS": "16", "HF_HUB_OFFLINE": "1"}
     if backend == "tiny":
@@ -42,7 +44,16 @@ def test_serve_analyses_a_study_sent_with_storescu(backend, tiny_model, tmp_path
         with pytest.raises(urllib.error.HTTPError) as closed:
             urllib.request.urlopen(f"http://127.0.0.1:{api_port}/studies", timeout=5)
         assert closed.value.code == 401
+        # a streamed question, answered by the model thread that analysed the study
+        with httpx.Client(base_url=f"http://127.0.0.1:{api_port}", headers=HOUSE, timeout=60) as client:
+            cid = client.post(f"/studies/{RG1_STUDY}/conversations", json={}).json()["id"]
+            with client.stream("POST", f"/studies/{RG1_STUDY}/conversations/{cid}/questions/stream",
+                               json={"text": "Where is the pleural effusion?"}) as response:
+                events = sse(response.read().decode())
     assert shown["state"] == "analysed", shown["reason"]
+    *tokens, (last, done) = events
+    assert last == "done" and tokens and {kind for kind, _ in tokens} == {"token"}
+    assert "".join(data["text"] for _, data in tokens).strip() == done["answer"]
     [job] = shown["jobs"]
     image = job["result"]["images"][0]
     assert job["state"] == "done" and image["report"]["text"]
@@ -50,8 +61,10 @@ def test_serve_analyses_a_study_sent_with_storescu(backend, tiny_model, tmp_path
     if backend == "tiny":
         assert job["result"]["backend"] == "transformers" and job["revision"].startswith("local-")
         assert image["report"]["new_tokens"] <= 16
+        assert done["state"] == "answered"  # random weights: any text, streamed by transformers' TextStreamer
     else:
         [effusion] = [g for g in image["groundings"] if g["label"] == "Pleural Effusion"]
         first = effusion["answer"]["boxes"][0]
         assert first["px"] == pytest.approx([first["x1"] * 1841, first["y1"] * 1955,
                                              first["x2"] * 1841, first["y2"] * 1955])
+        assert done["boxes"] == effusion["answer"]["boxes"]
