@@ -4,6 +4,10 @@ Builds a checkpoint of RadVLM's published shape with random weights (``--shape r
 bf16; ``--tiny`` for a CPU smoke run), loads it through the service's own ``TransformersBackend``
 (the real loading path), and asks the study's questions with forced lengths, as the baseline in
 ``performance-baseline.md`` does: report 150 tokens, abnormalities 30, three groundings 25 each.
+Each study has an image of its own. Two runs side by side on the same loaded model: plain
+``generate()`` with the whole prompt each time (the baseline), and the image prefix prefilled once
+per study and reused (``model.prefix_cache_mb``); then the time to the first streamed word of a
+follow-up chat question about a study analysed before.
 
     python benchmarks/gpu_study.py [--tiny] [--folder /tmp/radvlm-7b-random] [--repeats 3]
 """
@@ -22,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from worker import prompts  # noqa: E402
 from worker.backends.base import GenerationParams  # noqa: E402
+from worker.backends.prefix_cache import PrefixCache  # noqa: E402
 from worker.prompts import Turn  # noqa: E402
 
 TASKS = [
@@ -62,9 +67,34 @@ def main() -> None:
           f"checkpoint built in {built:.0f} s, loaded in {loaded:.1f} s; image 2500x2048")
 
     backend.generate(image, [Turn("user", prompts.REPORT)], GenerationParams(max_new_tokens=4, min_new_tokens=4))
-    rows = {name: [] for name, _, _ in TASKS}
+    budget = backend.prefixes.budget_bytes
+    results = {}
+    for label, cache_bytes in (("plain generate()", 0), ("prefix cache", budget or 4096 * 2**20)):
+        backend.prefixes = PrefixCache(cache_bytes)
+        results[label] = run_studies(backend, args.repeats, device, torch)
+
+    names = [name for name, _, _ in TASKS]
+    print("\n| task | prompt tokens | new tokens | " + " | ".join(f"{label} s (median)" for label in results)
+          + " |\n|---|---|---|" + "---|" * len(results))
+    for name in names:
+        first = next(iter(results.values()))
+        _, prompt, new = first["tasks"][name][-1]
+        cells = " | ".join(f"{statistics.median(x for x, _, _ in r['tasks'][name]):.3f}" for r in results.values())
+        print(f"| {name} | {prompt} | {new} | {cells} |")
+    print("| whole study (5 tasks) | | | " + " | ".join(
+        f"{statistics.median(r['studies']):.2f}" for r in results.values()) + " |")
+    print("| chat: first word of a follow-up | | | " + " | ".join(
+        f"{1000 * r['first_word']:.0f} ms" for r in results.values()) + " |")
+    if device == "cuda":
+        print(f"\npeak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
+
+
+def run_studies(backend, repeats: int, device: str, torch) -> dict:  # type: ignore[no-untyped-def]
+    """``repeats`` studies, each on an image of its own, then a follow-up question about the last one."""
+    rows: dict[str, list] = {name: [] for name, _, _ in TASKS}
     studies = []
-    for _ in range(args.repeats):
+    for number in range(repeats):
+        image = np.random.default_rng(number + 1).integers(0, 256, size=(2048, 2500), dtype=np.uint8)
         study_start = time.perf_counter()
         for name, question, length in TASKS:
             params = GenerationParams(max_new_tokens=length, min_new_tokens=length)
@@ -74,16 +104,12 @@ def main() -> None:
                 torch.cuda.synchronize()
             rows[name].append((time.perf_counter() - task_start, completion.prompt_tokens, completion.new_tokens))
         studies.append(time.perf_counter() - study_start)
-
-    print("\n| task | prompt tokens | new tokens | seconds (median) | ms per new token |\n|---|---|---|---|---|")
-    for name, samples in rows.items():
-        seconds = statistics.median(s for s, _, _ in samples)
-        _, prompt, new = samples[-1]
-        print(f"| {name} | {prompt} | {new} | {seconds:.3f} | {1000 * seconds / new:.1f} |")
-    print(f"| whole study (5 tasks) | | | {statistics.median(studies):.2f} | |")
-    if device == "cuda":
-        print(f"\npeak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
-
+    first: list[float] = []
+    asked = time.perf_counter()
+    backend.generate(image, [Turn("user", "Is there a pleural effusion?"), Turn("assistant", "Yes, on the left."),
+                             Turn("user", "Where is it?")], GenerationParams(max_new_tokens=8, min_new_tokens=8),
+                     on_text=lambda text: first.append(time.perf_counter()) if not first else None)
+    return {"tasks": rows, "studies": studies, "first_word": (first[0] if first else time.perf_counter()) - asked}
 
 if __name__ == "__main__":
     main()

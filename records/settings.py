@@ -80,6 +80,9 @@ class ModelSettings(Section):
     device: str = Field(default="auto", description="auto: cuda if available, else cpu")
     quantization: Literal["8bit", "4bit"] | None = Field(default=None, description="bitsandbytes, GPUs < 24 GB")
     max_new_tokens: int = Field(default=1500, ge=1)
+    prefix_cache_mb: int = Field(default=4096, ge=0,
+                                 description="keep each image's prefilled prefix (KV cache) for the study's other "
+                                             "questions and its chat, within this budget; 0: off")
     regions: list[str] = Field(default_factory=list,
                                description="anatomical regions to ground on every image, e.g. 'right lung'")
     scripted_delay_s: float = Field(default=0.0, ge=0,

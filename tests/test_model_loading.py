@@ -46,3 +46,30 @@ def test_wrong_architecture_is_refused(tmp_path):
 def test_quantization_needs_a_gpu(tiny_model):
     with pytest.raises(ModelLoadError, match="needs a CUDA GPU"):
         TransformersBackend(str(tiny_model), device="cpu", quantization="8bit")
+
+
+def test_the_image_prefix_is_prefilled_once_and_answers_stay_the_same(tiny_model):
+    """The tasks of a study and a chat turn reuse the image's KV cache, token for token as without it."""
+    from worker import prompts
+
+    cached = TransformersBackend(str(tiny_model), prefix_cache_mb=512)
+    plain = TransformersBackend(str(tiny_model))
+    image = np.random.default_rng(7).integers(0, 256, (700, 600), dtype=np.uint8)
+    conversations = [[Turn("user", prompts.REPORT)], [Turn("user", prompts.ABNORMALITIES)],
+                     [Turn("user", prompts.grounding_question("Cardiomegaly"))],
+                     [Turn("user", "Is there an effusion?"), Turn("assistant", "Yes, on the left."),
+                      Turn("user", "Where is it?")]]
+    params = GenerationParams(max_new_tokens=12)
+    streamed: list[str] = []
+    for turns in conversations:
+        expected = plain.generate(image, turns, params)
+        got = cached.generate(image, turns, params, on_text=streamed.append)
+        assert (got.text, got.new_tokens, got.prompt_tokens) == (expected.text, expected.new_tokens,
+                                                                  expected.prompt_tokens)
+    assert (cached.prefixes.misses, cached.prefixes.hits) == (1, 3)
+    assert "".join(streamed).replace(" ", "") == "".join(
+        plain.generate(image, t, params).text for t in conversations).replace(" ", "")
+    other = np.random.default_rng(8).integers(0, 256, (700, 600), dtype=np.uint8)
+    assert cached.generate(other, conversations[0], params).text == plain.generate(other, conversations[0],
+                                                                                    params).text
+    assert cached.prefixes.misses == 2 and 0 < cached.prefixes.nbytes <= 512 * 1024 * 1024

@@ -45,7 +45,7 @@ def load_backend(model: ModelSettings) -> ModelBackend:
     from worker.backends.transformers import TransformersBackend
 
     return TransformersBackend(model.id, revision=model.revision, device=model.device,
-                               quantization=model.quantization)
+                               quantization=model.quantization, prefix_cache_mb=model.prefix_cache_mb)
 
 
 def build_context(settings: Settings, backend: ModelBackend | None = None) -> WorkerContext:

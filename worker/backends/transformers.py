@@ -12,6 +12,7 @@ import numpy as np
 
 from worker import prompts
 from worker.backends.base import Completion, GenerationParams, ModelLoadError, OnText
+from worker.backends.prefix_cache import PREFIX, Prefix, PrefixCache, cache_bytes, image_key
 from worker.prompts import Turn
 
 log = logging.getLogger(__name__)
@@ -65,7 +66,7 @@ class TransformersBackend:
     name = "transformers"
 
     def __init__(self, model_id: str, *, revision: str | None = None, device: str = "auto",
-                 quantization: str | None = None) -> None:
+                 quantization: str | None = None, prefix_cache_mb: int = 0) -> None:
         try:
             import torch
             from transformers import AutoConfig, AutoProcessor, LlavaOnevisionForConditionalGeneration
@@ -111,28 +112,71 @@ class TransformersBackend:
         if not hasattr(self.processor, "tokenizer") or not hasattr(self.processor, "image_processor"):
             raise ModelLoadError(f"cannot load {model_id}: AutoProcessor gave {type(self.processor).__name__}, "
                                  "not a LLaVA-OneVision processor")
+        self.prefixes = PrefixCache(prefix_cache_mb * 1024 * 1024 if self._prefix_splits_cleanly() else 0)
         log.info("loaded %s (revision %s) on %s in %s", model_id, self.model_revision, self.device, dtype)
 
-    def inputs(self, image: np.ndarray, turns: list[Turn]) -> Any:
-        """The processor's tensors for ``turns`` about ``image``, on the model's device."""
+    def inputs(self, image: np.ndarray, turns: list[Turn], text: str | None = None) -> Any:
+        """The processor's tensors for ``turns`` (or the raw ``text``) about ``image``, on the model's device."""
         from PIL import Image
 
         if image.dtype != np.uint8 or image.ndim != 2:
             raise ValueError("image must be 8-bit grayscale (rows, columns)")
         # RadVLM saw RGB JPEGs: give the processor three identical channels.
         picture = Image.fromarray(image, mode="L").convert("RGB")
-        batch = self.processor(images=picture, text=prompts.render(turns), return_tensors="pt")
+        batch = self.processor(images=picture, text=text or prompts.render(turns), return_tensors="pt")
         return batch.to(self.device, dtype=self.model.dtype)
+
+    def _prefix_splits_cleanly(self) -> bool:
+        """Whether a prompt tokenizes as its prefix then its question (so the prefix's cache can be reused)."""
+        tokenizer = self.processor.tokenizer
+        text = prompts.render([Turn("user", prompts.REPORT)])
+        whole = tokenizer(text, add_special_tokens=False)["input_ids"]
+        parts = [tokenizer(part, add_special_tokens=False)["input_ids"] for part in (PREFIX, text[len(PREFIX):])]
+        if whole != parts[0] + parts[1]:
+            log.warning("this tokenizer merges across the image prefix: every question prefills the image again")
+            return False
+        return True
+
+    def _prefix(self, image: np.ndarray) -> tuple[str, Prefix]:
+        """The image's prefilled prefix, from the cache or computed now and kept."""
+        key = image_key(image)
+        entry = self.prefixes.get(key)
+        if entry is None:
+            batch = self.inputs(image, [], text=PREFIX)
+            with self.torch.inference_mode():
+                cache = self.model(**batch, use_cache=True).past_key_values
+            entry = Prefix(batch["input_ids"], batch["image_sizes"], cache, cache_bytes(cache))
+            self.prefixes.put(key, entry)
+        return key, entry
+
+    def _run(self, batch: dict[str, Any], params: GenerationParams, on_text: OnText | None) -> Any:
+        streamer = _relay(self.processor.tokenizer, on_text) if on_text else None
+        with self.torch.inference_mode():
+            return self.model.generate(**batch, do_sample=False, max_new_tokens=params.max_new_tokens,
+                                       min_new_tokens=params.min_new_tokens or None, streamer=streamer)
 
     def generate(self, image: np.ndarray, turns: list[Turn], params: GenerationParams,
                  on_text: OnText | None = None) -> Completion:
-        batch = self.inputs(image, turns)
-        prompt_tokens = int(batch["input_ids"].shape[1])
-        streamer = _relay(self.processor.tokenizer, on_text) if on_text else None
         start = time.perf_counter()
-        with self.torch.inference_mode():
-            output = self.model.generate(**batch, do_sample=False, max_new_tokens=params.max_new_tokens,
-                                         min_new_tokens=params.min_new_tokens or None, streamer=streamer)
+        text = prompts.render(turns)
+        if self.prefixes.budget_bytes and text.startswith(PREFIX):
+            key, prefix = self._prefix(image)
+            tail = self.processor.tokenizer(text[len(PREFIX):], add_special_tokens=False,
+                                            return_tensors="pt")["input_ids"].to(self.device)
+            ids = self.torch.cat([prefix.input_ids, tail], dim=1)
+            try:
+                output = self._run({"input_ids": ids, "attention_mask": self.torch.ones_like(ids),
+                                    "image_sizes": prefix.image_sizes, "past_key_values": prefix.cache},
+                                   params, on_text)
+            except BaseException:
+                self.prefixes.drop(key)  # the cache may hold part of an answer now
+                raise
+            prefix.cache.crop(prefix.length - prefix.cache.get_seq_length())  # back to the prefix alone
+        else:
+            batch = self.inputs(image, turns)
+            ids = batch["input_ids"]
+            output = self._run(batch, params, on_text)
+        prompt_tokens = int(ids.shape[1])
         seconds = time.perf_counter() - start
         new = output[0, prompt_tokens:]
         text = self.processor.tokenizer.decode(new, skip_special_tokens=True)

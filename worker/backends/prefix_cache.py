@@ -1,0 +1,75 @@
+"""The image's share of the prompt, prefilled once and kept: every question about the same image
+(the tasks of a study, then each chat turn) starts from its KV cache instead of encoding the image
+and prefilling ~7,300 image tokens again.
+
+Every RadVLM prompt starts with the same text before the question (``PREFIX``: the first user turn
+up to and including the image), so the cache of that prefix serves all of them. Entries are kept
+most recently used first, within a byte budget; the cache is cropped back to the prefix after
+each use, so an entry never holds an answer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+PREFIX = "<|im_start|>user\n<image>\n"
+
+
+def image_key(image: np.ndarray) -> str:
+    """The same pixels, the same key (the model image is rebuilt from the file for each use)."""
+    digest = hashlib.sha1(image.tobytes())
+    digest.update(str(image.shape).encode())
+    return digest.hexdigest()
+
+
+@dataclass
+class Prefix:
+    input_ids: Any  # torch.Tensor (1, n): the prefix with the image tokens expanded
+    image_sizes: Any
+    cache: Any  # transformers DynamicCache holding exactly the prefix
+    nbytes: int
+
+    @property
+    def length(self) -> int:
+        return int(self.input_ids.shape[1])
+
+
+def cache_bytes(cache: Any) -> int:
+    return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values)
+               if t is not None)
+
+
+class PrefixCache:
+    """Least recently used image prefixes within ``budget_bytes`` (0: nothing is kept)."""
+
+    def __init__(self, budget_bytes: int) -> None:
+        self.budget_bytes = budget_bytes
+        self._entries: OrderedDict[str, Prefix] = OrderedDict()
+        self.hits = self.misses = 0
+
+    def get(self, key: str) -> Prefix | None:
+        entry = self._entries.get(key)
+        if entry is None:
+            self.misses += 1
+            return None
+        self.hits += 1
+        self._entries.move_to_end(key)
+        return entry
+
+    def put(self, key: str, entry: Prefix) -> None:
+        self._entries[key] = entry
+        self._entries.move_to_end(key)
+        while self._entries and sum(e.nbytes for e in self._entries.values()) > self.budget_bytes:
+            self._entries.popitem(last=False)
+
+    def drop(self, key: str) -> None:
+        self._entries.pop(key, None)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(e.nbytes for e in self._entries.values())
