@@ -76,7 +76,9 @@ class ModelSettings(Section):
 
     id: str = Field(default="KrauthammerLab/RadVLM", description="Hugging Face model id or a local folder")
     revision: str | None = None
-    backend: Literal["transformers", "scripted"] = "transformers"
+    backend: Literal["transformers", "openai-server", "scripted"] = Field(
+        default="transformers", description="transformers: in-process on this GPU; openai-server: the site's "
+                                            "vLLM / SGLang server at server_url")
     device: str = Field(default="auto", description="auto: cuda if available, else cpu")
     quantization: Literal["8bit", "4bit"] | None = Field(default=None, description="bitsandbytes, GPUs < 24 GB")
     max_new_tokens: int = Field(default=1500, ge=1)
@@ -85,8 +87,19 @@ class ModelSettings(Section):
                                              "questions and its chat, within this budget; 0: off")
     regions: list[str] = Field(default_factory=list,
                                description="anatomical regions to ground on every image, e.g. 'right lung'")
+    server_url: str | None = Field(default=None, description="openai-server: e.g. http://vllm:8000/v1")
+    server_model: str | None = Field(default=None, description="openai-server: the served model name; default id")
+    server_api_key: str | None = None
+    server_timeout_s: float = Field(default=300, gt=0)
     scripted_delay_s: float = Field(default=0.0, ge=0,
                                     description="scripted backend only: seconds per answer (a slow GPU in tests)")
+
+
+    @model_validator(mode="after")
+    def _server_has_url(self) -> ModelSettings:
+        if self.backend == "openai-server" and not self.server_url:
+            raise ValueError("model.backend openai-server needs model.server_url (e.g. http://vllm:8000/v1)")
+        return self
 
 
 class PriorityRule(Section):

@@ -6,7 +6,7 @@ import pytest
 
 from worker import prompts
 from worker.parsing import boxes_from_answer, labels_as_radvlm_evaluates, labels_from_answer
-from worker.prompts import Turn, render
+from worker.prompts import CHAT_TEMPLATE, REPORT, Turn, render
 
 
 def test_first_turn_carries_the_image_and_no_system_message():
@@ -80,3 +80,14 @@ def test_malformed_boxes_are_flagged_not_raised(answer, problem):
     parsed = boxes_from_answer(answer, 100, 100)
     assert parsed.boxes == []
     assert problem in parsed.malformed
+
+
+def test_the_jinja_chat_template_renders_the_same_prompt():
+    """What model servers and checkpoints are given renders exactly RadVLM's evaluation prompt."""
+    from jinja2 import Template
+
+    from worker.backends.openai_server import messages
+
+    turns = [Turn("user", REPORT), Turn("assistant", "Findings: clear lungs."), Turn("user", "Any effusion?")]
+    rendered = Template(CHAT_TEMPLATE).render(messages=messages(turns, "data:,"), add_generation_prompt=True)
+    assert rendered == render(turns)

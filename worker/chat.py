@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from dicom_node.pixels import PixelError, read_model_image
 from dicom_node.storage import InstanceStore
 from records.tables import Exchange, ExchangeState, Instance
-from worker.backends.base import GenerationParams, ModelBackend
+from worker.backends.base import GenerationParams, ModelBackend, ModelUnavailable
 from worker.parsing import boxes_from_answer
 from worker.prompts import Turn
 
@@ -82,6 +82,9 @@ def answer_question(exchange_id: int, *, sessions: sessionmaker[Session], store:
                                       on_text=lambda text: publish({"type": "token", "text": text}))
     except PixelError as exc:
         _failed(sessions, exchange_id, f"the image cannot be decoded: {exc}", publish, 422)
+        return
+    except ModelUnavailable as exc:
+        _failed(sessions, exchange_id, f"the model is unavailable: {exc}", publish, 503)
         return
     except Exception as exc:  # the model failed; the radiologist sees why and may ask again
         log.exception("question %d: the model failed", exchange_id)

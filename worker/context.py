@@ -42,6 +42,11 @@ def load_backend(model: ModelSettings) -> ModelBackend:
         from worker.backends.scripted import ScriptedBackend
 
         return ScriptedBackend(delay_s=model.scripted_delay_s)
+    if model.backend == "openai-server":
+        from worker.backends.openai_server import OpenAIServerBackend
+
+        return OpenAIServerBackend(model.server_url or "", model.server_model or model.id, api_key=model.server_api_key,
+                                   revision=model.revision, timeout_s=model.server_timeout_s)
     from worker.backends.transformers import TransformersBackend
 
     return TransformersBackend(model.id, revision=model.revision, device=model.device,

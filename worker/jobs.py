@@ -6,6 +6,7 @@ import logging
 
 from records.clock import utcnow
 from worker.analysis import PermanentFailure, fail, run_analysis
+from worker.backends.base import ModelUnavailable
 from worker.context import WorkerContext
 from worker.delivery.outbox import deliver_item, sender
 
@@ -21,6 +22,12 @@ def attempt(ctx: WorkerContext, study_id: int, version: int, retries_done: int) 
         log.error("study %d version %d failed: %s", study_id, version, exc)
         fail(ctx.sessions, study_id, version, ctx.backend.model_revision, str(exc), utcnow())
         return None
+    except ModelUnavailable as exc:  # the model server is away: the study waits for it, however long
+        policy = ctx.settings.worker
+        delay = min(policy.retry_backoff_s * 2 ** min(retries_done, 16), 300.0)
+        log.warning("study %d version %d waits for the model (%s); next attempt in %.0f s", study_id, version, exc,
+                    delay)
+        return delay
     except Exception as exc:  # transient until the retries are spent: database, GPU memory, ...
         policy = ctx.settings.worker
         if retries_done >= policy.max_retries:

@@ -9,8 +9,13 @@ the image first in the first user turn, greedy decoding. Change anything here an
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 PROMPT_VERSION = "radvlm-eval-1"
+
+#: The same template as a Jinja chat template (each message's content a list of parts), for
+#: checkpoints and model servers: ``vllm serve ... --chat-template worker/radvlm_chat_template.jinja``.
+CHAT_TEMPLATE = Path(__file__).with_name("radvlm_chat_template.jinja").read_text()
 
 REPORT = "Write a radiology report for this Chest X-ray."
 ABNORMALITIES = "Are there any abnormalities on this Chest X-ray?"

@@ -106,18 +106,9 @@ def make_test_model(folder: Path, seed: int = 0, shape: str = "tiny", device: st
     )
     processor = LlavaOnevisionProcessor(
         image_processor=image_processor, tokenizer=tokenizer, video_processor=LlavaOnevisionVideoProcessor(),
-        num_image_tokens=729, vision_feature_select_strategy="full", chat_template=CHAT_TEMPLATE,
+        num_image_tokens=729, vision_feature_select_strategy="full", chat_template=prompts.CHAT_TEMPLATE,
     )
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
     return folder
 
-
-#: RadVLM's evaluation template as a Jinja chat template (no system message, image first).
-CHAT_TEMPLATE = (
-    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
-    "{% for content in message['content'] %}{% if content['type'] == 'image' %}<image>\n"
-    "{% endif %}{% endfor %}{% for content in message['content'] %}{% if content['type'] == 'text' %}"
-    "{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)

@@ -47,3 +47,7 @@ class ModelBackend(Protocol):
 
 class ModelLoadError(RuntimeError):
     """The model could not be loaded; the message says what to do about it."""
+
+
+class ModelUnavailable(RuntimeError):
+    """The model cannot be reached now (a model server down or overloaded): wait and retry, never fail for it."""
