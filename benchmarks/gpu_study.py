@@ -4,10 +4,12 @@ Builds a checkpoint of RadVLM's published shape with random weights (``--shape r
 bf16; ``--tiny`` for a CPU smoke run), loads it through the service's own ``TransformersBackend``
 (the real loading path), and asks the study's questions with forced lengths, as the baseline in
 ``performance-baseline.md`` does: report 150 tokens, abnormalities 30, three groundings 25 each.
-Each study has an image of its own. Two runs side by side on the same loaded model: plain
-``generate()`` with the whole prompt each time (the baseline), and the image prefix prefilled once
-per study and reused (``model.prefix_cache_mb``); then the time to the first streamed word of a
-follow-up chat question about a study analysed before.
+Each study has an image of its own. Three runs side by side on the same loaded model: plain
+``generate()`` with the whole prompt each time (the baseline); the image prefix prefilled once per
+study and reused (``model.prefix_cache_mb``); and the engine as the pipeline uses it: the prefix
+reused and the tasks decoded together in two rounds (report and abnormalities, then the three
+groundings). Then the time to the first streamed word of a follow-up chat question about a study
+analysed before.
 
     python benchmarks/gpu_study.py [--tiny] [--folder /tmp/radvlm-7b-random] [--repeats 3]
 """
@@ -69,9 +71,11 @@ def main() -> None:
     backend.generate(image, [Turn("user", prompts.REPORT)], GenerationParams(max_new_tokens=4, min_new_tokens=4))
     budget = backend.prefixes.budget_bytes
     results = {}
-    for label, cache_bytes in (("plain generate()", 0), ("prefix cache", budget or 4096 * 2**20)):
+    for label, cache_bytes, together in (("plain generate()", 0, False),
+                                         ("prefix cache", budget or 4096 * 2**20, False),
+                                         ("prefix cache + batched tasks", budget or 4096 * 2**20, True)):
         backend.prefixes = PrefixCache(cache_bytes)
-        results[label] = run_studies(backend, args.repeats, device, torch)
+        results[label] = run_studies(backend, args.repeats, device, torch, together)
 
     names = [name for name, _, _ in TASKS]
     print("\n| task | prompt tokens | new tokens | " + " | ".join(f"{label} s (median)" for label in results)
@@ -79,7 +83,8 @@ def main() -> None:
     for name in names:
         first = next(iter(results.values()))
         _, prompt, new = first["tasks"][name][-1]
-        cells = " | ".join(f"{statistics.median(x for x, _, _ in r['tasks'][name]):.3f}" for r in results.values())
+        cells = " | ".join(f"{statistics.median(x for x, _, _ in r['tasks'][name]):.3f}" if r["tasks"][name] else
+                           "(batched)" for r in results.values())
         print(f"| {name} | {prompt} | {new} | {cells} |")
     print("| whole study (5 tasks) | | | " + " | ".join(
         f"{statistics.median(r['studies']):.2f}" for r in results.values()) + " |")
@@ -89,13 +94,21 @@ def main() -> None:
         print(f"\npeak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
 
 
-def run_studies(backend, repeats: int, device: str, torch) -> dict:  # type: ignore[no-untyped-def]
+def run_studies(backend, repeats: int, device: str, torch, together: bool) -> dict:  # type: ignore[no-untyped-def]
     """``repeats`` studies, each on an image of its own, then a follow-up question about the last one."""
     rows: dict[str, list] = {name: [] for name, _, _ in TASKS}
     studies = []
     for number in range(repeats):
         image = np.random.default_rng(number + 1).integers(0, 256, size=(2048, 2500), dtype=np.uint8)
         study_start = time.perf_counter()
+        if together:  # the pipeline's two rounds
+            for batch in (TASKS[:2], TASKS[2:]):
+                backend.generate_many(image, [[Turn("user", question)] for _, question, _ in batch],
+                                      [GenerationParams(max_new_tokens=n, min_new_tokens=n) for _, _, n in batch])
+            if device == "cuda":
+                torch.cuda.synchronize()
+            studies.append(time.perf_counter() - study_start)
+            continue
         for name, question, length in TASKS:
             params = GenerationParams(max_new_tokens=length, min_new_tokens=length)
             task_start = time.perf_counter()

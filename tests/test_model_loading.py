@@ -73,3 +73,26 @@ def test_the_image_prefix_is_prefilled_once_and_answers_stay_the_same(tiny_model
     assert cached.generate(other, conversations[0], params).text == plain.generate(other, conversations[0],
                                                                                     params).text
     assert cached.prefixes.misses == 2 and 0 < cached.prefixes.nbytes <= 512 * 1024 * 1024
+
+
+def test_questions_decoded_together_equal_one_by_one(tiny_model):
+    """One decode batch from the shared prefix (rows of different lengths, leaving as they finish)
+    gives each question the answer plain generate() gives it alone."""
+    from worker import prompts
+
+    together = TransformersBackend(str(tiny_model), prefix_cache_mb=512)
+    plain = TransformersBackend(str(tiny_model))
+    image = np.random.default_rng(3).integers(0, 256, (500, 420), dtype=np.uint8)
+    conversations = [[Turn("user", prompts.REPORT)], [Turn("user", prompts.ABNORMALITIES)],
+                     [Turn("user", prompts.grounding_question("Cardiomegaly"))],
+                     [Turn("user", prompts.grounding_question("Pleural effusion"))],
+                     [Turn("user", "Is there an effusion?"), Turn("assistant", "Yes, on the left."),
+                      Turn("user", "Where is it?")]]
+    params = [GenerationParams(max_new_tokens=n, min_new_tokens=m) for n, m in ((24, 0), (5, 0), (12, 12), (9, 0),
+                                                                                 (16, 0))]
+    expected = [plain.generate(image, turns, p) for turns, p in zip(conversations, params)]
+    got = together.generate_many(image, conversations, params)
+    assert [(g.text, g.new_tokens, g.prompt_tokens) for g in got] == [
+        (e.text, e.new_tokens, e.prompt_tokens) for e in expected]
+    assert len({e.text for e in expected}) >= 3  # the answers differ, so a row mixed up would show
+    assert [g.new_tokens for g in got][:3] == [24, 5, 12]

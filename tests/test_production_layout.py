@@ -164,7 +164,10 @@ def test_questions_go_to_the_gpu_worker_and_stream_back(sqlite_url, broker_url, 
     base = f"http://127.0.0.1:{api_port}"
     with service("node", ["node"], env, logs), service("api", ["api"], env, logs):
         with service("gpu-worker", ["worker"], env, logs):
-            wait_for(lambda: _listening(port) and _listening(api_port), 30)
+            # one port at a time: each probe of the DICOM port is an association attempt that holds
+            # one of the node's max_associations slots until its ACSE timeout
+            wait_for(lambda: _listening(port), 30)
+            wait_for(lambda: _listening(api_port), 30)
             assert storescu(port, radiograph("RG1_UNCI.dcm")).returncode == 0
             wait_for(lambda: (s := _study(sessions)) and s.state is StudyState.analysed, 60)
             with httpx.Client(base_url=base, headers=HOUSE, timeout=60) as client:

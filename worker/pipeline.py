@@ -18,32 +18,41 @@ class AnalysisOptions:
     regions: tuple[str, ...] = ()
 
 
-def ask(backend: ModelBackend, image: ModelImage, task: str, question: str, params: GenerationParams) -> Answer:
-    """One single-turn question; boxes in the answer are parsed and mapped to pixels."""
-    completion = backend.generate(image.pixels, [Turn("user", question)], params)
-    parsed = boxes_from_answer(completion.text, image.columns, image.rows)
-    return Answer(task=task, question=question, text=completion.text, boxes=parsed.boxes,
-                  malformed=parsed.malformed, seconds=completion.seconds, new_tokens=completion.new_tokens)
+def ask(backend: ModelBackend, image: ModelImage, questions: list[tuple[str, str]],
+        params: GenerationParams) -> list[Answer]:
+    """Single-turn questions (task, text) about one image, asked together; boxes are mapped to pixels."""
+    completions = backend.generate_many(image.pixels, [[Turn("user", question)] for _, question in questions],
+                                        [params] * len(questions))
+    answers = []
+    for (task, question), completion in zip(questions, completions, strict=True):
+        parsed = boxes_from_answer(completion.text, image.columns, image.rows)
+        answers.append(Answer(task=task, question=question, text=completion.text, boxes=parsed.boxes,
+                              malformed=parsed.malformed, seconds=completion.seconds,
+                              new_tokens=completion.new_tokens))
+    return answers
 
 
 def analyse_image(backend: ModelBackend, image: ModelImage, sop_instance_uid: str, series_instance_uid: str,
                   options: AnalysisOptions) -> ImageResult:
+    """Two rounds: report, abnormalities and the anatomical regions together, then a grounding
+    question for each finding the abnormalities answer named."""
     params = GenerationParams(max_new_tokens=options.max_new_tokens)
-    report = ask(backend, image, "report", prompts.REPORT, params)
-    abnormalities = ask(backend, image, "abnormalities", prompts.ABNORMALITIES, params)
+    first = [("report", prompts.REPORT), ("abnormalities", prompts.ABNORMALITIES)]
+    first += [("anatomical grounding", prompts.grounding_question(region)) for region in options.regions]
+    report, abnormalities, *regions = ask(backend, image, first, params)
     labels = labels_from_answer(abnormalities.text)
     if not abnormalities.text.strip():
         abnormalities = abnormalities.model_copy(update={"malformed": "empty answer"})
+    found = [label for label in prompts.GROUNDABLE if labels[label]]
+    located = ask(backend, image, [("abnormality grounding", prompts.grounding_question(prompts.GROUNDABLE[label]))
+                                   for label in found], params) if found else []
     groundings = []
-    for label, grounding_label in prompts.GROUNDABLE.items():
-        if labels[label]:
-            answer = ask(backend, image, "abnormality grounding", prompts.grounding_question(grounding_label), params)
-            if not answer.boxes and answer.malformed is None:
-                answer = answer.model_copy(update={"malformed": "no box in the answer"})
-            groundings.append(Grounding(label=label, kind="abnormality", answer=answer))
-    for region in options.regions:
-        answer = ask(backend, image, "anatomical grounding", prompts.grounding_question(region), params)
-        groundings.append(Grounding(label=region, kind="anatomy", answer=answer))
+    for label, answer in zip(found, located, strict=True):
+        if not answer.boxes and answer.malformed is None:
+            answer = answer.model_copy(update={"malformed": "no box in the answer"})
+        groundings.append(Grounding(label=label, kind="abnormality", answer=answer))
+    groundings += [Grounding(label=region, kind="anatomy", answer=answer)
+                   for region, answer in zip(options.regions, regions, strict=True)]
     return ImageResult(
         sop_instance_uid=sop_instance_uid, series_instance_uid=series_instance_uid, rows=image.rows,
         columns=image.columns, pixel_steps=image.steps, report=report, abnormalities=abnormalities,

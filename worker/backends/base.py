@@ -44,6 +44,12 @@ class ModelBackend(Protocol):
     def generate(self, image: np.ndarray, turns: list[Turn], params: GenerationParams,
                  on_text: OnText | None = None) -> Completion: ...
 
+    def generate_many(self, image: np.ndarray, conversations: list[list[Turn]],
+                      params: list[GenerationParams]) -> list[Completion]:
+        """Several questions about the same image, answered as ``generate`` would answer each: together
+        where the backend can (one decode batch, or concurrent requests to a server)."""
+        ...
+
 
 class ModelLoadError(RuntimeError):
     """The model could not be loaded; the message says what to do about it."""

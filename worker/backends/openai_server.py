@@ -92,3 +92,13 @@ class OpenAIServerBackend:
         return Completion(text=text.strip(), prompt_tokens=usage.prompt_tokens if usage else 0,
                           new_tokens=usage.completion_tokens if usage else len(pieces),
                           seconds=time.perf_counter() - start)
+
+    def generate_many(self, image: np.ndarray, conversations: list[list[Turn]],
+                      params: list[GenerationParams]) -> list[Completion]:
+        """Concurrent requests: the server batches them (and shares the image prefix when it caches prefixes)."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._url(image)  # encode the image once, before the threads
+        with ThreadPoolExecutor(max_workers=max(1, len(conversations))) as pool:
+            return list(pool.map(lambda job: self.generate(image, job[0], job[1]), zip(conversations, params,
+                                                                                      strict=True)))

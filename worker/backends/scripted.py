@@ -100,3 +100,7 @@ class ScriptedBackend:
                 on_text(word if index == len(words) - 1 else word + " ")
         return Completion(text=text, prompt_tokens=len(prompt.split()), new_tokens=len(text.split()),
                           seconds=time.perf_counter() - start)
+
+    def generate_many(self, image: np.ndarray, conversations: list[list[Turn]],
+                      params: list[GenerationParams]) -> list[Completion]:
+        return [self.generate(image, turns, p) for turns, p in zip(conversations, params, strict=True)]

@@ -12,6 +12,7 @@ import numpy as np
 
 from worker import prompts
 from worker.backends.base import Completion, GenerationParams, ModelLoadError, OnText
+from worker.backends.batch_decode import Row, decode, stream_relay
 from worker.backends.prefix_cache import PREFIX, Prefix, PrefixCache, cache_bytes, image_key
 from worker.prompts import Turn
 
@@ -46,18 +47,6 @@ def _load_error(model_id: str, exc: BaseException) -> ModelLoadError:
     else:
         hint = "see the error above"
     return ModelLoadError(f"cannot load {model_id}: {hint} ({text[:500]})")
-
-
-def _relay(tokenizer: Any, on_text: OnText) -> Any:
-    """transformers' ``TextStreamer`` (new tokens only, decoded a word at a time) handing text to ``on_text``."""
-    from transformers import TextStreamer
-
-    class Relay(TextStreamer):
-        def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
-            if text:
-                on_text(text)
-
-    return Relay(tokenizer, skip_prompt=True, skip_special_tokens=True)
 
 
 class TransformersBackend:
@@ -149,36 +138,54 @@ class TransformersBackend:
             self.prefixes.put(key, entry)
         return key, entry
 
-    def _run(self, batch: dict[str, Any], params: GenerationParams, on_text: OnText | None) -> Any:
-        streamer = _relay(self.processor.tokenizer, on_text) if on_text else None
+    def _plain(self, image: np.ndarray, turns: list[Turn], params: GenerationParams,
+               on_text: OnText | None) -> tuple[int, list[int]]:
+        """transformers' own ``generate()`` on the whole prompt (no prefix cache)."""
+        batch = self.inputs(image, turns)
+        prompt_tokens = int(batch["input_ids"].shape[1])
         with self.torch.inference_mode():
-            return self.model.generate(**batch, do_sample=False, max_new_tokens=params.max_new_tokens,
-                                       min_new_tokens=params.min_new_tokens or None, streamer=streamer)
+            output = self.model.generate(**batch, do_sample=False, max_new_tokens=params.max_new_tokens,
+                                         min_new_tokens=params.min_new_tokens or None,
+                                         streamer=stream_relay(self.processor.tokenizer, on_text, skip_prompt=True))
+        return prompt_tokens, output[0, prompt_tokens:].tolist()
+
+    def _from_prefix(self, image: np.ndarray, conversations: list[list[Turn]], params: list[GenerationParams],
+                     on_text: OnText | None = None) -> list[tuple[int, list[int]]]:
+        """Every conversation decoded together from the image's cached prefix."""
+        key, prefix = self._prefix(image)
+        tokenizer = self.processor.tokenizer
+        rows = [Row(tokenizer(prompts.render(turns)[len(PREFIX):], add_special_tokens=False)["input_ids"], p, [])
+                for turns, p in zip(conversations, params, strict=True)]
+        eos = self.model.generation_config.eos_token_id
+        eos_ids = {eos} if isinstance(eos, int) else set(eos or [])
+        pad = self.model.generation_config.pad_token_id
+        try:
+            decode(self.model, self.torch, prefix.cache, prefix.length, rows, eos_ids,
+                   pad if pad is not None else min(eos_ids), self.device, stream_relay(tokenizer, on_text))
+        except BaseException:
+            self.prefixes.drop(key)
+            raise
+        return [(prefix.length + len(row.tail), row.tokens + ([min(eos_ids)] if row.ended else [])) for row in rows]
+
+    def generate_many(self, image: np.ndarray, conversations: list[list[Turn]],
+                      params: list[GenerationParams]) -> list[Completion]:
+        """Several questions about one image, decoded together (one at a time without a prefix cache)."""
+        if not self.prefixes.budget_bytes:
+            return [self.generate(image, turns, p) for turns, p in zip(conversations, params, strict=True)]
+        start = time.perf_counter()
+        decoded = self._from_prefix(image, conversations, params)
+        seconds = time.perf_counter() - start
+        return [self._completion(prompt_tokens, new, seconds) for prompt_tokens, new in decoded]
 
     def generate(self, image: np.ndarray, turns: list[Turn], params: GenerationParams,
                  on_text: OnText | None = None) -> Completion:
         start = time.perf_counter()
-        text = prompts.render(turns)
-        if self.prefixes.budget_bytes and text.startswith(PREFIX):
-            key, prefix = self._prefix(image)
-            tail = self.processor.tokenizer(text[len(PREFIX):], add_special_tokens=False,
-                                            return_tensors="pt")["input_ids"].to(self.device)
-            ids = self.torch.cat([prefix.input_ids, tail], dim=1)
-            try:
-                output = self._run({"input_ids": ids, "attention_mask": self.torch.ones_like(ids),
-                                    "image_sizes": prefix.image_sizes, "past_key_values": prefix.cache},
-                                   params, on_text)
-            except BaseException:
-                self.prefixes.drop(key)  # the cache may hold part of an answer now
-                raise
-            prefix.cache.crop(prefix.length - prefix.cache.get_seq_length())  # back to the prefix alone
+        if self.prefixes.budget_bytes:
+            [(prompt_tokens, new)] = self._from_prefix(image, [turns], [params], on_text)
         else:
-            batch = self.inputs(image, turns)
-            ids = batch["input_ids"]
-            output = self._run(batch, params, on_text)
-        prompt_tokens = int(ids.shape[1])
-        seconds = time.perf_counter() - start
-        new = output[0, prompt_tokens:]
+            prompt_tokens, new = self._plain(image, turns, params, on_text)
+        return self._completion(prompt_tokens, new, time.perf_counter() - start)
+
+    def _completion(self, prompt_tokens: int, new: list[int], seconds: float) -> Completion:
         text = self.processor.tokenizer.decode(new, skip_special_tokens=True)
-        return Completion(text=text.strip(), prompt_tokens=prompt_tokens, new_tokens=int(new.shape[0]),
-                          seconds=seconds)
+        return Completion(text=text.strip(), prompt_tokens=prompt_tokens, new_tokens=len(new), seconds=seconds)
