@@ -126,6 +126,9 @@ def postgres_database(admin_url: str) -> Iterator[str]:
         admin.dispose()
 
 
+BROKER = "redis://127.0.0.1:6379/12"
+
+
 def run_node(work: Path, files: list[Path], admin_url: str, fsync: bool) -> float:
     port = free_port()
     storage = work / "node"
@@ -133,7 +136,8 @@ def run_node(work: Path, files: list[Path], admin_url: str, fsync: bool) -> floa
         env = {**os.environ, "RADVLM_DATABASE_URL": url, "RADVLM_STORAGE_DIR": str(storage),
                "RADVLM_NODE__PORT": str(port), "RADVLM_NODE__BIND_ADDRESS": "127.0.0.1",
                "RADVLM_NODE__DISK_RESERVE_MB": "64", "RADVLM_LOG_LEVEL": "WARNING",
-               "RADVLM_NODE__FSYNC": str(fsync).lower(), "TMPDIR": str(work)}
+               "RADVLM_NODE__FSYNC": str(fsync).lower(), "TMPDIR": str(work),
+               "RADVLM_BROKER_URL": BROKER}  # the node hands complete studies to Celery; no worker needed
         with process([str(ROOT / ".venv/bin/radvlm-pacs"), "node"], port, env, work / "node.log"):
             elapsed = send(port, files, "RADVLM")
         from sqlalchemy import create_engine, text
