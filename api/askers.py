@@ -14,11 +14,10 @@ from typing import Any, Protocol
 import redis
 import redis.asyncio
 
-from records.clock import utcnow
 from worker.app import CHAT_PRIORITY, CHAT_TASK, GPU_QUEUE
-from worker.backends.base import GenerationParams
-from worker.chat import TERMINAL, Event, answer_question, channel
+from worker.chat import TERMINAL, Event, channel
 from worker.context import WorkerContext
+from worker.jobs import answer
 from worker.model_thread import ModelThread
 from worker.presence import gpu_workers
 
@@ -99,11 +98,7 @@ class LocalAsker:
             except RuntimeError:  # the listener's loop is gone: the answer is stored all the same
                 pass
 
-        ctx = self.ctx
-        self.model_thread.submit_at(
-            CHAT_PRIORITY, answer_question, exchange_id, sessions=ctx.sessions, store=ctx.store,
-            backend=ctx.backend, params=GenerationParams(max_new_tokens=ctx.options.max_new_tokens), clock=utcnow,
-            publish=publish)
+        self.model_thread.submit_at(CHAT_PRIORITY, answer, self.ctx, exchange_id, publish)
         while True:
             event = await queue.get()
             yield event

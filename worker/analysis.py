@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from dicom_node.pixels import PixelError, model_image, read_dataset
 from dicom_node.storage import InstanceStore
 from records.schema import StudyResult
-from records.settings import DeliverySettings, Destination, HL7Settings
+from records.settings import DeliverySettings, Destination, HL7Settings, Settings
 from records.tables import Instance, Job, JobState, Result, Study, StudyState
 from worker.backends.base import ModelBackend
 from worker.delivery.equipment import Device
@@ -93,6 +93,11 @@ class Outputs:
     policy: DeliverySettings = field(default_factory=DeliverySettings)
     station_name: str = "RADVLM"
     hl7: HL7Settings | None = None
+
+    @classmethod
+    def of(cls, settings: Settings) -> Outputs:
+        return cls(destinations=settings.destinations, policy=settings.delivery, station_name=settings.node.ae_title,
+                   hl7=settings.hl7)
 
     def kinds(self) -> set[str]:
         return {kind for destination in self.destinations for kind in destination.objects}

@@ -59,7 +59,6 @@ def build_context(settings: Settings, backend: ModelBackend | None = None) -> Wo
         sessions=make_session_factory(make_engine(settings.effective_database_url)),
         store=InstanceStore(settings.effective_storage_dir, fsync=settings.node.fsync),
         options=AnalysisOptions(max_new_tokens=settings.model.max_new_tokens, regions=tuple(settings.model.regions)),
-        outputs=Outputs(destinations=settings.destinations, policy=settings.delivery,
-                        station_name=settings.node.ae_title, hl7=settings.hl7),
+        outputs=Outputs.of(settings),
         _backend=backend,
     )

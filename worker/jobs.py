@@ -1,4 +1,4 @@
-"""How an analysis attempt ends, the same for a Celery task and for ``serve``'s in-process runner."""
+"""How an analysis attempt or a question ends, the same for a Celery task and for ``serve``'s model thread."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ import logging
 
 from records.clock import utcnow
 from worker.analysis import PermanentFailure, fail, run_analysis
-from worker.backends.base import ModelUnavailable
+from worker.backends.base import GenerationParams, ModelUnavailable
+from worker.chat import Publish, answer_question
 from worker.context import WorkerContext
 from worker.delivery.outbox import deliver_item, sender
 
@@ -49,3 +50,10 @@ def deliver_once(ctx: WorkerContext, item_id: int) -> float | None:
     settings = ctx.settings
     send = sender(settings.destinations, settings.hl7, settings.node.ae_title, settings.delivery)
     return deliver_item(ctx.sessions, item_id, send, settings.delivery, utcnow)
+
+
+def answer(ctx: WorkerContext, exchange_id: int, publish: Publish) -> None:
+    """Answer one chat question with the context's model, streaming to ``publish``."""
+    answer_question(exchange_id, sessions=ctx.sessions, store=ctx.store, backend=ctx.backend,
+                    params=GenerationParams(max_new_tokens=ctx.options.max_new_tokens), clock=utcnow,
+                    publish=publish)

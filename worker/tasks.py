@@ -5,12 +5,10 @@ from __future__ import annotations
 import redis
 from celery import Task, shared_task
 
-from records.clock import utcnow
 from worker.app import ANALYSE_TASK, CHAT_TASK, DELIVER_TASK, send_deliveries
-from worker.backends.base import GenerationParams
-from worker.chat import answer_question, redis_publisher
+from worker.chat import redis_publisher
 from worker.context import WorkerContext, build_context
-from worker.jobs import attempt, deliver_once
+from worker.jobs import answer, attempt, deliver_once
 
 
 def context_of(app) -> WorkerContext:  # type: ignore[no-untyped-def]
@@ -37,9 +35,7 @@ def chat(self: Task, exchange_id: int) -> str:
     ctx = context_of(self.app)
     client = getattr(self.app, "radvlm_redis", None) or redis.Redis.from_url(ctx.settings.broker_url)
     self.app.radvlm_redis = client
-    answer_question(exchange_id, sessions=ctx.sessions, store=ctx.store, backend=ctx.backend,
-                    params=GenerationParams(max_new_tokens=ctx.options.max_new_tokens), clock=utcnow,
-                    publish=redis_publisher(client, exchange_id))
+    answer(ctx, exchange_id, redis_publisher(client, exchange_id))
     return "answered"
 
 

@@ -27,12 +27,10 @@ def sign(request: Request, uid: str, body: SignOffIn, session: SessionDep, store
     require_radiologist(user, "sign off a report")
     study = find_study(session, user, uid)
     session.rollback()  # end this read: sign_off writes in a transaction of its own, read back below
-    outputs = Outputs(destinations=settings.destinations, policy=settings.delivery,
-                      station_name=settings.node.ae_title, hl7=settings.hl7)
     try:
         items = sign_off(request.app.state.sessions, store, uid, user.name,
                          Verifier(user.observer_name, settings.api.organization),
-                         Signed(body.report.strip(), frozenset(body.findings)), outputs, utcnow)
+                         Signed(body.report.strip(), frozenset(body.findings)), Outputs.of(settings), utcnow)
     except SignOffRefused as exc:
         raise Problem(exc.status, exc.title, exc.detail) from exc
     if items:

@@ -24,9 +24,11 @@ class Row:
     ended: bool = False  # the model ended its turn (as generate() counts it, one more new token)
 
 
-def _repeated(cache: Any, times: int, cache_class: Any) -> Any:
+def _repeated(cache: Any, times: int) -> Any:
     """A new cache holding ``times`` copies of ``cache`` (the prefix entry itself is left as it is)."""
-    batch = cache_class()
+    from transformers import DynamicCache
+
+    batch = DynamicCache()
     for index, layer in enumerate(cache.layers):
         batch.update(layer.keys.repeat(times, 1, 1, 1), layer.values.repeat(times, 1, 1, 1), index)
     return batch
@@ -35,8 +37,6 @@ def _repeated(cache: Any, times: int, cache_class: Any) -> Any:
 def decode(model: Any, torch: Any, prefix_cache: Any, prefix_length: int, rows: list[Row], eos: set[int],
            pad_id: int, device: Any, relay: Any = None) -> None:
     """Fill each row's ``tokens``; ``relay`` (a transformers streamer) receives the tokens of a single row."""
-    from transformers import DynamicCache
-
     if relay is not None and len(rows) != 1:
         raise ValueError("streaming takes one question at a time")
     width = max(len(row.tail) for row in rows)
@@ -49,7 +49,7 @@ def decode(model: Any, torch: Any, prefix_cache: Any, prefix_length: int, rows: 
         ids[index, start:] = torch.tensor(row.tail, device=device)
         mask[index, prefix_length + start:] = 1
         positions[index, start:] = torch.arange(prefix_length, prefix_length + len(row.tail), device=device)
-    cache = _repeated(prefix_cache, len(rows), DynamicCache)
+    cache = _repeated(prefix_cache, len(rows))
     slot = prefix_length  # cache slots used so far: the same for every row
     next_position = torch.tensor([prefix_length + len(row.tail) for row in rows], device=device)
     live = list(range(len(rows)))

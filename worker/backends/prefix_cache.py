@@ -4,8 +4,8 @@ and prefilling ~7,300 image tokens again.
 
 Every RadVLM prompt starts with the same text before the question (``PREFIX``: the first user turn
 up to and including the image), so the cache of that prefix serves all of them. Entries are kept
-most recently used first, within a byte budget; the cache is cropped back to the prefix after
-each use, so an entry never holds an answer.
+most recently used first, within a byte budget; decoding works on copies, so an entry never
+holds an answer.
 """
 
 from __future__ import annotations
@@ -27,16 +27,11 @@ def image_key(image: np.ndarray) -> str:
     return digest.hexdigest()
 
 
-@dataclass
+@dataclass(frozen=True)
 class Prefix:
-    input_ids: Any  # torch.Tensor (1, n): the prefix with the image tokens expanded
-    image_sizes: Any
+    length: int  # tokens, the image tokens expanded
     cache: Any  # transformers DynamicCache holding exactly the prefix
     nbytes: int
-
-    @property
-    def length(self) -> int:
-        return int(self.input_ids.shape[1])
 
 
 def cache_bytes(cache: Any) -> int:
@@ -64,7 +59,7 @@ class PrefixCache:
     def put(self, key: str, entry: Prefix) -> None:
         self._entries[key] = entry
         self._entries.move_to_end(key)
-        while self._entries and sum(e.nbytes for e in self._entries.values()) > self.budget_bytes:
+        while self._entries and self.nbytes > self.budget_bytes:
             self._entries.popitem(last=False)
 
     def drop(self, key: str) -> None:

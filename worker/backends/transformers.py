@@ -134,7 +134,7 @@ class TransformersBackend:
             batch = self.inputs(image, [], text=PREFIX)
             with self.torch.inference_mode():
                 cache = self.model(**batch, use_cache=True).past_key_values
-            entry = Prefix(batch["input_ids"], batch["image_sizes"], cache, cache_bytes(cache))
+            entry = Prefix(int(batch["input_ids"].shape[1]), cache, cache_bytes(cache))
             self.prefixes.put(key, entry)
         return key, entry
 
