@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 from pydicom import Dataset, dcmread
 from pydicom.pixels import apply_modality_lut, apply_voi_lut, convert_color_space
 
@@ -114,3 +115,8 @@ def read_dataset(path: Path) -> Dataset:
 def read_model_image(path: Path) -> ModelImage:
     """Read a stored file and return its model image; any failure is a ``PixelError``."""
     return model_image(read_dataset(path))
+
+
+def model_picture(pixels: np.ndarray) -> Image.Image:
+    """The RGB picture a processor takes: the 8-bit gray image in all three channels."""
+    return Image.fromarray(pixels, mode="L").convert("RGB")

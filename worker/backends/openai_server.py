@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from dicom_node.pixels import model_picture
 from worker.backends.base import Completion, GenerationParams, ModelUnavailable, OnText
 from worker.backends.prefix_cache import image_key
 from worker.prompts import Turn
@@ -24,12 +25,10 @@ from worker.prompts import Turn
 
 def image_url(image: np.ndarray) -> str:
     """The model image as a PNG data URL: RGB with three identical channels, losslessly."""
-    from PIL import Image
-
     if image.dtype != np.uint8 or image.ndim != 2:
         raise ValueError("image must be 8-bit grayscale (rows, columns)")
     buffer = io.BytesIO()
-    Image.fromarray(image, mode="L").convert("RGB").save(buffer, format="PNG", compress_level=1)
+    model_picture(image).save(buffer, format="PNG", compress_level=1)
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 

@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from dicom_node.pixels import model_picture
 from worker import prompts
 from worker.backends.base import Completion, GenerationParams, ModelLoadError, OnText
 from worker.backends.batch_decode import Row, decode, stream_relay
@@ -106,12 +107,10 @@ class TransformersBackend:
 
     def inputs(self, image: np.ndarray, turns: list[Turn], text: str | None = None) -> Any:
         """The processor's tensors for ``turns`` (or the raw ``text``) about ``image``, on the model's device."""
-        from PIL import Image
-
         if image.dtype != np.uint8 or image.ndim != 2:
             raise ValueError("image must be 8-bit grayscale (rows, columns)")
         # RadVLM saw RGB JPEGs: give the processor three identical channels.
-        picture = Image.fromarray(image, mode="L").convert("RGB")
+        picture = model_picture(image)
         batch = self.processor(images=picture, text=text or prompts.render(turns), return_tensors="pt")
         return batch.to(self.device, dtype=self.model.dtype)
 

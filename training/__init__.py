@@ -1,0 +1,1 @@
+"""Rebuild RadVLM: its instruction data set, its fine-tuning recipe and its evaluation."""

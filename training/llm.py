@@ -1,0 +1,42 @@
+"""A chat model behind an OpenAI-compatible endpoint (OpenAI, Azure's v1 API, vLLM, a local
+server): what cleans reports, writes conversations and judges answers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from openai import OpenAI, OpenAIError
+
+
+class LLMError(RuntimeError):
+    """The endpoint failed or gave nothing; the message says which endpoint and why."""
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    url: str  # e.g. https://api.openai.com/v1 or http://127.0.0.1:8000/v1
+    model: str
+    api_key: str = "unused"
+    timeout_s: float = 120.0
+    max_retries: int = 3
+
+
+class ChatLLM:
+    """One question in, one answer out; greedy, so a rebuild asks the same way."""
+
+    def __init__(self, endpoint: Endpoint) -> None:
+        self.endpoint = endpoint
+        self._client = OpenAI(base_url=endpoint.url, api_key=endpoint.api_key, timeout=endpoint.timeout_s,
+                              max_retries=endpoint.max_retries)
+
+    def ask(self, prompt: str, max_tokens: int = 2048) -> str:
+        try:
+            reply = self._client.chat.completions.create(
+                model=self.endpoint.model, messages=[{"role": "user", "content": prompt}],
+                temperature=0.0, max_tokens=max_tokens)
+        except OpenAIError as exc:
+            raise LLMError(f"{self.endpoint.url} ({self.endpoint.model}): {type(exc).__name__}: {exc}") from exc
+        text = (reply.choices[0].message.content or "").strip() if reply.choices else ""
+        if not text:
+            raise LLMError(f"{self.endpoint.url} ({self.endpoint.model}) answered nothing")
+        return text

@@ -1,0 +1,110 @@
+"""RadVLM's training mix (the paper's Table 1): which builder, how many times, how many at most.
+
+A part runs when the folders it reads are given. Repeating a part draws new question and answer
+templates, as RadVLM's up-sampling did; a cap keeps a random subset (Chest ImaGenome: 80,000).
+``counts`` sets what was built beside the paper's figure for the same part.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from training.instructions import Instruction
+from training.reports import Cleaner
+from training.sources import chexpert, imagenome, mimic, phrases, vindr
+from training.sources.files import ImageSize, header_size
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """What a build gets from its caller: data set folders by name, the report cleaner, sizes."""
+
+    folders: Mapping[str, Path]
+    cleaner: Cleaner
+    size: ImageSize = header_size
+    uncertain: str = "absent"
+
+
+Build = Callable[[Inputs, random.Random], Iterable[Instruction]]
+
+
+@dataclass(frozen=True)
+class Part:
+    name: str
+    needs: tuple[str, ...]  # data set folders it reads
+    build: Build
+    paper: int  # datapoints in RadVLM's training set, before repeats
+    repeats: int = 1
+    cap: int | None = None
+
+
+def _f(inputs: Inputs, name: str) -> Path:
+    return inputs.folders[name]
+
+
+PARTS: tuple[Part, ...] = (
+    Part("mimic-cxr/report", ("mimic-cxr",), lambda i, r: mimic.reports(_f(i, "mimic-cxr"), r, i.cleaner), 230_980),
+    Part("chexpert-plus/report", ("chexpert-plus",),
+         lambda i, r: chexpert.plus_reports(_f(i, "chexpert-plus"), r, i.cleaner), 186_463),
+    Part("mimic-cxr/abnormalities", ("mimic-cxr",),
+         lambda i, r: mimic.classification(_f(i, "mimic-cxr"), r, uncertain=i.uncertain), 237_912),
+    Part("chexpert/abnormalities", ("chexpert",),
+         lambda i, r: chexpert.classification(_f(i, "chexpert"), r, uncertain=i.uncertain), 191_027),
+    Part("chest-imagenome/anatomical-grounding", ("chest-imagenome", "mimic-cxr"),
+         lambda i, r: imagenome.anatomical_grounding(_f(i, "chest-imagenome"), _f(i, "mimic-cxr"), r, size=i.size),
+         80_000, cap=80_000),
+    Part("vindr-cxr/abnormality-grounding", ("vindr-cxr",),
+         lambda i, r: vindr.abnormality_grounding(_f(i, "vindr-cxr"), r, size=i.size), 16_089, repeats=3),
+    Part("vindr-cxr/detection", ("vindr-cxr",), lambda i, r: vindr.detection(_f(i, "vindr-cxr"), r, size=i.size),
+         15_000, repeats=2),
+    Part("ms-cxr/phrase-grounding", ("ms-cxr", "mimic-cxr"),
+         lambda i, r: phrases.ms_cxr(_f(i, "ms-cxr"), _f(i, "mimic-cxr"), r), 971, repeats=3),
+    Part("padchest-gr/phrase-grounding", ("padchest-gr",), lambda i, r: phrases.padchest_gr(_f(i, "padchest-gr"), r),
+         4_478, repeats=2),
+)
+DATASETS = sorted({name for part in PARTS for name in part.needs})
+
+
+def runnable(inputs: Inputs, only: Iterable[str] = ()) -> list[Part]:
+    wanted = set(only)
+    unknown = wanted - {part.name for part in PARTS}
+    if unknown:
+        raise ValueError(f"unknown parts {sorted(unknown)}; known: {[p.name for p in PARTS]}")
+    return [part for part in PARTS
+            if all(name in inputs.folders for name in part.needs) and (not wanted or part.name in wanted)]
+
+
+@dataclass
+class Tally:
+    part: Part
+    built: int = 0  # distinct datapoints, before repeats
+    written: int = 0  # with repeats
+
+
+def build(parts: Iterable[Part], inputs: Inputs, rng: random.Random, tallies: list[Tally]) -> Iterator[Instruction]:
+    """Every datapoint of ``parts``, repeats included (ids get ``-r{n}`` from the second round)."""
+    for part in parts:
+        tally = Tally(part)
+        tallies.append(tally)
+        for round_ in range(part.repeats):
+            items = list(part.build(inputs, rng))
+            if part.cap is not None and len(items) > part.cap:
+                items = rng.sample(items, part.cap)
+            if round_ == 0:
+                tally.built = len(items)
+            for item in items:
+                tally.written += 1
+                yield item if round_ == 0 else replace(item, id=f"{item.id}-r{round_}")
+
+
+def counts_table(tallies: Iterable[Tally]) -> str:
+    """What was built beside the paper's figure for each part."""
+    lines = [f"{'part':40} {'built':>9} {'paper':>9} {'ratio':>7} {'repeats':>7} {'written':>9}"]
+    for t in tallies:
+        ratio = t.built / t.part.paper if t.part.paper else 0.0
+        lines.append(f"{t.part.name:40} {t.built:9,d} {t.part.paper:9,d} {ratio:7.3f} {t.part.repeats:7d} "
+                     f"{t.written:9,d}")
+    return "\n".join(lines)

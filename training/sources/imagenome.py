@@ -1,0 +1,62 @@
+"""Chest ImaGenome (silver): anatomical grounding, one region per image per datapoint.
+
+Layout: ``silver_dataset/splits/{split}.csv`` (``dicom_id, subject_id, study_id, path,
+ViewPosition``) and ``silver_dataset/scene_graph/{dicom_id}_SceneGraph.json``, whose ``objects``
+carry ``bbox_name`` and ``original_x1 .. original_y2`` in pixels of the full-size MIMIC-CXR
+image (they can spill outside it and are clipped). Images are MIMIC-CXR-JPG's, at ``path`` with
+``.jpg`` for ``.dcm`` under the MIMIC-CXR-JPG folder.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from collections.abc import Iterator
+from pathlib import Path
+
+from training import answers
+from training.boxes import BadBox, normalise
+from training.instructions import Instruction
+from training.sources.files import ImageSize, find, header_size, rows
+
+SOURCE = "chest-imagenome"
+FRONTAL = ("PA", "AP")
+
+log = logging.getLogger(__name__)
+
+
+def _scene_graph(root: Path, dicom_id: str) -> Path | None:
+    for folder in ("silver_dataset/scene_graph", "silver_dataset/scene_graph/scene_graph"):
+        path = root / folder / f"{dicom_id}_SceneGraph.json"
+        if path.exists():
+            return path
+    return None
+
+
+def anatomical_grounding(root: Path, mimic_root: Path, rng: random.Random, split: str = "train",
+                         size: ImageSize = header_size) -> Iterator[Instruction]:
+    table = find(root, f"silver_dataset/splits/{split}.csv")
+    for row in rows(table):
+        if row["ViewPosition"] not in FRONTAL:
+            continue
+        graph_path = _scene_graph(root, row["dicom_id"])
+        if graph_path is None:
+            log.warning("Chest ImaGenome %s: no scene graph, skipped", row["dicom_id"])
+            continue
+        image = mimic_root / Path(row["path"]).with_suffix(".jpg")
+        width, height = size(image)
+        regions = []
+        for item in json.loads(graph_path.read_text()).get("objects", []):
+            try:
+                box = normalise(*(float(item[f"original_{k}"]) for k in ("x1", "y1", "x2", "y2")), width, height)
+            except (KeyError, TypeError, ValueError, BadBox):
+                continue
+            regions.append((item["bbox_name"], box))
+        if not regions:
+            continue
+        name, box = rng.choice(regions)
+        question, answer = answers.location(rng, name, [box])
+        yield Instruction(id=f"{SOURCE}-{split}-{row['dicom_id']}", image=str(image),
+                          rounds=((question, answer),), task="anatomical-grounding", source=SOURCE)
+

@@ -1,0 +1,89 @@
+"""MIMIC-CXR: report generation and abnormality classification, one datapoint per frontal image.
+
+Layout: MIMIC-CXR-JPG's ``mimic-cxr-2.0.0-metadata.csv[.gz]`` (``dicom_id, subject_id,
+study_id, ViewPosition, ...``), ``mimic-cxr-2.0.0-split.csv[.gz]`` (``split``: train / validate
+/ test) and ``mimic-cxr-2.0.0-chexpert.csv[.gz]`` (one row per study); images
+``files/p{subject[:2]}/p{subject}/s{study}/{dicom_id}.jpg``; reports from MIMIC-CXR's
+``mimic-cxr-reports.zip`` unpacked into the same folder (``files/p../p{subject}/s{study}.txt``).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from training import answers
+from training.instructions import Instruction
+from training.reports import Cleaner, report_text, sections
+from training.sources.files import find, rows
+from training.sources.labels import present
+
+FRONTAL = ("PA", "AP")
+SOURCE = "mimic-cxr"
+
+
+@dataclass(frozen=True)
+class MimicImage:
+    dicom_id: str
+    subject_id: str
+    study_id: str
+    view: str
+
+    def folder(self, root: Path) -> Path:
+        return root / "files" / f"p{self.subject_id[:2]}" / f"p{self.subject_id}"
+
+    def path(self, root: Path) -> Path:
+        return self.folder(root) / f"s{self.study_id}" / f"{self.dicom_id}.jpg"
+
+    def report_path(self, root: Path) -> Path:
+        return self.folder(root) / f"s{self.study_id}.txt"
+
+
+def _table(root: Path, name: str) -> Path:
+    return find(root, name, name + ".gz")
+
+
+def frontal_images(root: Path, split: str) -> Iterator[MimicImage]:
+    """Frontal (PA/AP) images of ``split`` (train, validate or test), in metadata order."""
+    splits = {row["dicom_id"]: row["split"] for row in rows(_table(root, "mimic-cxr-2.0.0-split.csv"))}
+    for row in rows(_table(root, "mimic-cxr-2.0.0-metadata.csv")):
+        if row["ViewPosition"] in FRONTAL and splits.get(row["dicom_id"]) == split:
+            yield MimicImage(row["dicom_id"], row["subject_id"], row["study_id"], row["ViewPosition"])
+
+
+def study_report(root: Path, image: MimicImage) -> str:
+    """The FINDINGS section of the study's report, else its IMPRESSION ("" when neither)."""
+    path = image.report_path(root)
+    if not path.exists():
+        return ""
+    parts = sections(path.read_text())
+    return report_text(parts.get("FINDINGS"), parts.get("IMPRESSION"))
+
+
+def reports(root: Path, rng: random.Random, cleaner: Cleaner, split: str = "train") -> Iterator[Instruction]:
+    for image in frontal_images(root, split):
+        text = study_report(root, image)
+        cleaned = cleaner.clean(image.study_id, text) if text else None
+        if not cleaned:
+            continue
+        question, answer = answers.report(rng, cleaned)
+        yield Instruction(id=f"{SOURCE}-report-{image.dicom_id}", image=str(image.path(root)),
+                          rounds=((question, answer),), task="report", source=SOURCE)
+
+
+def study_labels(root: Path, uncertain: str = "absent") -> dict[str, list[str]]:
+    """Labels present per study id, from the CheXpert labeler's table."""
+    return {row["study_id"]: present(row, uncertain) for row in rows(_table(root, "mimic-cxr-2.0.0-chexpert.csv"))}
+
+
+def classification(root: Path, rng: random.Random, split: str = "train",
+                   uncertain: str = "absent") -> Iterator[Instruction]:
+    labels = study_labels(root, uncertain)
+    for image in frontal_images(root, split):
+        if image.study_id not in labels:
+            continue
+        question, answer = answers.abnormalities(rng, labels[image.study_id])
+        yield Instruction(id=f"{SOURCE}-labels-{image.dicom_id}", image=str(image.path(root)),
+                          rounds=((question, answer),), task="abnormalities", source=SOURCE)

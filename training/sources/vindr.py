@@ -1,0 +1,92 @@
+"""VinDr-CXR: abnormality grounding (one label per datapoint) and detection (all of an image).
+
+Layouts read: PhysioNet 1.0.0 (``annotations/annotations_{split}.csv`` with ``image_id, rad_id,
+class_name, x_min, y_min, x_max, y_max``; images ``{split}/{image_id}.dicom``) and Kaggle's
+VinBigData (``train.csv``, the same columns plus ``class_id``). Neither ships image sizes: they
+come from the DICOM headers. Each training image was read by three radiologists; their boxes
+are fused per label by weighted box fusion with RadVLM's settings (IoU 0.1, no score cut). The
+test set is a consensus with no ``rad_id`` and is taken as one reader.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections import defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from training import answers
+from training.boxes import BadBox, NormBox, fuse_readers, normalise
+from training.instructions import Instruction
+from training.sources.files import ImageSize, find, header_size, number, rows
+
+SOURCE = "vindr-cxr"
+NO_FINDING = "No finding"
+IOU_THR = 0.1
+SKIP_BOX_THR = 0.0
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class VinDrImage:
+    image_id: str
+    path: Path
+    findings: dict[str, list[NormBox]]  # label -> fused boxes; empty: no finding
+
+
+def annotation_file(root: Path, split: str) -> Path:
+    names = [f"annotations/annotations_{split}.csv", f"annotations_{split}.csv"]
+    if split == "train":
+        names.append("train.csv")
+    return find(root, *names)
+
+
+def images(root: Path, split: str = "train", size: ImageSize = header_size,
+           table: Path | None = None) -> Iterator[VinDrImage]:
+    """Every annotated image with its readers' boxes fused, in the table's order of first mention."""
+    by_image: dict[str, dict[str, list[tuple[tuple[float, ...], str]]]] = defaultdict(lambda: defaultdict(list))
+    for row in rows(table or annotation_file(root, split)):
+        readers = by_image[row["image_id"]]
+        reader = readers[row.get("rad_id") or "consensus"]
+        if row["class_name"] == NO_FINDING:
+            continue
+        corners = tuple(number(row[k]) for k in ("x_min", "y_min", "x_max", "y_max"))
+        if None in corners:
+            raise ValueError(f"{row['image_id']}: {row['class_name']} without a box")
+        reader.append((corners, row["class_name"]))  # type: ignore[arg-type]
+    for image_id, readers in by_image.items():
+        path = root / split / f"{image_id}.dicom"
+        width, height = size(path)
+        normalised = []
+        for boxes in readers.values():
+            kept = []
+            for corners, label in boxes:
+                try:
+                    kept.append((normalise(*corners, width, height), label))
+                except BadBox as exc:
+                    log.warning("VinDr-CXR %s: %s box skipped: %s", image_id, label, exc)
+            if kept:
+                normalised.append(kept)
+        yield VinDrImage(image_id, path, fuse_readers(normalised, iou_thr=IOU_THR, skip_box_thr=SKIP_BOX_THR))
+
+
+def abnormality_grounding(root: Path, rng: random.Random, split: str = "train",
+                          size: ImageSize = header_size) -> Iterator[Instruction]:
+    """One datapoint per (image, label present), with all that label's fused boxes."""
+    for image in images(root, split, size):
+        for label in sorted(image.findings):
+            question, answer = answers.location(rng, label, image.findings[label])
+            yield Instruction(id=f"{SOURCE}-{split}-{image.image_id}-{label}", image=str(image.path),
+                              rounds=((question, answer),), task="abnormality-grounding", source=SOURCE)
+
+
+def detection(root: Path, rng: random.Random, split: str = "train",
+              size: ImageSize = header_size) -> Iterator[Instruction]:
+    """One datapoint per image: every label with its boxes, or that there is no lesion."""
+    for image in images(root, split, size):
+        question, answer = answers.detection(rng, image.findings)
+        yield Instruction(id=f"{SOURCE}-{split}-{image.image_id}", image=str(image.path),
+                          rounds=((question, answer),), task="detection", source=SOURCE)
