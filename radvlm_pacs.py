@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from records.clock import utcnow
+from training.cli import add_commands as add_training_commands
 
 log = logging.getLogger("radvlm_pacs")
 
@@ -254,6 +255,7 @@ def _parser() -> argparse.ArgumentParser:
     show = studies.add_parser("show")
     show.add_argument("uid", help="Study Instance UID")
     show.set_defaults(func=cmd_studies_show)
+    add_training_commands(sub)
     return parser
 
 

@@ -22,5 +22,5 @@ if ! (exec 3<>/dev/tcp/127.0.0.1/6379) 2>/dev/null; then
     as_root redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no || true
 fi
 
-scripts/install.sh model,test
+scripts/install.sh model,train,test
 exec .venv/bin/python -m pytest "$@"

@@ -28,6 +28,7 @@ class Instruction:
     rounds: tuple[tuple[str, str], ...]  # (question, answer) pairs, in order
     task: str
     source: str
+    context: str = ""  # what a judge is told about the image (conversations)
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
@@ -45,7 +46,10 @@ class Instruction:
         for index, (question, answer) in enumerate(self.rounds):
             turns.append({"from": "human", "value": ("<image>\n" + question) if index == 0 else question})
             turns.append({"from": "gpt", "value": answer})
-        return {"id": self.id, "image": self.image, "conversations": turns, "task": self.task, "source": self.source}
+        entry = {"id": self.id, "image": self.image, "conversations": turns, "task": self.task, "source": self.source}
+        if self.context:
+            entry["context"] = self.context
+        return entry
 
     @classmethod
     def from_llava(cls, entry: dict) -> Instruction:
@@ -67,7 +71,7 @@ class Instruction:
             raise BadInstruction(f"{ident}: no image")
         return cls(id=ident, image=str(entry["image"]), rounds=tuple(rounds),
                    task=str(entry.get("task", "conversation" if len(rounds) > 1 else "report")),
-                   source=str(entry.get("source", "unknown")))
+                   source=str(entry.get("source", "unknown")), context=str(entry.get("context", "")))
 
 
 def write(instructions: Iterable[Instruction], path: Path) -> Counter[tuple[str, str]]:

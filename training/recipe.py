@@ -12,10 +12,12 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from training import conversations
 from training.instructions import Instruction
+from training.llm import ChatLLM
 from training.reports import Cleaner
-from training.sources import chexpert, imagenome, mimic, phrases, vindr
-from training.sources.files import ImageSize, header_size
+from training.sources import chexpert, imagenome, iu_xray, mimic, nih, phrases, rsna, vindr
+from training.sources.files import ImageSize, find, header_size
 
 
 @dataclass(frozen=True)
@@ -26,6 +28,11 @@ class Inputs:
     cleaner: Cleaner
     size: ImageSize = header_size
     uncertain: str = "absent"
+    llm: ChatLLM | None = None  # writes conversations
+    cache: Path = Path("llm-cache")  # the LLM's answers, so that a build resumes
+
+    def has(self, name: str) -> bool:
+        return self.llm is not None if name == LLM else name in self.folders
 
 
 Build = Callable[[Inputs, random.Random], Iterable[Instruction]]
@@ -36,13 +43,21 @@ class Part:
     name: str
     needs: tuple[str, ...]  # data set folders it reads
     build: Build
-    paper: int  # datapoints in RadVLM's training set, before repeats
+    paper: int  # datapoints in RadVLM's training set, before repeats (0: not one of RadVLM's sources)
     repeats: int = 1
     cap: int | None = None
 
 
+LLM = "llm"  # a part that needs the conversation writer lists this among its inputs
+
+
 def _f(inputs: Inputs, name: str) -> Path:
     return inputs.folders[name]
+
+
+def _talk(inputs: Inputs, cases: Iterable[conversations.Case], source: str) -> Iterator[Instruction]:
+    assert inputs.llm is not None
+    return conversations.generate(cases, inputs.llm, inputs.cache / f"{source}-conversations", source)
 
 
 PARTS: tuple[Part, ...] = (
@@ -64,8 +79,24 @@ PARTS: tuple[Part, ...] = (
          lambda i, r: phrases.ms_cxr(_f(i, "ms-cxr"), _f(i, "mimic-cxr"), r), 971, repeats=3),
     Part("padchest-gr/phrase-grounding", ("padchest-gr",), lambda i, r: phrases.padchest_gr(_f(i, "padchest-gr"), r),
          4_478, repeats=2),
+    Part("mimic-cxr/conversation", ("mimic-cxr", LLM),
+         lambda i, r: _talk(i, mimic.conversation_cases(_f(i, "mimic-cxr"), i.cleaner, uncertain=i.uncertain),
+                            "mimic-cxr"), 86_155),
+    Part("ms-cxr/grounded-conversation", ("ms-cxr", "mimic-cxr", LLM),
+         lambda i, r: _talk(i, mimic.conversation_cases(_f(i, "mimic-cxr"), i.cleaner, uncertain=i.uncertain,
+                                                        phrases=phrases.ms_cxr_phrases(_f(i, "ms-cxr"))),
+                            "ms-cxr"), 862, repeats=4),
+    Part("padchest-gr/grounded-conversation", ("padchest-gr", LLM),
+         lambda i, r: _talk(i, phrases.padchest_cases(_f(i, "padchest-gr")), "padchest-gr"), 2_225, repeats=4),
+    # Not RadVLM's: public sets a hospital can add to its own data.
+    Part("iu-xray/report", ("iu-xray",),
+         lambda i, r: iu_xray.reports(_f(i, "iu-xray"), find(_f(i, "iu-xray"), *iu_xray.VIEW_TABLES), r, i.cleaner), 0),
+    Part("nih-chestxray14/abnormality-grounding", ("nih-chestxray14",),
+         lambda i, r: nih.abnormality_grounding(_f(i, "nih-chestxray14"), r, size=i.size), 0),
+    Part("rsna-pneumonia/abnormality-grounding", ("rsna-pneumonia",),
+         lambda i, r: rsna.opacity_grounding(_f(i, "rsna-pneumonia"), r, size=i.size), 0),
 )
-DATASETS = sorted({name for part in PARTS for name in part.needs})
+DATASETS = sorted({name for part in PARTS for name in part.needs if name != LLM})
 
 
 def runnable(inputs: Inputs, only: Iterable[str] = ()) -> list[Part]:
@@ -73,8 +104,7 @@ def runnable(inputs: Inputs, only: Iterable[str] = ()) -> list[Part]:
     unknown = wanted - {part.name for part in PARTS}
     if unknown:
         raise ValueError(f"unknown parts {sorted(unknown)}; known: {[p.name for p in PARTS]}")
-    return [part for part in PARTS
-            if all(name in inputs.folders for name in part.needs) and (not wanted or part.name in wanted)]
+    return [part for part in PARTS if all(inputs.has(name) for name in part.needs) and (not wanted or part.name in wanted)]
 
 
 @dataclass
@@ -104,7 +134,6 @@ def counts_table(tallies: Iterable[Tally]) -> str:
     """What was built beside the paper's figure for each part."""
     lines = [f"{'part':40} {'built':>9} {'paper':>9} {'ratio':>7} {'repeats':>7} {'written':>9}"]
     for t in tallies:
-        ratio = t.built / t.part.paper if t.part.paper else 0.0
-        lines.append(f"{t.part.name:40} {t.built:9,d} {t.part.paper:9,d} {ratio:7.3f} {t.part.repeats:7d} "
-                     f"{t.written:9,d}")
+        paper, ratio = (f"{t.part.paper:9,d}", f"{t.built / t.part.paper:7.3f}") if t.part.paper else ("-", "-")
+        lines.append(f"{t.part.name:40} {t.built:9,d} {paper:>9} {ratio:>7} {t.part.repeats:7d} {t.written:9,d}")
     return "\n".join(lines)

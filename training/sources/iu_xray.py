@@ -3,7 +3,9 @@
 Each ``ecgen-radiology/*.xml`` holds ``AbstractText`` elements labelled FINDINGS and IMPRESSION
 and one ``parentImage`` per image (``id`` + ``.png`` under ``NLMCXR_png/``). The reports do not
 say which image is frontal, so a view table is required: a CSV with ``imageid`` and a view
-column (``View Position`` in ``nlmcxr_dicom_metadata.csv``, or ``tsne-view``); PA and AP count.
+column; PA and AP count. torchxrayvision's ``nlmcxr_tsne_pa.csv.gz`` (``tsne-view``: PA or L,
+from the images themselves) names images as the reports do; the DICOM metadata's ``View
+Position`` is often wrong (laterals marked PA) and drops part of the ids, so it comes second.
 """
 
 from __future__ import annotations
@@ -21,7 +23,9 @@ from training.sources.files import MissingData, rows
 
 SOURCE = "iu-xray"
 FRONTAL = ("PA", "AP")
-VIEW_COLUMNS = ("View Position", "tsne-view")
+VIEW_COLUMNS = ("tsne-view", "View Position")
+#: view tables looked for in the folder (torchxrayvision ships both)
+VIEW_TABLES = ("nlmcxr_tsne_pa.csv.gz", "nlmcxr_dicom_metadata.csv.gz", "nlmcxr_dicom_metadata.csv")
 
 
 def frontal_ids(views: Path) -> set[str]:

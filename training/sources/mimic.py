@@ -10,11 +10,13 @@ study_id, ViewPosition, ...``), ``mimic-cxr-2.0.0-split.csv[.gz]`` (``split``: t
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from training import answers
+from training.boxes import NormBox
+from training.conversations import Case
 from training.instructions import Instruction
 from training.reports import Cleaner, report_text, sections
 from training.sources.files import find, rows
@@ -87,3 +89,21 @@ def classification(root: Path, rng: random.Random, split: str = "train",
         question, answer = answers.abnormalities(rng, labels[image.study_id])
         yield Instruction(id=f"{SOURCE}-labels-{image.dicom_id}", image=str(image.path(root)),
                           rounds=((question, answer),), task="abnormalities", source=SOURCE)
+
+
+def conversation_cases(root: Path, cleaner: Cleaner, split: str = "train", uncertain: str = "absent",
+                       phrases: Mapping[str, Sequence[tuple[str, tuple[NormBox, ...]]]] | None = None
+                       ) -> Iterator[Case]:
+    """What the conversation writer is told per frontal image; with ``phrases`` (MS-CXR, by
+    dicom_id) only the images that have some, for grounded conversations."""
+    labels = study_labels(root, uncertain)
+    for image in frontal_images(root, split):
+        grounded = tuple(phrases.get(image.dicom_id, ())) if phrases is not None else ()
+        if phrases is not None and not grounded:
+            continue
+        text = study_report(root, image)
+        cleaned = cleaner.clean(image.study_id, text) if text else None
+        if not cleaned:
+            continue
+        yield Case(id=image.dicom_id, image=str(image.path(root)), report=cleaned,
+                   labels=tuple(labels.get(image.study_id, ())), view=image.view, phrases=grounded)

@@ -19,15 +19,21 @@ from pathlib import Path
 
 from training import answers
 from training.boxes import BadBox, NormBox, from_xywh, normalise
+from training.conversations import Case
 from training.instructions import Instruction
 from training.sources.files import MissingData, find, rows
 
 log = logging.getLogger(__name__)
 
 
-def ms_cxr(root: Path, mimic_root: Path, rng: random.Random, splits: tuple[str, ...] = ("train", "val", "valid", "validation")
-           ) -> Iterator[Instruction]:
-    """MS-CXR pairs of the given splits (v1.0.0 has no split column: all of it)."""
+MS_CXR_SPLITS = ("train", "val", "valid", "validation")
+PADCHEST_SPLITS = ("train", "validation")
+
+
+def ms_cxr_groups(root: Path, splits: tuple[str, ...] = MS_CXR_SPLITS
+                  ) -> dict[str, tuple[str, list[tuple[str, tuple[NormBox, ...]]]]]:
+    """dicom_id -> (image path under MIMIC-CXR-JPG, [(sentence, its boxes)]) for the given splits
+    (v1.0.0 has no split column: all of it)."""
     table = find(root, "MS_CXR_Local_Alignment_v1.1.0.csv", "MS_CXR_Local_Alignment_v1.0.0.csv")
     grouped: dict[tuple[str, str], list[NormBox]] = defaultdict(list)
     paths: dict[str, str] = {}
@@ -41,32 +47,45 @@ def ms_cxr(root: Path, mimic_root: Path, rng: random.Random, splits: tuple[str, 
             log.warning("MS-CXR %s: box skipped: %s", row["dicom_id"], exc)
             continue
         grouped[(row["dicom_id"], row["label_text"].strip())].append(box)
-        paths[row["dicom_id"]] = row["path"]
-    per_image: dict[str, int] = defaultdict(int)
+        paths[row["dicom_id"]] = str(Path(row["path"]).with_suffix(".jpg"))
+    out: dict[str, tuple[str, list[tuple[str, tuple[NormBox, ...]]]]] = {}
     for (dicom_id, sentence), boxes in grouped.items():
-        per_image[dicom_id] += 1
-        question, answer = answers.phrase(rng, sentence, boxes)
-        yield Instruction(id=f"ms-cxr-{dicom_id}-{per_image[dicom_id]}",
-                          image=str(mimic_root / Path(paths[dicom_id]).with_suffix(".jpg")),
-                          rounds=((question, answer),), task="phrase-grounding", source="ms-cxr")
+        out.setdefault(dicom_id, (paths[dicom_id], []))[1].append((sentence, tuple(boxes)))
+    return out
 
 
-def padchest_splits(root: Path) -> dict[str, str]:
-    return {row["ImageID"]: row["split"] for row in rows(find(root, "master_table.csv", "master_table.csv.zip"))}
+def ms_cxr(root: Path, mimic_root: Path, rng: random.Random, splits: tuple[str, ...] = MS_CXR_SPLITS
+           ) -> Iterator[Instruction]:
+    for dicom_id, (path, sentences) in ms_cxr_groups(root, splits).items():
+        for index, (sentence, boxes) in enumerate(sentences, start=1):
+            question, answer = answers.phrase(rng, sentence, boxes)
+            yield Instruction(id=f"ms-cxr-{dicom_id}-{index}", image=str(mimic_root / path),
+                              rounds=((question, answer),), task="phrase-grounding", source="ms-cxr")
 
 
-def padchest_gr(root: Path, rng: random.Random, splits: tuple[str, ...] = ("train", "validation")
-                ) -> Iterator[Instruction]:
+def padchest_table(root: Path) -> dict[str, dict[str, str]]:
+    """ImageID -> its first master-table row (split, PatientSex_DICOM, ...)."""
+    table: dict[str, dict[str, str]] = {}
+    for row in rows(find(root, "master_table.csv", "master_table.csv.zip")):
+        table.setdefault(row["ImageID"], row)
+    return table
+
+
+def padchest_groups(root: Path, splits: tuple[str, ...] = PADCHEST_SPLITS
+                    ) -> Iterator[tuple[str, Path, list[tuple[str, tuple[NormBox, ...]]], dict[str, str]]]:
+    """(ImageID, image path, [(sentence, boxes)], master-table row) per image of the splits."""
     reports = sorted(root.glob("grounded_reports_*.json"))
     if not reports:
         raise MissingData(f"{root} holds no grounded_reports_*.json")
-    split_of = padchest_splits(root)
+    table = padchest_table(root)
     folder = next((root / name for name in ("images_grounding", "PadChest_GR") if (root / name).is_dir()), root)
     for study in json.loads(reports[-1].read_text()):
         image_id = study["ImageID"]
-        if split_of.get(image_id) not in splits:
+        row = table.get(image_id)
+        if row is None or row["split"] not in splits:
             continue
-        for index, finding in enumerate(study.get("findings") or []):
+        sentences = []
+        for finding in study.get("findings") or []:
             boxes = []
             for raw in finding.get("boxes") or []:
                 try:
@@ -74,8 +93,29 @@ def padchest_gr(root: Path, rng: random.Random, splits: tuple[str, ...] = ("trai
                 except (BadBox, TypeError, ValueError) as exc:
                     log.warning("PadChest-GR %s: box %s skipped: %s", image_id, raw, exc)
             sentence = (finding.get("sentence_en") or "").strip()
-            if not boxes or not sentence:
-                continue
+            if boxes and sentence:
+                sentences.append((sentence, tuple(boxes)))
+        yield image_id, folder / image_id, sentences, row
+
+
+def padchest_gr(root: Path, rng: random.Random, splits: tuple[str, ...] = PADCHEST_SPLITS) -> Iterator[Instruction]:
+    for image_id, path, sentences, _ in padchest_groups(root, splits):
+        for index, (sentence, boxes) in enumerate(sentences):
             question, answer = answers.phrase(rng, sentence, boxes)
-            yield Instruction(id=f"padchest-gr-{image_id}-{index}", image=str(folder / image_id),
+            yield Instruction(id=f"padchest-gr-{image_id}-{index}", image=str(path),
                               rounds=((question, answer),), task="phrase-grounding", source="padchest-gr")
+
+
+def padchest_cases(root: Path, splits: tuple[str, ...] = PADCHEST_SPLITS) -> Iterator[Case]:
+    """Grounded-conversation cases: the image's sentences as its report, with their boxes."""
+    sexes = {"F": "female", "M": "male"}
+    for image_id, path, sentences, row in padchest_groups(root, splits):
+        if sentences:
+            yield Case(id=Path(image_id).stem, image=str(path), report=" ".join(s for s, _ in sentences),
+                       view="frontal", sex=sexes.get(row.get("PatientSex_DICOM", ""), "unknown"),
+                       phrases=tuple(sentences))
+
+
+def ms_cxr_phrases(root: Path, splits: tuple[str, ...] = MS_CXR_SPLITS
+                   ) -> dict[str, list[tuple[str, tuple[NormBox, ...]]]]:
+    return {dicom_id: sentences for dicom_id, (_, sentences) in ms_cxr_groups(root, splits).items()}

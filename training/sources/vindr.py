@@ -41,7 +41,7 @@ def annotation_file(root: Path, split: str) -> Path:
     names = [f"annotations/annotations_{split}.csv", f"annotations_{split}.csv"]
     if split == "train":
         names.append("train.csv")
-    return find(root, *names)
+    return find(root, *names, *(name + ".gz" for name in names))
 
 
 def images(root: Path, split: str = "train", size: ImageSize = header_size,

@@ -1,0 +1,192 @@
+"""The instruction builders on real annotation files (torchxrayvision's package data) with
+placeholder images: counts against the paper's table, and datapoints checked by hand."""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import json
+import random
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.conftest import radiograph
+from tests.training_data import link, placeholder_dicom, placeholder_png, txv_data
+from training import answers, instructions, recipe
+from training.boxes import normalise
+from training.images import gray_pixels
+from training.instructions import Instruction
+from training.reports import RuleCleaner, sections
+from training.sources import chexpert, iu_xray, nih, rsna, vindr
+from worker.parsing import BOX_PATTERN, boxes_from_answer
+
+VINDR_IMAGE = "9a5094b2563a1ef3ff50dc5c7ff71345"  # read by R8, R9 and R10; all three drew cardiomegaly
+
+
+@pytest.fixture(scope="module")
+def vindr_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("vindr")
+    link(txv_data("vinbigdata-train.csv.gz"), root, "train.csv.gz")
+    return root
+
+
+def test_vindr_fuses_the_three_readers_boxes_as_checked_by_hand(vindr_root: Path, tmp_path: Path) -> None:
+    # Only this image's rows; its placeholder DICOM is 2000 columns by 2500 rows.
+    table = tmp_path / "train.csv"
+    with gzip.open(vindr_root / "train.csv.gz", "rt") as source, table.open("w") as out:
+        lines = source.read().splitlines()
+        out.write("\n".join([lines[0]] + [line for line in lines if line.startswith(VINDR_IMAGE)]) + "\n")
+    placeholder_dicom(tmp_path / "train" / f"{VINDR_IMAGE}.dicom", columns=2000, rows=2500)
+
+    [image] = vindr.images(tmp_path, "train")
+    # Cardiomegaly, pixels: R10 (691, 1375, 1653, 1831), R9 (692, 1375, 1657, 1799), R8 (689, 1313, 1666, 1763).
+    # Weighted box fusion with equal scores: the mean, (690.67, 1354.33, 1658.67, 1797.67), over 2000 x 2500.
+    assert image.findings["Cardiomegaly"] == [pytest.approx((0.345333, 0.541733, 0.829333, 0.719067), abs=1e-5)]
+    # One reader (R9) alone drew the aortic enlargement: kept, as it was drawn (1052, 715, 1299, 966).
+    assert image.findings["Aortic enlargement"] == [pytest.approx((0.526, 0.286, 0.6495, 0.3864), abs=1e-5)]
+    assert set(image.findings) == {"Cardiomegaly", "Aortic enlargement", "Pleural effusion", "Pleural thickening"}
+
+    rng = random.Random(0)
+    grounding = {i.id.rsplit("-", 1)[1]: i for i in vindr.abnormality_grounding(tmp_path, rng)}
+    question, answer = grounding["Cardiomegaly"].rounds[0]
+    assert question in [q.format(label="cardiomegaly") for q in answers.LOCATION_QUESTIONS]
+    assert "[0.35, 0.54, 0.83, 0.72]" in answer
+    parsed = boxes_from_answer(answer, columns=2000, rows=2500)
+    assert parsed.malformed is None and len(parsed.boxes) == 1
+    assert parsed.boxes[0].px == pytest.approx((700, 1350, 1660, 1800))  # the service maps it back to pixels
+
+    [detection] = vindr.detection(tmp_path, rng)
+    _, text = detection.rounds[0]
+    assert "a cardiomegaly located at the coordinates [0.35, 0.54, 0.83, 0.72]" in text
+    assert "an aortic enlargement located at the coordinates [0.53, 0.29, 0.65, 0.39]" in text
+    assert len(BOX_PATTERN.findall(text)) == 4 and text.count(";") == 3  # four labels, one box each
+
+
+def test_vindr_counts_on_the_whole_training_table_match_the_paper(vindr_root: Path) -> None:
+    # The real table has no sizes and we have no images: every image is taken as 3000 x 3000.
+    inputs = recipe.Inputs(folders={"vindr-cxr": vindr_root}, cleaner=RuleCleaner(), size=lambda path: (3000, 3000))
+    tallies: list[recipe.Tally] = []
+    items = list(recipe.build(recipe.runnable(inputs, ["vindr-cxr/detection"]), inputs, random.Random(0), tallies))
+    assert tallies[0].built == 15_000 == tallies[0].part.paper  # every training image, as in Table 1
+    assert len(items) == 30_000 and len({i.id for i in items}) == 30_000  # repeated twice, ids unique
+    no_finding = sum(1 for i in items[:15_000] if not BOX_PATTERN.search(i.rounds[0][1]))
+    with gzip.open(vindr_root / "train.csv.gz", "rt") as handle:
+        labelled = {row["image_id"] for row in csv.DictReader(handle) if row["class_name"] != "No finding"}
+    assert no_finding == 15_000 - len(labelled)
+    table = recipe.counts_table(tallies)
+    assert "vindr-cxr/detection" in table and "15,000" in table and "1.000" in table
+
+
+@pytest.fixture(scope="module")
+def chexpert_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("chexpert") / "CheXpert-v1.0-small"
+    link(txv_data("chexpert_train.csv.gz"), root, "train.csv.gz")
+    return root
+
+
+def test_chexpert_frontal_count_is_the_papers_and_uncertain_is_absent(chexpert_root: Path) -> None:
+    inputs = recipe.Inputs(folders={"chexpert": chexpert_root}, cleaner=RuleCleaner())
+    tallies: list[recipe.Tally] = []
+    items = list(recipe.build(recipe.runnable(inputs, ["chexpert/abnormalities"]), inputs, random.Random(0), tallies))
+    assert tallies[0].built == 191_027 == tallies[0].part.paper  # the full training table is given
+    by_id = {i.id: i for i in items}
+    # patient00002: Lung Opacity 1, Fracture 1; Cardiomegaly, Edema, Consolidation, Atelectasis and
+    # Pleural Effusion -1 (uncertain): absent, as the paper says.
+    item = by_id["chexpert-train-CheXpert-v1.0-small/train/patient00002/study2/view1_frontal.jpg"]
+    assert item.rounds[0][1].endswith("fracture and lung opacity.")
+    assert item.image == str(chexpert_root / "train/patient00002/study2/view1_frontal.jpg")
+    present = list(chexpert.classification(chexpert_root, random.Random(0), uncertain="present"))
+    again = next(i for i in present if i.id == item.id)
+    assert again.rounds[0][1].endswith("atelectasis, cardiomegaly, consolidation, edema, fracture, lung opacity "
+                                       "and pleural effusion.")
+    # patient00001: No Finding and Support Devices: only the device is listed.
+    first = by_id["chexpert-train-CheXpert-v1.0-small/train/patient00001/study1/view1_frontal.jpg"]
+    assert first.rounds[0][1].endswith("support devices.")
+
+
+def test_nih_boxes_normalised_by_the_image_size(tmp_path: Path) -> None:
+    with gzip.open(txv_data("BBox_List_2017.csv.gz"), "rt") as handle:
+        lines = handle.read().splitlines()[:6]  # header + 5 boxes
+    (tmp_path / "BBox_List_2017.csv").write_text("\n".join(lines) + "\n")
+    for line in lines[1:]:
+        name = line.split(",")[0]
+        if not (tmp_path / "images_001/images" / name).exists():
+            placeholder_png(tmp_path / "images_001/images" / name, 1024, 1024)
+    items = list(nih.abnormality_grounding(tmp_path, random.Random(0)))
+    assert len(items) == 5
+    # 00013118_008.png Atelectasis x 225.08 y 547.02 w 86.78 h 79.19 on 1024 x 1024:
+    first = next(i for i in items if i.id == "nih-chestxray14-00013118_008.png-Atelectasis")
+    assert "[0.22, 0.53, 0.3, 0.61]" in first.rounds[0][1]
+    assert first.image.endswith("images_001/images/00013118_008.png")
+
+
+def test_rsna_groups_each_patients_opacities(tmp_path: Path) -> None:
+    link(txv_data("kaggle_stage_2_train_labels.csv.zip"), tmp_path, "stage_2_train_labels.csv.zip")
+    items = {i.id: i for i in rsna.opacity_grounding(tmp_path, random.Random(0), size=lambda path: (1024, 1024))}
+    with zipfile.ZipFile(tmp_path / "stage_2_train_labels.csv.zip") as archive:
+        rows = list(csv.DictReader(line.decode() for line in archive.open("stage_2_train_labels.csv")))
+    positive = [r for r in rows if r["Target"] == "1"]
+    assert len(items) == len({r["patientId"] for r in positive})
+    several = next(r["patientId"] for r in positive if sum(p["patientId"] == r["patientId"] for p in positive[:50]) > 1)
+    expected = [normalise(float(r["x"]), float(r["y"]), float(r["x"]) + float(r["width"]),
+                          float(r["y"]) + float(r["height"]), 1024, 1024) for r in positive if r["patientId"] == several]
+    answer = items[f"rsna-pneumonia-{several}"].rounds[0][1]
+    assert "lung opacity" in answer and len(BOX_PATTERN.findall(answer)) == len(expected) >= 2
+    for box in expected:
+        assert "[" + ", ".join(repr(round(v, 2)) for v in box) + "]" in answer
+
+
+def test_iu_xray_reports_take_the_frontal_image_and_drop_comparisons(tmp_path: Path) -> None:
+    link(txv_data("NLMCXR_reports.tgz"), tmp_path)
+    link(txv_data("nlmcxr_tsne_pa.csv.gz"), tmp_path)
+    items = list(iu_xray.reports(tmp_path, tmp_path / "nlmcxr_tsne_pa.csv.gz", random.Random(0), RuleCleaner()))
+    assert 3000 < len(items) < 3267  # 3,955 reports; 3,267 images seen as PA; some reports have no findings
+    with gzip.open(tmp_path / "nlmcxr_tsne_pa.csv.gz", "rt") as handle:
+        views = {row["imageid"]: row["tsne-view"] for row in csv.DictReader(handle)}
+    assert all(views[Path(i.image).stem] == "PA" for i in items)  # never a lateral
+    third = next(i for i in items if i.id == "iu-xray-3")
+    assert third.image.endswith("NLMCXR_png/CXR3_IM-1384-1001.png")
+    assert not any(RuleCleaner().clean("x", i.rounds[0][1]) != i.rounds[0][1] for i in items[:200])
+    assert RuleCleaner().clean("x", "Heart size is normal. Unchanged left effusion since the prior study.") == \
+        "Heart size is normal."
+
+
+def test_mimic_report_sections() -> None:
+    text = (" FINAL REPORT\n EXAMINATION:  CHEST (PA AND LAT)\n \n INDICATION:  ___ with cough\n \n"
+            " FINDINGS: \n \n The lungs are clear.  No effusion.\n \n IMPRESSION: \n \n No acute process.\n")
+    found = sections(text)
+    assert " ".join(found["FINDINGS"].split()) == "The lungs are clear. No effusion."
+    assert " ".join(found["IMPRESSION"].split()) == "No acute process."
+
+
+def test_llava_json_round_trip(tmp_path: Path) -> None:
+    item = Instruction(id="a", image="x.png", rounds=(("Q1?", "A1."), ("Q2?", "A2.")), task="conversation",
+                       source="test", context="Sex: female")
+    counts = instructions.write([item], tmp_path / "out.json")
+    [entry] = json.loads((tmp_path / "out.json").read_text())
+    assert entry["conversations"][0] == {"from": "human", "value": "<image>\nQ1?"}
+    assert entry["conversations"][2] == {"from": "human", "value": "Q2?"}
+    assert [i for i in instructions.read(tmp_path / "out.json")] == [item]
+    assert counts[("test", "conversation")] == 1
+    with pytest.raises(instructions.BadInstruction):
+        Instruction(id="b", image="x", rounds=(("<image> Q", "A"),), task="report", source="t")
+
+
+def test_training_images_are_the_services_model_images(tmp_path: Path) -> None:
+    from dicom_node.pixels import read_model_image
+
+    rg1 = radiograph("RG1_UNCI.dcm")  # MONOCHROME1: inverted, as the node does
+    assert np.array_equal(gray_pixels(_copy(rg1, tmp_path)), read_model_image(rg1).pixels)
+    sixteen = tmp_path / "16bit.png"
+    Image.fromarray(np.array([[1000, 3000], [2000, 5000]], dtype=np.uint16)).save(sixteen)
+    assert gray_pixels(sixteen).tolist() == [[0, 128], [64, 255]]  # scaled from the image's own range
+
+
+def _copy(path: Path, folder: Path) -> Path:
+    target = folder / "rg1.dcm"
+    target.write_bytes(path.read_bytes())
+    return target

@@ -1,0 +1,150 @@
+"""``radvlm-pacs train ...``: build the instruction set, fine-tune, evaluate."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+LLM_KEY_ENV = "RADVLM_LLM_API_KEY"
+
+
+def _folders(pairs: list[str]) -> dict[str, Path]:
+    from training.recipe import DATASETS, PARTS
+
+    known = set(DATASETS) | {name for part in PARTS for name in part.needs}
+    folders = {}
+    for pair in pairs:
+        name, sep, path = pair.partition("=")
+        if not sep or name not in known:
+            raise SystemExit(f"--data takes NAME=FOLDER with NAME one of {sorted(known - {'llm'})}, not {pair!r}")
+        folders[name] = Path(path)
+    return folders
+
+
+def _llm(url: str | None, model: str | None) -> Any:
+    if not url:
+        return None
+    from training.llm import ChatLLM, Endpoint
+
+    if not model:
+        raise SystemExit("an LLM endpoint needs a model name too")
+    return ChatLLM(Endpoint(url=url, model=model, api_key=os.environ.get(LLM_KEY_ENV, "unused")))
+
+
+def cmd_dataset(args: argparse.Namespace) -> int:
+    from training import instructions, recipe
+    from training.reports import LLMCleaner, RuleCleaner
+
+    llm = _llm(args.llm_url, args.llm_model)
+    cleaner = LLMCleaner(llm, args.cache / "reports") if llm else RuleCleaner()
+    inputs = recipe.Inputs(folders=_folders(args.data), cleaner=cleaner, uncertain=args.uncertain, llm=llm,
+                           cache=args.cache)
+    parts = recipe.runnable(inputs, args.only or ())
+    if not parts:
+        raise SystemExit("no part of the recipe can run on the folders given (see --data)")
+    tallies: list[recipe.Tally] = []
+    instructions.write(recipe.build(parts, inputs, random.Random(args.seed), tallies), args.out)
+    print(recipe.counts_table(tallies))
+    print(f"wrote {sum(t.written for t in tallies):,d} datapoints to {args.out}")
+    return 0
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from training.finetune import Recipe, finetune
+    from training.instructions import read
+
+    items = [item for path in args.data for item in read(path)]
+    recipe = Recipe(learning_rate=args.lr, vision_learning_rate=args.vision_lr, epochs=args.epochs,
+                    batch_size=args.batch_size, gradient_accumulation=args.grad_accum, max_length=args.max_length,
+                    save_steps=args.save_steps, logging_steps=args.logging_steps, deepspeed=args.deepspeed,
+                    lora=args.lora, gradient_checkpointing=not args.no_gradient_checkpointing, seed=args.seed,
+                    dataloader_workers=args.workers)
+    result = finetune(args.model, items, args.out, recipe, image_folder=args.image_folder, resume=args.resume)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from training import evaluate
+    from training.instructions import read
+
+    if not args.predictions and not args.data:
+        raise SystemExit("evaluate needs --data (to ask the model) or --predictions (to score)")
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.predictions:
+        predictions = evaluate.read_predictions(args.predictions)
+    else:
+        from records.settings import load_settings
+        from worker.backends.base import GenerationParams
+        from worker.context import load_backend
+
+        settings = load_settings(args.config)
+        items = list(read(args.data))[: args.limit or None]
+        backend = load_backend(settings.model)
+        predictions = evaluate.write_predictions(
+            evaluate.predict(items, backend, args.image_folder, GenerationParams(settings.model.max_new_tokens)),
+            args.out / "predictions.jsonl")
+    scores = evaluate.score(predictions, evaluate.Scoring(args.bertscore_model, args.bertscore_layers,
+                                                          _llm(args.judge_url, args.judge_model)))
+    (args.out / "metrics.json").write_text(json.dumps(scores, indent=2))
+    for task, entry in scores.items():
+        shown = {k: v for k, v in entry.items() if k != "per_label"}
+        print(f"{task}: {json.dumps(shown)}")
+    return 0
+
+
+def add_commands(sub: Any) -> None:
+    train = sub.add_parser("train", help="RadVLM's instruction data, fine-tuning and evaluation").add_subparsers(
+        dest="train_command", required=True)
+
+    data = train.add_parser("dataset", help="build the LLaVA instruction JSON from public data set folders")
+    data.add_argument("--data", action="append", default=[], metavar="NAME=FOLDER",
+                      help="a data set's folder, e.g. vindr-cxr=/data/vindr (repeat)")
+    data.add_argument("--out", type=Path, required=True)
+    data.add_argument("--only", action="append", help="build only this part, e.g. vindr-cxr/detection (repeat)")
+    data.add_argument("--seed", type=int, default=0)
+    data.add_argument("--uncertain", choices=("absent", "present"), default="absent",
+                      help="CheXpert's uncertain labels (the paper: absent; RadVLM's code: present)")
+    data.add_argument("--llm-url", help="OpenAI-compatible endpoint that cleans reports and writes conversations "
+                                        f"(key in ${LLM_KEY_ENV}); without one, reports are cleaned by rules")
+    data.add_argument("--llm-model")
+    data.add_argument("--cache", type=Path, default=Path("llm-cache"), help="the LLM's answers, for resuming")
+    data.set_defaults(func=cmd_dataset)
+
+    tune = train.add_parser("finetune", help="fine-tune a LLaVA-OneVision checkpoint with RadVLM's recipe")
+    tune.add_argument("--model", required=True, help="checkpoint: hub id or folder")
+    tune.add_argument("--data", type=Path, action="append", required=True, help="instruction JSON (repeat)")
+    tune.add_argument("--out", type=Path, required=True)
+    tune.add_argument("--image-folder", type=Path, help="where relative image paths start")
+    tune.add_argument("--lr", type=float, default=1e-5)
+    tune.add_argument("--vision-lr", type=float, default=2e-6)
+    tune.add_argument("--epochs", type=float, default=1.0)
+    tune.add_argument("--batch-size", type=int, default=1)
+    tune.add_argument("--grad-accum", type=int, default=2)
+    tune.add_argument("--max-length", type=int, default=32768)
+    tune.add_argument("--save-steps", type=int, default=500)
+    tune.add_argument("--logging-steps", type=int, default=10)
+    tune.add_argument("--seed", type=int, default=0)
+    tune.add_argument("--workers", type=int, default=4, help="data loader processes")
+    tune.add_argument("--deepspeed", type=Path, help="DeepSpeed config, e.g. training/zero3.json")
+    tune.add_argument("--lora", action="store_true", help="low-rank adapters on the language model (one GPU)")
+    tune.add_argument("--no-gradient-checkpointing", action="store_true")
+    tune.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
+    tune.set_defaults(func=cmd_finetune)
+
+    ev = train.add_parser("evaluate", help="the paper's metrics for the configured model on an instruction JSON")
+    ev.add_argument("--data", type=Path, help="instruction JSON (test split)")
+    ev.add_argument("--predictions", type=Path, help="score these predictions.jsonl instead of asking the model")
+    ev.add_argument("--out", type=Path, required=True)
+    ev.add_argument("--image-folder", type=Path)
+    ev.add_argument("--limit", type=int, help="the first N datapoints only")
+    ev.add_argument("--bertscore-model", help="e.g. roberta-large, or a local folder")
+    ev.add_argument("--bertscore-layers", type=int)
+    ev.add_argument("--judge-url", help="OpenAI-compatible endpoint of the conversation judge")
+    ev.add_argument("--judge-model")
+    ev.set_defaults(func=cmd_evaluate)
+
