@@ -132,7 +132,7 @@ def training_arguments(recipe: Recipe, output: Path, world_size: int = 1) -> Tra
         output_dir=str(output), num_train_epochs=recipe.epochs, learning_rate=recipe.learning_rate,
         lr_scheduler_type=recipe.scheduler, warmup_steps=recipe.warmup_ratio, weight_decay=recipe.weight_decay,
         per_device_train_batch_size=recipe.batch_size, gradient_accumulation_steps=recipe.gradient_accumulation,
-        gradient_checkpointing=recipe.gradient_checkpointing, bf16=on_gpu, tf32=on_gpu or None,
+        activation_checkpointing=recipe.gradient_checkpointing, bf16=on_gpu, tf32=on_gpu or None,
         logging_steps=recipe.logging_steps, logging_first_step=True, save_steps=recipe.save_steps,
         save_total_limit=recipe.save_total_limit, seed=recipe.seed, report_to="none",
         deepspeed=str(recipe.deepspeed) if recipe.deepspeed else None, remove_unused_columns=False,
