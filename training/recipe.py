@@ -2,7 +2,7 @@
 
 A part runs when the folders it reads are given. Repeating a part draws new question and answer
 templates, as RadVLM's up-sampling did; a cap keeps a random subset (Chest ImaGenome: 80,000).
-``counts`` sets what was built beside the paper's figure for the same part.
+``counts_table`` sets what was built beside the paper's figure for the same part.
 """
 
 from __future__ import annotations
