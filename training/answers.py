@@ -15,8 +15,9 @@ from __future__ import annotations
 import random
 from collections.abc import Mapping, Sequence
 
-from training.boxes import NormBox, boxes_text, join_words
+from training.boxes import NormBox, boxes_text
 from worker import prompts
+from worker.parsing import join_words
 
 REPORT_QUESTIONS = (
     prompts.REPORT,

@@ -2,8 +2,7 @@
 
 A box is ``(x1, y1, x2, y2)`` as fractions of the **original** image's width and height (x =
 column / Columns, y = row / Rows), the frame in which the service maps answers back to pixels
-(``worker.parsing``). In text each value is ``round(v, 2)`` and Python's float repr:
-``[0.1, 0.23, 0.5, 0.6]``.
+(``worker.parsing``, which also writes them as text: ``[0.1, 0.23, 0.5, 0.6]``).
 """
 
 from __future__ import annotations
@@ -11,6 +10,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from ensemble_boxes import weighted_boxes_fusion
+
+from worker.parsing import box_text, join_words
 
 NormBox = tuple[float, float, float, float]
 
@@ -33,19 +34,6 @@ def normalise(x1: float, y1: float, x2: float, y2: float, width: float, height: 
 def from_xywh(x: float, y: float, w: float, h: float, width: float, height: float) -> NormBox:
     """A top-left corner plus size in pixels (NIH, RSNA, MS-CXR) as a normalised box."""
     return normalise(x, y, x + w, y + h, width, height)
-
-
-def box_text(box: NormBox) -> str:
-    return "[" + ", ".join(repr(round(v, 2)) for v in box) + "]"
-
-
-def join_words(items: Sequence[str]) -> str:
-    """``a``, ``a and b``, ``a, b and c``: how RadVLM lists labels and boxes."""
-    if not items:
-        raise ValueError("nothing to join")
-    if len(items) == 1:
-        return items[0]
-    return ", ".join(items[:-1]) + " and " + items[-1]
 
 
 def boxes_text(boxes: Sequence[NormBox]) -> str:

@@ -13,14 +13,13 @@ LLM_KEY_ENV = "RADVLM_LLM_API_KEY"
 
 
 def _folders(pairs: list[str]) -> dict[str, Path]:
-    from training.recipe import DATASETS, PARTS
+    from training.recipe import DATASETS
 
-    known = set(DATASETS) | {name for part in PARTS for name in part.needs}
     folders = {}
     for pair in pairs:
         name, sep, path = pair.partition("=")
-        if not sep or name not in known:
-            raise SystemExit(f"--data takes NAME=FOLDER with NAME one of {sorted(known - {'llm'})}, not {pair!r}")
+        if not sep or name not in DATASETS:
+            raise SystemExit(f"--data takes NAME=FOLDER with NAME one of {DATASETS}, not {pair!r}")
         folders[name] = Path(path)
     return folders
 

@@ -78,8 +78,11 @@ class RadVLMTrainer(Trainer):
 
     def create_optimizer(self, model: Any = None) -> torch.optim.Optimizer:
         if self.optimizer is None:
-            self.optimizer = build_optimizer(self.model if model is None else model, self.args,
-                                             self.vision_learning_rate, self.get_decay_parameter_names)
+            model = self.model if model is None else model
+            groups = parameter_groups(model, self.args.learning_rate, self.vision_learning_rate,
+                                      self.args.weight_decay, set(self.get_decay_parameter_names(model)))
+            optimizer_cls, kwargs = self.get_optimizer_cls_and_kwargs(self.args, model)
+            self.optimizer = optimizer_cls(groups, **kwargs)
         return self.optimizer
 
 
@@ -93,14 +96,6 @@ def parameter_groups(model: torch.nn.Module, learning_rate: float, vision_learni
     return [{"params": params, "lr": vision_learning_rate if vision else learning_rate,
              "weight_decay": weight_decay if decayed else 0.0, "name": ("vision" if vision else "language")}
             for (vision, decayed), params in sorted(groups.items())]
-
-
-def build_optimizer(model: torch.nn.Module, args: TrainingArguments, vision_learning_rate: float,
-                    decay_names_of: Any) -> torch.optim.Optimizer:
-    groups = parameter_groups(model, args.learning_rate, vision_learning_rate, args.weight_decay,
-                              set(decay_names_of(model)))
-    optimizer_cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args, model)
-    return optimizer_cls(groups, **kwargs)
 
 
 class MetricsLog(TrainerCallback):

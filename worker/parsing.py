@@ -7,11 +7,15 @@ paper's matching would count as present.
 
 Boxes: every ``[x1, y1, x2, y2]`` (RadVLM's own pattern), validated as 0 <= x1 < x2 <= 1 and the
 same for y, and mapped to pixels of the original image: x * Columns, y * Rows.
+
+Writing: ``box_text`` and ``join_words`` write boxes and lists as RadVLM's answers do (each value
+``round(v, 2)`` in Python's repr, "a, b and c"), for the training data and the scripted model.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from records.schema import CHEXPERT_LABELS, Box
@@ -79,3 +83,17 @@ def boxes_from_answer(text: str, columns: int, rows: int) -> ParsedBoxes:
         if bracket not in matched:
             problems.append(f"not a box: {bracket[:40]}")
     return ParsedBoxes(boxes, "; ".join(problems) or None)
+
+
+def box_text(box: Sequence[float]) -> str:
+    """``[0.1, 0.23, 0.5, 0.6]``: four fractions at two decimals."""
+    return "[" + ", ".join(repr(round(v, 2)) for v in box) + "]"
+
+
+def join_words(items: Sequence[str]) -> str:
+    """``a``, ``a and b``, ``a, b and c``: how RadVLM lists labels and boxes."""
+    if not items:
+        raise ValueError("nothing to join")
+    if len(items) == 1:
+        return items[0]
+    return ", ".join(items[:-1]) + " and " + items[-1]

@@ -16,11 +16,8 @@ import numpy as np
 
 from worker import prompts
 from worker.backends.base import Completion, GenerationParams, OnText
+from worker.parsing import box_text, join_words
 from worker.prompts import Turn
-
-
-def _join(items: list[str]) -> str:
-    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
 
 
 @dataclass
@@ -72,10 +69,10 @@ class ScriptedBackend:
                 return "No abnormalities or lesions are detected on this Chest X-ray."
             if len(self.findings) == 1:
                 return f"Yes, there is one abnormality identified: {self.findings[0]}."
-            return f"The following abnormalities are identified: {_join(sorted(self.findings))}."
+            return f"The following abnormalities are identified: {join_words(sorted(self.findings))}."
         for label, boxes in self.boxes.items():
             if question == prompts.grounding_question(label):
-                coordinates = _join([f"[{x1}, {y1}, {x2}, {y2}]" for x1, y1, x2, y2 in boxes])
+                coordinates = join_words([box_text(box) for box in boxes])
                 return f"The {label} is located at the coordinates {coordinates} on the image."
         return "I cannot locate it on this image."
 
