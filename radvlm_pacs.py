@@ -19,9 +19,10 @@ from training.cli import add_commands as add_training_commands
 log = logging.getLogger("radvlm_pacs")
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+def _setup_logging(settings) -> None:  # type: ignore[no-untyped-def]
+    from records.logs import setup_logging
+
+    setup_logging(settings.log_level, settings.log_format)
 
 
 def _settings(args: argparse.Namespace):  # type: ignore[no-untyped-def]
@@ -46,14 +47,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from worker.model_thread import ModelThread
 
     settings = _settings(args)
-    _setup_logging(settings.log_level)
+    _setup_logging(settings)
     _upgrade(settings)
     ctx = build_context(settings)
     ctx.backend  # load the model before the node accepts anything
     with ModelThread() as model_thread:
         runner = InProcessRunner(ctx, model_thread)
         runner.start()  # also sends what a previous run left in the outbox
-        api = _api_server(settings, LocalAsker(ctx, model_thread), ctx.deliver)
+        api = _api_server(settings, LocalAsker(ctx, model_thread), ctx.deliver,
+                          queue_depths=lambda: {"model": model_thread.waiting()})
         threading.Thread(target=api.run, name="api", daemon=True).start()
         try:
             return run_node(settings, on_ready=runner)
@@ -62,31 +64,40 @@ def cmd_serve(args: argparse.Namespace) -> int:
             runner.close()
 
 
-def _api_server(settings, asker, deliver):  # type: ignore[no-untyped-def]
+def _api_server(settings, asker, deliver, **probes):  # type: ignore[no-untyped-def]
+    """uvicorn with no logging set-up of its own: its lines go through ours (text or JSON)."""
     import uvicorn
 
     from api.main import create_app
 
-    config = uvicorn.Config(create_app(settings, asker, deliver), host=settings.api.bind_address,
-                            port=settings.api.port, log_level=settings.log_level.lower())
+    config = uvicorn.Config(create_app(settings, asker, deliver, **probes), host=settings.api.bind_address,
+                            port=settings.api.port, log_level=settings.log_level.lower(), log_config=None)
     return uvicorn.Server(config)
 
 
 def cmd_api(args: argparse.Namespace) -> int:
     """The API alone (production layout): it reads what node and workers store, and questions go to the
     GPU workers through Celery (without a broker, chat answers 503)."""
+    import redis
+
     from api.askers import CeleryAsker
-    from worker.app import make_celery, send_deliveries
+    from records.metrics import redis_queue_depths
+    from worker.app import GPU_QUEUE, IO_QUEUE, make_celery, send_deliveries
+    from worker.presence import gpu_workers
 
     settings = _settings(args)
-    _setup_logging(settings.log_level)
+    _setup_logging(settings)
     _upgrade(settings)
     asker = deliver = None
+    probes = {}
     if settings.broker_url:
         app = make_celery(settings)
         asker = CeleryAsker(app, settings.broker_url)
         deliver = lambda items: send_deliveries(app, items)  # noqa: E731
-    _api_server(settings, asker, deliver).run()
+        client = redis.Redis.from_url(settings.broker_url)
+        probes = {"queue_depths": redis_queue_depths(client, [GPU_QUEUE, IO_QUEUE]),
+                  "gpu_workers": lambda: len(gpu_workers(client))}
+    _api_server(settings, asker, deliver, **probes).run()
     return 0
 
 
@@ -94,12 +105,14 @@ def cmd_node(args: argparse.Namespace) -> int:
     """The DICOM node alone (production layout): ready studies go to the Celery gpu queue."""
     from dicom_node.storage import InstanceStore
     from records.db import make_engine, make_session_factory
+    from records.metrics import serve_metrics
     from worker.app import make_celery
     from worker.dispatch import CeleryDispatcher
 
     settings = _settings(args)
-    _setup_logging(settings.log_level)
+    _setup_logging(settings)
     _upgrade(settings)
+    serve_metrics(settings.node.metrics_port, settings.node.bind_address)
     dispatcher = CeleryDispatcher(
         make_celery(settings), make_session_factory(make_engine(settings.effective_database_url)),
         InstanceStore(settings.effective_storage_dir, fsync=settings.node.fsync), settings.worker.stat_rules)
@@ -111,14 +124,16 @@ def cmd_worker(args: argparse.Namespace) -> int:
     on the io queue it delivers results (and loads no model)."""
     import redis
 
+    from records.metrics import serve_metrics
     from worker import tasks
     from worker.app import GPU_QUEUE, IO_QUEUE, make_celery, send_deliveries
     from worker.delivery.outbox import due_items
     from worker.presence import Presence
 
     settings = _settings(args)
-    _setup_logging(settings.log_level)
+    _setup_logging(settings)
     _upgrade(settings)
+    serve_metrics(settings.worker.metrics_port if args.metrics_port is None else args.metrics_port)
     app = make_celery(settings)
     queues = args.queues or GPU_QUEUE
     ctx = tasks.context_of(app)
@@ -177,19 +192,105 @@ def run_node(settings, on_ready: Callable[[int, int], None]) -> int:  # type: ig
     return 0
 
 
+def _sessions(settings):  # type: ignore[no-untyped-def]
+    from records.db import make_engine, make_session_factory
+
+    return make_session_factory(make_engine(settings.effective_database_url))
+
+
 def cmd_studies_list(args: argparse.Namespace) -> int:
     from sqlalchemy import select
 
-    from records.db import make_engine, make_session_factory
-    from records.tables import Study
+    from records.tables import Study, StudyState
 
-    settings = _settings(args)
-    sessions = make_session_factory(make_engine(settings.effective_database_url))
-    with sessions() as session:
-        for study in session.scalars(select(Study).order_by(Study.id)):
+    query = select(Study).order_by(Study.id)
+    if args.state:
+        query = query.where(Study.state == StudyState(args.state))
+    with _sessions(_settings(args))() as session:
+        for study in session.scalars(query):
             print(f"{study.study_instance_uid}  v{study.version}  {study.state.value:20s} "
                   f"{len(study.instances):3d} inst  {study.state_reason or ''}")
     return 0
+
+
+def _chosen_studies(session, uids: list[str], state: str | None) -> list[str]:  # type: ignore[no-untyped-def]
+    from sqlalchemy import select
+
+    from records.tables import Study, StudyState
+
+    if state:
+        uids = [*uids, *session.scalars(select(Study.study_instance_uid).where(Study.state == StudyState(state))
+                                        .order_by(Study.id))]
+    if not uids:
+        raise SystemExit("radvlm-pacs: name at least one Study Instance UID, or --state")
+    return list(dict.fromkeys(uids))
+
+
+def _each_study(args: argparse.Namespace, what: str, operation) -> bool:  # type: ignore[no-untyped-def]
+    """Run ``operation(session, uid)`` on each chosen study in its own transaction, with a progress bar;
+    report the studies it refused. True when it applied to every one."""
+    from tqdm import tqdm
+
+    from worker.operations import Refused
+
+    sessions = _sessions(_settings(args))
+    with sessions() as session:
+        uids = _chosen_studies(session, args.uids, args.state)
+    done, refused = [], []
+    for uid in tqdm(uids, desc=what, unit="study", disable=None):
+        try:
+            with sessions() as session, session.begin():
+                operation(session, uid)
+            done.append(uid)
+        except Refused as exc:
+            refused.append(f"{uid}: {exc}")
+    for line in refused:
+        print(f"not {what}: {line}", file=sys.stderr)
+    print(f"{what}: {len(done)} of {len(uids)} stud{'y' if len(uids) == 1 else 'ies'}")
+    return not refused
+
+
+def cmd_reanalyse(args: argparse.Namespace) -> int:
+    """A new version of each study, analysed by whatever takes ready studies: the Celery queue now when a
+    broker is configured, else the running ``serve``'s node."""
+    from worker.operations import reanalyse
+
+    settings = _settings(args)
+    every = _each_study(args, "reanalysed", lambda session, uid: reanalyse(session, uid, args.reason, utcnow()))
+    if settings.broker_url:
+        from dicom_node.completion import dispatch_ready
+        from dicom_node.storage import InstanceStore
+        from worker.app import make_celery
+        from worker.dispatch import CeleryDispatcher
+
+        sessions = _sessions(settings)
+        dispatcher = CeleryDispatcher(make_celery(settings), sessions,
+                                      InstanceStore(settings.effective_storage_dir), settings.worker.stat_rules)
+        print(f"queued {dispatch_ready(sessions, dispatcher, utcnow())} for analysis")
+    else:
+        print("the running service's node queues them within a second (no broker configured)")
+    return 0 if every else 1
+
+
+def cmd_resend(args: argparse.Namespace) -> int:
+    """The latest results of each study back in the outbox, due now."""
+    from datetime import timedelta
+
+    from worker.operations import resend
+
+    settings = _settings(args)
+    items: list[int] = []
+    deliver_for = timedelta(seconds=settings.delivery.deliver_for_s)
+    every = _each_study(args, "resent", lambda session, uid: items.extend(
+        resend(session, uid, utcnow(), deliver_for, destination=args.destination, failed_only=args.failed_only)))
+    if settings.broker_url:
+        from worker.app import make_celery, send_deliveries
+
+        send_deliveries(make_celery(settings), items)
+        print(f"{len(items)} object(s) handed to the io workers")
+    else:
+        print(f"{len(items)} object(s) due now: the running service sends them within a second")
+    return 0 if every else 1
 
 
 def cmd_studies_show(args: argparse.Namespace) -> int:
@@ -233,7 +334,119 @@ def cmd_studies_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def _masked(settings) -> dict:  # type: ignore[no-untyped-def]
+    """The effective settings as JSON, passwords in URLs and API keys hidden."""
+    from sqlalchemy.engine import make_url
+
+    data = settings.model_dump(mode="json")
+    data["database_url"] = make_url(settings.effective_database_url).render_as_string(hide_password=True)
+    data["storage_dir"] = str(settings.effective_storage_dir)
+    if settings.broker_url:
+        data["broker_url"] = make_url(settings.broker_url).render_as_string(hide_password=True)
+    if settings.model.server_api_key:
+        data["model"]["server_api_key"] = "***"
+    return data
+
+
+def cmd_config_check(args: argparse.Namespace) -> int:
+    """Print the effective configuration, then check each peer it names; exit 1 if one does not answer."""
+    from sqlalchemy import text
+    from tqdm import tqdm
+
+    from records.db import make_engine
+    from worker.delivery.hl7 import mllp_reachable
+    from worker.delivery.send import Attempt, echo_destination
+
+    settings = _settings(args)
+    print(json.dumps(_masked(settings), indent=2))
+
+    def database() -> Attempt:
+        engine = make_engine(settings.effective_database_url)
+        try:
+            with engine.connect() as connection:
+                connection.execute(text("select 1"))
+            return Attempt(True, False, "connected")
+        except Exception as exc:
+            return Attempt(False, True, f"{type(exc).__name__}: {exc}")
+        finally:
+            engine.dispose()
+
+    def broker() -> Attempt:
+        import redis
+
+        try:
+            redis.Redis.from_url(settings.broker_url or "", socket_timeout=settings.delivery.timeout_s).ping()
+            return Attempt(True, False, "PONG")
+        except redis.RedisError as exc:
+            return Attempt(False, True, str(exc))
+
+    def storage() -> Attempt:
+        folder = settings.effective_storage_dir
+        writable = folder.is_dir() and os.access(folder, os.W_OK) if folder.exists() else os.access(
+            next(p for p in folder.parents if p.exists()), os.W_OK)
+        return Attempt(writable, False, f"{folder} {'writable' if writable else 'not writable'}")
+
+    checks: list[tuple[str, Callable[[], object]]] = [("database", database), ("storage", storage)]
+    if settings.broker_url:
+        checks.append(("broker", broker))
+    for destination in settings.destinations:
+        checks.append((f"destination {destination.name} ({destination.ae_title}@{destination.host}:"
+                       f"{destination.port}) C-ECHO",
+                       lambda d=destination: echo_destination(d, settings.node.ae_title, settings.delivery.timeout_s)))
+    if settings.hl7:
+        checks.append((f"RIS {settings.hl7.host}:{settings.hl7.port} (MLLP)",
+                       lambda: mllp_reachable(settings.hl7.host, settings.hl7.port, settings.delivery.timeout_s)))
+    failed = 0
+    lines = []
+    for name, check in tqdm(checks, desc="checking", unit="peer", disable=None):
+        outcome = check()
+        failed += not outcome.delivered
+        lines.append(f"{'ok  ' if outcome.delivered else 'FAIL'}  {name}: {outcome.detail}")
+    print("\n".join(lines))
+    return 1 if failed else 0
+
+
+HEALTH_AE = "RADVLM-HEALTH"
+
+
+def cmd_health(args: argparse.Namespace) -> int:
+    """A container health check: 0 when this host's node, API or worker answers, else 1 with why."""
+    import urllib.request
+
+    settings = _settings(args)
+    loopback = "127.0.0.1"
+    try:
+        if args.part == "node":
+            from worker.delivery.send import c_echo
+
+            outcome = c_echo(loopback, settings.node.port, settings.node.ae_title, HEALTH_AE, 5)
+            if not outcome.delivered:
+                raise RuntimeError(f"node: {outcome.detail}")
+        elif args.part == "api":
+            with urllib.request.urlopen(f"http://{loopback}:{settings.api.port}/health", timeout=5) as rsp:
+                rsp.read()
+        else:
+            import redis
+
+            from worker.presence import PREFIX
+
+            if settings.worker.metrics_port:
+                with urllib.request.urlopen(f"http://{loopback}:{settings.worker.metrics_port}/metrics",
+                                            timeout=5) as rsp:
+                    rsp.read()
+            client = redis.Redis.from_url(settings.broker_url or "", socket_timeout=5)
+            client.ping()
+            if args.gpu and not list(client.scan_iter(f"{PREFIX}*@{socket.gethostname()}-*")):
+                raise RuntimeError("no GPU worker of this host announces itself in Redis")
+    except Exception as exc:
+        print(f"unhealthy: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
+    from records.tables import StudyState
+
     parser = argparse.ArgumentParser(prog="radvlm-pacs", description=__doc__)
     parser.add_argument("--config", type=Path, help="TOML settings file (else RADVLM_CONFIG_FILE)")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -243,6 +456,8 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("api", help="run the HTTP API alone").set_defaults(func=cmd_api)
     worker = sub.add_parser("worker", help="run a GPU worker (Celery, Redis)")
     worker.add_argument("--queues", help="comma-separated queues: gpu (model work, the default), io (delivery)")
+    worker.add_argument("--metrics-port", type=int, help="Prometheus port of this worker (default worker.metrics_port; "
+                                                         "0: off); give each worker on one host its own")
     worker.set_defaults(func=cmd_worker)
     tiny = sub.add_parser("make-test-model", help="write a tiny random LLaVA-OneVision checkpoint for tests")
     tiny.add_argument("folder", type=Path)
@@ -251,10 +466,29 @@ def _parser() -> argparse.ArgumentParser:
     db = sub.add_parser("db", help="database schema").add_subparsers(dest="db_command", required=True)
     db.add_parser("upgrade", help="apply migrations").set_defaults(func=cmd_db_upgrade)
     studies = sub.add_parser("studies", help="received studies").add_subparsers(dest="studies_command", required=True)
-    studies.add_parser("list").set_defaults(func=cmd_studies_list)
+    listing = studies.add_parser("list")
+    listing.add_argument("--state", choices=[s.value for s in StudyState])
+    listing.set_defaults(func=cmd_studies_list)
     show = studies.add_parser("show")
     show.add_argument("uid", help="Study Instance UID")
     show.set_defaults(func=cmd_studies_show)
+    for name, func, help_text in (("reanalyse", cmd_reanalyse, "analyse studies again, as a new version of each"),
+                                  ("resend", cmd_resend, "send the latest results of studies again")):
+        command = sub.add_parser(name, help=help_text)
+        command.add_argument("uids", nargs="*", metavar="UID", help="Study Instance UIDs")
+        command.add_argument("--state", choices=[s.value for s in StudyState], help="and every study in this state")
+        command.set_defaults(func=func)
+    sub.choices["reanalyse"].add_argument("--reason", default="requested by an administrator",
+                                          help="recorded with the new version")
+    sub.choices["resend"].add_argument("--destination", help="only to this destination (its name; the RIS is \"ris\")")
+    sub.choices["resend"].add_argument("--failed-only", action="store_true", help="only objects that failed")
+    config = sub.add_parser("config", help="configuration").add_subparsers(dest="config_command", required=True)
+    config.add_parser("check", help="print the effective settings; C-ECHO each destination, reach the RIS, "
+                                    "database and broker").set_defaults(func=cmd_config_check)
+    health = sub.add_parser("health", help="container health check of this host's node, API or worker")
+    health.add_argument("part", choices=["node", "api", "worker"])
+    health.add_argument("--gpu", action="store_true", help="worker: also require a live GPU worker on this host")
+    health.set_defaults(func=cmd_health)
     add_training_commands(sub)
     return parser
 
@@ -267,7 +501,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return int(args.func(args))
-    except (ModelLoadError, ValidationError, FileNotFoundError) as exc:  # what the user can fix: no traceback
+    except (ModelLoadError, ValidationError, OSError) as exc:  # what the user can fix (files, ports): no traceback
         print(f"radvlm-pacs: {exc}", file=sys.stderr)
         return 2
 

@@ -7,35 +7,44 @@ composition root.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
 from fastapi import FastAPI
-from fastapi.responses import RedirectResponse
+from fastapi.responses import RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
 
 from api import problems
 from api.askers import Asker
 from api.routes import admin, chat, signoff, studies
 from dicom_node.storage import InstanceStore
 from records.db import make_engine, make_session_factory
+from records.metrics import QueueDepths, StateCollector
 from records.settings import Settings
 from worker.context import Deliver
 
 PAGE = Path(__file__).with_name("page")
 
 
-def create_app(settings: Settings, asker: Asker | None = None, deliver: Deliver | None = None) -> FastAPI:
+def create_app(settings: Settings, asker: Asker | None = None, deliver: Deliver | None = None,
+               queue_depths: QueueDepths | None = None, gpu_workers: Callable[[], int] | None = None) -> FastAPI:
+    """``queue_depths`` and ``gpu_workers`` feed the scrape-time gauges at ``/metrics``."""
+    state_metrics = CollectorRegistry(auto_describe=False)
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         engine = make_engine(settings.effective_database_url)
         app.state.settings = settings
         app.state.sessions = make_session_factory(engine)
+        collector = StateCollector(app.state.sessions, queue_depths, gpu_workers)
+        state_metrics.register(collector)
         app.state.store = InstanceStore(settings.effective_storage_dir, fsync=settings.node.fsync)
         app.state.asker = asker
         app.state.deliver = deliver or (lambda items: None)  # the outbox sweep finds them later
         yield
+        state_metrics.unregister(collector)
         engine.dispose()
 
     app = FastAPI(title="radvlm-pacs", version="0.1.0", lifespan=lifespan,
@@ -49,6 +58,12 @@ def create_app(settings: Settings, asker: Asker | None = None, deliver: Deliver 
     @app.get("/health", tags=["health"])
     def health() -> dict[str, str]:
         return {"status": "ok"}
+
+    @app.get("/metrics", include_in_schema=False)
+    def metrics() -> Response:
+        """Prometheus text format: this process's counters, then what the database and queues hold now."""
+        body = generate_latest(REGISTRY) + generate_latest(state_metrics)
+        return Response(body, media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/", include_in_schema=False)
     def home() -> RedirectResponse:

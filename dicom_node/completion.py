@@ -21,6 +21,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from dicom_node.pixels import PixelError, model_image
 from dicom_node.selection import select as select_image
 from dicom_node.storage import InstanceStore
+from records.metrics import INSTANCES_SKIPPED, STUDIES_COMPLETED, skip_reason
 from records.tables import Instance, Study, StudyState, StudyVersion
 
 log = logging.getLogger(__name__)
@@ -95,8 +96,14 @@ def complete_study(
         session.add(version)
         study.state, study.state_reason = outcome, reason
         session.flush()
-        log.info("study %s version %d complete: %s", study.study_instance_uid, study.version, reason)
-        return version
+        skipped = [skip_reason(i.selection_reason, i.pixel_error) for i in study.instances
+                   if i.study_version == study.version and not (i.selected and not i.pixel_error)]
+        log.info("study %s version %d complete: %s", study.study_instance_uid, study.version, reason,
+                 extra={"study_uid": study.study_instance_uid, "study_version": study.version})
+    STUDIES_COMPLETED.labels(outcome.value).inc()
+    for kind in skipped:
+        INSTANCES_SKIPPED.labels(kind).inc()
+    return version
 
 
 def stable_study_ids(session: Session, cutoff: datetime) -> list[int]:

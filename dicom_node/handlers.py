@@ -23,6 +23,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.catalog import Arrival, record_arrival
 from dicom_node.storage import InstanceStore, valid_uid
+from records.logs import log_context
+from records.metrics import ASSOCIATIONS, INSTANCES_RECEIVED, INSTANCES_REJECTED
 from records.settings import CallerRule
 
 log = logging.getLogger(__name__)
@@ -34,6 +36,9 @@ DOES_NOT_MATCH_SOP_CLASS = 0xA900
 UNDECODABLE = 0xC210
 MISSING_UID = 0xC211
 BAD_PIXEL_DATA = 0xC212
+REJECTION_REASONS = {OUT_OF_RESOURCES: "out_of_resources", CANNOT_STORE: "cannot_store",
+                     DOES_NOT_MATCH_SOP_CLASS: "uid_mismatch", UNDECODABLE: "undecodable",
+                     MISSING_UID: "missing_uid", BAD_PIXEL_DATA: "bad_pixel_data"}
 
 UNDEFINED_LENGTH = 0xFFFFFFFF
 DEFER_BYTES = 64 * 1024  # values larger than this are not read into memory by the handler
@@ -51,6 +56,8 @@ class Receiver:
 
 
 def _status(code: int, reason: str) -> Dataset:
+    """A refusal: counted by kind, answered with its comment."""
+    INSTANCES_REJECTED.labels(REJECTION_REASONS[code]).inc()
     rsp = Dataset()
     rsp.Status = code
     rsp.ErrorComment = reason[:64]
@@ -107,6 +114,13 @@ def pixel_data_problem(ds: Dataset, file_size: int) -> str | None:
 
 
 def handle_store(event, receiver: Receiver) -> int | Dataset:  # type: ignore[no-untyped-def]
+    """C-STORE: every log line of it carries the instance's UID and the caller."""
+    with log_context(sop_instance_uid=event.request.AffectedSOPInstanceUID,
+                     calling_ae=event.assoc.requestor.ae_title):
+        return _store(event, receiver)
+
+
+def _store(event, receiver: Receiver) -> int | Dataset:  # type: ignore[no-untyped-def]
     """C-STORE: check space, read the header, keep the file as received, record the arrival.
 
     pynetdicom has written the dataset to a temporary Part 10 file as its fragments arrived
@@ -178,6 +192,7 @@ def handle_store(event, receiver: Receiver) -> int | Dataset:  # type: ignore[no
                 receiver.store.place(incoming, relative)
     except IntegrityError:  # the same instance committed by a concurrent association
         log.info("duplicate %s from %s: stored concurrently, first copy kept", sop_uid, peer)
+        INSTANCES_RECEIVED.labels("duplicate").inc()
         return SUCCESS
     except OSError as exc:
         log.error("refused %s from %s: cannot write: %s", sop_uid, peer, exc)
@@ -188,9 +203,11 @@ def handle_store(event, receiver: Receiver) -> int | Dataset:  # type: ignore[no
     finally:
         wait([synced])  # never leave a sync running on a file pynetdicom is about to delete
     if new:
-        log.debug("stored %s (study %s version %d) from %s", sop_uid, study_uid, version, peer)
+        log.debug("stored %s (study %s version %d) from %s", sop_uid, study_uid, version, peer,
+                  extra={"study_uid": study_uid})
     else:
-        log.info("duplicate %s from %s: already stored, first copy kept", sop_uid, peer)
+        log.info("duplicate %s from %s: already stored, first copy kept", sop_uid, peer, extra={"study_uid": study_uid})
+    INSTANCES_RECEIVED.labels("stored" if new else "duplicate").inc()
     return SUCCESS
 
 
@@ -211,14 +228,21 @@ def handle_requested(event, allowed: Sequence[CallerRule]) -> None:  # type: ign
     known_ae = any(rule.ae_title == calling for rule in allowed)
     reason = "host not allowed for this AE title" if known_ae else "calling AE title not allowed"
     log.warning("rejected association from %s@%s: %s", calling, address, reason)
+    ASSOCIATIONS.labels("rejected").inc()
     # rejected-permanent, by the service user, calling AE title not recognised; then wait for the
     # PDU to leave before the socket closes, as pynetdicom's own rejections do
     event.assoc.acse.send_reject(0x01, 0x01, 0x03)
     event.assoc.kill()
 
 
+def handle_rejected(event) -> None:  # type: ignore[no-untyped-def]
+    """pynetdicom's own rejections (called AE title not ours, too many associations); it logs why."""
+    ASSOCIATIONS.labels("rejected").inc()
+
+
 def handle_accepted(event) -> None:  # type: ignore[no-untyped-def]
     assoc = event.assoc
+    ASSOCIATIONS.labels("accepted").inc()
     log.info("association from %s accepted: %d context(s)", _peer(event), len(assoc.accepted_contexts))
     unsupported = sorted({cx.abstract_syntax.name for cx in assoc.rejected_contexts})
     if unsupported:  # storage SCUs propose every class they know; only these matter here

@@ -15,9 +15,17 @@ from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.completion import CompletionMonitor, OnReady
-from dicom_node.handlers import Receiver, handle_accepted, handle_echo, handle_requested, handle_store
+from dicom_node.handlers import (
+    Receiver,
+    handle_accepted,
+    handle_echo,
+    handle_rejected,
+    handle_requested,
+    handle_store,
+)
 from dicom_node.sop import STORAGE_SOP_CLASSES, TRANSFER_SYNTAXES
 from dicom_node.storage import InstanceStore
+from records.metrics import ASSOCIATIONS_ACTIVE
 from records.settings import NodeSettings
 
 log = logging.getLogger(__name__)
@@ -82,7 +90,9 @@ class Node:
             (evt.EVT_C_ECHO, handle_echo),
             (evt.EVT_REQUESTED, handle_requested, [self.settings.allowed_callers]),
             (evt.EVT_ACCEPTED, handle_accepted),
+            (evt.EVT_REJECTED, handle_rejected),
         ]
+        ASSOCIATIONS_ACTIVE.set_function(lambda: sum(a.is_acceptor for a in self.ae.active_associations))
         self.server = self.ae.start_server(
             (self.settings.bind_address, self.settings.port), block=False, evt_handlers=handlers
         )

@@ -20,6 +20,8 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from records.logs import LogFormat
+
 CONFIG_FILE_ENV = "RADVLM_CONFIG_FILE"
 
 
@@ -69,6 +71,8 @@ class NodeSettings(Section):
     acse_timeout_s: float = 30.0
     dimse_timeout_s: float = 60.0
     network_timeout_s: float = 120.0
+    metrics_port: int = Field(default=9101, ge=0, le=65535,
+                              description="Prometheus metrics of the node process (radvlm-pacs node); 0: off")
 
 
 class ModelSettings(Section):
@@ -121,6 +125,8 @@ class WorkerSettings(Section):
         PriorityRule(keyword="RequestedProcedurePriority", value="STAT"),
         PriorityRule(keyword="ScheduledProcedureStepPriority", value="HIGH"),
     ])
+    metrics_port: int = Field(default=9102, ge=0, le=65535,
+                              description="Prometheus metrics of a worker process; 0: off")
 
     @model_validator(mode="after")
     def _redelivery_after_time_limit(self) -> WorkerSettings:
@@ -212,6 +218,7 @@ class Settings(BaseSettings):
     storage_dir: Path | None = Field(default=None, description="default: data_dir/dicom")
     broker_url: str | None = Field(default=None, description="Redis URL; None runs jobs in-process")
     log_level: str = "INFO"
+    log_format: LogFormat = Field(default="text", description="json: one object per line, for a log collector")
     node: NodeSettings = Field(default_factory=NodeSettings)
     model: ModelSettings = Field(default_factory=ModelSettings)
     worker: WorkerSettings = Field(default_factory=WorkerSettings)

@@ -22,9 +22,10 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.pixels import PixelError, model_image, read_dataset
 from dicom_node.storage import InstanceStore
+from records.metrics import ANALYSIS_DURATION, ANALYSIS_LATENCY
 from records.schema import StudyResult
 from records.settings import DeliverySettings, Destination, HL7Settings, Settings
-from records.tables import Instance, Job, JobState, Result, Study, StudyState
+from records.tables import Instance, Job, JobState, Result, Study, StudyState, StudyVersion
 from worker.backends.base import ModelBackend
 from worker.delivery.equipment import Device
 from worker.delivery.outbox import BuiltObject, build_objects, enqueue, hl7_result, previous_reports
@@ -149,6 +150,8 @@ def run_analysis(study_id: int, version: int, *, sessions: sessionmaker[Session]
     start = time.perf_counter()
     with sessions() as session:
         study_uid = session.get_one(Study, study_id).study_instance_uid
+        completed_at = session.scalars(select(StudyVersion.completed_at).where(
+            StudyVersion.study_id == study_id, StudyVersion.version == version)).one()
         instances = [(i.sop_instance_uid, i.series_instance_uid, i.path) for i in usable_instances(session, study_id)]
         previous = previous_reports(session, study_id, version)
     images, headers, model_images = [], {}, {}
@@ -178,5 +181,8 @@ def run_analysis(study_id: int, version: int, *, sessions: sessionmaker[Session]
         objects.append(hl7_result(result, headers[result.images[0].sop_instance_uid], outputs.hl7, now))
     items = finish(sessions, job_id, result, objects, outputs, now)
     log.info("study %s version %d analysed in %.1f s%s", study_uid, version, result.seconds,
-             "" if items is not None else " (a result was already stored)")
+             "" if items is not None else " (a result was already stored)", extra={"study_uid": study_uid})
+    if items is not None:
+        ANALYSIS_DURATION.observe(result.seconds)
+        ANALYSIS_LATENCY.observe(max(0.0, (now - completed_at).total_seconds()))
     return items or []

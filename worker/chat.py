@@ -20,6 +20,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.pixels import PixelError, read_model_image
 from dicom_node.storage import InstanceStore
+from records.metrics import observe_generation
 from records.tables import Exchange, ExchangeState, Instance
 from worker.backends.base import GenerationParams, ModelBackend, ModelUnavailable
 from worker.parsing import boxes_from_answer
@@ -90,6 +91,7 @@ def answer_question(exchange_id: int, *, sessions: sessionmaker[Session], store:
         log.exception("question %d: the model failed", exchange_id)
         _failed(sessions, exchange_id, f"the model failed: {type(exc).__name__}: {exc}", publish, 502)
         return
+    observe_generation("chat", completion.new_tokens, completion.seconds)
     parsed = boxes_from_answer(completion.text, image.columns, image.rows)
     with sessions() as session, session.begin():
         exchange = session.get_one(Exchange, exchange_id, with_for_update=True)

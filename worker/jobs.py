@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 
 from records.clock import utcnow
+from records.logs import log_context
+from records.metrics import ANALYSES
 from worker.analysis import PermanentFailure, fail, run_analysis
 from worker.backends.base import GenerationParams, ModelUnavailable
 from worker.chat import Publish, answer_question
@@ -16,18 +18,25 @@ log = logging.getLogger(__name__)
 
 def attempt(ctx: WorkerContext, study_id: int, version: int, retries_done: int) -> float | None:
     """Run one attempt. Return None when finished (done or failed for good), else the retry delay."""
+    with log_context(study_id=study_id, study_version=version):
+        return _attempt(ctx, study_id, version, retries_done)
+
+
+def _attempt(ctx: WorkerContext, study_id: int, version: int, retries_done: int) -> float | None:
     try:
         items = run_analysis(study_id, version, sessions=ctx.sessions, store=ctx.store, backend=ctx.backend,
                              options=ctx.options, clock=utcnow, outputs=ctx.outputs)
     except PermanentFailure as exc:
         log.error("study %d version %d failed: %s", study_id, version, exc)
         fail(ctx.sessions, study_id, version, ctx.backend.model_revision, str(exc), utcnow())
+        ANALYSES.labels("failed").inc()
         return None
     except ModelUnavailable as exc:  # the model server is away: the study waits for it, however long
         policy = ctx.settings.worker
         delay = min(policy.retry_backoff_s * 2 ** min(retries_done, 16), 300.0)
         log.warning("study %d version %d waits for the model (%s); next attempt in %.0f s", study_id, version, exc,
                     delay)
+        ANALYSES.labels("waiting_for_model").inc()
         return delay
     except Exception as exc:  # transient until the retries are spent: database, GPU memory, ...
         policy = ctx.settings.worker
@@ -35,11 +44,14 @@ def attempt(ctx: WorkerContext, study_id: int, version: int, retries_done: int) 
             reason = f"gave up after {retries_done + 1} attempts: {type(exc).__name__}: {exc}"
             log.error("study %d version %d %s", study_id, version, reason)
             fail(ctx.sessions, study_id, version, ctx.backend.model_revision, reason, utcnow())
+            ANALYSES.labels("failed").inc()
             return None
         delay = policy.retry_backoff_s * 2**retries_done
         log.warning("study %d version %d attempt %d failed (%s: %s); retrying in %.0f s", study_id, version,
                     retries_done + 1, type(exc).__name__, exc, delay)
+        ANALYSES.labels("retry").inc()
         return delay
+    ANALYSES.labels("done").inc()
     if items:
         ctx.deliver(items)  # after the commit: the outbox rows exist whatever happens to the messages
     return None

@@ -53,6 +53,10 @@ class ModelThread(Executor):
         return self.submit_at(ROUTINE_PRIORITY, fn, *args, **kwargs)
 
     @property
+    def waiting(self) -> int:
+        """Work submitted and not yet started (the embedded layout's queue depth)."""
+        return self._queue.qsize()
+
     def alive(self) -> bool:
         return self._thread.is_alive() and not self._shutdown
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 from dicom_node.pixels import ModelImage
+from records.metrics import observe_generation
 from records.schema import Answer, Grounding, ImageResult
 from worker import prompts
 from worker.backends.base import GenerationParams, ModelBackend
@@ -21,8 +23,10 @@ class AnalysisOptions:
 def ask(backend: ModelBackend, image: ModelImage, questions: list[tuple[str, str]],
         params: GenerationParams) -> list[Answer]:
     """Single-turn questions (task, text) about one image, asked together; boxes are mapped to pixels."""
+    start = time.perf_counter()
     completions = backend.generate_many(image.pixels, [[Turn("user", question)] for _, question in questions],
                                         [params] * len(questions))
+    observe_generation("analysis", sum(c.new_tokens for c in completions), time.perf_counter() - start)
     answers = []
     for (task, question), completion in zip(questions, completions, strict=True):
         parsed = boxes_from_answer(completion.text, image.columns, image.rows)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import redis
 from celery import Task, shared_task
 
+from records.logs import log_context
 from worker.app import ANALYSE_TASK, CHAT_TASK, DELIVER_TASK, send_deliveries
 from worker.chat import redis_publisher
 from worker.context import WorkerContext, build_context
@@ -22,7 +23,8 @@ def context_of(app) -> WorkerContext:  # type: ignore[no-untyped-def]
 
 @shared_task(bind=True, name=ANALYSE_TASK, max_retries=None)
 def analyse_study(self: Task, study_id: int, version: int) -> str:
-    delay = attempt(context_of(self.app), study_id, version, self.request.retries)
+    with log_context(task_id=self.request.id):
+        delay = attempt(context_of(self.app), study_id, version, self.request.retries)
     if delay is not None:
         raise self.retry(countdown=delay)
     return "finished"
@@ -35,14 +37,16 @@ def chat(self: Task, exchange_id: int) -> str:
     ctx = context_of(self.app)
     client = getattr(self.app, "radvlm_redis", None) or redis.Redis.from_url(ctx.settings.broker_url)
     self.app.radvlm_redis = client
-    answer(ctx, exchange_id, redis_publisher(client, exchange_id))
+    with log_context(task_id=self.request.id, exchange_id=exchange_id):
+        answer(ctx, exchange_id, redis_publisher(client, exchange_id))
     return "answered"
 
 
 @shared_task(bind=True, name=DELIVER_TASK, max_retries=None)
 def deliver(self: Task, item_id: int) -> str:
     """One outbox item to its destination; retried with backoff until delivered or out of time."""
-    delay = deliver_once(context_of(self.app), item_id)
+    with log_context(task_id=self.request.id, outbox_item_id=item_id):
+        delay = deliver_once(context_of(self.app), item_id)
     if delay is not None:
         raise self.retry(countdown=delay)
     return "settled"

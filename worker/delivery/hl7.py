@@ -122,3 +122,12 @@ def mllp_send(payload: bytes, host: str, port: int, timeout_s: float) -> Attempt
     if code in ("AA", "CA"):
         return Attempt(True, False, f"acknowledged {code}")
     return Attempt(False, code in ("AE", "CE"), f"ACK {code}: {ack.msa.msa_3.value if ack.msa.msa_3 else ''}")
+
+
+def mllp_reachable(host: str, port: int, timeout_s: float) -> Attempt:
+    """Does the RIS listen? A connection opened and closed, no message: nothing reaches the RIS's queue."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s):
+            return Attempt(True, False, f"MLLP {host}:{port} accepts connections")
+    except OSError as exc:
+        return Attempt(False, True, f"MLLP {host}:{port}: {exc}")

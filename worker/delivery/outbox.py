@@ -21,6 +21,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.pixels import ModelImage
+from records.metrics import DELIVERIES, DELIVERY_LATENCY
 from records.schema import StudyResult
 from records.settings import DeliverySettings, Destination, HL7Settings
 from records.tables import DeliveryState, Job, OutboxItem
@@ -176,14 +177,18 @@ def deliver_item(sessions: sessionmaker[Session], item_id: int, send: Send, poli
         if delivered:
             item.state, item.sent_at = DeliveryState.sent, now
             log.info("%s %s delivered to %s", kind, uid, name)
+            DELIVERIES.labels(kind, "sent").inc()
+            DELIVERY_LATENCY.labels(kind).observe(max(0.0, (now - item.created_at).total_seconds()))
             return None
         due = now + _backoff(policy, item.attempts)
         if not retry or due > item.deliver_by:
             item.state = DeliveryState.failed
+            DELIVERIES.labels(kind, "failed").inc()
             log.error("%s %s to %s failed for good after %d attempt(s): %s", kind, uid, name, item.attempts,
                       attempt_detail)
             return None
         item.next_attempt_at = due
+        DELIVERIES.labels(kind, "retry").inc()
         log.warning("%s %s to %s not delivered (%s); next attempt in %.0f s", kind, uid, name, attempt_detail,
                     (due - now).total_seconds())
         return (due - now).total_seconds()

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pydicom import dcmread
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
+from pynetdicom.sop_class import Verification
 
 from records.settings import Destination
 
@@ -29,6 +30,34 @@ def _tls(destination: Destination) -> tuple[ssl.SSLContext, str] | None:
     if destination.tls_cert_file:
         context.load_cert_chain(destination.tls_cert_file, destination.tls_key_file)
     return context, destination.host
+
+
+def c_echo(host: str, port: int, called_ae: str, calling_ae: str, timeout_s: float,
+           tls: tuple[ssl.SSLContext, str] | None = None) -> Attempt:
+    """Verification: does the peer accept an association from us and answer C-ECHO?"""
+    ae = AE(ae_title=calling_ae)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout_s
+    ae.add_requested_context(Verification)
+    try:
+        assoc = ae.associate(host, port, ae_title=called_ae, tls_args=tls)
+    except (OSError, ssl.SSLError) as exc:
+        return Attempt(False, True, f"cannot connect: {exc}")
+    if assoc.is_rejected:
+        return Attempt(False, True, "association rejected (check AE titles and the peer's allow-list)")
+    if not assoc.is_established:
+        return Attempt(False, True, "no association: peer down, unreachable or aborted")
+    try:
+        status = assoc.send_c_echo()
+    finally:
+        assoc.release()
+    if "Status" not in status:
+        return Attempt(False, True, "no C-ECHO response")
+    return Attempt(int(status.Status) == 0, True, f"C-ECHO status 0x{int(status.Status):04X}")
+
+
+def echo_destination(destination: Destination, calling_ae: str, timeout_s: float) -> Attempt:
+    return c_echo(destination.host, destination.port, destination.ae_title, calling_ae, timeout_s,
+                  _tls(destination))
 
 
 def c_store(payload: bytes, destination: Destination, calling_ae: str, timeout_s: float) -> Attempt:

@@ -1,0 +1,161 @@
+"""The administrator's commands against a running node: resend, reanalyse, config check, health."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+
+import pydicom
+import pytest
+from sqlalchemy import select
+
+from radvlm_pacs import main
+from records.settings import Destination
+from records.tables import DeliveryState, OutboxItem, Study, StudyState, StudyVersion
+from tests.conftest import free_port, radiograph, storescu, wait_for, worker_context
+from tests.orthanc import running_orthanc
+
+RG1_STUDY = "1.3.6.1.4.1.5962.1.2.9.20040826185059.5457"
+RG3_STUDY = "1.3.6.1.4.1.5962.1.2.11.20040826185059.5457"
+
+
+def _orthanc_uids(orthanc) -> set[str]:  # type: ignore[no-untyped-def]
+    return {orthanc.request("GET", f"/instances/{i}")["MainDicomTags"]["SOPInstanceUID"]
+            for i in orthanc.request("GET", "/instances")}
+
+
+def test_resend_and_reanalyse_through_the_running_service(sqlite_url, start_node, tmp_path, monkeypatch, capsys):
+    from worker.analysis import Outputs
+    from worker.backends.scripted import ScriptedBackend
+    from worker.dispatch import InProcessRunner
+    from worker.model_thread import ModelThread
+
+    monkeypatch.setenv("RADVLM_DATABASE_URL", sqlite_url)
+    with running_orthanc(tmp_path / "orthanc", {}) as orthanc:
+        pacs = Destination(name="pacs", ae_title="ORTHANC", host="127.0.0.1", port=orthanc.dicom_port)
+        holder: dict[str, InProcessRunner] = {}
+        node = start_node(sqlite_url, on_ready=lambda s, v: holder["runner"](s, v))
+        ctx = worker_context(node, ScriptedBackend(), Outputs(destinations=[pacs]), destinations=[pacs])
+        with ModelThread() as model_thread:
+            runner = holder["runner"] = InProcessRunner(ctx, model_thread)
+            runner.start()
+            try:
+                assert storescu(node.port, radiograph("RG1_UNCI.dcm"), radiograph("RG3_UNCI.dcm")).returncode == 0
+
+                def items(version: int) -> list[OutboxItem]:
+                    with node.sessions() as session:
+                        return [i for i in session.scalars(select(OutboxItem).order_by(OutboxItem.id))
+                                if i.job_id == _job_id(session, version)]
+
+                wait_for(lambda: len(items(1)) == 3 and all(i.state is DeliveryState.sent for i in items(1)), 30)
+                first = items(1)
+                assert _orthanc_uids(orthanc) == {i.object_uid for i in first}
+
+                # resend: the same objects, due again, confirmed again; the PACS still holds one copy of each
+                with node.sessions() as session, session.begin():
+                    session.execute(OutboxItem.__table__.update().values(state=DeliveryState.failed.value,
+                                                                         last_error="refused for the test"))
+                assert main(["resend", RG1_STUDY, "--failed-only"]) == 0
+                assert "3 object(s) due now" in capsys.readouterr().out
+                wait_for(lambda: all(i.state is DeliveryState.sent for i in items(1)), 30)
+                again = items(1)
+                assert [(i.object_uid, i.attempts, i.last_error) for i in again] == \
+                    [(i.object_uid, 1, None) for i in first]
+                assert all(b.sent_at > a.sent_at for a, b in zip(first, again, strict=True))
+                assert _orthanc_uids(orthanc) == {i.object_uid for i in first}
+
+                # reanalyse: a second version, analysed by the running service, its SR naming the first
+                assert main(["reanalyse", RG1_STUDY, "--reason", "model re-run after a PACS fault"]) == 0
+                wait_for(lambda: len(items(2)) == 3 and all(i.state is DeliveryState.sent for i in items(2)), 30)
+                with node.sessions() as session:
+                    study = session.scalar(select(Study).where(Study.study_instance_uid == RG1_STUDY))
+                    versions = session.scalars(select(StudyVersion).where(StudyVersion.study_id == study.id)
+                                               .order_by(StudyVersion.version)).all()
+                    assert (study.version, study.state) == (2, StudyState.analysed)
+                    assert [v.reason for v in versions][1] == "reanalysis requested: model re-run after a PACS fault"
+                    assert len({i.sop_instance_uid for i in study.instances}) == 1  # the same image, analysed again
+                second = items(2)
+                assert _orthanc_uids(orthanc) == {i.object_uid for i in first + second}
+                new_sr = pydicom.dcmread(io.BytesIO(next(i.payload for i in second if i.kind == "sr")))
+                old_sr_uid = next(i.object_uid for i in first if i.kind == "sr")
+                named = {ref.ReferencedSOPInstanceUID for item in new_sr.PredecessorDocumentsSequence
+                         for series in item.ReferencedSeriesSequence for ref in series.ReferencedSOPSequence}
+                assert old_sr_uid in named
+
+                # what cannot be done says why, and the exit status says so
+                capsys.readouterr()
+                assert main(["reanalyse", RG3_STUDY, "1.2.3.4"]) == 1
+                err = capsys.readouterr().err
+                assert f"not reanalysed: {RG3_STUDY}: nothing to analyse: no usable frontal chest image" in err
+                assert "not reanalysed: 1.2.3.4: no study 1.2.3.4" in err
+                assert main(["resend", RG3_STUDY]) == 1
+                assert "the study has not been analysed" in capsys.readouterr().err
+            finally:
+                runner.close()
+
+
+def _job_id(session, version: int) -> int | None:  # type: ignore[no-untyped-def]
+    from records.tables import Job
+
+    return session.scalar(select(Job.id).where(Job.study_version == version))
+
+
+def test_config_check_echoes_every_destination_and_hides_secrets(sqlite_url, tmp_path, monkeypatch, capsys):
+    closed = free_port()
+    hl7_port = free_port()
+    listener = subprocess.Popen([sys.executable, "-m", "tests.hl7_listener", str(hl7_port), str(tmp_path / "ris")])
+    try:
+        with running_orthanc(tmp_path / "orthanc", {}) as orthanc:
+            wait_for(lambda: _listening(hl7_port), 20)
+            monkeypatch.setenv("RADVLM_DATABASE_URL", sqlite_url)
+            monkeypatch.setenv("RADVLM_BROKER_URL", f"redis://:hunter2@127.0.0.1:{closed}/0")
+            monkeypatch.setenv("RADVLM_HL7", json.dumps({"host": "127.0.0.1", "port": hl7_port}))
+            monkeypatch.setenv("RADVLM_DESTINATIONS", json.dumps([
+                {"name": "pacs", "ae_title": "ORTHANC", "host": "127.0.0.1", "port": orthanc.dicom_port},
+                {"name": "old-pacs", "ae_title": "GONE", "host": "127.0.0.1", "port": closed}]))
+            status = main(["config", "check"])
+    finally:
+        listener.terminate()
+        listener.wait()
+    out = capsys.readouterr().out
+    assert status == 1
+    assert "hunter2" not in out and f"redis://:***@127.0.0.1:{closed}/0" in out
+    effective = json.loads(out[:out.index("\n}\n") + 2])
+    assert effective["node"]["ae_title"] == "RADVLM" and effective["destinations"][1]["name"] == "old-pacs"
+    lines = out[out.index("\n}\n") + 3:].splitlines()
+    assert lines[0].startswith("ok    database")
+    assert any(line.startswith("ok    destination pacs (ORTHANC@127.0.0.1") and "status 0x0000" in line
+               for line in lines)
+    assert any(line.startswith("FAIL  destination old-pacs (GONE@127.0.0.1") and "no association: peer down" in line
+               for line in lines)
+    assert any(line.startswith(f"ok    RIS 127.0.0.1:{hl7_port}") for line in lines)
+    assert any(line.startswith("FAIL  broker") and "Connection refused" in line for line in lines)
+
+
+def _listening(port: int) -> bool:
+    import socket
+
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+            return True
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("allowed", [[], ["RADVLM-HEALTH"]])
+def test_health_of_the_node_is_a_c_echo(sqlite_url, start_node, monkeypatch, allowed, capsys):
+    from records.settings import CallerRule
+
+    node = start_node(sqlite_url, allowed_callers=[CallerRule(ae_title=a, host="127.0.0.1") for a in allowed]
+                      or [CallerRule(ae_title="ORTHANC")])
+    monkeypatch.setenv("RADVLM_NODE__PORT", str(node.port))
+    if allowed:
+        assert main(["health", "node"]) == 0
+    else:  # a node that does not let the health check in says so
+        assert main(["health", "node"]) == 1
+        assert "association rejected" in capsys.readouterr().err
+    node.node.stop()
+    assert main(["health", "node"]) == 1
+    assert capsys.readouterr().err.startswith("unhealthy: node: ")
