@@ -147,7 +147,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         with ctx.sessions() as session:  # what a previous run left in the outbox
             send_deliveries(app, due_items(session, utcnow()))
     try:
-        app.worker_main(["worker", "--pool=solo", "-Q", queues, "--without-mingle", "--without-gossip",
+        app.worker_main(["--quiet", "worker", "--pool=solo", "-Q", queues, "--without-mingle", "--without-gossip",
                          "-n", name, "-l", settings.log_level])
     finally:
         if presence is not None:
@@ -185,7 +185,7 @@ def run_node(settings, on_ready: Callable[[int, int], None]) -> int:  # type: ig
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     node.start()
-    print(f"radvlm-pacs node {settings.node.ae_title} on port {node.port}", flush=True)
+    log.info("radvlm-pacs node %s on port %d", settings.node.ae_title, node.port)
     stop.wait()
     node.stop()
     engine.dispose()

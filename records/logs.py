@@ -57,4 +57,5 @@ def setup_logging(level: str, fmt: LogFormat = "text") -> None:
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level.upper())
+    logging.captureWarnings(True)  # library warnings become records too, so a JSON log stays JSON
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)

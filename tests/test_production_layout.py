@@ -11,6 +11,7 @@ import httpx
 import pydicom
 import pytest
 import redis
+from prometheus_client.parser import text_string_to_metric_families
 from pydicom.uid import generate_uid
 from sqlalchemy import func, select
 
@@ -42,7 +43,8 @@ def _env(tmp_path: Path, database_url: str, broker_url: str, port: int, **extra:
         "RADVLM_STORAGE_DIR": str(tmp_path / "dicom"), "RADVLM_NODE__PORT": str(port),
         "RADVLM_NODE__BIND_ADDRESS": "127.0.0.1", "RADVLM_NODE__STABLE_AGE_S": "1",
         "RADVLM_NODE__COMPLETION_POLL_S": "0.2", "RADVLM_NODE__DISK_RESERVE_MB": "1",
-        "RADVLM_MODEL__BACKEND": "scripted", "RADVLM_LOG_LEVEL": "INFO", **extra,
+        "RADVLM_MODEL__BACKEND": "scripted", "RADVLM_LOG_LEVEL": "INFO",
+        "RADVLM_NODE__METRICS_PORT": "0", "RADVLM_WORKER__METRICS_PORT": "0", **extra,
     }
 
 
@@ -185,3 +187,102 @@ def test_questions_go_to_the_gpu_worker_and_stream_back(sqlite_url, broker_url, 
     assert down.status_code == 503 and "no GPU worker" in down.json()["detail"]
     api_log = (logs / "api.log").read_text()
     assert "loaded " not in api_log and "radvlm.chat" in (logs / "gpu-worker.log").read_text()
+
+
+def scrape(port: int, path: str = "/metrics") -> dict[tuple[str, frozenset], float]:
+    """A process's Prometheus page as {(sample name, labels): value}, parsed by prometheus_client."""
+    text = httpx.get(f"http://127.0.0.1:{port}{path}", timeout=10).text
+    return {(sample.name, frozenset(sample.labels.items())): sample.value
+            for family in text_string_to_metric_families(text) for sample in family.samples}
+
+
+def sample(page: dict, name: str, **labels: str) -> float:
+    return page.get((name, frozenset(labels.items())), 0.0)
+
+
+def json_lines(path: Path) -> list[dict]:
+    """Every line of a process's log is one JSON object (a line that is not fails the test here), but for
+    the notice Celery prints itself when it is stopped ("worker: Warm shutdown (MainProcess)")."""
+    return [json.loads(line) for line in path.read_text().splitlines()
+            if line.strip() and not line.startswith("worker: Warm shutdown")]
+
+
+PATIENT_NAME, PATIENT_ID = "Secretperson^Jane", "PID-93751"
+
+
+def test_two_workers_share_the_studies_and_report_metrics_and_json_logs(database_url, broker_url, tmp_path):
+    """Six studies, two GPU workers on one Redis: each study analysed once, by one of them, both busy;
+    every process's metrics and JSON logs say what happened, and no log names the patient."""
+    port, api_port = free_port(), free_port()
+    node_metrics, worker_metrics, io_metrics = free_port(), [free_port(), free_port()], free_port()
+    sessions = make_session_factory(make_engine(database_url))
+    uids = [generate_uid() for _ in range(6)]
+    files = [rg1_copy(tmp_path, f"s{n}.dcm", StudyInstanceUID=uid, PatientName=PATIENT_NAME, PatientID=PATIENT_ID)
+             for n, uid in enumerate(uids)]
+    logs = tmp_path / "logs"
+    with running_orthanc(tmp_path / "orthanc", {}) as orthanc:
+        destinations = json.dumps([{"name": "pacs", "ae_title": "ORTHANC", "host": "127.0.0.1",
+                                    "port": orthanc.dicom_port}])
+        env = _env(tmp_path, database_url, broker_url, port, RADVLM_DESTINATIONS=destinations,
+                   RADVLM_LOG_FORMAT="json", RADVLM_MODEL__SCRIPTED_DELAY_S="0.3",
+                   RADVLM_NODE__METRICS_PORT=str(node_metrics), RADVLM_API__PORT=str(api_port))
+        workers = [service(f"worker-{n}", ["worker", "--metrics-port", str(p)], env, logs)
+                   for n, p in enumerate(worker_metrics)]
+        with service("node", ["node"], env, logs), workers[0], workers[1], \
+                service("io-worker", ["worker", "--queues", "io", "--metrics-port", str(io_metrics)], env, logs), \
+                service("api", ["api"], env, logs):
+            wait_for(lambda: _listening(port), 30)  # each probe holds one of the node's association slots a while
+            wait_for(lambda: all(_listening(p) for p in [api_port, *worker_metrics]), 30)
+            assert storescu(port, *files, radiograph("RG3_UNCI.dcm")).returncode == 0
+
+            def analysed() -> int:
+                with sessions() as session:
+                    return len(session.scalars(select(Study).where(Study.state == StudyState.analysed)).all())
+
+            wait_for(lambda: analysed() == 6, 90)
+            wait_for(lambda: orthanc.request("GET", "/statistics")["CountInstances"] == 18, 60)
+            wait_for(lambda: sample(scrape(io_metrics), "radvlm_deliveries_total", kind="gsps", outcome="sent") == 6,
+                     10)
+            node_page, io_page, api_page = scrape(node_metrics), scrape(io_metrics), scrape(api_port)
+            worker_pages = [scrape(p) for p in worker_metrics]
+
+    with sessions() as session:
+        jobs = session.scalars(select(Job)).all()
+        assert session.scalar(select(func.count()).select_from(Result)) == 6
+    assert sorted((j.state, j.attempts) for j in jobs) == [(JobState.done, 1)] * 6
+
+    # the node: one association, seven instances stored, six studies to analyse, the tibia skipped
+    assert sample(node_page, "radvlm_associations_total", outcome="accepted") == 1
+    assert sample(node_page, "radvlm_instances_received_total", outcome="stored") == 7
+    assert sample(node_page, "radvlm_studies_completed_total", outcome="ready") == 6
+    assert sample(node_page, "radvlm_studies_completed_total", outcome="nothing_to_analyse") == 1
+    assert sample(node_page, "radvlm_instances_skipped_total", reason="not chest") == 1
+    # the GPU workers: both analysed some, six in all, with their latency, tokens and outcomes
+    per_worker = [sample(page, "radvlm_analysis_latency_seconds_count") for page in worker_pages]
+    assert sum(per_worker) == 6 and min(per_worker) >= 1, per_worker
+    assert sum(sample(page, "radvlm_analyses_total", outcome="done") for page in worker_pages) == 6
+    assert all(sample(page, "radvlm_model_generated_tokens_total", task="analysis") > 0 for page in worker_pages)
+    assert all(sample(page, "radvlm_model_tokens_per_second", task="analysis") > 0 for page in worker_pages)
+    # delivery: every object confirmed, with its latency
+    assert sample(io_page, "radvlm_delivery_latency_seconds_count", kind="sr") == 6
+    assert sample(io_page, "radvlm_deliveries_total", kind="narrative", outcome="sent") == 6
+    # the API's view of the database and the queues
+    assert sample(api_page, "radvlm_studies", state="analysed") == 6
+    assert sample(api_page, "radvlm_studies", state="nothing_to_analyse") == 1
+    assert sample(api_page, "radvlm_outbox_items", state="sent") == 18
+    assert sample(api_page, "radvlm_queue_depth", queue="gpu") == 0
+    assert sample(api_page, "radvlm_gpu_workers") == 2
+
+    # logs: JSON lines; each worker's analyses carry the Celery task and the study; no patient data anywhere
+    done_by = []
+    for n in range(2):
+        records = json_lines(logs / f"worker-{n}.log")
+        done_by.append({r["study_uid"] for r in records if " analysed in " in r["message"] and "task_id" in r})
+    assert done_by[0] and done_by[1] and not done_by[0] & done_by[1]
+    assert done_by[0] | done_by[1] == set(uids)
+    node_records = json_lines(logs / "node.log")
+    assert {r["study_uid"] for r in node_records if "complete:" in r["message"]} >= set(uids)
+    for path in logs.iterdir():
+        assert json_lines(path), path.name
+        text = path.read_text()
+        assert PATIENT_ID not in text and "Secretperson" not in text, path.name

@@ -1,0 +1,114 @@
+"""docker/: the compose files validate (Debian's docker-compose; no engine runs here), their commands are
+real ``radvlm-pacs`` commands, and the demonstration Orthanc's routing works in Debian's Orthanc."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pydicom
+import pytest
+import yaml
+from sqlalchemy import select
+
+from radvlm_pacs import HEALTH_AE, _parser
+from records.settings import load_settings
+from records.tables import Instance
+from tests.conftest import radiograph, rg1_copy, wait_for
+from tests.orthanc import running_orthanc
+
+DOCKER = Path(__file__).resolve().parents[1] / "docker"
+COMPOSE = "/usr/bin/docker-compose"
+SERVICES = {"redis", "postgres", "migrate", "node", "api", "worker-gpu", "worker-io", "flower", "orthanc"}
+
+
+def compose_config(file: str, **env: str) -> subprocess.CompletedProcess[str]:
+    if shutil.which(COMPOSE) is None:
+        raise RuntimeError("docker-compose missing: apt-get install docker-compose")
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("RADVLM_")}
+    return subprocess.run([COMPOSE, "-f", str(DOCKER / file), "config"], capture_output=True, text=True,
+                          env={**clean, **env}, timeout=60)
+
+
+def test_compose_file_validates_and_runs_real_commands_with_health_checks():
+    run = compose_config("compose.yaml")
+    assert run.returncode == 0, run.stderr
+    services = yaml.safe_load(run.stdout)["services"]
+    assert set(services) == SERVICES
+    parser = _parser()
+    for name, service in services.items():
+        if name == "migrate":  # a job that runs to completion; the others wait for it
+            assert service["restart"] == "no" and service["command"] == ["db", "upgrade"]
+            continue
+        test = service["healthcheck"]["test"]
+        assert test[0] == "CMD", name
+        if test[1] == "radvlm-pacs":
+            assert parser.parse_args(test[2:]).func.__name__ == "cmd_health"
+        if service.get("image", "").startswith("radvlm-pacs"):
+            parser.parse_args(service["command"])  # a command the CLI does not know exits here
+            assert service["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
+            assert service["environment"]["RADVLM_DATABASE_URL"].startswith("postgresql+psycopg://radvlm:")
+            assert "dicom:/srv/radvlm:rw" in service["volumes"]  # one storage for node and workers
+    gpu = services["worker-gpu"]
+    assert gpu["build"]["dockerfile"] == "docker/Dockerfile.gpu" and "models:/models:rw" in gpu["volumes"]
+    [device] = gpu["deploy"]["resources"]["reservations"]["devices"]
+    assert device["capabilities"] == ["gpu"] and device["count"] == 1
+    assert services["worker-io"]["command"] == ["worker", "--queues", "io"]
+    assert "Dockerfile.gpu" not in str(services["worker-io"]["build"])
+
+
+def test_the_settings_orthanc_and_node_agree():
+    settings = load_settings(DOCKER / "radvlm.toml")
+    orthanc = json.loads((DOCKER / "orthanc" / "orthanc.json").read_text())
+    assert orthanc["DicomModalities"]["radvlm"] == [settings.node.ae_title, "node", settings.node.port]
+    [pacs] = settings.destinations
+    assert (pacs.ae_title, pacs.host, pacs.port) == (orthanc["DicomAet"], "orthanc", orthanc["DicomPort"])
+    assert any(r.matches(orthanc["DicomAet"], "172.18.0.5") for r in settings.node.allowed_callers)
+    assert any(r.matches(HEALTH_AE, "127.0.0.1") for r in settings.node.allowed_callers)
+    assert not any(r.matches(HEALTH_AE, "172.18.0.5") for r in settings.node.allowed_callers)
+    assert settings.api.bind_address == "0.0.0.0"
+
+
+def test_worker_host_file_names_what_it_needs():
+    missing = compose_config("worker-host.yaml")
+    assert missing.returncode != 0 and "the main host's PostgreSQL URL" in missing.stderr
+    run = compose_config("worker-host.yaml", RADVLM_DATABASE_URL="postgresql+psycopg://radvlm:pw@main/radvlm",
+                         RADVLM_BROKER_URL="redis://main:6379/0", RADVLM_NFS_SERVER="nfs.example.org",
+                         RADVLM_NFS_EXPORT="/export/radvlm")
+    assert run.returncode == 0, run.stderr
+    config = yaml.safe_load(run.stdout)
+    assert config["volumes"]["dicom"]["driver_opts"] == {"type": "nfs", "o": "addr=nfs.example.org,nfsvers=4,rw",
+                                                         "device": ":/export/radvlm"}
+    worker = config["services"]["worker-gpu"]
+    assert worker["environment"]["RADVLM_BROKER_URL"] == "redis://main:6379/0"
+    assert _parser().parse_args(worker["command"]).func.__name__ == "cmd_worker"
+
+
+@pytest.mark.peers
+def test_demonstration_orthanc_routes_cr_and_dx_only(sqlite_url, start_node, tmp_path):
+    """Debian's Orthanc with the compose file's configuration and Lua script, pointed at a node here."""
+    node = start_node(sqlite_url)
+    config = json.loads((DOCKER / "orthanc" / "orthanc.json").read_text())
+    ae, _, _ = config["DicomModalities"]["radvlm"]
+    extra = {"LuaScripts": [str(DOCKER / "orthanc" / "route-to-radvlm.lua")],
+             "DicomCheckCalledAet": config["DicomCheckCalledAet"],
+             "DicomAlwaysAllowStore": config["DicomAlwaysAllowStore"]}
+    with running_orthanc(tmp_path / "orthanc", {"radvlm": (ae, "127.0.0.1", node.port)},
+                         ae_title=config["DicomAet"], extra=extra) as orthanc:
+        other = rg1_copy(tmp_path, "not-cr.dcm", Modality="OT")
+        orthanc.upload(other)  # first: routed or not, it would arrive before the others
+        orthanc.upload(radiograph("RG1_UNCI.dcm"))
+        orthanc.upload(radiograph("RG3_UNCI.dcm"))
+
+        def received() -> set[str]:
+            with node.sessions() as session:
+                return set(session.scalars(select(Instance.sop_instance_uid)))
+
+        wait_for(lambda: len(received()) >= 2, 30)
+        time.sleep(1.0)  # room for a wrongly routed instance to arrive
+    assert received() == {pydicom.dcmread(radiograph(name)).SOPInstanceUID for name in ("RG1_UNCI.dcm",
+                                                                                        "RG3_UNCI.dcm")}
