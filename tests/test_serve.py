@@ -13,7 +13,7 @@ import pytest
 from tests.conftest import free_port, radiograph, storescu, wait_for
 from tests.processes import ENTRY, service
 from tests.test_chat import HOUSE, sse, users
-from tests.test_production_layout import RG1_STUDY, _listening
+from tests.test_production_layout import RG1_STUDY, _listening, sample, scrape
 
 
 def _show(env: dict[str, str]) -> dict | None:
@@ -50,6 +50,12 @@ def test_serve_analyses_a_study_sent_with_storescu(backend, tiny_model, tmp_path
             with client.stream("POST", f"/studies/{RG1_STUDY}/conversations/{cid}/questions/stream",
                                json={"text": "Where is the pleural effusion?"}) as response:
                 events = sse(response.read().decode())
+        page = scrape(api_port)  # one process: the node's, the model's and the database's metrics together
+    assert sample(page, "radvlm_instances_received_total", outcome="stored") == 1
+    assert sample(page, "radvlm_studies", state="analysed") == 1
+    assert sample(page, "radvlm_analysis_latency_seconds_count") == 1
+    assert sample(page, "radvlm_model_generated_tokens_total", task="chat") > 0
+    assert ("radvlm_queue_depth", frozenset({("queue", "model")})) in page
     assert shown["state"] == "analysed", shown["reason"]
     *tokens, (last, done) = events
     assert last == "done" and tokens and {kind for kind, _ in tokens} == {"token"}

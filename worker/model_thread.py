@@ -52,11 +52,11 @@ class ModelThread(Executor):
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
         return self.submit_at(ROUTINE_PRIORITY, fn, *args, **kwargs)
 
-    @property
     def waiting(self) -> int:
         """Work submitted and not yet started (the embedded layout's queue depth)."""
         return self._queue.qsize()
 
+    @property
     def alive(self) -> bool:
         return self._thread.is_alive() and not self._shutdown
 
