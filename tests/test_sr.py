@@ -77,6 +77,24 @@ def test_highdicom_reads_groups_and_regions(written, analysed):
     assert sr.CodingSchemeIdentificationSequence[0].CodingSchemeDesignator == "99RADVLM"
 
 
+def test_a_normal_radiograph_gets_an_image_level_group(tmp_path):
+    """No finding, no box: TID 1500 still needs a measurement group; a TID 1501 one names the image."""
+    path = radiograph("RG1_UNCI.dcm")
+    header = pydicom.dcmread(path, stop_before_pixels=True)
+    result = analyse_image(ScriptedBackend(findings=[], boxes={}), read_model_image(path), header.SOPInstanceUID,
+                           header.SeriesInstanceUID, AnalysisOptions())
+    assert not result.groundings and {label for label, v in result.labels.items() if v} == {"No Finding"}
+    written = tmp_path / "normal.dcm"
+    measurement_report(header, result, DEVICE, PLACE).save_as(written, enforce_file_format=True)
+    assert test_dciodvfy_finds_no_error(written) is None
+    sr = hd.sr.srread(written)
+    assert sr.content.get_planar_roi_measurement_groups() == []
+    [group] = sr.content.get_image_measurement_groups()
+    assert group.tracking_identifier == "image-level evaluation"
+    assert group.finding_type == hd.sr.CodedConcept("17621005", "SCT", "Normal")
+    assert group.source_images[0].referenced_sop_instance_uid == header.SOPInstanceUID
+
+
 def test_regions_closed_inside_and_equal_to_the_model_box(analysed):
     header, result = analysed
     edge = result.groundings[1].answer.boxes[1]

@@ -25,9 +25,11 @@ from highdicom.sr import (
     ImageRegion,
     LanguageOfContentItemAndDescendants,
     MeasurementReport,
+    MeasurementsAndQualitativeEvaluations,
     PlanarROIMeasurementsAndQualitativeEvaluations,
     QualitativeEvaluation,
     RelationshipTypeValues,
+    SourceImageForMeasurementGroup,
     SourceImageForRegion,
     TextContentItem,
     TrackingIdentifier,
@@ -61,8 +63,24 @@ def split_report(text: str) -> tuple[str, str]:
     return findings, impression
 
 
+def _image_group(image: Dataset, result: ImageResult, algorithm: AlgorithmIdentification,
+                 sop_uid: str) -> MeasurementsAndQualitativeEvaluations:
+    """TID 1501 for an image with no box (a normal radiograph, or findings the model did not localise):
+    TID 1500 needs at least one measurement group, and this one names the image and what is present."""
+    present = [label for label, value in result.labels.items() if value and label != "No Finding"]
+    return MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=TrackingIdentifier(uid=str(generate_uid(entropy_srcs=[sop_uid, "image"])),
+                                               identifier="image-level evaluation"),
+        finding_type=None if present else cx.LABELS["No Finding"].finding,
+        algorithm_id=algorithm,
+        source_images=[SourceImageForMeasurementGroup(str(image.SOPClassUID), str(image.SOPInstanceUID))],
+        qualitative_evaluations=[QualitativeEvaluation(cx.LABELS[label].finding, cx.PRESENT) for label in present]
+        or None,
+    )
+
+
 def _groups(image: Dataset, result: ImageResult, device: Device, sop_uid: str
-            ) -> list[PlanarROIMeasurementsAndQualitativeEvaluations]:
+            ) -> list[PlanarROIMeasurementsAndQualitativeEvaluations | MeasurementsAndQualitativeEvaluations]:
     source = SourceImageForRegion.from_source_image(image)
     algorithm = AlgorithmIdentification(name=device.model_name, version=device.model_revision[:64])
     groups = []
@@ -89,7 +107,7 @@ def _groups(image: Dataset, result: ImageResult, device: Device, sop_uid: str
                 geometric_purpose=cx.BOUNDED_BY,
                 qualitative_evaluations=[QualitativeEvaluation(finding, cx.PRESENT)],
             ))
-    return groups
+    return groups or [_image_group(image, result, algorithm, sop_uid)]
 
 
 def _describable(image: Dataset) -> bool:
@@ -141,7 +159,7 @@ def measurement_report(image: Dataset, result: ImageResult, device: Device, plac
     report = MeasurementReport(
         observation_context=device.observation_context(),
         procedure_reported=cx.XR_PROCEDURE,
-        imaging_measurements=_groups(image, result, device, place.sop_instance_uid) or None,
+        imaging_measurements=_groups(image, result, device, place.sop_instance_uid),
         language_of_content_item_and_descendants=LanguageOfContentItemAndDescendants(
             Code("en-US", "RFC5646", "English (United States)")),
         referenced_images=[image] if _describable(image) else None,
