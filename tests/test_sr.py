@@ -73,6 +73,7 @@ def test_highdicom_reads_groups_and_regions(written, analysed):
     np.testing.assert_allclose(region.value, [[box.px[0], box.px[1]], [box.px[2], box.px[1]], [box.px[2], box.px[3]],
                                               [box.px[0], box.px[3]], [box.px[0], box.px[1]]], rtol=1e-6)
     assert sr.PreliminaryFlag == "PRELIMINARY" and sr.AuthorObserverSequence[0].ObserverType == "DEV"
+    assert sr.SeriesDescription.endswith("not verified - UNVERIFIED") and len(sr.SeriesDescription) <= 64
     assert sr.StudyInstanceUID == header.StudyInstanceUID and sr.SeriesInstanceUID != header.SeriesInstanceUID
     assert sr.CodingSchemeIdentificationSequence[0].CodingSchemeDesignator == "99RADVLM"
 
@@ -177,6 +178,7 @@ def test_narrative_report_tid_2000(analysed, tmp_path):
     assert 'CONTAINER:(,,"Findings")' in dump.stdout and 'CONTAINER:(,,"Impression")' in dump.stdout
     sr = hd.sr.srread(path)
     assert sr.VerificationFlag == "UNVERIFIED" and sr.CompletionFlag == "PARTIAL"
+    assert sr.SeriesDescription == "RadVLM report - AI draft, not verified - UNVERIFIED"
 
 
 def test_presentation_state_draws_every_box(analysed, tmp_path):

@@ -88,7 +88,7 @@ def sr_attributes(device: Device, place: Placement, image: Dataset, description:
     when = place.content_datetime
     if verifier is None:
         flags = dict(is_complete=False, is_final=False, is_verified=False)
-        series = f"RadVLM {description} - {DRAFT_NOTICE} - UNVERIFIED"
+        series = f"RadVLM {description} - AI draft, not verified - UNVERIFIED"  # within 64 characters
     else:
         flags = dict(is_complete=True, is_final=True, is_verified=True,
                      verifying_observer_name=verifier.observer_name, verifying_organization=verifier.organization)
