@@ -62,6 +62,23 @@ def test_no_urgent_finding_no_critical_flag():
     assert [obx.obx_8.value for obx in observations if obx.obx_8.value] == ["A"]
 
 
+def test_report_lines_are_tx_repetitions_and_delimiters_cannot_break_the_message():
+    """A line break is a repetition of OBX-5 (HL7's TX line break); a CR can never end a segment early,
+    and delimiters in the model's text or the patient's header are escaped, not interpreted."""
+    header, result = _result([])
+    report = "Heart | size ^ normal & clear ~ \\ end\r\nSecond line\rThird line\nFourth"
+    result.images[0].report.text = report
+    header.PatientID = "ID\r1|2"
+    er7 = oru_message(header, result, "CTRL0002", WHEN, sending_application="RADVLM", sending_facility="HOSP",
+                      receiving_application="RIS", receiving_facility="HOSP", urgent=set(), final=True)
+    assert [segment[:3] for segment in er7.split("\r")] == ["MSH", "PID", "OBR"] + ["OBX"] * 15
+    message = parse_strict(er7)
+    assert message.oru_r01_patient_result.oru_r01_patient.pid.pid_3.to_er7() == "ID 1\\F\\2"
+    narrative = message.oru_r01_patient_result.oru_r01_order_observation.oru_r01_observation[0].obx
+    lines = [field.to_er7() for field in narrative.children if field.name == "OBX_5"]
+    assert lines == ["Heart \\F\\ size \\S\\ normal \\T\\ clear \\R\\ \\E\\ end", "Second line", "Third line", "Fourth"]
+
+
 @contextmanager
 def listener(tmp_path, answer: str = "AA"):
     port = free_port()

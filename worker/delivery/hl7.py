@@ -8,6 +8,7 @@ its strict validation before it is stored in the outbox.
 
 from __future__ import annotations
 
+import re
 import socket
 from datetime import datetime
 
@@ -27,10 +28,16 @@ NARRATIVE_CODE = "18782-3^Radiology Study observation (narrative)^LN"
 
 
 def _escape(text: str) -> str:
-    """HL7 escapes for the delimiters (v2.5.1 section 2.7), newlines as \\.br\\."""
+    """HL7 escapes for the delimiters (v2.5.1 section 2.7); a line break, which would end the segment,
+    becomes a space (text with lines goes through ``_lines``)."""
     for raw, escaped in (("\\", "\\E\\"), ("|", "\\F\\"), ("^", "\\S\\"), ("&", "\\T\\"), ("~", "\\R\\")):
         text = text.replace(raw, escaped)
-    return text.replace("\r\n", "\\.br\\").replace("\n", "\\.br\\")
+    return re.sub(r"[\r\n]+", " ", text)
+
+
+def _lines(text: str) -> list[str]:
+    """A TX value's lines: each is one repetition of OBX-5, which is how TX carries a line break."""
+    return [_escape(line) for line in re.split(r"\r\n|\r|\n", text)]
 
 
 def _name(value: str) -> str:
@@ -73,8 +80,8 @@ def oru_message(header: Dataset, result: StudyResult, control_id: str, when: dat
     labels = {label: any(image.labels.get(label) for image in result.images) for label in cx.LABELS}
     critical = sorted(label for label, present in labels.items() if present and label in urgent)
     text = result.images[0].report.text
-    rows: list[tuple[str, str, str, str]] = [
-        ("TX", NARRATIVE_CODE, _escape(text if final else f"{DRAFT_NOTICE}. {text}"), "AA" if critical else ""),
+    rows: list[tuple[str, str, str | list[str], str]] = [
+        ("TX", NARRATIVE_CODE, _lines(text if final else f"{DRAFT_NOTICE}. {text}"), "AA" if critical else ""),
     ]
     for label, present in labels.items():
         coding = cx.LABELS[label].finding
@@ -87,7 +94,11 @@ def oru_message(header: Dataset, result: StudyResult, control_id: str, when: dat
         obx.obx_1 = str(number)
         obx.obx_2 = value_type
         obx.obx_3 = code
-        obx.obx_5 = value
+        if isinstance(value, list):
+            for line in value:
+                obx.add_field("OBX_5").value = line
+        else:
+            obx.obx_5 = value
         if flag:
             obx.obx_8 = flag
         obx.obx_11 = status
