@@ -15,9 +15,9 @@ import torch
 from sklearn.metrics import precision_recall_fscore_support
 from torchmetrics.detection import MeanAveragePrecision
 
+from tests.conftest import free_port
 from tests.llm_server import CONVERSATION, ScriptedLLM
 from tests.training_data import placeholder_png
-from tests.conftest import free_port
 from training import conversations, instructions, metrics
 from training.conversations import Case
 from training.instructions import Instruction

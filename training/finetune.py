@@ -22,8 +22,13 @@ from typing import Any
 
 import torch
 from torch.utils.data import Dataset
-from transformers import (AutoProcessor, LlavaOnevisionForConditionalGeneration, Trainer, TrainerCallback,
-                          TrainingArguments)
+from transformers import (
+    AutoProcessor,
+    LlavaOnevisionForConditionalGeneration,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+)
 
 from training.examples import Collator
 from training.instructions import Instruction

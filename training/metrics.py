@@ -18,8 +18,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from training.boxes import NormBox
-from worker.parsing import BOX_PATTERN, labels_as_radvlm_evaluates
 from training.sources.labels import PATHOLOGIES
+from worker.parsing import BOX_PATTERN, labels_as_radvlm_evaluates
 
 INTERPOLATIONS = ("all-point", "101-point")
 
