@@ -226,14 +226,14 @@ def _chosen_studies(session, uids: list[str], state: str | None) -> list[str]:  
     return list(dict.fromkeys(uids))
 
 
-def _each_study(args: argparse.Namespace, what: str, operation) -> bool:  # type: ignore[no-untyped-def]
+def _each_study(args: argparse.Namespace, settings, what: str, operation) -> bool:  # type: ignore[no-untyped-def]
     """Run ``operation(session, uid)`` on each chosen study in its own transaction, with a progress bar;
     report the studies it refused. True when it applied to every one."""
     from tqdm import tqdm
 
     from worker.operations import Refused
 
-    sessions = _sessions(_settings(args))
+    sessions = _sessions(settings)
     with sessions() as session:
         uids = _chosen_studies(session, args.uids, args.state)
     done, refused = [], []
@@ -256,7 +256,7 @@ def cmd_reanalyse(args: argparse.Namespace) -> int:
     from worker.operations import reanalyse
 
     settings = _settings(args)
-    every = _each_study(args, "reanalysed", lambda session, uid: reanalyse(session, uid, args.reason, utcnow()))
+    every = _each_study(args, settings, "reanalysed", lambda session, uid: reanalyse(session, uid, args.reason, utcnow()))
     if settings.broker_url:
         from dicom_node.completion import dispatch_ready
         from dicom_node.storage import InstanceStore
@@ -281,7 +281,7 @@ def cmd_resend(args: argparse.Namespace) -> int:
     settings = _settings(args)
     items: list[int] = []
     deliver_for = timedelta(seconds=settings.delivery.deliver_for_s)
-    every = _each_study(args, "resent", lambda session, uid: items.extend(
+    every = _each_study(args, settings, "resent", lambda session, uid: items.extend(
         resend(session, uid, utcnow(), deliver_for, destination=args.destination, failed_only=args.failed_only)))
     if settings.broker_url:
         from worker.app import make_celery, send_deliveries

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
+import subprocess
 import time
 from pathlib import Path
 
@@ -19,7 +21,7 @@ from records.db import make_engine, make_session_factory
 from records.tables import DeliveryState, Job, JobState, OutboxItem, Result, Study, StudyState, StudyVersion
 from tests.conftest import free_port, radiograph, rg1_copy, storescu, wait_for
 from tests.orthanc import running_orthanc
-from tests.processes import kill_hard, service
+from tests.processes import ENTRY, kill_hard, service
 from tests.test_chat import HOUSE, sse, users
 from worker.app import ROUTINE_PRIORITY, STAT_PRIORITY
 
@@ -90,6 +92,43 @@ def test_node_redis_and_worker_processes(database_url, broker_url, tmp_path):
     assert result.payload["backend"] == "scripted"
     image = result.payload["images"][0]
     assert {k for k, v in image["labels"].items() if v} == {"Cardiomegaly", "Pleural Effusion"}
+
+
+def test_reanalyse_and_resend_go_through_celery(sqlite_url, broker_url, tmp_path):
+    """With a broker, the CLI queues the work itself: the GPU worker analyses the new version, the io worker
+    sends the objects again."""
+    port = free_port()
+    sessions = make_session_factory(make_engine(sqlite_url))
+    logs = tmp_path / "logs"
+
+    def items(version: int) -> list[OutboxItem]:
+        with sessions() as session:
+            return [i for i in session.scalars(select(OutboxItem).join(Job, OutboxItem.job_id == Job.id)
+                                               .where(Job.study_version == version).order_by(OutboxItem.id))]
+
+    with running_orthanc(tmp_path / "orthanc", {}) as orthanc:
+        destinations = json.dumps([{"name": "pacs", "ae_title": "ORTHANC", "host": "127.0.0.1",
+                                    "port": orthanc.dicom_port}])
+        env = _env(tmp_path, sqlite_url, broker_url, port, RADVLM_DESTINATIONS=destinations)
+        with service("node", ["node"], env, logs), service("gpu-worker", ["worker"], env, logs), \
+                service("io-worker", ["worker", "--queues", "io"], env, logs):
+            wait_for(lambda: _listening(port), 30)
+            assert storescu(port, radiograph("RG1_UNCI.dcm")).returncode == 0
+            wait_for(lambda: len(items(1)) == 3 and all(i.state is DeliveryState.sent for i in items(1)), 60)
+            cli = {**os.environ, **env}
+            run = subprocess.run([*ENTRY, "reanalyse", RG1_STUDY], env=cli, capture_output=True, text=True)
+            assert run.returncode == 0 and "reanalysed: 1 of 1 study" in run.stdout, run.stderr
+            wait_for(lambda: len(items(2)) == 3 and all(i.state is DeliveryState.sent for i in items(2)), 60)
+            with sessions() as session, session.begin():
+                for item in session.scalars(select(OutboxItem)):
+                    item.state = DeliveryState.failed
+            run = subprocess.run([*ENTRY, "resend", RG1_STUDY, "--failed-only"], env=cli, capture_output=True,
+                                 text=True)
+            assert run.returncode == 0 and "3 object(s) handed to the io workers" in run.stdout, run.stderr
+            wait_for(lambda: all(i.state is DeliveryState.sent for i in items(2)), 30)
+            assert all(i.state is DeliveryState.failed for i in items(1))  # only the latest analysis goes again
+            assert orthanc.request("GET", "/statistics")["CountInstances"] == 6
+    assert _study(sessions).version == 2 and _study(sessions).state is StudyState.analysed
 
 
 def test_worker_killed_mid_study_is_analysed_once_by_the_next(sqlite_url, broker_url, tmp_path):
