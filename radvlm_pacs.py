@@ -256,7 +256,8 @@ def cmd_reanalyse(args: argparse.Namespace) -> int:
     from worker.operations import reanalyse
 
     settings = _settings(args)
-    every = _each_study(args, settings, "reanalysed", lambda session, uid: reanalyse(session, uid, args.reason, utcnow()))
+    every = _each_study(args, settings, "reanalysed",
+                        lambda session, uid: reanalyse(session, uid, args.reason, utcnow()))
     if settings.broker_url:
         from dicom_node.completion import dispatch_ready
         from dicom_node.storage import InstanceStore
