@@ -16,6 +16,7 @@ from records.settings import Destination
 from records.tables import DeliveryState, OutboxItem, Study, StudyState, StudyVersion
 from tests.conftest import free_port, radiograph, storescu, wait_for, worker_context
 from tests.orthanc import running_orthanc
+from tests.test_production_layout import _listening
 
 RG1_STUDY = "1.3.6.1.4.1.5962.1.2.9.20040826185059.5457"
 RG3_STUDY = "1.3.6.1.4.1.5962.1.2.11.20040826185059.5457"
@@ -132,16 +133,6 @@ def test_config_check_echoes_every_destination_and_hides_secrets(sqlite_url, tmp
                for line in lines)
     assert any(line.startswith(f"ok    RIS 127.0.0.1:{hl7_port}") for line in lines)
     assert any(line.startswith("FAIL  broker") and "Connection refused" in line for line in lines)
-
-
-def _listening(port: int) -> bool:
-    import socket
-
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-            return True
-    except OSError:
-        return False
 
 
 @pytest.mark.parametrize("allowed", [[], ["RADVLM-HEALTH"]])

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from pydicom import dcmread
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import AE
+from pynetdicom import AE, Association
 from pynetdicom.sop_class import Verification
 
 from records.settings import Destination
@@ -32,12 +32,16 @@ def _tls(destination: Destination) -> tuple[ssl.SSLContext, str] | None:
     return context, destination.host
 
 
-def c_echo(host: str, port: int, called_ae: str, calling_ae: str, timeout_s: float,
-           tls: tuple[ssl.SSLContext, str] | None = None) -> Attempt:
-    """Verification: does the peer accept an association from us and answer C-ECHO?"""
+def _associate(calling_ae: str, timeout_s: float, context: tuple[str, list[str]] | str, host: str, port: int,
+               called_ae: str, tls: tuple[ssl.SSLContext, str] | None) -> Association | Attempt:
+    """An established association proposing one presentation context, or the Attempt saying why not
+    (all of them worth retrying: the peer may come back or be reconfigured)."""
     ae = AE(ae_title=calling_ae)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout_s
-    ae.add_requested_context(Verification)
+    if isinstance(context, tuple):
+        ae.add_requested_context(*context)
+    else:
+        ae.add_requested_context(context)
     try:
         assoc = ae.associate(host, port, ae_title=called_ae, tls_args=tls)
     except (OSError, ssl.SSLError) as exc:
@@ -46,6 +50,15 @@ def c_echo(host: str, port: int, called_ae: str, calling_ae: str, timeout_s: flo
         return Attempt(False, True, "association rejected (check AE titles and the peer's allow-list)")
     if not assoc.is_established:
         return Attempt(False, True, "no association: peer down, unreachable or aborted")
+    return assoc
+
+
+def c_echo(host: str, port: int, called_ae: str, calling_ae: str, timeout_s: float,
+           tls: tuple[ssl.SSLContext, str] | None = None) -> Attempt:
+    """Verification: does the peer accept an association from us and answer C-ECHO?"""
+    assoc = _associate(calling_ae, timeout_s, Verification, host, port, called_ae, tls)
+    if isinstance(assoc, Attempt):
+        return assoc
     try:
         status = assoc.send_c_echo()
     finally:
@@ -63,18 +76,10 @@ def echo_destination(destination: Destination, calling_ae: str, timeout_s: float
 def c_store(payload: bytes, destination: Destination, calling_ae: str, timeout_s: float) -> Attempt:
     """Send one Part 10 object. Refusals of the object itself are final; anything else is retried."""
     ds = dcmread(io.BytesIO(payload))
-    ae = AE(ae_title=calling_ae)
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout_s
-    ae.add_requested_context(ds.SOPClassUID, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
-    try:
-        assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title,
-                             tls_args=_tls(destination))
-    except (OSError, ssl.SSLError) as exc:
-        return Attempt(False, True, f"cannot connect: {exc}")
-    if assoc.is_rejected:
-        return Attempt(False, True, "association rejected (check AE titles and the peer's allow-list)")
-    if not assoc.is_established:
-        return Attempt(False, True, "no association: peer down, unreachable or aborted")
+    assoc = _associate(calling_ae, timeout_s, (ds.SOPClassUID, [ExplicitVRLittleEndian, ImplicitVRLittleEndian]),
+                       destination.host, destination.port, destination.ae_title, _tls(destination))
+    if isinstance(assoc, Attempt):
+        return assoc
     try:
         if not assoc.accepted_contexts:
             return Attempt(False, False, f"peer does not accept {ds.SOPClassUID.name}")
