@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import sys
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily
@@ -22,6 +22,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from records.tables import DeliveryState, OutboxItem, Study, StudyState
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 LATENCY_BUCKETS = (1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600, 1800, 3600, float("inf"))
 
@@ -84,32 +85,32 @@ class StateCollector(Collector):
         return []  # collected at scrape time only: the database may be away when the collector registers
 
     def collect(self) -> Iterable[GaugeMetricFamily]:
-        try:
-            with self.sessions() as session:
-                studies = dict(session.execute(select(Study.state, func.count()).group_by(Study.state)).all())
-                outbox = dict(session.execute(select(OutboxItem.state, func.count())
-                                              .group_by(OutboxItem.state)).all())
-        except Exception as exc:  # a scrape must not fail because the database is briefly away
-            log.warning("metrics: cannot read the database: %s", exc)
-        else:
+        counts = _read("the database", self._counts)
+        if counts is not None:
+            studies, outbox = counts
             yield _family("radvlm_studies", "studies by state", "state",
                           {s.value: studies.get(s, 0) for s in StudyState})
             yield _family("radvlm_outbox_items", "result objects in the outbox by delivery state", "state",
                           {s.value: outbox.get(s, 0) for s in DeliveryState})
-        if self.queue_depths is not None:
-            try:
-                depths = self.queue_depths()
-            except Exception as exc:
-                log.warning("metrics: cannot read the queue depths: %s", exc)
-            else:
-                yield _family("radvlm_queue_depth", "messages waiting per queue", "queue", depths)
-        if self.gpu_workers is not None:
-            try:
-                live = self.gpu_workers()
-            except Exception as exc:
-                log.warning("metrics: cannot count the GPU workers: %s", exc)
-            else:
-                yield GaugeMetricFamily("radvlm_gpu_workers", "GPU workers alive (announced in Redis)", value=live)
+        if self.queue_depths is not None and (depths := _read("the queue depths", self.queue_depths)) is not None:
+            yield _family("radvlm_queue_depth", "messages waiting per queue", "queue", depths)
+        if self.gpu_workers is not None and (live := _read("the GPU workers", self.gpu_workers)) is not None:
+            yield GaugeMetricFamily("radvlm_gpu_workers", "GPU workers alive (announced in Redis)", value=live)
+
+    def _counts(self) -> tuple[dict[StudyState, int], dict[DeliveryState, int]]:
+        with self.sessions() as session:
+            studies = dict(session.execute(select(Study.state, func.count()).group_by(Study.state)).all())
+            outbox = dict(session.execute(select(OutboxItem.state, func.count()).group_by(OutboxItem.state)).all())
+        return studies, outbox
+
+
+def _read(what: str, probe: Callable[[], T]) -> T | None:
+    """A scrape must not fail because the database or the broker is briefly away: log it, leave the gauge out."""
+    try:
+        return probe()
+    except Exception as exc:
+        log.warning("metrics: cannot read %s: %s", what, exc)
+        return None
 
 
 def _family(name: str, documentation: str, label: str, values: dict[str, int]) -> GaugeMetricFamily:

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import io
 import ssl
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from pydicom import dcmread
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import AE, Association
+from pynetdicom import AE, DEFAULT_TRANSFER_SYNTAXES, Association
 from pynetdicom.sop_class import Verification
 
 from records.settings import Destination
@@ -32,16 +33,13 @@ def _tls(destination: Destination) -> tuple[ssl.SSLContext, str] | None:
     return context, destination.host
 
 
-def _associate(calling_ae: str, timeout_s: float, context: tuple[str, list[str]] | str, host: str, port: int,
-               called_ae: str, tls: tuple[ssl.SSLContext, str] | None) -> Association | Attempt:
+def _associate(calling_ae: str, timeout_s: float, abstract_syntax: str, transfer_syntaxes: Sequence[str], host: str,
+               port: int, called_ae: str, tls: tuple[ssl.SSLContext, str] | None) -> Association | Attempt:
     """An established association proposing one presentation context, or the Attempt saying why not
     (all of them worth retrying: the peer may come back or be reconfigured)."""
     ae = AE(ae_title=calling_ae)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout_s
-    if isinstance(context, tuple):
-        ae.add_requested_context(*context)
-    else:
-        ae.add_requested_context(context)
+    ae.add_requested_context(abstract_syntax, list(transfer_syntaxes))
     try:
         assoc = ae.associate(host, port, ae_title=called_ae, tls_args=tls)
     except (OSError, ssl.SSLError) as exc:
@@ -56,7 +54,7 @@ def _associate(calling_ae: str, timeout_s: float, context: tuple[str, list[str]]
 def c_echo(host: str, port: int, called_ae: str, calling_ae: str, timeout_s: float,
            tls: tuple[ssl.SSLContext, str] | None = None) -> Attempt:
     """Verification: does the peer accept an association from us and answer C-ECHO?"""
-    assoc = _associate(calling_ae, timeout_s, Verification, host, port, called_ae, tls)
+    assoc = _associate(calling_ae, timeout_s, Verification, DEFAULT_TRANSFER_SYNTAXES, host, port, called_ae, tls)
     if isinstance(assoc, Attempt):
         return assoc
     try:
@@ -76,7 +74,7 @@ def echo_destination(destination: Destination, calling_ae: str, timeout_s: float
 def c_store(payload: bytes, destination: Destination, calling_ae: str, timeout_s: float) -> Attempt:
     """Send one Part 10 object. Refusals of the object itself are final; anything else is retried."""
     ds = dcmread(io.BytesIO(payload))
-    assoc = _associate(calling_ae, timeout_s, (ds.SOPClassUID, [ExplicitVRLittleEndian, ImplicitVRLittleEndian]),
+    assoc = _associate(calling_ae, timeout_s, ds.SOPClassUID, [ExplicitVRLittleEndian, ImplicitVRLittleEndian],
                        destination.host, destination.port, destination.ae_title, _tls(destination))
     if isinstance(assoc, Attempt):
         return assoc
