@@ -381,13 +381,13 @@ def cmd_config_check(args: argparse.Namespace) -> int:
         except redis.RedisError as exc:
             return Attempt(False, True, str(exc))
 
-    def storage() -> Attempt:
+    def storage() -> Attempt:  # the folder, or the nearest parent it will be created in
         folder = settings.effective_storage_dir
-        writable = folder.is_dir() and os.access(folder, os.W_OK) if folder.exists() else os.access(
-            next(p for p in folder.parents if p.exists()), os.W_OK)
+        existing = next(p for p in (folder, *folder.parents) if p.exists())
+        writable = existing.is_dir() and os.access(existing, os.W_OK)
         return Attempt(writable, False, f"{folder} {'writable' if writable else 'not writable'}")
 
-    checks: list[tuple[str, Callable[[], object]]] = [("database", database), ("storage", storage)]
+    checks: list[tuple[str, Callable[[], Attempt]]] = [("database", database), ("storage", storage)]
     if settings.broker_url:
         checks.append(("broker", broker))
     for destination in settings.destinations:
