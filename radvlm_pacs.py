@@ -71,7 +71,8 @@ def _api_server(settings, asker, deliver, **probes):  # type: ignore[no-untyped-
     from api.main import create_app
 
     config = uvicorn.Config(create_app(settings, asker, deliver, **probes), host=settings.api.bind_address,
-                            port=settings.api.port, log_level=settings.log_level.lower(), log_config=None)
+                            port=settings.api.port, log_level=settings.log_level.lower(), log_config=None,
+                            ssl_certfile=settings.api.tls_cert_file, ssl_keyfile=settings.api.tls_key_file)
     return uvicorn.Server(config)
 
 
@@ -412,19 +413,27 @@ HEALTH_AE = "RADVLM-HEALTH"
 
 def cmd_health(args: argparse.Namespace) -> int:
     """A container health check: 0 when this host's node, API or worker answers, else 1 with why."""
+    import ssl
     import urllib.request
 
     settings = _settings(args)
     loopback = "127.0.0.1"
+    # liveness on loopback: a certificate names the public host, not 127.0.0.1, so it is not verified
+    unverified = ssl._create_unverified_context()
     try:
         if args.part == "node":
             from worker.delivery.send import c_echo
 
-            outcome = c_echo(loopback, settings.node.port, settings.node.ae_title, HEALTH_AE, 5)
+            port, tls, node_tls = settings.node.port, None, settings.node.tls
+            if node_tls is not None and not node_tls.plain_listener:  # TLS only: present the node's own certificate
+                unverified.load_cert_chain(node_tls.cert_file, node_tls.key_file)
+                port, tls = node_tls.port, (unverified, loopback)
+            outcome = c_echo(loopback, port, settings.node.ae_title, HEALTH_AE, 5, tls)
             if not outcome.delivered:
                 raise RuntimeError(f"node: {outcome.detail}")
         elif args.part == "api":
-            with urllib.request.urlopen(f"http://{loopback}:{settings.api.port}/health", timeout=5) as rsp:
+            with urllib.request.urlopen(f"{settings.api.scheme}://{loopback}:{settings.api.port}/health",
+                                        timeout=5, context=unverified) as rsp:
                 rsp.read()
         else:
             import redis
@@ -442,6 +451,26 @@ def cmd_health(args: argparse.Namespace) -> int:
     except Exception as exc:
         print(f"unhealthy: {exc}", file=sys.stderr)
         return 1
+    return 0
+
+
+def cmd_token(args: argparse.Namespace) -> int:
+    """A new API token: printed once, with the settings entry that holds only its hash."""
+    import hashlib
+    import secrets
+    from datetime import timedelta
+
+    from records.settings import ApiUser
+
+    token = secrets.token_urlsafe(32)
+    user = ApiUser(name=args.name, role=args.role, sources=args.sources or [],
+                   token_sha256=hashlib.sha256(token.encode()).hexdigest(),
+                   expires=utcnow() + timedelta(days=args.days) if args.days else None)
+    entry = user.model_dump(mode="json", exclude_defaults=True)
+    entry.setdefault("role", user.role)
+    fields = ", ".join(f"{key} = {json.dumps(value)}" for key, value in entry.items())
+    print(f"token (give it to {user.name}; it is not stored anywhere): {token}", file=sys.stderr)
+    print(f"{{ {fields} }},")
     return 0
 
 
@@ -490,6 +519,12 @@ def _parser() -> argparse.ArgumentParser:
     health.add_argument("part", choices=["node", "api", "worker"])
     health.add_argument("--gpu", action="store_true", help="worker: also require a live GPU worker on this host")
     health.set_defaults(func=cmd_health)
+    token = sub.add_parser("token", help="make an API token: prints it once, and the api.users entry with its hash")
+    token.add_argument("name", help="user name (audit log, sign-offs)")
+    token.add_argument("--role", choices=["radiologist", "admin"], default="radiologist")
+    token.add_argument("--days", type=int, default=90, help="valid for this many days (0: until removed)")
+    token.add_argument("--sources", nargs="*", metavar="AE", help="calling AE titles whose studies the user sees")
+    token.set_defaults(func=cmd_token)
     add_training_commands(sub)
     return parser
 

@@ -34,7 +34,7 @@ def get_store(request: Request) -> InstanceStore:
     return request.app.state.store
 
 
-def current_user(settings: Annotated[Settings, Depends(get_settings)],
+def current_user(request: Request, settings: Annotated[Settings, Depends(get_settings)],
                  credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> ApiUser:
     challenge = {"WWW-Authenticate": "Bearer"}
     if credentials is None:
@@ -42,6 +42,9 @@ def current_user(settings: Annotated[Settings, Depends(get_settings)],
     digest = hashlib.sha256(credentials.credentials.encode()).hexdigest()
     for user in settings.api.users:
         if hmac.compare_digest(digest, user.token_sha256):
+            if user.expires is not None and user.expires <= request.app.state.clock():
+                raise Problem(401, "token expired", f"this token expired at {user.expires.isoformat()}; ask the "
+                                                    "administrator for a new one", challenge)
             return user
     raise Problem(401, "invalid token", "the bearer token is not known here", challenge)
 

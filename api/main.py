@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from datetime import datetime
 from pathlib import Path
 
 from fastapi import FastAPI
@@ -21,6 +22,7 @@ from api.askers import Asker
 from api.routes import admin, chat, signoff, studies
 from dicom_node.storage import InstanceStore
 from records.db import make_engine, make_session_factory
+from records.clock import utcnow
 from records.metrics import QueueDepths, StateCollector
 from records.settings import Settings
 from worker.context import Deliver
@@ -29,14 +31,17 @@ PAGE = Path(__file__).with_name("page")
 
 
 def create_app(settings: Settings, asker: Asker | None = None, deliver: Deliver | None = None,
-               queue_depths: QueueDepths | None = None, gpu_workers: Callable[[], int] | None = None) -> FastAPI:
-    """``queue_depths`` and ``gpu_workers`` feed the scrape-time gauges at ``/metrics``."""
+               queue_depths: QueueDepths | None = None, gpu_workers: Callable[[], int] | None = None,
+               clock: Callable[[], datetime] = utcnow) -> FastAPI:
+    """``queue_depths`` and ``gpu_workers`` feed the scrape-time gauges at ``/metrics``; ``clock`` decides
+    token expiry."""
     state_metrics = CollectorRegistry(auto_describe=False)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         engine = make_engine(settings.effective_database_url)
         app.state.settings = settings
+        app.state.clock = clock
         app.state.sessions = make_session_factory(engine)
         collector = StateCollector(app.state.sessions, queue_depths, gpu_workers)
         state_metrics.register(collector)

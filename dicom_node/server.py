@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import ssl
 import tempfile
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -26,7 +27,7 @@ from dicom_node.handlers import (
 from dicom_node.sop import STORAGE_SOP_CLASSES, TRANSFER_SYNTAXES
 from dicom_node.storage import InstanceStore
 from records.metrics import ASSOCIATIONS_ACTIVE
-from records.settings import NodeSettings
+from records.settings import NodeSettings, NodeTLS
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,34 @@ def build_ae(node: NodeSettings) -> AE:
     for sop_class in STORAGE_SOP_CLASSES:
         ae.add_supported_context(sop_class, list(TRANSFER_SYNTAXES))
     return ae
+
+
+class _HandshakeInAssociationThread(ssl.SSLContext):
+    """pynetdicom wraps each accepted socket in its accept loop, where a handshake would let one silent
+    or failing client stall every other caller and leave no trace: here the handshake is left to the
+    association's own thread (its first read), which logs a failure, and that socket gets a timeout."""
+
+    timeout_s: float | None = None
+
+    def wrap_socket(self, sock, server_side=False, do_handshake_on_connect=True,  # type: ignore[no-untyped-def,override]
+                    suppress_ragged_eofs=True, server_hostname=None, session=None):
+        sock.settimeout(self.timeout_s)
+        return super().wrap_socket(sock, server_side=server_side, do_handshake_on_connect=False,
+                                   suppress_ragged_eofs=suppress_ragged_eofs, server_hostname=server_hostname,
+                                   session=session)
+
+
+def server_tls_context(tls: NodeTLS, timeout_s: float | None) -> ssl.SSLContext:
+    """TLS 1.2 or later (BCP 195); a client certificate is checked against the CA bundle when one is
+    given, and required when the settings say so."""
+    context = _HandshakeInAssociationThread(ssl.PROTOCOL_TLS_SERVER)
+    context.timeout_s = timeout_s
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(tls.cert_file, tls.key_file)
+    if tls.ca_file is not None:
+        context.load_verify_locations(tls.ca_file)
+        context.verify_mode = ssl.CERT_REQUIRED if tls.require_client_cert else ssl.CERT_OPTIONAL
+    return context
 
 
 class Node:
@@ -67,13 +96,21 @@ class Node:
             sessions, store, stable_age=timedelta(seconds=node.stable_age_s),
             poll_interval=node.completion_poll_s, on_ready=on_ready, clock=clock,
         )
-        self.server: ThreadedAssociationServer | None = None
+        self.servers: dict[str, ThreadedAssociationServer] = {}
 
     @property
     def port(self) -> int:
-        if self.server is None:
-            raise RuntimeError("node not started")
-        return int(self.server.server_address[1])
+        """The plain listener's port."""
+        return self._port("plain")
+
+    @property
+    def tls_port(self) -> int:
+        return self._port("tls")
+
+    def _port(self, listener: str) -> int:
+        if listener not in self.servers:
+            raise RuntimeError(f"node has no {listener} listener running")
+        return int(self.servers[listener].server_address[1])
 
     def start(self) -> None:
         if not self.settings.allowed_callers:
@@ -93,15 +130,23 @@ class Node:
             (evt.EVT_REJECTED, handle_rejected),
         ]
         ASSOCIATIONS_ACTIVE.set_function(lambda: sum(a.is_acceptor for a in self.ae.active_associations))
-        self.server = self.ae.start_server(
-            (self.settings.bind_address, self.settings.port), block=False, evt_handlers=handlers
-        )
-        log.info("DICOM node %s listening on %s:%d", self.settings.ae_title, self.settings.bind_address, self.port)
+        tls = self.settings.tls
+        listeners: dict[str, tuple[int, ssl.SSLContext | None]] = {}
+        if tls is None or tls.plain_listener:
+            listeners["plain"] = (self.settings.port, None)
+        if tls is not None:
+            listeners["tls"] = (tls.port, server_tls_context(tls, self.settings.network_timeout_s))
+        for name, (port, context) in listeners.items():
+            self.servers[name] = self.ae.start_server((self.settings.bind_address, port), block=False,
+                                                      evt_handlers=handlers, ssl_context=context)
+            log.info("DICOM node %s listening on %s:%d (%s)", self.settings.ae_title, self.settings.bind_address,
+                     self._port(name), name if context is None else
+                     f"TLS, client certificate {'required' if tls and tls.require_client_cert else 'optional'}")
         self.monitor.start()
 
     def stop(self) -> None:
         self.monitor.stop()
-        if self.server is not None:
-            self.server.shutdown()
-            self.server = None
+        for server in self.servers.values():
+            server.shutdown()
+        self.servers.clear()
         self.syncer.shutdown(wait=True)

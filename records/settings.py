@@ -9,10 +9,11 @@ The environment wins over the file; explicit arguments win over both.
 from __future__ import annotations
 
 import os
+from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -52,6 +53,25 @@ class CallerRule(Section):
         return ae_title == self.ae_title and (self.host is None or self.host == address)
 
 
+class NodeTLS(Section):
+    """DICOM TLS (PS3.15 B.1) on a second listener: the plain port keeps serving peers without TLS
+    unless ``plain_listener`` is off."""
+
+    port: int = Field(default=2762, ge=0, le=65535, description="2762: the registered DICOM TLS port")
+    cert_file: Path = Field(description="our certificate chain, PEM")
+    key_file: Path = Field(description="its private key, PEM (mount it as a secret file)")
+    ca_file: Path | None = Field(default=None, description="CA bundle that signs the client certificates")
+    require_client_cert: bool = Field(default=False, description="refuse a peer without a certificate the "
+                                                                 "CA bundle verifies")
+    plain_listener: bool = Field(default=True, description="also listen without TLS on node.port")
+
+    @model_validator(mode="after")
+    def _client_certs_need_a_ca(self) -> NodeTLS:
+        if self.require_client_cert and self.ca_file is None:
+            raise ValueError("node.tls.require_client_cert needs node.tls.ca_file to verify client certificates")
+        return self
+
+
 class NodeSettings(Section):
     """The DICOM node: listening address, who may call, and when a study counts as complete."""
 
@@ -73,6 +93,7 @@ class NodeSettings(Section):
     network_timeout_s: float = 120.0
     metrics_port: int = Field(default=9101, ge=0, le=65535,
                               description="Prometheus metrics of the node process (radvlm-pacs node); 0: off")
+    tls: NodeTLS | None = Field(default=None, description="DICOM TLS listener; None: plain TCP only")
 
 
 class ModelSettings(Section):
@@ -174,6 +195,8 @@ class ApiUser(Section):
     role: Literal["radiologist", "admin"] = Field(
         default="radiologist", description="radiologist: read, ask, sign off; admin: read all studies and the audit")
     token_sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="sha256 hex of the bearer token")
+    expires: datetime | None = Field(default=None, description="the token is refused from then on (ISO 8601 "
+                                                               "with offset); None: until removed")
     person_name: str | None = Field(default=None, description="DICOM PN (Family^Given) for sign-offs; default name")
     sources: list[AETitle] = Field(
         default_factory=list,
@@ -183,16 +206,36 @@ class ApiUser(Section):
     def observer_name(self) -> str:
         return self.person_name or self.name
 
+    @field_validator("expires")
+    @classmethod
+    def _expiry_has_offset(cls, value: datetime | None) -> datetime | None:
+        if value is not None and value.utcoffset() is None:
+            raise ValueError("expires needs a UTC offset, e.g. 2027-03-01T00:00:00Z")
+        return value
+
 
 class ApiSettings(Section):
     bind_address: str = "127.0.0.1"
     port: int = Field(default=8080, ge=0, le=65535)
+    tls_cert_file: Path | None = Field(default=None, description="HTTPS: certificate chain, PEM; None: plain HTTP "
+                                                                 "(behind a TLS proxy, or on loopback only)")
+    tls_key_file: Path | None = Field(default=None, description="HTTPS: its private key (a secret file)")
     users: list[ApiUser] = Field(default_factory=list, description="no users: every route but health is closed")
     organization: str = Field(default="Radiology", max_length=64,
                               description="the verifying organization named in signed-off reports")
     chat_timeout_s: float = Field(default=120, gt=0, description="a plain JSON question waits this long")
     chat_max_rounds: int = Field(default=10, ge=1,
                                  description="questions per conversation (RadVLM trained on 5-10 rounds)")
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> ApiSettings:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("api.tls_cert_file and api.tls_key_file go together")
+        return self
+
+    @property
+    def scheme(self) -> str:
+        return "http" if self.tls_cert_file is None else "https"
 
 
 class DeliverySettings(Section):

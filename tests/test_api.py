@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import io
+import tomllib
+from collections import defaultdict
+from datetime import datetime, timedelta, timezone
 
 import numpy as np
 import pytest
@@ -11,31 +14,59 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from api.main import create_app
+from radvlm_pacs import main
 from records.settings import ApiUser, Settings
 from tests.conftest import RG1_STUDY, RG3_STUDY
 from worker.delivery.capture import BOX_COLOUR
 
 TOKEN = "correct horse battery staple"
 HEADERS = {"Authorization": f"Bearer {TOKEN}"}
+EXPIRED = "last year's token"
+NOW = datetime(2026, 11, 23, 12, 0, tzinfo=timezone.utc)
+
+
+def _digest(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
 
 
 @pytest.fixture
 def client(analysed_node):
     running = analysed_node.running
-    settings = Settings(database_url=running.url, storage_dir=running.store.root, api={
-        "users": [ApiUser(name="dr.house", token_sha256=hashlib.sha256(TOKEN.encode()).hexdigest())]})
-    with TestClient(create_app(settings)) as client:
+    settings = Settings(database_url=running.url, storage_dir=running.store.root, api={"users": [
+        ApiUser(name="dr.house", token_sha256=_digest(TOKEN), expires=NOW + timedelta(seconds=1)),
+        ApiUser(name="dr.former", token_sha256=_digest(EXPIRED), expires=NOW)]})
+    with TestClient(create_app(settings, clock=lambda: NOW)) as client:
         yield client
 
 
-def test_health_is_open_and_everything_else_needs_a_token(client):
+def test_health_is_open_and_every_other_route_refuses_a_missing_wrong_or_expired_token(client):
     assert client.get("/health").json() == {"status": "ok"}
-    for headers in ({}, {"Authorization": "Bearer wrong"}):
-        answer = client.get("/studies", headers=headers)
-        assert answer.status_code == 401
-        assert answer.headers["content-type"] == "application/problem+json"
-        assert answer.headers["www-authenticate"] == "Bearer"
-        assert answer.json()["status"] == 401
+    routes = [(method.upper(), path) for path, operations in client.app.openapi()["paths"].items()
+              for method in operations if path != "/health"]
+    assert len(routes) >= 11
+    for method, template in routes:
+        path = template.format_map(defaultdict(lambda: "1"))
+        for headers, title in (({}, "authentication required"), ({"Authorization": "Bearer wrong"}, "invalid token"),
+                               ({"Authorization": f"Bearer {EXPIRED}"}, "token expired")):
+            answer = client.request(method, path, headers=headers, json={})
+            assert answer.status_code == 401, (method, path, headers)
+            assert answer.headers["content-type"] == "application/problem+json"
+            assert answer.headers["www-authenticate"] == "Bearer"
+            assert answer.json()["title"] == title
+    assert client.get("/studies", headers=HEADERS).status_code == 200  # expires a second after NOW
+
+
+def test_token_command_prints_a_token_once_and_an_entry_with_its_hash(capsys):
+    assert main(["token", "dr.north", "--days", "30", "--sources", "NORTHPACS"]) == 0
+    out, err = capsys.readouterr()
+    token = err.rsplit(": ", 1)[1].strip()
+    entry = tomllib.loads(f"users = [ {out.strip().rstrip(',')} ]")["users"][0]
+    user = ApiUser.model_validate(entry)
+    assert token not in out and user.token_sha256 == _digest(token)
+    assert user.sources == ["NORTHPACS"] and user.role == "radiologist"
+    assert timedelta(days=29) < user.expires - datetime.now(timezone.utc) <= timedelta(days=30)
+    with pytest.raises(ValueError, match="UTC offset"):
+        ApiUser(name="x", token_sha256=_digest("x"), expires=datetime(2030, 1, 1))
 
 
 def test_list_and_filters(client):
