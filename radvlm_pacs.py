@@ -337,7 +337,7 @@ def cmd_studies_show(args: argparse.Namespace) -> int:
 
 
 def _masked(settings) -> dict:  # type: ignore[no-untyped-def]
-    """The effective settings as JSON, passwords in URLs and API keys hidden."""
+    """The effective settings as JSON, passwords in URLs hidden (API keys are SecretStr: masked by pydantic)."""
     from sqlalchemy.engine import make_url
 
     data = settings.model_dump(mode="json")
@@ -345,8 +345,6 @@ def _masked(settings) -> dict:  # type: ignore[no-untyped-def]
     data["storage_dir"] = str(settings.effective_storage_dir)
     if settings.broker_url:
         data["broker_url"] = make_url(settings.broker_url).render_as_string(hide_password=True)
-    if settings.model.server_api_key:
-        data["model"]["server_api_key"] = "***"
     return data
 
 

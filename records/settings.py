@@ -3,7 +3,10 @@
 Environment variables use the prefix ``RADVLM_`` and ``__`` between nested names, e.g.
 ``RADVLM_NODE__AE_TITLE=RADVLM`` or ``RADVLM_DATABASE_URL=postgresql+psycopg://...``.
 A TOML file (``--config FILE`` or ``RADVLM_CONFIG_FILE``) holds the same keys in sections.
-The environment wins over the file; explicit arguments win over both.
+Secrets (passwords in URLs, API keys, private keys' paths) come from the environment or from files in
+``RADVLM_SECRETS_DIR`` (Docker and Kubernetes secrets, e.g. ``/run/secrets``), one file per setting named
+like its variable: ``radvlm_database_url``, ``radvlm_model__server_api_key``; never from the repository.
+Explicit arguments win over the environment, the environment over secret files, those over the TOML file.
 """
 
 from __future__ import annotations
@@ -13,9 +16,10 @@ from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
+    NestedSecretsSettingsSource,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     TomlConfigSettingsSource,
@@ -24,6 +28,7 @@ from pydantic_settings import (
 from records.logs import LogFormat
 
 CONFIG_FILE_ENV = "RADVLM_CONFIG_FILE"
+SECRETS_DIR_ENV = "RADVLM_SECRETS_DIR"
 
 
 def _check_ae_title(value: str) -> str:
@@ -114,7 +119,7 @@ class ModelSettings(Section):
                                description="anatomical regions to ground on every image, e.g. 'right lung'")
     server_url: str | None = Field(default=None, description="openai-server: e.g. http://vllm:8000/v1")
     server_model: str | None = Field(default=None, description="openai-server: the served model name; default id")
-    server_api_key: str | None = None
+    server_api_key: SecretStr | None = Field(default=None, description="a secret: environment or secret file")
     server_timeout_s: float = Field(default=300, gt=0)
     scripted_delay_s: float = Field(default=0.0, ge=0,
                                     description="scripted backend only: seconds per answer (a slow GPU in tests)")
@@ -279,7 +284,9 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        return (init_settings, env_settings, file_secret_settings, TomlConfigSettingsSource(settings_cls))
+        secrets = (NestedSecretsSettingsSource(file_secret_settings),) if settings_cls.model_config.get(
+            "secrets_dir") else ()
+        return (init_settings, env_settings, *secrets, TomlConfigSettingsSource(settings_cls))
 
     @property
     def effective_database_url(self) -> str:
@@ -292,15 +299,18 @@ class Settings(BaseSettings):
         return (self.storage_dir or self.data_dir / "dicom").resolve()
 
 
-def load_settings(config_file: Path | None = None) -> Settings:
-    """Read settings from the environment and ``config_file`` (or ``RADVLM_CONFIG_FILE``)."""
+def load_settings(config_file: Path | None = None, secrets_dir: Path | None = None) -> Settings:
+    """Read settings from the environment, ``secrets_dir`` (or ``RADVLM_SECRETS_DIR``) and ``config_file``
+    (or ``RADVLM_CONFIG_FILE``)."""
     path = config_file or os.environ.get(CONFIG_FILE_ENV)
-    if not path:
-        return Settings()
-    if not Path(path).is_file():
+    secrets = secrets_dir or os.environ.get(SECRETS_DIR_ENV)
+    if path and not Path(path).is_file():
         raise FileNotFoundError(f"configuration file {path}: no such file")
+    if secrets and not Path(secrets).is_dir():
+        raise FileNotFoundError(f"secrets folder {secrets}: no such folder")
 
     class FileSettings(Settings):
-        model_config = SettingsConfigDict(toml_file=path)
+        model_config = SettingsConfigDict(toml_file=path, secrets_dir=secrets,
+                                          secrets_nested_delimiter="__" if secrets else None)
 
     return FileSettings()

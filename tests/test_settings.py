@@ -72,3 +72,43 @@ def test_cli_reports_what_the_user_can_fix_without_a_traceback(tmp_path):
     assert out.returncode == 2
     assert "weights not found: give a local folder as RADVLM_MODEL__ID" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_secrets_come_from_files_and_are_never_printed(tmp_path, monkeypatch, capsys):
+    from radvlm_pacs import main
+
+    secrets = tmp_path / "secrets"
+    secrets.mkdir()
+    (secrets / "radvlm_database_url").write_text(f"sqlite:///{tmp_path}/from-secret.sqlite\n")
+    (secrets / "radvlm_model__server_api_key").write_text("sk-do-not-print")
+    config = tmp_path / "radvlm.toml"
+    config.write_text('[model]\nbackend = "openai-server"\nserver_url = "http://vllm:8000/v1"\n'
+                      'server_api_key = "overridden by the secret file"\n')
+    monkeypatch.setenv("RADVLM_DATA_DIR", str(tmp_path))
+    settings = load_settings(config, secrets)
+    assert settings.model.server_api_key.get_secret_value() == "sk-do-not-print"
+    assert settings.database_url == f"sqlite:///{tmp_path}/from-secret.sqlite"
+    monkeypatch.setenv("RADVLM_DATABASE_URL", "postgresql+psycopg://radvlm:hunter2@db/radvlm")
+    assert load_settings(config, secrets).database_url.endswith("@db/radvlm")  # the environment wins
+    monkeypatch.setenv("RADVLM_SECRETS_DIR", str(secrets))
+    main(["--config", str(config), "config", "check"])
+    printed = capsys.readouterr().out
+    assert "sk-do-not-print" not in printed and "hunter2" not in printed and '"server_api_key": "**********"' in printed
+    with pytest.raises(FileNotFoundError, match="secrets folder"):
+        load_settings(config, tmp_path / "absent")
+
+
+def test_no_secret_is_committed():
+    """Private keys, token hashes of real users and passwords in URLs stay out of the repository."""
+    import re
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    files = subprocess.run(["git", "ls-files"], cwd=root, capture_output=True, text=True, check=True).stdout.split()
+    patterns = [re.compile(p) for p in (r"-----BEGIN [A-Z ]*PRIVATE KEY-----", r"token_sha256\s*=\s*\"[0-9a-f]{64}\"",
+                                         r"://[^/\s:@\"']+:(?!\$\{|[A-Z_]+@)[^@\s/\"']+@")]  # ${VAR} and PLACEHOLDER pass
+    found = [f"{name}: {p.pattern}" for name in files if (root / name).is_file()
+             and (root / name).stat().st_size < 2_000_000 and not name.startswith("tests/")
+             for p in patterns if p.search((root / name).read_text(errors="ignore"))]
+    assert found == []

@@ -45,7 +45,8 @@ def load_backend(model: ModelSettings) -> ModelBackend:
     if model.backend == "openai-server":
         from worker.backends.openai_server import OpenAIServerBackend
 
-        return OpenAIServerBackend(model.server_url or "", model.server_model or model.id, api_key=model.server_api_key,
+        key = model.server_api_key.get_secret_value() if model.server_api_key else None
+        return OpenAIServerBackend(model.server_url or "", model.server_model or model.id, api_key=key,
                                    revision=model.revision, timeout_s=model.server_timeout_s)
     from worker.backends.transformers import TransformersBackend
 
