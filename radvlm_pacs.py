@@ -20,9 +20,13 @@ log = logging.getLogger("radvlm_pacs")
 
 
 def _setup_logging(settings) -> None:  # type: ignore[no-untyped-def]
+    """Log lines as configured; audit events also to the site's syslog collector when there is one."""
+    from records.audit import send_to_syslog
     from records.logs import setup_logging
 
     setup_logging(settings.log_level, settings.log_format)
+    if settings.audit.syslog_host:
+        send_to_syslog(settings.audit.syslog_host, settings.audit.syslog_port, settings.node.ae_title)
 
 
 def _settings(args: argparse.Namespace):  # type: ignore[no-untyped-def]

@@ -1,4 +1,4 @@
-"""The audit log: every read of a study and every question, committed before the answer is sent."""
+"""The API's audit events: every read of a study and every question, committed before the answer is sent."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ from dataclasses import dataclass
 
 from sqlalchemy.orm import Session
 
+from records.audit import record
 from records.clock import utcnow
 from records.settings import ApiUser
-from records.tables import AuditEvent
 
 
 @dataclass(frozen=True)
@@ -24,6 +24,6 @@ class Audit:
     client: str | None
 
     def __call__(self, action: str, study_uid: str | None = None, detail: str | None = None) -> None:
-        self.session.add(AuditEvent(at=utcnow(), user_name=self.user.name, role=self.user.role, action=action,
-                                    study_instance_uid=study_uid, detail=detail, client=self.client))
+        record(self.session, action, at=utcnow(), user=self.user.name, role=self.user.role, client=self.client,
+               study_uid=study_uid, detail=detail)
         self.session.commit()

@@ -15,6 +15,7 @@ from api.askers import Asker
 from api.audit import Audit
 from api.problems import Problem
 from dicom_node.storage import InstanceStore
+from records.audit import Outcome, record
 from records.settings import ApiUser, Settings
 from worker.context import Deliver
 
@@ -34,24 +35,35 @@ def get_store(request: Request) -> InstanceStore:
     return request.app.state.store
 
 
+def _client(request: Request) -> str | None:
+    return request.client.host if request.client else None
+
+
 def current_user(request: Request, settings: Annotated[Settings, Depends(get_settings)],
+                 session: Annotated[Session, Depends(get_session)],
                  credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> ApiUser:
+    """The token's user; a wrong or expired token is an audited failed log-in (a missing one is not)."""
     challenge = {"WWW-Authenticate": "Bearer"}
     if credentials is None:
         raise Problem(401, "authentication required", "send Authorization: Bearer <token>", challenge)
     digest = hashlib.sha256(credentials.credentials.encode()).hexdigest()
-    for user in settings.api.users:
-        if hmac.compare_digest(digest, user.token_sha256):
-            if user.expires is not None and user.expires <= request.app.state.clock():
-                raise Problem(401, "token expired", f"this token expired at {user.expires.isoformat()}; ask the "
-                                                    "administrator for a new one", challenge)
-            return user
-    raise Problem(401, "invalid token", "the bearer token is not known here", challenge)
+    now = request.app.state.clock()
+    user = next((u for u in settings.api.users if hmac.compare_digest(digest, u.token_sha256)), None)
+    if user is not None and (user.expires is None or now < user.expires):
+        return user
+    failure = ("token expired", f"this token expired at {user.expires.isoformat()}; ask the administrator for a "
+               "new one") if user is not None and user.expires else ("invalid token", "the bearer token is not "
+                                                                                       "known here")
+    record(session, "login_failed", at=now, user=user.name if user else "unknown", role=user.role if user else "",
+           client=_client(request), detail=f"{failure[0]}: {request.method} {request.url.path}",
+           outcome=Outcome.minor_failure)
+    session.commit()
+    raise Problem(401, *failure, challenge)
 
 
 def get_audit(request: Request, session: Annotated[Session, Depends(get_session)],
               user: Annotated[ApiUser, Depends(current_user)]) -> Audit:
-    return Audit(session, user, request.client.host if request.client else None)
+    return Audit(session, user, _client(request))
 
 
 def get_asker(request: Request) -> Asker:

@@ -7,6 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
+from records.audit import EVENT_TYPES
 from records.schema import CHEXPERT_LABELS, Box
 from records.tables import AuditEvent, Conversation, Exchange, SignOff
 
@@ -134,14 +135,19 @@ class UserPublic(BaseModel):
 
 class AuditEventPublic(BaseModel):
     at: datetime
-    user_name: str
+    user_name: str = Field(description="an API user, or the calling AE title / process of the node and workers")
     role: str
     action: str
+    event_id: str = Field(description="DCM code of the event (PS3.16 CID 400), e.g. 110103 Instances Accessed")
+    event_action_code: str = Field(description="C create, R read, U update, D delete, E execute")
+    outcome: int = Field(description="0 success, 4 minor, 8 serious, 12 major failure")
     study_instance_uid: str | None
     detail: str | None
     client: str | None
 
     @classmethod
     def of(cls, row: AuditEvent) -> AuditEventPublic:
-        return cls(at=row.at, user_name=row.user_name, role=row.role, action=row.action,
+        kind = EVENT_TYPES[row.action]
+        return cls(at=row.at, user_name=row.user_name, role=row.role, action=row.action, event_id=kind.code,
+                   event_action_code=kind.action_code, outcome=row.outcome,
                    study_instance_uid=row.study_instance_uid, detail=row.detail, client=row.client)

@@ -8,9 +8,11 @@ disk and its row is committed, so nothing acknowledged can be lost.
 from __future__ import annotations
 
 import logging
+import threading
+from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor, wait
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
@@ -23,6 +25,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.catalog import Arrival, record_arrival
 from dicom_node.storage import InstanceStore, valid_uid
+from records.audit import Outcome, record
 from records.logs import log_context
 from records.metrics import ASSOCIATIONS, INSTANCES_RECEIVED, INSTANCES_REJECTED
 from records.settings import CallerRule
@@ -44,15 +47,46 @@ UNDEFINED_LENGTH = 0xFFFFFFFF
 DEFER_BYTES = 64 * 1024  # values larger than this are not read into memory by the handler
 
 
+class Transfers:
+    """What each open association stored and refused, by study, for its audit events when it closes
+    (ATNA's "DICOM Instances Transferred": one event per study per association)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._counts: dict[int, Counter[tuple[str | None, bool]]] = {}
+
+    def note(self, assoc: object, study_uid: str | None, stored: bool) -> None:
+        key = (study_uid if study_uid and valid_uid(study_uid) else None, stored)
+        with self._lock:
+            self._counts.setdefault(id(assoc), Counter())[key] += 1
+
+    def pop(self, assoc: object) -> Counter[tuple[str | None, bool]]:
+        with self._lock:
+            return self._counts.pop(id(assoc), Counter())
+
+
 @dataclass
 class Receiver:
-    """What the C-STORE handler needs, bound at registration."""
+    """What the handlers need, bound at registration."""
 
     store: InstanceStore
     sessions: sessionmaker[Session]
     reserve_bytes: int
     clock: Callable[[], datetime]
     syncer: Executor  # runs InstanceStore.sync beside the database transaction
+    transfers: Transfers = field(default_factory=Transfers)
+
+    def audit(self, action: str, calling_ae: str, address: str,
+              events: list[tuple[str | None, str, Outcome]]) -> None:
+        """Write a peer's audit events (study, detail, outcome); a database that is down costs the events,
+        with a log line, never the association."""
+        try:
+            with self.sessions() as session, session.begin():
+                for study_uid, detail, outcome in events:
+                    record(session, action, at=self.clock(), user=calling_ae, role="calling AE", client=address,
+                           study_uid=study_uid, detail=detail, outcome=outcome)
+        except SQLAlchemyError as exc:
+            log.error("audit events %s of %s@%s not recorded: %s", action, calling_ae, address, exc)
 
 
 def _status(code: int, reason: str) -> Dataset:
@@ -117,15 +151,17 @@ def handle_store(event, receiver: Receiver) -> int | Dataset:  # type: ignore[no
     """C-STORE: every log line of it carries the instance's UID and the caller."""
     with log_context(sop_instance_uid=event.request.AffectedSOPInstanceUID,
                      calling_ae=event.assoc.requestor.ae_title):
-        return _store(event, receiver)
+        status, study_uid = _store(event, receiver)
+    receiver.transfers.note(event.assoc, study_uid, stored=status == SUCCESS)
+    return status
 
 
-def _store(event, receiver: Receiver) -> int | Dataset:  # type: ignore[no-untyped-def]
+def _store(event, receiver: Receiver) -> tuple[int | Dataset, str | None]:  # type: ignore[no-untyped-def]
     """C-STORE: check space, read the header, keep the file as received, record the arrival.
 
     pynetdicom has written the dataset to a temporary Part 10 file as its fragments arrived
     (``STORE_RECV_CHUNKED_DATASET``); the handler reads the header from it and moves it into
-    storage, so the pixel data is never copied in memory.
+    storage, so the pixel data is never copied in memory. Returns the status and the study, once known.
     """
     sop_uid = str(event.request.AffectedSOPInstanceUID)
     peer = _peer(event)
@@ -134,7 +170,7 @@ def _store(event, receiver: Receiver) -> int | Dataset:  # type: ignore[no-untyp
     if free < receiver.reserve_bytes:
         log.error("refused %s from %s: %d MiB free, reserve is %d MiB", sop_uid, peer,
                   free >> 20, receiver.reserve_bytes >> 20)
-        return _status(OUT_OF_RESOURCES, "disk space below the reserve")
+        return _status(OUT_OF_RESOURCES, "disk space below the reserve"), None
 
     incoming = Path(event.dataset_path)
     syntax = event.context.transfer_syntax
@@ -151,27 +187,27 @@ def _store(event, receiver: Receiver) -> int | Dataset:  # type: ignore[no-untyp
         problem = pixel_data_problem(ds, incoming.stat().st_size)
     except Exception as exc:  # any parse failure: the bytes are not a dataset we can read
         log.error("refused %s from %s: cannot decode the dataset: %s: %s", sop_uid, peer, type(exc).__name__, exc)
-        return _status(UNDECODABLE, f"cannot decode dataset: {type(exc).__name__}")
+        return _status(UNDECODABLE, f"cannot decode dataset: {type(exc).__name__}"), None
 
     for name, uid in (("StudyInstanceUID", study_uid), ("SeriesInstanceUID", series_uid),
                       ("SOPInstanceUID", ds_sop_uid)):
         if not valid_uid(uid):
             log.error("refused %s from %s: %s missing or invalid (%r)", sop_uid, peer, name, uid[:80])
-            return _status(MISSING_UID, f"{name} missing or invalid")
+            return _status(MISSING_UID, f"{name} missing or invalid"), study_uid
     if ds_sop_uid != sop_uid or ds_class_uid != str(event.request.AffectedSOPClassUID):
         log.error("refused %s from %s: dataset UIDs (%s, %s) differ from the request's", sop_uid, peer,
                   ds_sop_uid, ds_class_uid)
-        return _status(DOES_NOT_MATCH_SOP_CLASS, "SOP UIDs differ from the C-STORE request")
+        return _status(DOES_NOT_MATCH_SOP_CLASS, "SOP UIDs differ from the C-STORE request"), study_uid
     if problem:
         log.error("refused %s from %s: %s", sop_uid, peer, problem)
-        return _status(BAD_PIXEL_DATA, problem)
+        return _status(BAD_PIXEL_DATA, problem), study_uid
 
     try:
         relative = receiver.store.relative_path(study_uid, series_uid, sop_uid)
         size = incoming.stat().st_size
     except (OSError, ValueError) as exc:
         log.error("refused %s from %s: cannot store: %s", sop_uid, peer, exc)
-        return _status(CANNOT_STORE, "cannot store the file")
+        return _status(CANNOT_STORE, "cannot store the file"), study_uid
     arrival = Arrival(
         study_instance_uid=study_uid, series_instance_uid=series_uid, sop_instance_uid=sop_uid,
         sop_class_uid=ds_class_uid, transfer_syntax_uid=str(syntax),
@@ -193,13 +229,13 @@ def _store(event, receiver: Receiver) -> int | Dataset:  # type: ignore[no-untyp
     except IntegrityError:  # the same instance committed by a concurrent association
         log.info("duplicate %s from %s: stored concurrently, first copy kept", sop_uid, peer)
         INSTANCES_RECEIVED.labels("duplicate").inc()
-        return SUCCESS
+        return SUCCESS, study_uid
     except OSError as exc:
         log.error("refused %s from %s: cannot write: %s", sop_uid, peer, exc)
-        return _status(CANNOT_STORE, "cannot write the file")
+        return _status(CANNOT_STORE, "cannot write the file"), study_uid
     except SQLAlchemyError as exc:
         log.error("refused %s from %s: database unavailable: %s", sop_uid, peer, exc)
-        return _status(CANNOT_STORE, "database unavailable")
+        return _status(CANNOT_STORE, "database unavailable"), study_uid
     finally:
         wait([synced])  # never leave a sync running on a file pynetdicom is about to delete
     if new:
@@ -208,7 +244,7 @@ def _store(event, receiver: Receiver) -> int | Dataset:  # type: ignore[no-untyp
     else:
         log.info("duplicate %s from %s: already stored, first copy kept", sop_uid, peer, extra={"study_uid": study_uid})
     INSTANCES_RECEIVED.labels("stored" if new else "duplicate").inc()
-    return SUCCESS
+    return SUCCESS, study_uid
 
 
 def handle_echo(event) -> int:  # type: ignore[no-untyped-def]
@@ -216,7 +252,19 @@ def handle_echo(event) -> int:  # type: ignore[no-untyped-def]
     return SUCCESS
 
 
-def handle_requested(event, allowed: Sequence[CallerRule]) -> None:  # type: ignore[no-untyped-def]
+def handle_closed(event, receiver: Receiver) -> None:  # type: ignore[no-untyped-def]
+    """The connection closed (released, aborted or dropped): audit what it transferred, study by study."""
+    counts = receiver.transfers.pop(event.assoc)
+    events = []
+    for study_uid in dict.fromkeys(study for study, _ in counts):
+        stored, refused = counts[(study_uid, True)], counts[(study_uid, False)]
+        outcome = Outcome.success if not refused else Outcome.minor_failure if stored else Outcome.serious_failure
+        events.append((study_uid, f"{stored} instance(s) stored, {refused} refused", outcome))
+    if events:
+        receiver.audit("receive", event.assoc.requestor.ae_title, event.assoc.requestor.address, events)
+
+
+def handle_requested(event, allowed: Sequence[CallerRule], receiver: Receiver) -> None:  # type: ignore[no-untyped-def]
     """A-ASSOCIATE-RQ: reject a caller outside the allow-list (empty list: allow all)."""
     if not allowed:
         return
@@ -229,15 +277,20 @@ def handle_requested(event, allowed: Sequence[CallerRule]) -> None:  # type: ign
     reason = "host not allowed for this AE title" if known_ae else "calling AE title not allowed"
     log.warning("rejected association from %s@%s: %s", calling, address, reason)
     ASSOCIATIONS.labels("rejected").inc()
+    receiver.audit("association_refused", calling, address, [(None, reason, Outcome.minor_failure)])
     # rejected-permanent, by the service user, calling AE title not recognised; then wait for the
     # PDU to leave before the socket closes, as pynetdicom's own rejections do
     event.assoc.acse.send_reject(0x01, 0x01, 0x03)
     event.assoc.kill()
 
 
-def handle_rejected(event) -> None:  # type: ignore[no-untyped-def]
+def handle_rejected(event, receiver: Receiver) -> None:  # type: ignore[no-untyped-def]
     """pynetdicom's own rejections (called AE title not ours, too many associations); it logs why."""
     ASSOCIATIONS.labels("rejected").inc()
+    primitive = event.assoc.requestor.primitive
+    calling = primitive.calling_ae_title.strip() if primitive is not None else "unknown"
+    receiver.audit("association_refused", calling, event.assoc.requestor.address,
+                   [(None, "refused by the DICOM layer (called AE title, association limit)", Outcome.minor_failure)])
 
 
 def handle_accepted(event) -> None:  # type: ignore[no-untyped-def]

@@ -19,6 +19,7 @@ from dicom_node.completion import CompletionMonitor, OnReady
 from dicom_node.handlers import (
     Receiver,
     handle_accepted,
+    handle_closed,
     handle_echo,
     handle_rejected,
     handle_requested,
@@ -125,9 +126,10 @@ class Node:
         handlers = [
             (evt.EVT_C_STORE, handle_store, [self.receiver]),
             (evt.EVT_C_ECHO, handle_echo),
-            (evt.EVT_REQUESTED, handle_requested, [self.settings.allowed_callers]),
+            (evt.EVT_REQUESTED, handle_requested, [self.settings.allowed_callers, self.receiver]),
             (evt.EVT_ACCEPTED, handle_accepted),
-            (evt.EVT_REJECTED, handle_rejected),
+            (evt.EVT_REJECTED, handle_rejected, [self.receiver]),
+            (evt.EVT_CONN_CLOSE, handle_closed, [self.receiver]),
         ]
         ASSOCIATIONS_ACTIVE.set_function(lambda: sum(a.is_acceptor for a in self.ae.active_associations))
         tls = self.settings.tls

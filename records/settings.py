@@ -252,6 +252,14 @@ class DeliverySettings(Section):
     timeout_s: float = Field(default=30, gt=0, description="network and DIMSE timeout per attempt")
 
 
+class AuditSettings(Section):
+    """Every audit event is in the database (``GET /audit``); a site's ATNA audit record repository can
+    receive them too, as DICOM audit messages over syslog (RFC 5424 on UDP; for TLS, a local relay)."""
+
+    syslog_host: str | None = Field(default=None, description="audit record repository; None: database only")
+    syslog_port: int = Field(default=514, ge=1, le=65535)
+
+
 class Settings(BaseSettings):
     """Effective configuration. Paths left unset are derived from ``data_dir``."""
 
@@ -274,6 +282,7 @@ class Settings(BaseSettings):
     delivery: DeliverySettings = Field(default_factory=DeliverySettings)
     hl7: HL7Settings | None = None
     api: ApiSettings = Field(default_factory=ApiSettings)
+    audit: AuditSettings = Field(default_factory=AuditSettings)
 
     @classmethod
     def settings_customise_sources(

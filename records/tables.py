@@ -13,6 +13,7 @@ from sqlalchemy import (
     ForeignKey,
     Integer,
     LargeBinary,
+    SmallInteger,
     String,
     Text,
     TypeDecorator,
@@ -268,7 +269,7 @@ class SignOff(Base):
 
 
 class AuditEvent(Base):
-    """Who read which study or asked what, and when. Written in the request, before the answer."""
+    """Who did what to which study, when, from where (records.audit: what each action means in DICOM)."""
 
     __tablename__ = "audit_events"
 
@@ -280,3 +281,5 @@ class AuditEvent(Base):
     study_instance_uid: Mapped[str | None] = mapped_column(String(64), index=True)
     detail: Mapped[str | None] = mapped_column(Text)
     client: Mapped[str | None] = mapped_column(String(64))
+    outcome: Mapped[int] = mapped_column(SmallInteger, default=0, server_default="0",
+                                         doc="EventOutcomeIndicator: 0 success, 4 minor, 8 serious, 12 major failure")

@@ -14,7 +14,7 @@ from sqlalchemy import select
 
 from records.clock import utcnow
 from records.settings import CallerRule, DeliverySettings, Destination, Settings
-from records.tables import DeliveryState, Job, OutboxItem, StudyVersion
+from records.tables import AuditEvent, DeliveryState, Job, OutboxItem, StudyVersion
 from tests.conftest import free_port, radiograph, rg1_copy, storescu, wait_for
 from tests.orthanc import running_orthanc
 from worker.analysis import Outputs, run_analysis
@@ -110,6 +110,9 @@ def test_pacs_down_then_back_gets_each_object_once(sqlite_url, start_node, tmp_p
     assert sorted((d["kind"], d["destination"], d["state"]) for d in deliveries) == [
         ("gsps", "pacs", "sent"), ("narrative", "pacs", "sent"), ("sr", "pacs", "sent")]
     assert all(d["attempts"] >= 3 and d["last_error"] is None for d in deliveries)
+    with node.sessions() as session:  # audited once per object delivered, not per attempt
+        sent = session.scalars(select(AuditEvent.detail).where(AuditEvent.action == "deliver")).all()
+    assert sorted(sent) == sorted(f"{i.kind} {i.object_uid} to pacs" for i in items)
 
 
 def test_dicom_tls_destination(tmp_path):

@@ -22,6 +22,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.pixels import PixelError, model_image, read_dataset
 from dicom_node.storage import InstanceStore
+from records.audit import PROCESS_USER, Outcome, process_host, record
 from records.metrics import ANALYSIS_DURATION, ANALYSIS_LATENCY
 from records.schema import StudyResult
 from records.settings import DeliverySettings, Destination, HL7Settings, Settings
@@ -117,6 +118,9 @@ def finish(sessions: sessionmaker[Session], job_id: int, result: StudyResult, ob
             items = enqueue(session, job, objects, outputs.destinations, outputs.policy, now)
             job.state, job.finished_at, job.error = JobState.done, now, None
             study = session.get_one(Study, job.study_id)
+            record(session, "analyse", at=now, user=PROCESS_USER, role="worker", client=process_host(),
+                   study_uid=study.study_instance_uid,
+                   detail=f"version {job.study_version}: {len(result.images)} image(s) by {result.model_id}")
             if study.version == job.study_version:
                 findings = sorted({label for image in result.images for label, present in image.labels.items()
                                    if present})
@@ -137,6 +141,10 @@ def fail(sessions: sessionmaker[Session], study_id: int, version: int, model_rev
         study = session.get(Study, study_id)
         if study is not None and study.version == version and study.state is not StudyState.analysed:
             study.state, study.state_reason = StudyState.failed, reason
+        if study is not None and (job is None or job.state is JobState.failed):
+            record(session, "analyse", at=now, user=PROCESS_USER, role="worker", client=process_host(),
+                   study_uid=study.study_instance_uid, detail=f"version {version} failed: {reason}",
+                   outcome=Outcome.serious_failure)
 
 
 def run_analysis(study_id: int, version: int, *, sessions: sessionmaker[Session], store: InstanceStore,

@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query
 from sqlalchemy import select
 
-from api.deps import CurrentUser, SessionDep
+from api.deps import AuditDep, CurrentUser, SessionDep
 from api.problems import Problem
 from api.schemas import AuditEventPublic, UserPublic
 from records.tables import AuditEvent
@@ -22,12 +22,17 @@ def me(user: CurrentUser) -> UserPublic:
 
 
 @router.get("/audit", response_model=list[AuditEventPublic], tags=["audit"])
-def audit_log(session: SessionDep, user: CurrentUser, user_name: str | None = None, study: str | None = None,
+def audit_log(session: SessionDep, user: CurrentUser, audit: AuditDep, user_name: str | None = None,
+              study: str | None = None, action: str | None = None,
               limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> list[AuditEventPublic]:
-    """The newest audit events first: who read which study or asked what, and when."""
+    """The newest audit events first: who received, analysed, sent, read or asked what about which study, when,
+    and how it ended (this read included)."""
+    audit("read_audit", study, f"user_name={user_name} action={action}")
     if user.role != "admin":
         raise Problem(403, "admins only", f"only an admin may read the audit log; {user.name} is {user.role}")
     query = select(AuditEvent).order_by(AuditEvent.id.desc()).limit(limit)
+    if action:
+        query = query.where(AuditEvent.action == action)
     if user_name:
         query = query.where(AuditEvent.user_name == user_name)
     if study:

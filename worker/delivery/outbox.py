@@ -13,6 +13,7 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from functools import partial
 
 from pydicom import Dataset, dcmread
 from pydicom.uid import generate_uid
@@ -21,10 +22,11 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.pixels import ModelImage
+from records.audit import PROCESS_USER, Outcome, process_host, record
 from records.metrics import DELIVERIES, DELIVERY_LATENCY
 from records.schema import StudyResult
 from records.settings import DeliverySettings, Destination, HL7Settings
-from records.tables import DeliveryState, Job, OutboxItem
+from records.tables import DeliveryState, Job, OutboxItem, Study
 from worker.delivery.capture import burned_in_capture
 from worker.delivery.equipment import Device, Placement
 from worker.delivery.gsps import presentation_state
@@ -174,7 +176,11 @@ def deliver_item(sessions: sessionmaker[Session], item_id: int, send: Send, poli
     with sessions() as session, session.begin():
         item = session.get_one(OutboxItem, item_id, with_for_update=True)
         item.last_error = None if delivered else attempt_detail
+        audit = partial(record, session, "export" if kind == "hl7" else "deliver", at=now, user=PROCESS_USER,
+                        role="delivery", client=process_host(),
+                        study_uid=session.get_one(Study, item.study_id).study_instance_uid)
         if delivered:
+            audit(detail=f"{kind} {uid} to {name}")
             item.state, item.sent_at = DeliveryState.sent, now
             log.info("%s %s delivered to %s", kind, uid, name)
             DELIVERIES.labels(kind, "sent").inc()
@@ -182,6 +188,8 @@ def deliver_item(sessions: sessionmaker[Session], item_id: int, send: Send, poli
             return None
         due = now + _backoff(policy, item.attempts)
         if not retry or due > item.deliver_by:
+            audit(detail=f"{kind} {uid} to {name} given up after {item.attempts} attempt(s): {attempt_detail}",
+                  outcome=Outcome.serious_failure)
             item.state = DeliveryState.failed
             DELIVERIES.labels(kind, "failed").inc()
             log.error("%s %s to %s failed for good after %d attempt(s): %s", kind, uid, name, item.attempts,
