@@ -41,9 +41,9 @@ def evaluate(store: InstanceStore, relative_path: str) -> Evaluation:
     """Select from the header; decode a selected image once so a corrupt one is known now."""
     try:
         ds = dcmread(store.path(relative_path))
-    except Exception as exc:
+        choice = select_image(ds)
+    except Exception as exc:  # stored before reception checked every value, or changed on disk since
         return Evaluation(False, "unreadable file", f"{type(exc).__name__}: {exc}")
-    choice = select_image(ds)
     if not choice.selected:
         return Evaluation(False, choice.reason)
     try:

@@ -43,6 +43,7 @@ REJECTION_REASONS = {OUT_OF_RESOURCES: "out_of_resources", CANNOT_STORE: "cannot
                      DOES_NOT_MATCH_SOP_CLASS: "uid_mismatch", UNDECODABLE: "undecodable",
                      MISSING_UID: "missing_uid", BAD_PIXEL_DATA: "bad_pixel_data"}
 
+PIXEL_DATA = 0x7FE00010
 UNDEFINED_LENGTH = 0xFFFFFFFF
 DEFER_BYTES = 64 * 1024  # values larger than this are not read into memory by the handler
 
@@ -147,6 +148,29 @@ def pixel_data_problem(ds: Dataset, file_size: int) -> str | None:
     return None
 
 
+def header_problem(ds: Dataset) -> str | None:
+    """Which attribute cannot be decoded as its VR says (a value of the wrong length or form), if any.
+
+    pydicom decodes a value when it is first used; without this, a bad value would surface later,
+    in selection or in the worker, long after the sender was told the instance was stored. Large
+    values left in the file (deferred) and the pixel data are not read here.
+    """
+    for tag in list(ds.keys()):
+        element = ds.get_item(tag, keep_deferred=True)
+        if tag == PIXEL_DATA or (isinstance(element, RawDataElement) and element.value is None):
+            continue
+        try:
+            value = ds[tag].value
+        except Exception as exc:
+            return f"{tag} cannot be decoded: {type(exc).__name__}"
+        if ds[tag].VR == "SQ":
+            for item in value:
+                problem = header_problem(item)
+                if problem:
+                    return problem
+    return None
+
+
 def handle_store(event, receiver: Receiver) -> int | Dataset:  # type: ignore[no-untyped-def]
     """C-STORE: every log line of it carries the instance's UID and the caller."""
     with log_context(sop_instance_uid=event.request.AffectedSOPInstanceUID,
@@ -174,18 +198,25 @@ def _store(event, receiver: Receiver) -> tuple[int | Dataset, str | None]:  # ty
 
     incoming = Path(event.dataset_path)
     syntax = event.context.transfer_syntax
+    ds = None
     try:
         problem = encoding_problem(incoming, syntax)
-        if problem:
-            raise ValueError(problem)
-        ds = dcmread(incoming, defer_size=DEFER_BYTES)
+        if problem is None:
+            ds = dcmread(incoming, defer_size=DEFER_BYTES)
+            problem = header_problem(ds)
+    except Exception as exc:  # any parse failure: the bytes are not a dataset we can read
+        problem = f"{type(exc).__name__}: {exc}"
+    if problem or ds is None:
+        log.error("refused %s from %s: cannot decode the dataset: %s", sop_uid, peer, problem)
+        return _status(UNDECODABLE, f"cannot decode dataset: {problem}"), None
+    try:
         study_uid = str(ds.get("StudyInstanceUID", ""))
         series_uid = str(ds.get("SeriesInstanceUID", ""))
         ds_sop_uid, ds_class_uid = str(ds.get("SOPInstanceUID", "")), str(ds.get("SOPClassUID", ""))
         header = {k: (str(ds[k].value) if k in ds and ds[k].value not in (None, "") else None)
                   for k in ("PatientID", "PatientName", "AccessionNumber", "StudyDate")}
         problem = pixel_data_problem(ds, incoming.stat().st_size)
-    except Exception as exc:  # any parse failure: the bytes are not a dataset we can read
+    except Exception as exc:  # the values checked above decode; anything else here is still a bad dataset
         log.error("refused %s from %s: cannot decode the dataset: %s: %s", sop_uid, peer, type(exc).__name__, exc)
         return _status(UNDECODABLE, f"cannot decode dataset: {type(exc).__name__}"), None
 

@@ -55,7 +55,7 @@ def _voi(arr: np.ndarray, ds: Dataset, steps: list[str]) -> tuple[np.ndarray, fl
         lut = np.asarray(item.LUTData, dtype=np.float64)
         steps.append(f"VOI LUT {str(item.get('LUTExplanation', '') or '#1').strip()}")
         return out, float(lut.min()), float(lut.max())
-    if "WindowCenter" in ds and "WindowWidth" in ds:
+    if ds.get("WindowCenter") not in (None, "") and ds.get("WindowWidth") not in (None, ""):
         out = apply_voi_lut(arr, ds, index=0, prefer_lut=False)
         # pydicom clamps to its output range outside the window: read the range off the extremes.
         low, high = apply_voi_lut(np.array([-1e12, 1e12]), ds, index=0, prefer_lut=False)
@@ -70,7 +70,20 @@ def _voi(arr: np.ndarray, ds: Dataset, steps: list[str]) -> tuple[np.ndarray, fl
 
 
 def model_image(ds: Dataset) -> ModelImage:
-    """Decode ``ds`` (any accepted transfer syntax) and return the 8-bit model image."""
+    """Decode ``ds`` (any accepted transfer syntax) and return the 8-bit model image.
+
+    Whatever the header makes of the transforms (a wrong VR, an impossible LUT) is this image's
+    ``PixelError``, never an exception that stops the caller.
+    """
+    try:
+        return _model_image(ds)
+    except PixelError:
+        raise
+    except Exception as exc:
+        raise PixelError(f"cannot apply the header's pixel transforms: {type(exc).__name__}: {exc}") from exc
+
+
+def _model_image(ds: Dataset) -> ModelImage:
     if "PixelData" not in ds:
         raise PixelError("no pixel data")
     rows, columns = int(ds.get("Rows", 0)), int(ds.get("Columns", 0))
