@@ -1,5 +1,6 @@
 """schemathesis against our OpenAPI schema, on the real app over an analysed study: no server error
-anywhere, and no route but /health answers without the token."""
+anywhere, and no route but /health answers without the token. Each generated case is sent as generated
+(mostly unknown studies) and once more aimed at the analysed chest study and a real conversation."""
 
 from __future__ import annotations
 
@@ -8,11 +9,13 @@ from hypothesis import HealthCheck, given, settings
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import ignored_auth
 
-from tests.test_chat import HOUSE, chat  # noqa: F401 (the fixture)
+from tests.conftest import RG1_STUDY
+from tests.test_chat import HOUSE, chat, conversation  # noqa: F401 (the fixture)
 
 
 def test_no_server_errors_and_no_way_in_without_a_token(chat):  # noqa: F811
     client, _ = chat
+    aimed = {"uid": RG1_STUDY, "conversation_id": conversation(client)}
     schema = schemathesis.openapi.from_asgi("/openapi.json", client.app)
     operations = [result.ok() for result in schema.get_all_operations()]
     assert len(operations) >= 12
@@ -21,6 +24,9 @@ def test_no_server_errors_and_no_way_in_without_a_token(chat):  # noqa: F811
         @given(case=operation.as_strategy())
         @settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck), database=None)
         def exercise(case):  # type: ignore[no-untyped-def]
-            case.call_and_validate(headers=HOUSE, checks=[not_a_server_error, ignored_auth])
+            generated = dict(case.path_parameters or {})
+            for path_parameters in (generated, {k: aimed.get(k, v) for k, v in generated.items()}):
+                case.path_parameters = path_parameters
+                case.call_and_validate(headers=HOUSE, checks=[not_a_server_error, ignored_auth])
 
         exercise()
