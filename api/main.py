@@ -21,8 +21,8 @@ from api import problems
 from api.askers import Asker
 from api.routes import admin, chat, signoff, studies
 from dicom_node.storage import InstanceStore
-from records.db import make_engine, make_session_factory
 from records.clock import utcnow
+from records.db import make_engine, make_session_factory
 from records.metrics import QueueDepths, StateCollector
 from records.settings import Settings
 from worker.context import Deliver

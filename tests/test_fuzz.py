@@ -33,5 +33,6 @@ def test_each_named_hostile_input_gets_its_status(tmp_path):
             harness.feed("RG1_UNCR.dcm", mutation, tally)
         assert tally.crashes == []
         [outcomes[name]] = tally.outcomes
-    assert outcomes == {"oversized image": "refused: bad_pixel_data", "zero-length pixel data": "refused: bad_pixel_data",
+    assert outcomes == {"oversized image": "refused: bad_pixel_data",
+                        "zero-length pixel data": "refused: bad_pixel_data",
                         "1 GB declared length": "refused: bad_pixel_data", "deep sequence": "refused: undecodable"}

@@ -81,7 +81,8 @@ def test_api_over_https_and_its_health_check(pki, tmp_path):
            "RADVLM_API__TLS_CERT_FILE": str(pki.server_cert), "RADVLM_API__TLS_KEY_FILE": str(pki.server_key)}
     with service("api", ["api"], env, tmp_path / "logs"):
         wait_for(lambda: _listening(port), 60)
-        with httpx.Client(base_url=f"https://127.0.0.1:{port}", verify=ssl.create_default_context(cafile=pki.ca)) as client:
+        trusted = ssl.create_default_context(cafile=pki.ca)
+        with httpx.Client(base_url=f"https://127.0.0.1:{port}", verify=trusted) as client:
             assert client.get("/health").json() == {"status": "ok"}
             assert client.get("/studies").status_code == 401
         with pytest.raises(httpx.HTTPError):  # plain HTTP on the HTTPS port gets no answer

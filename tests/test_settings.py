@@ -106,8 +106,9 @@ def test_no_secret_is_committed():
 
     root = Path(__file__).resolve().parents[1]
     files = subprocess.run(["git", "ls-files"], cwd=root, capture_output=True, text=True, check=True).stdout.split()
-    patterns = [re.compile(p) for p in (r"-----BEGIN [A-Z ]*PRIVATE KEY-----", r"token_sha256\s*=\s*\"[0-9a-f]{64}\"",
-                                         r"://[^/\s:@\"']+:(?!\$\{|[A-Z_]+@)[^@\s/\"']+@")]  # ${VAR} and PLACEHOLDER pass
+    patterns = [re.compile(p) for p in (
+        r"-----BEGIN [A-Z ]*PRIVATE KEY-----", r"token_sha256\s*=\s*\"[0-9a-f]{64}\"",
+        r"://[^/\s:@\"']+:(?!\$\{|[A-Z_]+@)[^@\s/\"']+@")]  # passwords in URLs; ${VAR} and PLACEHOLDER pass
     found = [f"{name}: {p.pattern}" for name in files if (root / name).is_file()
              and (root / name).stat().st_size < 2_000_000 and not name.startswith("tests/")
              for p in patterns if p.search((root / name).read_text(errors="ignore"))]
