@@ -123,7 +123,7 @@ def main() -> int:
     parser.add_argument("--database-url", default=POSTGRES_ADMIN, help="admin URL to create a scratch database")
     args = parser.parse_args()
     ok = True
-    with tempfile.TemporaryDirectory(dir=HERE.parent) as folder, postgres_database(args.database_url) as url:
+    with tempfile.TemporaryDirectory() as folder, postgres_database(args.database_url) as url:
         work = Path(folder)
         port = free_port()
         env = {**os.environ, "RADVLM_DATABASE_URL": url, "RADVLM_STORAGE_DIR": str(work / "node"),
