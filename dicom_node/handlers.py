@@ -95,7 +95,8 @@ def _status(code: int, reason: str) -> Dataset:
     INSTANCES_REJECTED.labels(REJECTION_REASONS[code]).inc()
     rsp = Dataset()
     rsp.Status = code
-    rsp.ErrorComment = reason[:64]
+    # LO: 64 characters, no backslash or control characters (a parser's message may hold any)
+    rsp.ErrorComment = "".join(c if c.isprintable() and c != "\\" else " " for c in reason)[:64]
     return rsp
 
 

@@ -36,3 +36,10 @@ def test_each_named_hostile_input_gets_its_status(tmp_path):
     assert outcomes == {"oversized image": "refused: bad_pixel_data",
                         "zero-length pixel data": "refused: bad_pixel_data",
                         "1 GB declared length": "refused: bad_pixel_data", "deep sequence": "refused: undecodable"}
+
+
+def test_a_refusal_comment_is_a_valid_lo_whatever_the_parser_said():
+    from dicom_node.handlers import UNDECODABLE, _status
+
+    comment = _status(UNDECODABLE, "cannot decode dataset: bad\\value\nat (0008,0060)" + "x" * 80).ErrorComment
+    assert comment.startswith("cannot decode dataset: bad value at (0008,0060)") and len(comment) == 64
