@@ -51,14 +51,16 @@ def current_user(request: Request, settings: Annotated[Settings, Depends(get_set
     user = next((u for u in settings.api.users if hmac.compare_digest(digest, u.token_sha256)), None)
     if user is not None and (user.expires is None or now < user.expires):
         return user
-    failure = ("token expired", f"this token expired at {user.expires.isoformat()}; ask the administrator for a "
-               "new one") if user is not None and user.expires else ("invalid token", "the bearer token is not "
-                                                                                       "known here")
+    if user is not None and user.expires is not None:
+        title, detail = "token expired", f"this token expired at {user.expires.isoformat()}; ask the administrator " \
+                                         "for a new one"
+    else:
+        title, detail = "invalid token", "the bearer token is not known here"
     record(session, "login_failed", at=now, user=user.name if user else "unknown", role=user.role if user else "",
-           client=_client(request), detail=f"{failure[0]}: {request.method} {request.url.path}",
+           client=_client(request), detail=f"{title}: {request.method} {request.url.path}",
            outcome=Outcome.minor_failure)
     session.commit()
-    raise Problem(401, *failure, challenge)
+    raise Problem(401, title, detail, challenge)
 
 
 def get_audit(request: Request, session: Annotated[Session, Depends(get_session)],

@@ -129,12 +129,19 @@ def _zero_pixels(data: bytes) -> bytes:
     return _encoded(ds)
 
 
+def _pixel_data_at(data: bytes) -> tuple[int, bool]:
+    """Offset of the (last) pixel data tag, and whether it is written with an explicit VR; -1 if absent."""
+    at = data.rfind(b"\xe0\x7f\x10\x00")
+    return at, data[at + 4:at + 6] in (b"OB", b"OW")
+
+
 def _deep(depth: int) -> Mutation:
     """Sequences nested ``depth`` deep, of undefined length, before the pixel data (written byte by byte:
     pydicom's writer takes exponential time on them)."""
     def apply(data: bytes) -> bytes:
-        at = data.rfind(b"\xe0\x7f\x10\x00")
-        explicit = data[at + 4:at + 6] in (b"OB", b"OW")
+        at, explicit = _pixel_data_at(data)
+        if at < 0:
+            return data
         undefined = b"\xff\xff\xff\xff"
         sequence = SHARED_GROUPS + (b"SQ\x00\x00" if explicit else b"") + undefined
         item, item_end = b"\xfe\xff\x00\xe0" + undefined, b"\xfe\xff\x0d\xe0" + bytes(4)
@@ -147,11 +154,10 @@ def _deep(depth: int) -> Mutation:
 def _huge_length(length: int) -> Mutation:
     """The pixel data element claims ``length`` bytes (1 GB and more); the file holds what it held."""
     def apply(data: bytes) -> bytes:
-        at = data.rfind(b"\xe0\x7f\x10\x00")
+        at, explicit = _pixel_data_at(data)
         if at < 0:
             return data
         out = bytearray(data)
-        explicit = out[at + 4:at + 6] in (b"OB", b"OW")
         offset = at + 8 if explicit else at + 4
         out[offset:offset + 4] = struct.pack("<I", length)
         return bytes(out)

@@ -161,11 +161,11 @@ def header_problem(ds: Dataset) -> str | None:
         if tag == PIXEL_DATA or (isinstance(element, RawDataElement) and element.value is None):
             continue
         try:
-            value = ds[tag].value
+            decoded = ds[tag]
         except Exception as exc:
             return f"{tag} cannot be decoded: {type(exc).__name__}"
-        if ds[tag].VR == "SQ":
-            for item in value:
+        if decoded.VR == "SQ":
+            for item in decoded.value:
                 problem = header_problem(item)
                 if problem:
                     return problem

@@ -13,7 +13,6 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from functools import partial
 
 from pydicom import Dataset, dcmread
 from pydicom.uid import generate_uid
@@ -176,9 +175,12 @@ def deliver_item(sessions: sessionmaker[Session], item_id: int, send: Send, poli
     with sessions() as session, session.begin():
         item = session.get_one(OutboxItem, item_id, with_for_update=True)
         item.last_error = None if delivered else attempt_detail
-        audit = partial(record, session, "export" if kind == "hl7" else "deliver", at=now, user=PROCESS_USER,
-                        role="delivery", client=process_host(),
-                        study_uid=session.get_one(Study, item.study_id).study_instance_uid)
+
+        def audit(detail: str, outcome: Outcome = Outcome.success) -> None:  # settled: sent or given up
+            record(session, "export" if kind == "hl7" else "deliver", at=now, user=PROCESS_USER, role="delivery",
+                   client=process_host(), study_uid=session.get_one(Study, item.study_id).study_instance_uid,
+                   detail=detail, outcome=outcome)
+
         if delivered:
             audit(detail=f"{kind} {uid} to {name}")
             item.state, item.sent_at = DeliveryState.sent, now
