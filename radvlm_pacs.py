@@ -132,7 +132,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from records.metrics import serve_metrics
     from worker import tasks
     from worker.app import GPU_QUEUE, IO_QUEUE, make_celery, send_deliveries
-    from worker.delivery.outbox import due_items
+    from worker.dispatch import OutboxSweep
     from worker.presence import Presence
 
     settings = _settings(args)
@@ -148,13 +148,18 @@ def cmd_worker(args: argparse.Namespace) -> int:
         ctx.backend  # load the model now: a load error stops the worker before it takes work
         presence = Presence(redis.Redis.from_url(settings.broker_url), name, ctx.backend.model_id)
         presence.start()  # the API tells "model down" from this
-    if IO_QUEUE in queues.split(","):
-        with ctx.sessions() as session:  # what a previous run left in the outbox
-            send_deliveries(app, due_items(session, utcnow()))
+    sweep = None
+    if IO_QUEUE in queues.split(","):  # what a previous run left in the outbox, then what the broker lost
+        policy = settings.delivery
+        sweep = OutboxSweep(ctx.sessions, lambda items: send_deliveries(app, items), interval_s=policy.sweep_s,
+                            grace_s=policy.sweep_grace_s, clock=utcnow)
+        sweep.start()
     try:
         app.worker_main(["--quiet", "worker", "--pool=solo", "-Q", queues, "--without-mingle", "--without-gossip",
                          "-n", name, "-l", settings.log_level])
     finally:
+        if sweep is not None:
+            sweep.stop()
         if presence is not None:
             presence.stop()
     return 0

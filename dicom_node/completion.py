@@ -21,13 +21,13 @@ from sqlalchemy.orm import Session, sessionmaker
 from dicom_node.pixels import PixelError, model_image
 from dicom_node.selection import select as select_image
 from dicom_node.storage import InstanceStore
+from records.clock import Clock
 from records.metrics import INSTANCES_SKIPPED, STUDIES_COMPLETED, skip_reason
 from records.tables import Instance, Study, StudyState, StudyVersion
 
 log = logging.getLogger(__name__)
 
 OnReady = Callable[[int, int], None]
-Clock = Callable[[], datetime]
 
 
 @dataclass(frozen=True)

@@ -250,6 +250,10 @@ class DeliverySettings(Section):
     retry_backoff_s: float = Field(default=5, gt=0)
     max_backoff_s: float = Field(default=600, gt=0)
     timeout_s: float = Field(default=30, gt=0, description="network and DIMSE timeout per attempt")
+    sweep_s: float = Field(default=30, gt=0, description="how often an io worker looks for items whose message "
+                           "was lost (a broker restarted without its data, a send that failed)")
+    sweep_grace_s: float = Field(default=120, ge=0, description="an item overdue by this long has lost its "
+                                 "message and is queued again (a duplicate message is harmless)")
 
 
 class AuditSettings(Section):

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import glob
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -37,3 +40,63 @@ def kill_hard(process: subprocess.Popen) -> None:
     """SIGKILL the whole group: what a crash or an OOM kill does to a worker."""
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
+
+
+class PrivateRedis:
+    """A Redis of the test's own on a free port, as production runs it (append-only file, here fsynced on
+    every write), so that a test can kill and restart it without touching the machine's Redis."""
+
+    def __init__(self, folder: Path, port: int) -> None:
+        self.folder, self.port = folder, port
+        self.url = f"redis://127.0.0.1:{port}/0"
+        self.process: subprocess.Popen | None = None
+        folder.mkdir(parents=True, exist_ok=True)
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            ["redis-server", "--bind", "127.0.0.1", "--port", str(self.port), "--dir", str(self.folder),
+             "--appendonly", "yes", "--appendfsync", "always", "--save", ""],
+            stdout=(self.folder / "redis.log").open("ab"), stderr=subprocess.STDOUT, start_new_session=True)
+
+    def kill(self) -> None:
+        """SIGKILL: a crash, not a clean shutdown."""
+        assert self.process is not None
+        kill_hard(self.process)
+
+
+class PrivatePostgres:
+    """A PostgreSQL cluster of the test's own (initdb in a temporary folder, a free port), so that a test
+    can stop and start it without touching the machine's server. Run as ``postgres`` when the tests run
+    as root, since the server refuses root."""
+
+    def __init__(self, port: int) -> None:
+        bins = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+        if not bins:
+            raise RuntimeError("PostgreSQL server binaries missing: apt-get install postgresql")
+        self.bin = Path(bins[-1]).parent
+        self.port = port
+        self.folder = Path(tempfile.mkdtemp(prefix="radvlm-pg-"))
+        self.url = f"postgresql+psycopg://postgres@127.0.0.1:{port}/postgres"
+        self._as = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+        if self._as:
+            shutil.chown(self.folder, "postgres")
+        self._run("initdb", "-D", str(self.folder / "data"), "-U", "postgres", "-A", "trust", "--no-sync")
+
+    def _run(self, tool: str, *args: str) -> None:
+        subprocess.run([*self._as, str(self.bin / tool), *args], check=True, capture_output=True, timeout=120)
+
+    def start(self) -> None:
+        options = f"-p {self.port} -k {self.folder} -c listen_addresses=127.0.0.1 -c fsync=off"
+        self._run("pg_ctl", "-D", str(self.folder / "data"), "-o", options, "-l", str(self.folder / "log"), "-w",
+                  "start")
+
+    def stop(self, mode: str = "immediate") -> None:
+        """``immediate``: the server dies without a checkpoint, as in a crash (it recovers at start)."""
+        self._run("pg_ctl", "-D", str(self.folder / "data"), "-m", mode, "-w", "stop")
+
+    def remove(self) -> None:
+        try:
+            self.stop()
+        except subprocess.CalledProcessError:
+            pass  # not running
+        shutil.rmtree(self.folder, ignore_errors=True)

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from datetime import timedelta
 
 from pydicom import dcmread
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.storage import InstanceStore
-from records.clock import utcnow
+from records.clock import Clock, utcnow
 from records.settings import PriorityRule
 from records.tables import Instance, Study
 from worker.app import ANALYSE_TASK, GPU_QUEUE, ROUTINE_PRIORITY, STAT_PRIORITY
@@ -95,6 +96,45 @@ class OutboxLoop:
         """Stop after the attempt in flight; pending items stay in the outbox for the next start."""
         self._closed.set()
         self._wake.set()
+        self._thread.join()
+
+
+class OutboxSweep:
+    """An io worker's safety net: every ``interval_s`` it queues again the pending items overdue by more
+    than ``grace_s``, whose message the broker lost or never took. The first pass, at start, queues every
+    due item. Deliveries are idempotent (a lease per attempt, nothing sent once settled), so a message
+    that was only late costs one no-op."""
+
+    def __init__(self, sessions: sessionmaker[Session], send: Callable[[list[int]], None], *, interval_s: float,
+                 grace_s: float, clock: Clock) -> None:
+        self.sessions, self.send, self.interval_s, self.grace_s, self.clock = sessions, send, interval_s, grace_s, clock
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="outbox-sweep", daemon=True)
+
+    def run_once(self, grace_s: float) -> list[int]:
+        with self.sessions() as session:
+            items = due_items(session, self.clock() - timedelta(seconds=grace_s))
+        if items:
+            self.send(items)
+            log.info("outbox sweep queued %d overdue item(s)", len(items))
+        return items
+
+    def _run(self) -> None:
+        grace = 0.0
+        while True:
+            try:
+                self.run_once(grace)
+                grace = self.grace_s
+            except Exception as exc:  # the database or the broker away: the next pass tries again
+                log.warning("outbox sweep failed (%s: %s); next in %.0f s", type(exc).__name__, exc, self.interval_s)
+            if self._stop.wait(self.interval_s):
+                return
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
         self._thread.join()
 
 

@@ -52,8 +52,12 @@ def _attempt(ctx: WorkerContext, study_id: int, version: int, retries_done: int)
         ANALYSES.labels("retry").inc()
         return delay
     ANALYSES.labels("done").inc()
-    if items:
-        ctx.deliver(items)  # after the commit: the outbox rows exist whatever happens to the messages
+    if items:  # after the commit: the outbox rows exist whatever happens to the messages
+        try:
+            ctx.deliver(items)
+        except Exception as exc:  # the broker away: an io worker's sweep finds the items in the outbox
+            log.warning("study %d version %d: %d result object(s) wait in the outbox (%s: %s)", study_id, version,
+                        len(items), type(exc).__name__, exc)
     return None
 
 
