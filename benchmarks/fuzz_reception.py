@@ -24,7 +24,6 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -39,7 +38,7 @@ from pydicom.dataset import Dataset  # noqa: E402
 from pydicom.tag import Tag  # noqa: E402
 
 from dicom_node.completion import evaluate  # noqa: E402
-from dicom_node.handlers import REJECTION_REASONS, SUCCESS, Receiver, handle_store  # noqa: E402
+from dicom_node.reception import REJECTION_REASONS, Caller, Receiver, receive  # noqa: E402
 from dicom_node.storage import InstanceStore  # noqa: E402
 from records.clock import utcnow  # noqa: E402
 from records.db import make_engine, make_session_factory, upgrade  # noqa: E402
@@ -213,17 +212,11 @@ class Harness:
         tally.kinds[mutation.kind] += 1
         path = self.incoming / f"{self.count}.dcm"
         path.write_bytes(data)
-        # what pynetdicom passes the handler: the request's UIDs, the negotiated syntax, the file
-        event = SimpleNamespace(
-            request=SimpleNamespace(AffectedSOPInstanceUID=original.SOPInstanceUID,
-                                    AffectedSOPClassUID=original.SOPClassUID),
-            assoc=SimpleNamespace(requestor=SimpleNamespace(ae_title="FUZZER", address="127.0.0.1")),
-            context=SimpleNamespace(transfer_syntax=original.file_meta.TransferSyntaxUID),
-            dataset_path=str(path))
-        try:
-            status = handle_store(event, self.receiver)
-            if status != SUCCESS:
-                tally.outcomes[f"refused: {REJECTION_REASONS[int(status.Status)]}"] += 1
+        try:  # what C-STORE hands reception: the file, the negotiated syntax, the request's UIDs
+            verdict = receive(self.receiver, path, original.file_meta.TransferSyntaxUID, Caller("FUZZER", "127.0.0.1"),
+                              expected=(str(original.SOPInstanceUID), str(original.SOPClassUID)))
+            if not verdict.stored:
+                tally.outcomes[f"refused: {REJECTION_REASONS[verdict.status]}"] += 1
                 return
             with self.sessions() as session:
                 stored = session.query(Instance).filter_by(sop_instance_uid=str(original.SOPInstanceUID)).one()
@@ -231,9 +224,9 @@ class Harness:
             if path.exists():  # a duplicate: the first copy was kept
                 tally.outcomes["stored: duplicate"] += 1
                 return
-            verdict = evaluate(self.store, relative)
-            tally.outcomes["stored: " + ("pixel error" if verdict.pixel_error else
-                                         "selected" if verdict.selected else "skipped")] += 1
+            evaluated = evaluate(self.store, relative)
+            tally.outcomes["stored: " + ("pixel error" if evaluated.pixel_error else
+                                         "selected" if evaluated.selected else "skipped")] += 1
             self.store.path(relative).unlink()  # the next example may reuse the UID
             with self.sessions() as session, session.begin():
                 session.query(Instance).filter_by(path=relative).delete()

@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.completion import CompletionMonitor, OnReady
 from dicom_node.handlers import (
-    Receiver,
+    Transfers,
     handle_accepted,
     handle_closed,
     handle_echo,
@@ -25,6 +25,7 @@ from dicom_node.handlers import (
     handle_requested,
     handle_store,
 )
+from dicom_node.reception import Receiver
 from dicom_node.sop import STORAGE_SOP_CLASSES, TRANSFER_SYNTAXES
 from dicom_node.storage import InstanceStore
 from records.metrics import ASSOCIATIONS_ACTIVE
@@ -93,6 +94,7 @@ class Node:
         self.syncer = ThreadPoolExecutor(max_workers=node.max_associations, thread_name_prefix="fsync")
         self.receiver = Receiver(store=store, sessions=sessions, reserve_bytes=node.disk_reserve_mb << 20,
                                  clock=clock, syncer=self.syncer)
+        self.transfers = Transfers()
         self.monitor = CompletionMonitor(
             sessions, store, stable_age=timedelta(seconds=node.stable_age_s),
             poll_interval=node.completion_poll_s, on_ready=on_ready, clock=clock,
@@ -124,12 +126,12 @@ class Node:
                         "once more; set TMPDIR to a folder beside %s", tempfile.gettempdir(),
                         self.receiver.store.root)
         handlers = [
-            (evt.EVT_C_STORE, handle_store, [self.receiver]),
+            (evt.EVT_C_STORE, handle_store, [self.receiver, self.transfers]),
             (evt.EVT_C_ECHO, handle_echo),
             (evt.EVT_REQUESTED, handle_requested, [self.settings.allowed_callers, self.receiver]),
             (evt.EVT_ACCEPTED, handle_accepted),
             (evt.EVT_REJECTED, handle_rejected, [self.receiver]),
-            (evt.EVT_CONN_CLOSE, handle_closed, [self.receiver]),
+            (evt.EVT_CONN_CLOSE, handle_closed, [self.receiver, self.transfers]),
         ]
         ASSOCIATIONS_ACTIVE.set_function(lambda: sum(a.is_acceptor for a in self.ae.active_associations))
         tls = self.settings.tls
