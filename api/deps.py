@@ -39,9 +39,9 @@ def _client(request: Request) -> str | None:
     return request.client.host if request.client else None
 
 
-def current_user(request: Request, settings: Annotated[Settings, Depends(get_settings)],
-                 session: Annotated[Session, Depends(get_session)],
-                 credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> ApiUser:
+def authenticated(request: Request, settings: Annotated[Settings, Depends(get_settings)],
+                  session: Annotated[Session, Depends(get_session)],
+                  credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> ApiUser:
     """The token's user; a wrong or expired token is an audited failed log-in (a missing one is not)."""
     challenge = {"WWW-Authenticate": "Bearer"}
     if credentials is None:
@@ -61,6 +61,19 @@ def current_user(request: Request, settings: Annotated[Settings, Depends(get_set
            outcome=Outcome.minor_failure)
     session.commit()
     raise Problem(401, title, detail, challenge)
+
+
+def current_user(user: Annotated[ApiUser, Depends(authenticated)]) -> ApiUser:
+    """A user who reads (radiologist or admin): a sender's token stores studies and nothing else."""
+    if user.role == "sender":
+        raise Problem(403, "senders only store", f"{user.name} may store studies by STOW-RS, not read them")
+    return user
+
+
+def current_sender(user: Annotated[ApiUser, Depends(authenticated)]) -> ApiUser:
+    if user.role != "sender":
+        raise Problem(403, "senders only", f"storing studies needs a sender's token; {user.name} is {user.role}")
+    return user
 
 
 def get_audit(request: Request, session: Annotated[Session, Depends(get_session)],
@@ -88,6 +101,7 @@ SessionDep = Annotated[Session, Depends(get_session)]
 StoreDep = Annotated[InstanceStore, Depends(get_store)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 CurrentUser = Annotated[ApiUser, Depends(current_user)]
+CurrentSender = Annotated[ApiUser, Depends(current_sender)]
 AuditDep = Annotated[Audit, Depends(get_audit)]
 AskerDep = Annotated[Asker, Depends(get_asker)]
 DeliverDep = Annotated[Deliver, Depends(get_deliver)]

@@ -8,6 +8,7 @@ composition root.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from datetime import datetime
 from pathlib import Path
@@ -19,7 +20,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, 
 
 from api import problems
 from api.askers import Asker
-from api.routes import admin, chat, signoff, studies
+from api.routes import admin, chat, dicomweb, signoff, studies
+from dicom_node.reception import Receiver
 from dicom_node.storage import InstanceStore
 from records.clock import utcnow
 from records.db import make_engine, make_session_factory
@@ -46,10 +48,14 @@ def create_app(settings: Settings, asker: Asker | None = None, deliver: Deliver 
         collector = StateCollector(app.state.sessions, queue_depths, gpu_workers)
         state_metrics.register(collector)
         app.state.store = InstanceStore(settings.effective_storage_dir, fsync=settings.node.fsync)
+        syncer = ThreadPoolExecutor(2, thread_name_prefix="stow-sync")
+        app.state.receiver = Receiver(store=app.state.store, sessions=app.state.sessions,
+                                      reserve_bytes=settings.node.disk_reserve_mb << 20, clock=clock, syncer=syncer)
         app.state.asker = asker
         app.state.deliver = deliver or (lambda items: None)  # the outbox sweep finds them later
         yield
         state_metrics.unregister(collector)
+        syncer.shutdown()
         engine.dispose()
 
     app = FastAPI(title="radvlm-pacs", version="0.1.0", lifespan=lifespan,
@@ -57,7 +63,7 @@ def create_app(settings: Settings, asker: Asker | None = None, deliver: Deliver 
                               "questions and sign-off. Every route but /health needs a bearer token; the web "
                               "page at /ui/ holds no data and asks for one.")
     problems.install(app)
-    for module in (studies, chat, signoff, admin):
+    for module in (studies, chat, signoff, admin, dicomweb):
         app.include_router(module.router)
 
     @app.get("/health", tags=["health"])

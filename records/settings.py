@@ -197,8 +197,12 @@ class ApiUser(Section):
     """A user of the API. Only the SHA-256 of the token is configured: no secret in the settings."""
 
     name: str = Field(max_length=64)
-    role: Literal["radiologist", "admin"] = Field(
-        default="radiologist", description="radiologist: read, ask, sign off; admin: read all studies and the audit")
+    role: Literal["radiologist", "admin", "sender"] = Field(
+        default="radiologist", description="radiologist: read, ask, sign off; admin: read all studies and the audit; "
+                                           "sender: store studies by STOW-RS, nothing else (a DICOMweb archive's "
+                                           "place on the allow-list)")
+    ae_title: AETitle | None = Field(default=None, description="sender: the calling AE title its instances are "
+                                                                "recorded under, as if sent by C-STORE")
     token_sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="sha256 hex of the bearer token")
     expires: datetime | None = Field(default=None, description="the token is refused from then on (ISO 8601 "
                                                                "with offset); None: until removed")
@@ -210,6 +214,12 @@ class ApiUser(Section):
     @property
     def observer_name(self) -> str:
         return self.person_name or self.name
+
+    @model_validator(mode="after")
+    def _sender_has_ae_title(self) -> ApiUser:
+        if self.role == "sender" and self.ae_title is None:
+            raise ValueError(f"user {self.name}: a sender needs ae_title (what its studies are recorded as sent by)")
+        return self
 
     @field_validator("expires")
     @classmethod

@@ -7,12 +7,12 @@ cd "$(dirname "$0")/.."
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 
 need_apt=""
-for tool in /usr/bin/storescu /usr/sbin/Orthanc /usr/bin/dciodvfy /usr/bin/chromium /usr/bin/docker-compose; do
+for tool in /usr/bin/storescu /usr/sbin/Orthanc /usr/share/orthanc/plugins/libOrthancDicomWeb.so /usr/bin/dciodvfy /usr/bin/chromium /usr/bin/docker-compose; do
     [ -x "$tool" ] || need_apt=1
 done
 if [ -n "$need_apt" ]; then
     as_root apt-get update -qq
-    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dcmtk orthanc dicom3tools chromium docker-compose >/dev/null
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dcmtk orthanc orthanc-dicomweb dicom3tools chromium docker-compose >/dev/null
 fi
 
 if ! pg_isready -q -h 127.0.0.1 -p 5432 2>/dev/null; then

@@ -1,0 +1,147 @@
+"""DICOMweb on the API: STOW-RS into the same reception, completion and selection as C-STORE."""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections.abc import Iterator
+
+import httpx
+import pytest
+import requests
+import uvicorn
+from dicomweb_client.api import DICOMwebClient
+from pydicom import dcmread
+from pydicom.data import get_testdata_file
+from pydicom.uid import generate_uid
+from sqlalchemy import select
+
+from api.main import create_app
+from records.settings import Settings
+from records.tables import Instance, Study, StudyState
+from tests.conftest import free_port, radiograph, rg1_copy, wait_for
+from tests.test_chat import HOUSE, users
+
+SENDER_TOKEN = "cloud archive token"
+SENDER = {"Authorization": f"Bearer {SENDER_TOKEN}"}
+RG1_STUDY = "1.3.6.1.4.1.5962.1.2.9.20040826185059.5457"
+BOUNDARY = "radvlm-test-boundary"
+MULTIPART = f'multipart/related; type="application/dicom"; boundary={BOUNDARY}'
+
+
+def sender_users() -> list[dict]:
+    return [*users(), {"name": "cloud.archive", "role": "sender", "ae_title": "CLOUDPACS",
+                       "token_sha256": hashlib.sha256(SENDER_TOKEN.encode()).hexdigest()}]
+
+
+def part(payload: bytes, media: str = "application/dicom") -> bytes:
+    return f"--{BOUNDARY}\r\nContent-Type: {media}\r\n\r\n".encode() + payload + b"\r\n"
+
+
+END = f"--{BOUNDARY}--\r\n".encode()
+
+
+@pytest.fixture
+def stow_api(sqlite_url, start_node) -> Iterator[tuple[str, object]]:
+    """The API on a real port beside a node (its completion monitor) on the same database and storage."""
+    node = start_node(sqlite_url)
+    settings = Settings(database_url=sqlite_url, storage_dir=node.store.root, api={"users": sender_users()},
+                        node={"disk_reserve_mb": 1, "fsync": False})
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning"))
+    serving = threading.Thread(target=server.run, daemon=True)
+    serving.start()
+    wait_for(lambda: server.started, 15)
+    yield f"http://127.0.0.1:{port}", node
+    server.should_exit = True
+    serving.join(10)
+
+
+def _study(node, uid: str) -> Study | None:  # type: ignore[no-untyped-def]
+    with node.sessions() as session:
+        return session.scalar(select(Study).where(Study.study_instance_uid == uid))
+
+
+def test_stow_rs_stores_selects_and_completes_like_c_store(stow_api):
+    base, node = stow_api
+    client = DICOMwebClient(f"{base}/dicom-web", headers=SENDER)
+    rg1, rg3 = dcmread(radiograph("RG1_UNCI.dcm")), dcmread(radiograph("RG3_UNCI.dcm"))
+    answer = client.store_instances([rg1, rg3])
+    assert {i.ReferencedSOPInstanceUID for i in answer.ReferencedSOPSequence} == {rg1.SOPInstanceUID,
+                                                                                   rg3.SOPInstanceUID}
+    assert "FailedSOPSequence" not in answer
+    study = wait_for(lambda: (s := _study(node, RG1_STUDY)) and s.state is StudyState.ready and s, 30)
+    assert node.ready == [(study.id, 1)]  # one "study ready" event, as for C-STORE
+    with node.sessions() as session:
+        rows = {i.sop_instance_uid: i for i in session.scalars(select(Instance))}
+    assert rows[rg1.SOPInstanceUID].selected and rows[rg1.SOPInstanceUID].calling_ae == "CLOUDPACS"
+    assert not rows[rg3.SOPInstanceUID].selected and "not chest" in rows[rg3.SOPInstanceUID].selection_reason
+    stored = dcmread(node.store.path(rows[rg1.SOPInstanceUID].path))
+    assert stored.PixelData == rg1.PixelData
+    assert not list((node.store.root / ".stow").iterdir())  # no staging file left behind
+
+    again = client.store_instances([rg1])  # the same instance again: stored once, answered as stored
+    assert [i.ReferencedSOPInstanceUID for i in again.ReferencedSOPSequence] == [rg1.SOPInstanceUID]
+    with node.sessions() as session:
+        assert len(session.scalars(select(Instance)).all()) == 2
+
+
+def test_each_refused_part_is_listed_with_its_reason(stow_api, tmp_path):
+    base, node = stow_api
+    good = rg1_copy(tmp_path, "good.dcm").read_bytes()
+    ct = open(get_testdata_file("CT_small.dcm"), "rb").read()  # noqa: SIM115 (a CT: not a class the node stores)
+    truncated = rg1_copy(tmp_path, "cut.dcm").read_bytes()[:200_000]
+    body = part(good) + part(b"this is no DICOM file") + part(ct) + part(truncated) + part(b"{}", "application/json")
+    rsp = httpx.post(f"{base}/dicom-web/studies", content=body + END, headers={**SENDER, "Content-Type": MULTIPART})
+    assert rsp.status_code == 202 and rsp.headers["content-type"] == "application/dicom+json"
+    failed = rsp.json()["00081198"]["Value"]
+    reasons = sorted(item["00081197"]["Value"][0] for item in failed)
+    assert reasons == sorted([0xC210, 0x0122, 0xC212, 0xC210])  # no DICOM, CT, pixel data cut, JSON part
+    [stored] = rsp.json()["00081199"]["Value"]
+    assert stored["00081155"]["Value"] == [dcmread(tmp_path / "good.dcm").SOPInstanceUID]
+
+    other = rg1_copy(tmp_path, "other.dcm", StudyInstanceUID=generate_uid()).read_bytes()
+    rsp = httpx.post(f"{base}/dicom-web/studies/{RG1_STUDY}", content=part(other) + END,
+                     headers={**SENDER, "Content-Type": MULTIPART})
+    assert rsp.status_code == 409 and rsp.json()["00081198"]["Value"][0]["00081197"]["Value"] == [0xA900]
+
+    rsp = httpx.post(f"{base}/dicom-web/studies", content=b"{}", headers={**SENDER, "Content-Type": "application/json"})
+    assert rsp.status_code == 415 and rsp.headers["content-type"] == "application/problem+json"
+    with node.sessions() as session:
+        assert {i.sop_instance_uid for i in session.scalars(select(Instance))} == {
+            dcmread(tmp_path / "good.dcm").SOPInstanceUID}
+
+
+def test_only_a_sender_stores_and_a_sender_reads_nothing(stow_api, tmp_path):
+    base, _ = stow_api
+    body = part(rg1_copy(tmp_path).read_bytes()) + END
+    assert httpx.post(f"{base}/dicom-web/studies", content=body, headers={"Content-Type": MULTIPART}).status_code == 401
+    assert httpx.post(f"{base}/dicom-web/studies", content=body,
+                      headers={**HOUSE, "Content-Type": MULTIPART}).status_code == 403
+    assert httpx.get(f"{base}/studies", headers=SENDER).status_code == 403
+    assert httpx.get(f"{base}/studies/{RG1_STUDY}", headers=SENDER).status_code == 403
+
+
+def test_parts_are_received_while_the_body_is_still_arriving(stow_api, tmp_path):
+    """Streaming: the first instance is stored before the client has sent the second."""
+    base, node = stow_api
+    first, second = rg1_copy(tmp_path, "1.dcm"), rg1_copy(tmp_path, "2.dcm")
+    first_uid = dcmread(first).SOPInstanceUID
+    seen_before_second: list[bool] = []
+
+    def body() -> Iterator[bytes]:
+        yield part(first.read_bytes())
+        yield f"--{BOUNDARY}\r\n".encode()  # the parser knows the first part has ended here
+        seen_before_second.append(bool(wait_for(lambda: _stored(node, first_uid), 20)))
+        yield b"Content-Type: application/dicom\r\n\r\n" + second.read_bytes() + b"\r\n" + END
+
+    rsp = requests.post(f"{base}/dicom-web/studies", data=body(), headers={**SENDER, "Content-Type": MULTIPART},
+                        timeout=60)
+    assert rsp.status_code == 200, rsp.text
+    assert seen_before_second == [True]
+    assert len(rsp.json()["00081199"]["Value"]) == 2
+
+
+def _stored(node, sop_uid: str) -> bool:  # type: ignore[no-untyped-def]
+    with node.sessions() as session:
+        return session.scalar(select(Instance.id).where(Instance.sop_instance_uid == sop_uid)) is not None
