@@ -266,6 +266,14 @@ class DeliverySettings(Section):
                                  "message and is queued again (a duplicate message is harmless)")
 
 
+class DicomWebSettings(Section):
+    """The node's own DICOMweb service on the API (``/dicom-web``): STOW-RS in (sender tokens), and
+    QIDO-RS / WADO-RS for the objects it produced, so a DICOMweb viewer can read them from the node."""
+
+    results: list[DicomObject] = Field(default_factory=lambda: ["sr", "narrative", "gsps"],
+                                       description="the produced objects kept for QIDO-RS / WADO-RS; empty: none")
+
+
 class AuditSettings(Section):
     """Every audit event is in the database (``GET /audit``); a site's ATNA audit record repository can
     receive them too, as DICOM audit messages over syslog (RFC 5424 on UDP; for TLS, a local relay)."""
@@ -297,6 +305,7 @@ class Settings(BaseSettings):
     hl7: HL7Settings | None = None
     api: ApiSettings = Field(default_factory=ApiSettings)
     audit: AuditSettings = Field(default_factory=AuditSettings)
+    dicomweb: DicomWebSettings = Field(default_factory=DicomWebSettings)
 
     @classmethod
     def settings_customise_sources(

@@ -207,6 +207,23 @@ class OutboxItem(Base):
     sent_at: Mapped[datetime | None]
 
 
+class KeptObject(Base):
+    """A DICOM object the node produced and keeps for its own DICOMweb service (QIDO-RS, WADO-RS),
+    whatever the destinations: its bytes as sent, and the UIDs a query names it by."""
+
+    __tablename__ = "kept_objects"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"), index=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)
+    kind: Mapped[str] = mapped_column(String(16), doc="sr, narrative, gsps or sc")
+    series_instance_uid: Mapped[str] = mapped_column(String(64), index=True)
+    sop_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    sop_class_uid: Mapped[str] = mapped_column(String(64))
+    payload: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[datetime]
+
+
 class ExchangeState(str, enum.Enum):
     queued = "queued"  # asked, waiting for the model
     answering = "answering"

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import httpx
 import pytest
@@ -18,9 +20,13 @@ from sqlalchemy import select
 
 from api.main import create_app
 from records.settings import Settings
-from records.tables import Instance, Study, StudyState
-from tests.conftest import free_port, radiograph, rg1_copy, wait_for
-from tests.test_chat import HOUSE, users
+from records.tables import Instance, KeptObject, Study, StudyState
+from tests.conftest import free_port, radiograph, rg1_copy, storescu, wait_for, worker_context
+from tests.test_chat import HOUSE, auth, users
+from worker.analysis import Outputs
+from worker.backends.scripted import ScriptedBackend
+from worker.dispatch import InProcessRunner
+from worker.model_thread import ModelThread
 
 SENDER_TOKEN = "cloud archive token"
 SENDER = {"Authorization": f"Bearer {SENDER_TOKEN}"}
@@ -41,20 +47,28 @@ def part(payload: bytes, media: str = "application/dicom") -> bytes:
 END = f"--{BOUNDARY}--\r\n".encode()
 
 
-@pytest.fixture
-def stow_api(sqlite_url, start_node) -> Iterator[tuple[str, object]]:
+@contextmanager
+def api_beside(node) -> Iterator[str]:  # type: ignore[no-untyped-def]
     """The API on a real port beside a node (its completion monitor) on the same database and storage."""
-    node = start_node(sqlite_url)
-    settings = Settings(database_url=sqlite_url, storage_dir=node.store.root, api={"users": sender_users()},
+    settings = Settings(database_url=node.url, storage_dir=node.store.root, api={"users": sender_users()},
                         node={"disk_reserve_mb": 1, "fsync": False})
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning"))
     serving = threading.Thread(target=server.run, daemon=True)
     serving.start()
     wait_for(lambda: server.started, 15)
-    yield f"http://127.0.0.1:{port}", node
-    server.should_exit = True
-    serving.join(10)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        serving.join(10)
+
+
+@pytest.fixture
+def stow_api(sqlite_url, start_node) -> Iterator[tuple[str, object]]:
+    node = start_node(sqlite_url)
+    with api_beside(node) as base:
+        yield base, node
 
 
 def _study(node, uid: str) -> Study | None:  # type: ignore[no-untyped-def]
@@ -145,3 +159,35 @@ def test_parts_are_received_while_the_body_is_still_arriving(stow_api, tmp_path)
 def _stored(node, sop_uid: str) -> bool:  # type: ignore[no-untyped-def]
     with node.sessions() as session:
         return session.scalar(select(Instance.id).where(Instance.sop_instance_uid == sop_uid)) is not None
+
+
+def test_qido_and_wado_serve_the_result_objects_the_node_kept(sqlite_url, start_node):
+    holder: dict[str, InProcessRunner] = {}
+    node = start_node(sqlite_url, on_ready=lambda s, v: holder["runner"](s, v))
+    outputs = Outputs(kept=("sr", "gsps"))
+    with ModelThread() as thread:
+        runner = holder["runner"] = InProcessRunner(worker_context(node, ScriptedBackend(), outputs), thread)
+        runner.start()
+        assert storescu(node.port, radiograph("RG1_UNCI.dcm")).returncode == 0
+        wait_for(lambda: (s := _study(node, RG1_STUDY)) and s.state is StudyState.analysed, 30)
+        runner.close()
+    with api_beside(node) as base:
+        client = DICOMwebClient(f"{base}/dicom-web", headers=HOUSE)
+        [study] = client.search_for_studies(search_filters={"PatientID": dcmread(radiograph("RG1_UNCI.dcm")).PatientID})
+        assert study["0020000D"]["Value"] == [RG1_STUDY] and sorted(study["00080061"]["Value"]) == ["PR", "SR"]
+        series = {s["00080060"]["Value"][0]: s["0020000E"]["Value"][0] for s in client.search_for_series(RG1_STUDY)}
+        [sr_meta] = client.retrieve_series_metadata(RG1_STUDY, series["SR"])
+        [sr] = client.retrieve_series(RG1_STUDY, series["SR"])
+        everything = client.retrieve_study(RG1_STUDY)
+        elsewhere = DICOMwebClient(f"{base}/dicom-web", headers=auth("dr.elsewhere"))
+        assert elsewhere.search_for_studies() == []  # another site's user sees none of it
+        with pytest.raises(requests.HTTPError) as missing:
+            elsewhere.search_for_series(RG1_STUDY)
+        assert missing.value.response.status_code == 404
+    with node.sessions() as session:
+        kept = {k.sop_instance_uid: k for k in session.scalars(select(KeptObject))}
+    assert {k.kind for k in kept.values()} == {"sr", "gsps"}
+    assert sr.SOPInstanceUID in kept and sr.Modality == "SR"
+    assert sr_meta["00080018"]["Value"] == [sr.SOPInstanceUID]
+    assert {ds.SOPInstanceUID for ds in everything} == set(kept)
+    assert sr.ContentSequence == dcmread(io.BytesIO(kept[sr.SOPInstanceUID].payload)).ContentSequence

@@ -26,7 +26,7 @@ from records.audit import PROCESS_USER, Outcome, process_host, record
 from records.metrics import ANALYSIS_DURATION, ANALYSIS_LATENCY
 from records.schema import StudyResult
 from records.settings import DeliverySettings, Destination, HL7Settings, Settings
-from records.tables import Instance, Job, JobState, Result, Study, StudyState, StudyVersion
+from records.tables import Instance, Job, JobState, KeptObject, Result, Study, StudyState, StudyVersion
 from worker.backends.base import ModelBackend
 from worker.delivery.equipment import Device
 from worker.delivery.outbox import BuiltObject, build_objects, enqueue, hl7_result, previous_reports
@@ -95,14 +95,23 @@ class Outputs:
     policy: DeliverySettings = field(default_factory=DeliverySettings)
     station_name: str = "RADVLM"
     hl7: HL7Settings | None = None
+    kept: Sequence[str] = ()  # kinds kept for the node's own DICOMweb service
 
     @classmethod
     def of(cls, settings: Settings) -> Outputs:
         return cls(destinations=settings.destinations, policy=settings.delivery, station_name=settings.node.ae_title,
-                   hl7=settings.hl7)
+                   hl7=settings.hl7, kept=settings.dicomweb.results)
 
     def kinds(self) -> set[str]:
-        return {kind for destination in self.destinations for kind in destination.objects}
+        return {kind for destination in self.destinations for kind in destination.objects} | set(self.kept)
+
+
+def keep(session: Session, job: Job, objects: Sequence[BuiltObject], kinds: Sequence[str], now: datetime) -> None:
+    """Keep the objects of ``kinds`` for the node's DICOMweb service (QIDO-RS, WADO-RS)."""
+    session.add_all(KeptObject(job_id=job.id, study_id=job.study_id, kind=obj.kind,
+                               series_instance_uid=obj.series_instance_uid, sop_instance_uid=obj.sop_instance_uid,
+                               sop_class_uid=obj.sop_class_uid, payload=obj.payload, created_at=now)
+                    for obj in objects if obj.kind in kinds and obj.series_instance_uid)
 
 
 def finish(sessions: sessionmaker[Session], job_id: int, result: StudyResult, objects: Sequence[BuiltObject],
@@ -116,6 +125,7 @@ def finish(sessions: sessionmaker[Session], job_id: int, result: StudyResult, ob
             session.add(Result(job_id=job_id, study_id=job.study_id, schema_version=result.schema_version,
                                payload=result.model_dump(mode="json"), created_at=now))
             items = enqueue(session, job, objects, outputs.destinations, outputs.policy, now)
+            keep(session, job, objects, outputs.kept, now)
             job.state, job.finished_at, job.error = JobState.done, now, None
             study = session.get_one(Study, job.study_id)
             record(session, "analyse", at=now, user=PROCESS_USER, role="worker", client=process_host(),

@@ -48,6 +48,7 @@ class BuiltObject:
     sop_instance_uid: str  # or the HL7 message control ID
     sop_class_uid: str | None
     payload: bytes
+    series_instance_uid: str | None = None  # DICOM objects
 
 
 Send = Callable[[str, str, bytes], Attempt]  # (kind, destination name, payload) -> outcome
@@ -104,7 +105,8 @@ def build_objects(result: StudyResult, headers: dict[str, Dataset], model_images
                 ds = burned_in_capture(header, model_images[image.sop_instance_uid], image, device, place)
             else:
                 raise ValueError(f"unknown object kind {kind!r}")
-            built.append(BuiltObject(kind, place.sop_instance_uid, str(ds.SOPClassUID), encode(ds)))
+            built.append(BuiltObject(kind, place.sop_instance_uid, str(ds.SOPClassUID), encode(ds),
+                                     str(ds.SeriesInstanceUID)))
     return built
 
 
