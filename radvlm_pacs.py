@@ -365,6 +365,7 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     from records.db import make_engine
     from worker.delivery.hl7 import mllp_reachable
     from worker.delivery.send import Attempt, echo_destination
+    from worker.delivery.stow import qido_reachable
 
     settings = _settings(args)
     print(json.dumps(_masked(settings), indent=2))
@@ -399,8 +400,11 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     if settings.broker_url:
         checks.append(("broker", broker))
     for destination in settings.destinations:
-        checks.append((f"destination {destination.name} ({destination.ae_title}@{destination.host}:"
-                       f"{destination.port}) C-ECHO",
+        if destination.stow_url:
+            checks.append((f"destination {destination.name} ({destination.address}) QIDO-RS",
+                           lambda d=destination: qido_reachable(d, settings.delivery.timeout_s)))
+            continue
+        checks.append((f"destination {destination.name} ({destination.address}) C-ECHO",
                        lambda d=destination: echo_destination(d, settings.node.ae_title, settings.delivery.timeout_s)))
     if settings.hl7:
         checks.append((f"RIS {settings.hl7.host}:{settings.hl7.port} (MLLP)",

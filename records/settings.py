@@ -166,18 +166,36 @@ DicomObject = Literal["sr", "narrative", "gsps", "sc"]
 
 
 class Destination(Section):
-    """A DICOM peer (the PACS) that receives the results by C-STORE."""
+    """A peer (the PACS) that receives the results: by C-STORE (ae_title, host, port) or by STOW-RS
+    (stow_url, and a bearer token if it asks for one)."""
 
     name: str
-    ae_title: AETitle
-    host: str
-    port: int = Field(ge=1, le=65535)
+    ae_title: AETitle | None = None
+    host: str | None = None
+    port: int | None = Field(default=None, ge=1, le=65535)
+    stow_url: str | None = Field(default=None, pattern=r"^https?://", description="DICOMweb service root, e.g. "
+                                 "http://pacs:8042/dicom-web: results go by STOW-RS instead of C-STORE")
+    stow_token: SecretStr | None = Field(default=None, description="bearer token for stow_url (keep it in "
+                                                                    "RADVLM_DESTINATIONS or the secrets folder)")
     objects: list[DicomObject] = Field(default_factory=lambda: ["sr", "narrative", "gsps"],
                                        description="sc (boxes burned into a copy of the image) is off by default")
     tls: bool = False
     tls_ca_file: Path | None = Field(default=None, description="CA bundle to verify the peer (TLS)")
     tls_cert_file: Path | None = Field(default=None, description="our client certificate, if the peer asks")
     tls_key_file: Path | None = None
+
+    @model_validator(mode="after")
+    def _one_way_to_send(self) -> Destination:
+        dimse = (self.ae_title, self.host, self.port)
+        if self.stow_url is None and None in dimse:
+            raise ValueError(f"destination {self.name}: give ae_title, host and port (C-STORE) or stow_url (STOW-RS)")
+        if self.stow_url is not None and any(v is not None for v in dimse):
+            raise ValueError(f"destination {self.name}: stow_url or ae_title/host/port, not both")
+        return self
+
+    @property
+    def address(self) -> str:
+        return self.stow_url or f"{self.ae_title}@{self.host}:{self.port}"
 
 
 class HL7Settings(Section):

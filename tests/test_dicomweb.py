@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -19,9 +20,12 @@ from pydicom.uid import generate_uid
 from sqlalchemy import select
 
 from api.main import create_app
+from records.db import make_engine, make_session_factory
 from records.settings import Settings
-from records.tables import Instance, KeptObject, Study, StudyState
+from records.tables import AuditEvent, DeliveryState, Instance, KeptObject, OutboxItem, Study, StudyState
 from tests.conftest import free_port, radiograph, rg1_copy, storescu, wait_for, worker_context
+from tests.orthanc import running_orthanc
+from tests.processes import service
 from tests.test_chat import HOUSE, auth, users
 from worker.analysis import Outputs
 from worker.backends.scripted import ScriptedBackend
@@ -33,6 +37,7 @@ SENDER = {"Authorization": f"Bearer {SENDER_TOKEN}"}
 RG1_STUDY = "1.3.6.1.4.1.5962.1.2.9.20040826185059.5457"
 BOUNDARY = "radvlm-test-boundary"
 MULTIPART = f'multipart/related; type="application/dicom"; boundary={BOUNDARY}'
+ORTHANC_DICOMWEB = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
 
 
 def sender_users() -> list[dict]:
@@ -191,3 +196,58 @@ def test_qido_and_wado_serve_the_result_objects_the_node_kept(sqlite_url, start_
     assert sr_meta["00080018"]["Value"] == [sr.SOPInstanceUID]
     assert {ds.SOPInstanceUID for ds in everything} == set(kept)
     assert sr.ContentSequence == dcmread(io.BytesIO(kept[sr.SOPInstanceUID].payload)).ContentSequence
+
+
+def test_orthanc_pushes_by_stow_rs_and_gets_the_results_back_by_stow_rs(tmp_path):
+    """A real peer both ways: Orthanc's DICOMweb plugin sends a study to ``serve`` (the node's API, with a
+    sender token), the study is analysed as after a C-STORE, and the outbox sends the results to
+    Orthanc's own STOW-RS; dicomweb-client reads them back from Orthanc."""
+    api_port, dicom_port = free_port(), free_port()
+    sqlite = f"sqlite:///{tmp_path / 'radvlm.sqlite'}"
+    plugin = {"Plugins": [ORTHANC_DICOMWEB], "DicomWeb": {
+        "Enable": True, "Root": "/dicom-web/",
+        "Servers": {"radvlm": {"Url": f"http://127.0.0.1:{api_port}/dicom-web/",
+                               "HttpHeaders": {"Authorization": f"Bearer {SENDER_TOKEN}"}}}}}
+    with running_orthanc(tmp_path / "orthanc", {}, extra=plugin) as orthanc:
+        pacs_root = f"http://127.0.0.1:{orthanc.http_port}/dicom-web"
+        env = {"RADVLM_DATABASE_URL": sqlite, "RADVLM_STORAGE_DIR": str(tmp_path / "dicom"),
+               "RADVLM_NODE__PORT": str(dicom_port), "RADVLM_NODE__BIND_ADDRESS": "127.0.0.1",
+               "RADVLM_NODE__STABLE_AGE_S": "1", "RADVLM_NODE__COMPLETION_POLL_S": "0.2",
+               "RADVLM_NODE__DISK_RESERVE_MB": "1", "RADVLM_NODE__METRICS_PORT": "0",
+               "RADVLM_API__PORT": str(api_port), "RADVLM_API__BIND_ADDRESS": "127.0.0.1",
+               "RADVLM_API__USERS": json.dumps(sender_users()), "RADVLM_MODEL__BACKEND": "scripted",
+               "RADVLM_DESTINATIONS": json.dumps([{"name": "pacs", "stow_url": pacs_root}])}
+        with service("serve", ["serve"], env, tmp_path / "logs"):
+            wait_for(lambda: _answers(f"http://127.0.0.1:{api_port}/health"), 60)
+            study_id = orthanc.request("POST", "/instances", raw=radiograph("RG1_UNCI.dcm").read_bytes())["ParentStudy"]
+            job = orthanc.request("POST", "/dicom-web/servers/radvlm/stow", {"Resources": [study_id],
+                                                                           "Synchronous": True})
+            assert job is not None
+            wait_for(lambda: orthanc.request("GET", "/statistics")["CountInstances"] == 4, 90)
+        sessions = make_session_factory(make_engine(sqlite))
+        with sessions() as session:
+            study = session.scalar(select(Study).where(Study.study_instance_uid == RG1_STUDY))
+            [instance] = session.scalars(select(Instance)).all()
+            items = session.scalars(select(OutboxItem)).all()
+            received = session.scalars(select(AuditEvent).where(AuditEvent.action == "receive")).all()
+        client = DICOMwebClient(pacs_root)
+        modalities = {s["00080060"]["Value"][0] for s in client.search_for_series(RG1_STUDY)}
+        sr_uids = [i.object_uid for i in items if i.kind == "sr"]
+        [sr] = [client.retrieve_instance(RG1_STUDY, dcmread(io.BytesIO(i.payload)).SeriesInstanceUID, i.object_uid)
+                for i in items if i.kind == "sr"]
+    assert study.state is StudyState.analysed and study.version == 1
+    assert instance.calling_ae == "CLOUDPACS" and instance.selected
+    assert [e.user_name for e in received] == ["CLOUDPACS"] and "STOW-RS by cloud.archive" in received[0].detail
+    assert sorted(i.kind for i in items) == ["gsps", "narrative", "sr"]
+    assert all(i.state is DeliveryState.sent and i.attempts == 1 for i in items)
+    assert modalities == {"CR", "SR", "PR"}
+    assert sr.SOPInstanceUID == sr_uids[0]
+    assert sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0] \
+        .ReferencedSOPSequence[0].ReferencedSOPInstanceUID == instance.sop_instance_uid
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False

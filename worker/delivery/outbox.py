@@ -33,6 +33,7 @@ from worker.delivery.hl7 import mllp_send, oru_message
 from worker.delivery.narrative import narrative_report
 from worker.delivery.send import Attempt, c_store
 from worker.delivery.sr import measurement_report
+from worker.delivery.stow import stow
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +57,7 @@ Send = Callable[[str, str, bytes], Attempt]  # (kind, destination name, payload)
 
 def sender(destinations: Sequence[Destination], hl7: HL7Settings | None, calling_ae: str,
            policy: DeliverySettings) -> Send:
-    """How each kind of object travels: DICOM by C-STORE to its destination, HL7 by MLLP to the RIS."""
+    """How each kind of object travels: DICOM by C-STORE or STOW-RS to its destination, HL7 by MLLP to the RIS."""
     by_name = {d.name: d for d in destinations}
 
     def send(kind: str, name: str, payload: bytes) -> Attempt:
@@ -66,6 +67,8 @@ def sender(destinations: Sequence[Destination], hl7: HL7Settings | None, calling
             return mllp_send(payload, hl7.host, hl7.port, policy.timeout_s)
         if name not in by_name:
             return Attempt(False, False, f"destination {name!r} is no longer configured")
+        if by_name[name].stow_url:
+            return stow(payload, by_name[name], policy.timeout_s)
         return c_store(payload, by_name[name], calling_ae, policy.timeout_s)
 
     return send
