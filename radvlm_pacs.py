@@ -365,6 +365,7 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     from records.db import make_engine
     from worker.delivery.hl7 import mllp_reachable
     from worker.delivery.send import Attempt, echo_destination
+    from worker.delivery.fhir import fhir_reachable
     from worker.delivery.stow import qido_reachable
 
     settings = _settings(args)
@@ -406,6 +407,9 @@ def cmd_config_check(args: argparse.Namespace) -> int:
             continue
         checks.append((f"destination {destination.name} ({destination.address}) C-ECHO",
                        lambda d=destination: echo_destination(d, settings.node.ae_title, settings.delivery.timeout_s)))
+    if settings.fhir:
+        checks.append((f"EHR {settings.fhir.base_url} (FHIR capability statement)",
+                       lambda: fhir_reachable(settings.fhir, settings.delivery.timeout_s)))
     if settings.hl7:
         checks.append((f"RIS {settings.hl7.host}:{settings.hl7.port} (MLLP)",
                        lambda: mllp_reachable(settings.hl7.host, settings.hl7.port, settings.delivery.timeout_s)))

@@ -211,6 +211,17 @@ class HL7Settings(Section):
                                        description="CheXpert labels flagged critical (AA) when present")
 
 
+class FhirSettings(Section):
+    """An EHR's FHIR R4 endpoint for the result as a transaction Bundle (DiagnosticReport and Observations)."""
+
+    base_url: str = Field(pattern=r"^https?://", description="the server's base, where the transaction is POSTed")
+    token: SecretStr | None = Field(default=None, description="bearer token (environment or secrets folder)")
+    patient_identifier_system: str = Field(default="urn:radvlm:patient-id",
+                                           description="the system URI of the site's patient IDs (DICOM PatientID)")
+    urgent_findings: list[str] = Field(default_factory=lambda: ["Pneumothorax"],
+                                       description="CheXpert labels flagged critical (AA) when present")
+
+
 class ApiUser(Section):
     """A user of the API. Only the SHA-256 of the token is configured: no secret in the settings."""
 
@@ -321,6 +332,7 @@ class Settings(BaseSettings):
     destinations: list[Destination] = Field(default_factory=list)
     delivery: DeliverySettings = Field(default_factory=DeliverySettings)
     hl7: HL7Settings | None = None
+    fhir: FhirSettings | None = None
     api: ApiSettings = Field(default_factory=ApiSettings)
     audit: AuditSettings = Field(default_factory=AuditSettings)
     dicomweb: DicomWebSettings = Field(default_factory=DicomWebSettings)

@@ -25,11 +25,11 @@ from dicom_node.storage import InstanceStore
 from records.audit import PROCESS_USER, Outcome, process_host, record
 from records.metrics import ANALYSIS_DURATION, ANALYSIS_LATENCY
 from records.schema import StudyResult
-from records.settings import DeliverySettings, Destination, HL7Settings, Settings
+from records.settings import DeliverySettings, Destination, FhirSettings, HL7Settings, Settings
 from records.tables import Instance, Job, JobState, KeptObject, Result, Study, StudyState, StudyVersion
 from worker.backends.base import ModelBackend
 from worker.delivery.equipment import Device
-from worker.delivery.outbox import BuiltObject, build_objects, enqueue, hl7_result, previous_reports
+from worker.delivery.outbox import BuiltObject, build_objects, enqueue, fhir_result, hl7_result, previous_reports
 from worker.pipeline import AnalysisOptions, analyse_image
 from worker.prompts import PROMPT_VERSION
 
@@ -95,12 +95,13 @@ class Outputs:
     policy: DeliverySettings = field(default_factory=DeliverySettings)
     station_name: str = "RADVLM"
     hl7: HL7Settings | None = None
+    fhir: FhirSettings | None = None
     kept: Sequence[str] = ()  # kinds kept for the node's own DICOMweb service
 
     @classmethod
     def of(cls, settings: Settings) -> Outputs:
         return cls(destinations=settings.destinations, policy=settings.delivery, station_name=settings.node.ae_title,
-                   hl7=settings.hl7, kept=settings.dicomweb.results)
+                   hl7=settings.hl7, fhir=settings.fhir, kept=settings.dicomweb.results)
 
     def kinds(self) -> set[str]:
         return {kind for destination in self.destinations for kind in destination.objects} | set(self.kept)
@@ -195,8 +196,11 @@ def run_analysis(study_id: int, version: int, *, sessions: sessionmaker[Session]
     device = Device(model_id=backend.model_id, model_revision=backend.model_revision,
                     software_version=SOFTWARE_VERSION, station_name=outputs.station_name)
     objects = build_objects(result, headers, model_images, outputs.kinds(), device, now, previous)
+    first = headers[result.images[0].sop_instance_uid]
     if outputs.hl7 is not None:
-        objects.append(hl7_result(result, headers[result.images[0].sop_instance_uid], outputs.hl7, now))
+        objects.append(hl7_result(result, first, outputs.hl7, now))
+    if outputs.fhir is not None:
+        objects.append(fhir_result(result, first, outputs.fhir, now))
     items = finish(sessions, job_id, result, objects, outputs, now)
     log.info("study %s version %d analysed in %.1f s%s", study_uid, version, result.seconds,
              "" if items is not None else " (a result was already stored)", extra={"study_uid": study_uid})

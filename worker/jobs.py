@@ -64,7 +64,7 @@ def _attempt(ctx: WorkerContext, study_id: int, version: int, retries_done: int)
 def deliver_once(ctx: WorkerContext, item_id: int) -> float | None:
     """One delivery attempt; None when settled, else seconds until the item is due again."""
     settings = ctx.settings
-    send = sender(settings.destinations, settings.hl7, settings.node.ae_title, settings.delivery)
+    send = sender(settings.destinations, settings.hl7, settings.node.ae_title, settings.delivery, settings.fhir)
     return deliver_item(ctx.sessions, item_id, send, settings.delivery, utcnow)
 
 

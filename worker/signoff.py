@@ -22,7 +22,7 @@ from records.schema import CHEXPERT_LABELS, ImageResult, StudyResult
 from records.tables import Instance, Job, JobState, SignOff, Study, StudyState
 from worker.analysis import SOFTWARE_VERSION, Outputs, keep
 from worker.delivery.equipment import Device, Verifier
-from worker.delivery.outbox import BuiltObject, encode, enqueue, hl7_result, placement
+from worker.delivery.outbox import BuiltObject, encode, enqueue, fhir_result, hl7_result, placement
 from worker.delivery.sr import measurement_report
 
 
@@ -112,9 +112,11 @@ def _sign_off(sessions: sessionmaker[Session], store: InstanceStore, study_uid: 
                                           previous=[predecessor], verifier=verifier)
             objects.append(BuiltObject("sr", str(verified.SOPInstanceUID), str(verified.SOPClassUID),
                                        encode(verified), str(verified.SeriesInstanceUID)))
+        final_result = draft.model_copy(update={"images": final_images})
         if outputs.hl7 is not None:
-            final_result = draft.model_copy(update={"images": final_images})
             objects.append(hl7_result(final_result, headers[0], outputs.hl7, now, final=True))
+        if outputs.fhir is not None:
+            objects.append(fhir_result(final_result, headers[0], outputs.fhir, now, final=True))
         items = enqueue(session, job, objects, outputs.destinations, outputs.policy, now)
         keep(session, job, objects, outputs.kept, now)
         session.add(SignOff(study_id=study.id, job_id=job.id, user_name=user_name,

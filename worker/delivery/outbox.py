@@ -24,10 +24,11 @@ from dicom_node.pixels import ModelImage
 from records.audit import PROCESS_USER, Outcome, process_host, record
 from records.metrics import DELIVERIES, DELIVERY_LATENCY
 from records.schema import StudyResult
-from records.settings import DeliverySettings, Destination, HL7Settings
+from records.settings import DeliverySettings, Destination, FhirSettings, HL7Settings
 from records.tables import DeliveryState, Job, OutboxItem, Study
 from worker.delivery.capture import burned_in_capture
 from worker.delivery.equipment import Device, Placement
+from worker.delivery.fhir import post_bundle, report_bundle
 from worker.delivery.gsps import presentation_state
 from worker.delivery.hl7 import mllp_send, oru_message
 from worker.delivery.narrative import narrative_report
@@ -39,6 +40,7 @@ log = logging.getLogger(__name__)
 
 SERIES_NUMBERS = {"sr": 9901, "narrative": 9902, "gsps": 9903, "sc": 9904, "verified-sr": 9905}
 RIS = "ris"  # the destination name of HL7 results
+EHR = "ehr"  # the destination name of FHIR results
 SR_CLASSES = {"sr": Comprehensive3DSRStorage, "narrative": EnhancedSRStorage}
 LEASE = timedelta(minutes=5)  # an attempt in flight keeps others off the item this long
 
@@ -56,11 +58,16 @@ Send = Callable[[str, str, bytes], Attempt]  # (kind, destination name, payload)
 
 
 def sender(destinations: Sequence[Destination], hl7: HL7Settings | None, calling_ae: str,
-           policy: DeliverySettings) -> Send:
-    """How each kind of object travels: DICOM by C-STORE or STOW-RS to its destination, HL7 by MLLP to the RIS."""
+           policy: DeliverySettings, fhir: FhirSettings | None = None) -> Send:
+    """How each kind of object travels: DICOM by C-STORE or STOW-RS to its destination, HL7 by MLLP to the
+    RIS, FHIR by a transaction POST to the EHR."""
     by_name = {d.name: d for d in destinations}
 
     def send(kind: str, name: str, payload: bytes) -> Attempt:
+        if kind == "fhir":
+            if fhir is None:
+                return Attempt(False, False, "no FHIR endpoint is configured any more")
+            return post_bundle(payload, fhir, policy.timeout_s)
         if kind == "hl7":
             if hl7 is None:
                 return Attempt(False, False, "no HL7 endpoint is configured any more")
@@ -142,11 +149,21 @@ def hl7_result(result: StudyResult, header: Dataset, hl7: HL7Settings, when: dat
     return BuiltObject("hl7", control_id, None, er7.encode())
 
 
+def fhir_result(result: StudyResult, header: Dataset, fhir: FhirSettings, when: datetime,
+                final: bool = False) -> BuiltObject:
+    """The study's FHIR transaction Bundle, identified like its HL7 message by the job (and ``final``)."""
+    bundle = report_bundle(result, header, fhir, when, set(fhir.urgent_findings), final=final)
+    report = bundle.entry[-1].resource
+    key = report.identifier[0].value
+    return BuiltObject("fhir", hashlib.sha1(key.encode()).hexdigest()[:40], None, bundle.model_dump_json().encode())
+
+
 def enqueue(session: Session, job: Job, objects: Sequence[BuiltObject], destinations: Sequence[Destination],
             policy: DeliverySettings, now: datetime) -> list[OutboxItem]:
     """One row per object and destination that takes it; the HL7 result goes to the RIS."""
     targets = [(obj, dest.name) for dest in destinations for obj in objects if obj.kind in dest.objects]
     targets += [(obj, RIS) for obj in objects if obj.kind == "hl7"]
+    targets += [(obj, EHR) for obj in objects if obj.kind == "fhir"]
     items = [OutboxItem(job_id=job.id, study_id=job.study_id, kind=obj.kind, destination=name,
                         object_uid=obj.sop_instance_uid, sop_class_uid=obj.sop_class_uid, payload=obj.payload,
                         state=DeliveryState.pending, attempts=0, created_at=now, next_attempt_at=now,
@@ -182,7 +199,8 @@ def deliver_item(sessions: sessionmaker[Session], item_id: int, send: Send, poli
         item.last_error = None if delivered else attempt_detail
 
         def audit(detail: str, outcome: Outcome = Outcome.success) -> None:  # settled: sent or given up
-            record(session, "export" if kind == "hl7" else "deliver", at=now, user=PROCESS_USER, role="delivery",
+            action = "export" if kind in ("hl7", "fhir") else "deliver"
+            record(session, action, at=now, user=PROCESS_USER, role="delivery",
                    client=process_host(), study_uid=session.get_one(Study, item.study_id).study_instance_uid,
                    detail=detail, outcome=outcome)
 
