@@ -363,9 +363,9 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from records.db import make_engine
+    from worker.delivery.fhir import fhir_reachable
     from worker.delivery.hl7 import mllp_reachable
     from worker.delivery.send import Attempt, echo_destination
-    from worker.delivery.fhir import fhir_reachable
     from worker.delivery.stow import qido_reachable
 
     settings = _settings(args)
