@@ -22,5 +22,13 @@ if ! (exec 3<>/dev/tcp/127.0.0.1/6379) 2>/dev/null; then
     as_root redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no || true
 fi
 
+# OHIF's published build (npm), for the viewer test: fetched once, kept out of the repository
+OHIF_VERSION=3.13.2
+if [ ! -f ".cache/ohif/$OHIF_VERSION/dist/index.html" ]; then
+    mkdir -p .cache/ohif
+    (cd .cache/ohif && npm pack "@ohif/app@$OHIF_VERSION" >/dev/null && rm -rf "$OHIF_VERSION" package \
+        && tar xzf "ohif-app-$OHIF_VERSION.tgz" && mv package "$OHIF_VERSION" && rm "ohif-app-$OHIF_VERSION.tgz")
+fi
+
 scripts/install.sh model,train,test
 exec .venv/bin/python -m pytest "$@"

@@ -3,6 +3,7 @@ real ``radvlm-pacs`` commands, and the demonstration Orthanc's routing works in 
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import shutil
@@ -23,7 +24,7 @@ from tests.orthanc import running_orthanc
 
 DOCKER = Path(__file__).resolve().parents[1] / "docker"
 COMPOSE = "/usr/bin/docker-compose"
-SERVICES = {"redis", "postgres", "migrate", "node", "api", "worker-gpu", "worker-io", "flower", "orthanc"}
+SERVICES = {"redis", "postgres", "migrate", "node", "api", "worker-gpu", "worker-io", "flower", "orthanc", "ohif"}
 
 
 def compose_config(file: str, **env: str) -> subprocess.CompletedProcess[str]:
@@ -114,3 +115,13 @@ def test_demonstration_orthanc_routes_cr_and_dx_only(sqlite_url, start_node, tmp
         time.sleep(1.0)  # room for a wrongly routed instance to arrive
     assert received() == {pydicom.dcmread(radiograph(name)).SOPInstanceUID for name in ("RG1_UNCI.dcm",
                                                                                         "RG3_UNCI.dcm")}
+
+
+def test_ohif_reaches_the_demonstration_orthanc_on_its_own_origin():
+    template = (DOCKER / "ohif" / "default.conf.template").read_text()
+    orthanc = json.loads((DOCKER / "orthanc" / "orthanc.json").read_text())
+    assert f"proxy_pass http://orthanc:{orthanc['HttpPort']}{orthanc['DicomWeb']['Root']};" in template
+    [(user, password)] = orthanc["RegisteredUsers"].items()
+    assert base64.b64encode(f"{user}:{password}".encode()).decode() in template
+    config = (DOCKER / "ohif" / "app-config.js").read_text()
+    assert "qidoRoot: window.location.origin + '/dicom-web'" in config  # what tests/test_viewer.py serves too

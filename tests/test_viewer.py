@@ -1,0 +1,97 @@
+"""The results in a real web viewer: OHIF's published build (``@ohif/app``, pinned) reads from an Orthanc
+that holds a study analysed by the node; opened in headless Chromium, the SR's boxes are drawn where the
+result says, with no console error. The screenshot goes to test-artifacts/viewer/ (the README shows it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from playwright.sync_api import sync_playwright
+from pydicom.uid import generate_uid
+from sqlalchemy import select
+
+from records.db import make_engine, make_session_factory
+from records.schema import StudyResult
+from records.tables import Result
+from tests.conftest import free_port, rg1_copy, wait_for
+from tests.ohif import serving_ohif
+from tests.orthanc import running_orthanc
+from tests.processes import service
+from tests.test_browser import CHROMIUM, FLAGS
+from tests.test_production_layout import _listening
+
+ORTHANC_DICOMWEB = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
+WEBGL = ["--use-angle=swiftshader", "--enable-unsafe-swiftshader", "--ignore-gpu-blocklist"]
+SHOTS = Path(os.environ.get("RADVLM_SCREENSHOTS", Path(__file__).parents[1] / "test-artifacts")) / "viewer"
+
+# image pixel (column, row) -> the viewport's canvas (CSS pixels), through cornerstone's own transforms
+TO_CANVAS = """([x, y]) => {
+  const cs = window.cornerstone;
+  const viewport = cs.getEnabledElements().map(e => e.viewport).find(v => v.getCurrentImageId && v.getCurrentImageId());
+  const world = cs.utilities.imageToWorldCoords(viewport.getCurrentImageId(), [x, y]);
+  return viewport.worldToCanvas(world);
+}"""
+
+
+def test_ohif_draws_the_sr_boxes_where_the_result_says(tmp_path):
+    node_port = free_port()
+    sqlite = f"sqlite:///{tmp_path / 'radvlm.sqlite'}"
+    study_uid = generate_uid()
+    # RG1 as a new study, with a pixel spacing OHIF can use (RG1's own 0\0 renders black there)
+    image = rg1_copy(tmp_path, "chest.dcm", StudyInstanceUID=study_uid, SeriesInstanceUID=generate_uid(),
+                     PixelSpacing=[0.175, 0.175])
+    plugin = {"Plugins": [ORTHANC_DICOMWEB], "DicomWeb": {"Enable": True, "Root": "/dicom-web/"}}
+    console: list[str] = []
+    with running_orthanc(tmp_path / "orthanc", {"radvlm": ("RADVLM", "127.0.0.1", node_port)},
+                         extra=plugin) as orthanc:
+        env = {"RADVLM_DATABASE_URL": sqlite, "RADVLM_STORAGE_DIR": str(tmp_path / "dicom"),
+               "RADVLM_NODE__PORT": str(node_port), "RADVLM_NODE__BIND_ADDRESS": "127.0.0.1",
+               "RADVLM_NODE__STABLE_AGE_S": "1", "RADVLM_NODE__COMPLETION_POLL_S": "0.2",
+               "RADVLM_NODE__DISK_RESERVE_MB": "1", "RADVLM_NODE__METRICS_PORT": "0",
+               "RADVLM_API__PORT": str(free_port()), "RADVLM_MODEL__BACKEND": "scripted",
+               "RADVLM_DESTINATIONS": json.dumps([{"name": "pacs", "ae_title": "ORTHANC", "host": "127.0.0.1",
+                                                   "port": orthanc.dicom_port, "objects": ["sr", "gsps"]}])}
+        with service("serve", ["serve"], env, tmp_path / "logs"):
+            wait_for(lambda: _listening(node_port), 60)
+            orthanc.send("radvlm", orthanc.upload(image))
+            wait_for(lambda: orthanc.request("GET", "/statistics")["CountInstances"] == 3, 90)
+        with make_session_factory(make_engine(sqlite))() as session:
+            result = StudyResult.model_validate(session.scalars(select(Result.payload)).one())
+        boxes = [(g.label, box) for g in result.images[0].groundings for box in g.answer.boxes]
+        assert boxes, "the scripted model grounds its findings"
+
+        with serving_ohif(orthanc.http_port) as ohif, sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=FLAGS + WEBGL)
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.on("console", lambda m: console.append(f"{m.type}: {m.text}") if m.type == "error" else None)
+            page.on("pageerror", lambda e: console.append(f"pageerror: {e}"))
+            page.goto(f"{ohif}/viewer?StudyInstanceUIDs={study_uid}")
+            page.wait_for_selector("[data-cy='study-browser-thumbnail']", timeout=60_000)
+            SHOTS.mkdir(parents=True, exist_ok=True)
+            page.screenshot(path=str(SHOTS / "opened.png"))
+            for button in ("Skip all", "Confirm and hide"):  # the first-visit tour and notice
+                if page.get_by_text(button).count():
+                    page.get_by_text(button).first.click()
+            page.wait_for_timeout(3000)
+            page.screenshot(path=str(SHOTS / "image.png"))
+            page.get_by_text("RadVLM findings").first.dblclick()
+            page.wait_for_function("() => document.querySelectorAll('svg.svg-layer polyline').length >= "
+                                   f"{len(boxes)}", timeout=30_000)
+            page.wait_for_timeout(1000)  # labels settle
+            page.screenshot(path=str(SHOTS / "ohif-sr-boxes.png"))
+            drawn = page.evaluate("() => Array.from(document.querySelectorAll('svg.svg-layer polyline'))"
+                                  ".map(e => Array.from(e.points).map(p => [p.x, p.y]))")
+            expected = [(label, page.evaluate(TO_CANVAS, [box.px[0], box.px[1]]),
+                         page.evaluate(TO_CANVAS, [box.px[2], box.px[3]])) for label, box in boxes]
+            browser.close()
+    assert console == []
+    assert all(len(points) == 5 and points[0] == points[-1] for points in drawn)  # closed polylines
+    drawn_boxes = sorted((min(x for x, _ in p), min(y for _, y in p), max(x for x, _ in p), max(y for _, y in p))
+                         for p in drawn)
+    expected_boxes = sorted((a[0], a[1], b[0], b[1]) for _, a, b in expected)
+    assert len(drawn_boxes) == len(expected_boxes)
+    for got, want in zip(drawn_boxes, expected_boxes):
+        assert all(abs(g - w) < 2.0 for g, w in zip(got, want)), (got, want)  # CSS pixels on the canvas
