@@ -8,39 +8,18 @@ bound when the server registers them.
 from __future__ import annotations
 
 import logging
-import threading
-from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
 from pydicom import Dataset
 
-from dicom_node.reception import SUCCESS, Caller, Receiver, receive
-from dicom_node.storage import valid_uid
+from dicom_node.reception import SUCCESS, Caller, Receiver, Transfers, receive
 from records.audit import Outcome
 from records.logs import log_context
 from records.metrics import ASSOCIATIONS
 from records.settings import CallerRule
 
 log = logging.getLogger(__name__)
-
-
-class Transfers:
-    """What each open association stored and refused, by study, for its audit events when it closes
-    (ATNA's "DICOM Instances Transferred": one event per study per association)."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._counts: dict[int, Counter[tuple[str | None, bool]]] = {}
-
-    def note(self, assoc: object, study_uid: str | None, stored: bool) -> None:
-        key = (study_uid if study_uid and valid_uid(study_uid) else None, stored)
-        with self._lock:
-            self._counts.setdefault(id(assoc), Counter())[key] += 1
-
-    def pop(self, assoc: object) -> Counter[tuple[str | None, bool]]:
-        with self._lock:
-            return self._counts.pop(id(assoc), Counter())
 
 
 def _status(code: int, reason: str) -> Dataset:
@@ -77,12 +56,7 @@ def handle_echo(event) -> int:  # type: ignore[no-untyped-def]
 
 def handle_closed(event, receiver: Receiver, transfers: Transfers) -> None:  # type: ignore[no-untyped-def]
     """The connection closed (released, aborted or dropped): audit what it transferred, study by study."""
-    counts = transfers.pop(event.assoc)
-    events = []
-    for study_uid in dict.fromkeys(study for study, _ in counts):
-        stored, refused = counts[(study_uid, True)], counts[(study_uid, False)]
-        outcome = Outcome.success if not refused else Outcome.minor_failure if stored else Outcome.serious_failure
-        events.append((study_uid, f"{stored} instance(s) stored, {refused} refused", outcome))
+    events = transfers.events(event.assoc)
     if events:
         receiver.audit("receive", event.assoc.requestor.ae_title, event.assoc.requestor.address, events)
 

@@ -7,6 +7,8 @@ committed, so nothing acknowledged can be lost.
 from __future__ import annotations
 
 import logging
+import threading
+from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import Executor, wait
 from dataclasses import dataclass
@@ -66,6 +68,31 @@ class Verdict:
     @property
     def stored(self) -> bool:
         return self.status == SUCCESS
+
+
+class Transfers:
+    """What each open transfer (an association, a STOW-RS request) stored and refused, by study, for its
+    audit events when it ends (ATNA's "DICOM Instances Transferred": one event per study per transfer)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._counts: dict[int, Counter[tuple[str | None, bool]]] = {}
+
+    def note(self, assoc: object, study_uid: str | None, stored: bool) -> None:
+        key = (study_uid if study_uid and valid_uid(study_uid) else None, stored)
+        with self._lock:
+            self._counts.setdefault(id(assoc), Counter())[key] += 1
+
+    def events(self, transfer: object, by: str = "") -> list[tuple[str | None, str, Outcome]]:
+        """The audit events of a finished transfer, one per study (detail and outcome); forgets it."""
+        with self._lock:
+            counts = self._counts.pop(id(transfer), Counter())
+        events = []
+        for study_uid in dict.fromkeys(study for study, _ in counts):
+            stored, refused = counts[(study_uid, True)], counts[(study_uid, False)]
+            outcome = Outcome.success if not refused else Outcome.minor_failure if stored else Outcome.serious_failure
+            events.append((study_uid, f"{by}{stored} instance(s) stored, {refused} refused", outcome))
+        return events
 
 
 def _refuse(code: int, reason: str, study_uid: str | None = None) -> Verdict:

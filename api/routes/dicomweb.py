@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-from collections import Counter
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Request
@@ -19,9 +18,7 @@ from api.access import find_study, visible
 from api.deps import AuditDep, CurrentSender, CurrentUser, SessionDep
 from api.problems import Problem
 from api.stow import boundary_of, response, store_stream
-from dicom_node.reception import Caller, Receiver
-from dicom_node.storage import valid_uid
-from records.audit import Outcome
+from dicom_node.reception import Caller, Receiver, Transfers
 from records.settings import ApiUser
 from records.tables import KeptObject, Study
 
@@ -38,14 +35,10 @@ async def _stow(request: Request, sender, study_uid: str | None) -> JSONResponse
     caller = Caller(sender.ae_title, request.client.host if request.client else "unknown")
     results = await store_stream(request.stream(), boundary, receiver, caller, study_uid,
                                  receiver.store.root / ".stow")
-    counts: Counter[tuple[str | None, bool]] = Counter(
-        (r.verdict.study_uid if r.verdict.study_uid and valid_uid(r.verdict.study_uid) else None, r.verdict.stored)
-        for r in results)
-    events = []
-    for study in dict.fromkeys(s for s, _ in counts):
-        stored, refused = counts[(study, True)], counts[(study, False)]
-        outcome = Outcome.success if not refused else Outcome.minor_failure if stored else Outcome.serious_failure
-        events.append((study, f"STOW-RS by {sender.name}: {stored} instance(s) stored, {refused} refused", outcome))
+    transfers = Transfers()
+    for result in results:
+        transfers.note(request, result.verdict.study_uid, result.verdict.stored)
+    events = transfers.events(request, by=f"STOW-RS by {sender.name}: ")
     if events:
         await run_in_threadpool(receiver.audit, "receive", caller.ae_title, caller.address, events)
     status, ds = response(results)
