@@ -129,7 +129,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     on the io queue it delivers results (and loads no model)."""
     import redis
 
-    from records.metrics import serve_metrics
+    from records.metrics import redis_queue_depths, serve_metrics
     from worker import tasks
     from worker.app import GPU_QUEUE, IO_QUEUE, make_celery, send_deliveries
     from worker.dispatch import OutboxSweep
@@ -151,8 +151,9 @@ def cmd_worker(args: argparse.Namespace) -> int:
     sweep = None
     if IO_QUEUE in queues.split(","):  # what a previous run left in the outbox, then what the broker lost
         policy = settings.delivery
+        depths = redis_queue_depths(redis.Redis.from_url(settings.broker_url), [IO_QUEUE])
         sweep = OutboxSweep(ctx.sessions, lambda items: send_deliveries(app, items), interval_s=policy.sweep_s,
-                            grace_s=policy.sweep_grace_s, clock=utcnow)
+                            grace_s=policy.sweep_grace_s, clock=utcnow, backlog=lambda: depths()[IO_QUEUE])
         sweep.start()
     try:
         app.worker_main(["--quiet", "worker", "--pool=solo", "-Q", queues, "--without-mingle", "--without-gossip",

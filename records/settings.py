@@ -291,8 +291,8 @@ class DeliverySettings(Section):
     timeout_s: float = Field(default=30, gt=0, description="network and DIMSE timeout per attempt")
     sweep_s: float = Field(default=30, gt=0, description="how often an io worker looks for items whose message "
                            "was lost (a broker restarted without its data, a send that failed)")
-    sweep_grace_s: float = Field(default=120, ge=0, description="an item overdue by this long has lost its "
-                                 "message and is queued again (a duplicate message is harmless)")
+    sweep_grace_s: float = Field(default=120, ge=0, description="an item overdue by this long while the io "
+                                 "queue is empty has lost its message and is queued again (a duplicate is harmless)")
 
 
 class DicomWebSettings(Section):

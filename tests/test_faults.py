@@ -15,12 +15,14 @@ from pydicom.uid import ImplicitVRLittleEndian, generate_uid
 from pynetdicom import AE, evt
 from sqlalchemy import func, select
 
+from records.clock import utcnow
 from records.db import make_engine, make_session_factory, upgrade
 from records.tables import DeliveryState, Instance, Job, JobState, OutboxItem, Result, Study, StudyState, StudyVersion
 from tests.conftest import free_port, radiograph, rg1_copy, storescu, wait_for
 from tests.orthanc import running_orthanc
 from tests.processes import PrivatePostgres, PrivateRedis, kill_hard, service
 from tests.test_production_layout import RG1_STUDY, _env, _listening, _study, broker_url  # noqa: F401
+from worker.dispatch import OutboxSweep
 
 
 def test_node_killed_during_a_c_store(sqlite_url, broker_url, tmp_path):  # noqa: F811
@@ -176,3 +178,11 @@ def test_postgresql_stopped_during_an_association(broker_url, tmp_path):  # noqa
     assert len(stored_files) == 12
     assert study.version == 1 and job.state is JobState.done and job.attempts == 1
     assert "database unavailable" in (logs / "node.log").read_text()
+
+
+def test_the_sweep_leaves_a_draining_queue_alone():
+    """While the io queue holds messages, overdue items are late, not lost: no duplicate is queued."""
+    queued: list[list[int]] = []
+    sweep = OutboxSweep(None, queued.append, interval_s=1, grace_s=0, clock=utcnow,  # type: ignore[arg-type]
+                        backlog=lambda: 250)
+    assert sweep.run_once(0) == [] and queued == []  # the database is not even asked

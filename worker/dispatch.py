@@ -100,18 +100,22 @@ class OutboxLoop:
 
 
 class OutboxSweep:
-    """An io worker's safety net: every ``interval_s`` it queues again the pending items overdue by more
-    than ``grace_s``, whose message the broker lost or never took. The first pass, at start, queues every
-    due item. Deliveries are idempotent (a lease per attempt, nothing sent once settled), so a message
-    that was only late costs one no-op."""
+    """An io worker's safety net: every ``interval_s``, when the io queue holds no message (``backlog``),
+    it queues again the pending items overdue by more than ``grace_s``: their message was lost by the
+    broker or never taken. The first pass, at start, queues every due item. Deliveries are idempotent (a
+    lease per attempt, nothing sent once settled), so a message that was only late costs one no-op; a
+    queue still draining is left alone, so a long backlog is never multiplied."""
 
     def __init__(self, sessions: sessionmaker[Session], send: Callable[[list[int]], None], *, interval_s: float,
-                 grace_s: float, clock: Clock) -> None:
+                 grace_s: float, clock: Clock, backlog: Callable[[], int] = lambda: 0) -> None:
         self.sessions, self.send, self.interval_s, self.grace_s, self.clock = sessions, send, interval_s, grace_s, clock
+        self.backlog = backlog
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="outbox-sweep", daemon=True)
 
     def run_once(self, grace_s: float) -> list[int]:
+        if self.backlog():
+            return []
         with self.sessions() as session:
             items = due_items(session, self.clock() - timedelta(seconds=grace_s))
         if items:
