@@ -25,19 +25,20 @@ from api.problems import Problem
 from dicom_node.reception import (
     DOES_NOT_MATCH_SOP_CLASS,
     OUT_OF_RESOURCES,
+    SOP_CLASS_NOT_SUPPORTED,
+    TRANSFER_SYNTAX_NOT_SUPPORTED,
     UNDECODABLE,
     Caller,
     Receiver,
     Verdict,
     receive,
+    refuse,
 )
 from dicom_node.sop import STORAGE_SOP_CLASSES, TRANSFER_SYNTAXES
 
 log = logging.getLogger(__name__)
 
 DICOM = "application/dicom"
-SOP_CLASS_NOT_SUPPORTED = 0x0122  # PS3.18 table 10.5.3-2
-TRANSFER_SYNTAX_NOT_SUPPORTED = 0xC122
 
 
 @dataclass
@@ -79,11 +80,11 @@ def _check(path: Path, study_uid: str | None) -> tuple[UID | None, str, str, Ver
         syntax = UID(str(meta.TransferSyntaxUID))
         sop_class, sop_uid = str(meta.MediaStorageSOPClassUID), str(meta.MediaStorageSOPInstanceUID)
     except Exception as exc:  # not a Part 10 file
-        return None, "", "", Verdict(UNDECODABLE, f"not a DICOM Part 10 file: {type(exc).__name__}")
+        return None, "", "", refuse(UNDECODABLE, f"not a DICOM Part 10 file: {type(exc).__name__}")
     if sop_class not in STORAGE_SOP_CLASSES:
-        return syntax, sop_class, sop_uid, Verdict(SOP_CLASS_NOT_SUPPORTED, f"SOP class {sop_class} not stored here")
+        return syntax, sop_class, sop_uid, refuse(SOP_CLASS_NOT_SUPPORTED, f"SOP class {sop_class} not stored here")
     if syntax not in TRANSFER_SYNTAXES:
-        return syntax, sop_class, sop_uid, Verdict(TRANSFER_SYNTAX_NOT_SUPPORTED,
+        return syntax, sop_class, sop_uid, refuse(TRANSFER_SYNTAX_NOT_SUPPORTED,
                                                    f"transfer syntax {syntax} not supported")
     if study_uid is not None:
         try:
@@ -91,7 +92,7 @@ def _check(path: Path, study_uid: str | None) -> tuple[UID | None, str, str, Ver
         except Exception:
             found = ""
         if found != study_uid:
-            return syntax, sop_class, sop_uid, Verdict(DOES_NOT_MATCH_SOP_CLASS,
+            return syntax, sop_class, sop_uid, refuse(DOES_NOT_MATCH_SOP_CLASS,
                                                        f"instance of study {found or '?'}, not {study_uid}")
     return syntax, sop_class, sop_uid, None
 
@@ -119,7 +120,7 @@ async def store_stream(chunks: AsyncIterator[bytes], boundary: bytes, receiver: 
 
     def on_part_begin() -> None:
         if receiver.store.free_bytes() < receiver.reserve_bytes:  # not even staged
-            current.append(_Part(None, None, refused=Verdict(OUT_OF_RESOURCES, "disk space below the reserve")))
+            current.append(_Part(None, None, refused=refuse(OUT_OF_RESOURCES, "disk space below the reserve")))
             return
         fd, name = tempfile.mkstemp(dir=staging, prefix="stow-", suffix=".dcm")
         current.append(_Part(os.fdopen(fd, "wb"), Path(name)))
@@ -173,7 +174,7 @@ def _settle(part: _Part, receiver: Receiver, caller: Caller, study_uid: str | No
     if media != DICOM:
         part.path.unlink(missing_ok=True)
         log.error("STOW-RS from %s: refused a part of type %s", caller, media)
-        return PartResult(Verdict(UNDECODABLE, f"part of type {media}, not {DICOM}"))
+        return PartResult(refuse(UNDECODABLE, f"part of type {media}, not {DICOM}"))
     return receive_part(receiver, part.path, caller, study_uid)
 
 

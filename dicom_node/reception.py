@@ -36,9 +36,13 @@ DOES_NOT_MATCH_SOP_CLASS = 0xA900
 UNDECODABLE = 0xC210
 MISSING_UID = 0xC211
 BAD_PIXEL_DATA = 0xC212
+SOP_CLASS_NOT_SUPPORTED = 0x0122  # STOW-RS (PS3.18 table 10.5.3-2); C-STORE refuses at association
+TRANSFER_SYNTAX_NOT_SUPPORTED = 0xC122
 REJECTION_REASONS = {OUT_OF_RESOURCES: "out_of_resources", CANNOT_STORE: "cannot_store",
                      DOES_NOT_MATCH_SOP_CLASS: "uid_mismatch", UNDECODABLE: "undecodable",
-                     MISSING_UID: "missing_uid", BAD_PIXEL_DATA: "bad_pixel_data"}
+                     MISSING_UID: "missing_uid", BAD_PIXEL_DATA: "bad_pixel_data",
+                     SOP_CLASS_NOT_SUPPORTED: "sop_class_not_supported",
+                     TRANSFER_SYNTAX_NOT_SUPPORTED: "transfer_syntax_not_supported"}
 
 PIXEL_DATA = 0x7FE00010
 UNDEFINED_LENGTH = 0xFFFFFFFF
@@ -95,7 +99,7 @@ class Transfers:
         return events
 
 
-def _refuse(code: int, reason: str, study_uid: str | None = None) -> Verdict:
+def refuse(code: int, reason: str, study_uid: str | None = None) -> Verdict:
     INSTANCES_REJECTED.labels(REJECTION_REASONS[code]).inc()
     return Verdict(code, reason, study_uid)
 
@@ -206,7 +210,7 @@ def receive(receiver: Receiver, incoming: Path, syntax: UID, caller: Caller,
     if free < receiver.reserve_bytes:
         log.error("refused %s from %s: %d MiB free, reserve is %d MiB", sop_uid, peer,
                   free >> 20, receiver.reserve_bytes >> 20)
-        return _refuse(OUT_OF_RESOURCES, "disk space below the reserve")
+        return refuse(OUT_OF_RESOURCES, "disk space below the reserve")
 
     ds = None
     try:
@@ -218,7 +222,7 @@ def receive(receiver: Receiver, incoming: Path, syntax: UID, caller: Caller,
         problem = f"{type(exc).__name__}: {exc}"
     if problem or ds is None:
         log.error("refused %s from %s: cannot decode the dataset: %s", sop_uid, peer, problem)
-        return _refuse(UNDECODABLE, f"cannot decode dataset: {problem}")
+        return refuse(UNDECODABLE, f"cannot decode dataset: {problem}")
     try:
         study_uid = str(ds.get("StudyInstanceUID", ""))
         series_uid = str(ds.get("SeriesInstanceUID", ""))
@@ -228,29 +232,29 @@ def receive(receiver: Receiver, incoming: Path, syntax: UID, caller: Caller,
         problem = pixel_data_problem(ds, incoming.stat().st_size)
     except Exception as exc:  # the values checked above decode; anything else here is still a bad dataset
         log.error("refused %s from %s: cannot decode the dataset: %s: %s", sop_uid, peer, type(exc).__name__, exc)
-        return _refuse(UNDECODABLE, f"cannot decode dataset: {type(exc).__name__}")
+        return refuse(UNDECODABLE, f"cannot decode dataset: {type(exc).__name__}")
 
     for name, uid in (("StudyInstanceUID", study_uid), ("SeriesInstanceUID", series_uid),
                       ("SOPInstanceUID", ds_sop_uid)):
         if not valid_uid(uid):
             log.error("refused %s from %s: %s missing or invalid (%r)", sop_uid, peer, name, uid[:80])
-            return _refuse(MISSING_UID, f"{name} missing or invalid", study_uid)
+            return refuse(MISSING_UID, f"{name} missing or invalid", study_uid)
     if expected is None:
         sop_uid = ds_sop_uid
     elif (ds_sop_uid, ds_class_uid) != expected:
         log.error("refused %s from %s: dataset UIDs (%s, %s) differ from the request's", sop_uid, peer,
                   ds_sop_uid, ds_class_uid)
-        return _refuse(DOES_NOT_MATCH_SOP_CLASS, "SOP UIDs differ from the request", study_uid)
+        return refuse(DOES_NOT_MATCH_SOP_CLASS, "SOP UIDs differ from the request", study_uid)
     if problem:
         log.error("refused %s from %s: %s", sop_uid, peer, problem)
-        return _refuse(BAD_PIXEL_DATA, problem, study_uid)
+        return refuse(BAD_PIXEL_DATA, problem, study_uid)
 
     try:
         relative = receiver.store.relative_path(study_uid, series_uid, sop_uid)
         size = incoming.stat().st_size
     except (OSError, ValueError) as exc:
         log.error("refused %s from %s: cannot store: %s", sop_uid, peer, exc)
-        return _refuse(CANNOT_STORE, "cannot store the file", study_uid)
+        return refuse(CANNOT_STORE, "cannot store the file", study_uid)
     arrival = Arrival(
         study_instance_uid=study_uid, series_instance_uid=series_uid, sop_instance_uid=sop_uid,
         sop_class_uid=ds_class_uid, transfer_syntax_uid=str(syntax),
@@ -274,10 +278,10 @@ def receive(receiver: Receiver, incoming: Path, syntax: UID, caller: Caller,
         return Verdict(SUCCESS, "", study_uid)
     except OSError as exc:
         log.error("refused %s from %s: cannot write: %s", sop_uid, peer, exc)
-        return _refuse(CANNOT_STORE, "cannot write the file", study_uid)
+        return refuse(CANNOT_STORE, "cannot write the file", study_uid)
     except SQLAlchemyError as exc:
         log.error("refused %s from %s: database unavailable: %s", sop_uid, peer, exc)
-        return _refuse(CANNOT_STORE, "database unavailable", study_uid)
+        return refuse(CANNOT_STORE, "database unavailable", study_uid)
     finally:
         wait([synced])  # never leave a sync running on a file pynetdicom is about to delete
     if new:
