@@ -18,6 +18,7 @@ from typing import IO
 from pydicom import Dataset, dcmread
 from pydicom.filereader import read_file_meta_info
 from pydicom.uid import UID
+from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.concurrency import run_in_threadpool
 
@@ -152,7 +153,12 @@ async def store_stream(chunks: AsyncIterator[bytes], boundary: bytes, receiver: 
     results: list[PartResult] = []
     try:
         async for chunk in chunks:
-            parser.write(chunk)
+            try:
+                parser.write(chunk)
+            except MultipartParseError as exc:  # what was received before it stays stored
+                stored = sum(r.verdict.stored for r in results)
+                raise Problem(400, "malformed multipart body", f"{exc}; {stored} instance(s) before it were "
+                                                               "stored") from exc
             while ended:
                 results.append(await run_in_threadpool(_settle, ended.pop(0), receiver, caller, study_uid))
         parser.finalize()

@@ -131,6 +131,9 @@ def test_each_refused_part_is_listed_with_its_reason(stow_api, tmp_path):
 
     rsp = httpx.post(f"{base}/dicom-web/studies", content=b"{}", headers={**SENDER, "Content-Type": "application/json"})
     assert rsp.status_code == 415 and rsp.headers["content-type"] == "application/problem+json"
+    rsp = httpx.post(f"{base}/dicom-web/studies", content=b"no boundary here", headers={**SENDER,
+                                                                                      "Content-Type": MULTIPART})
+    assert rsp.status_code == 400 and rsp.json()["title"] == "malformed multipart body"
     with node.sessions() as session:
         assert {i.sop_instance_uid for i in session.scalars(select(Instance))} == {
             dcmread(tmp_path / "good.dcm").SOPInstanceUID}
