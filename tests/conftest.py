@@ -9,6 +9,7 @@ import subprocess
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -254,3 +255,22 @@ def analysed_node(sqlite_url: str, start_node) -> Iterator[AnalysedNode]:  # typ
         wait_for(lambda: state() is StudyState.analysed, 30)
         yield AnalysedNode(node, runner, model_thread)
         runner.close()
+
+
+@contextmanager
+def serving(app: object) -> Iterator[str]:
+    """An ASGI app on a free loopback port (uvicorn in a thread) for the length of the block: its base URL."""
+    import threading
+
+    import uvicorn
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    wait_for(lambda: server.started, 15)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)

@@ -5,19 +5,17 @@ Orthanc's DICOMweb plugin (nginx does it in docker/ohif/default.conf.template)."
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
-import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import FileResponse, Response
 from starlette.routing import Route
 
-from tests.conftest import free_port, wait_for
+from tests.conftest import serving
 
 OHIF_VERSION = "3.13.2"
 OHIF_DIST = Path(__file__).parents[1] / ".cache" / "ohif" / OHIF_VERSION / "dist"
@@ -52,14 +50,5 @@ def ohif_app(dist: Path, orthanc_http_port: int) -> Starlette:
 def serving_ohif(orthanc_http_port: int, dist: Path = OHIF_DIST) -> Iterator[str]:
     if not (dist / "index.html").is_file():
         raise RuntimeError(f"OHIF {OHIF_VERSION} missing at {dist}: scripts/test.sh fetches it (npm pack @ohif/app)")
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(ohif_app(dist, orthanc_http_port), host="127.0.0.1", port=port,
-                                           log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    wait_for(lambda: server.started, 15)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
+    with serving(ohif_app(dist, orthanc_http_port)) as url:
+        yield url

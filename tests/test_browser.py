@@ -7,18 +7,16 @@ Screenshots of each step are saved to test-artifacts/browser/ (or $RADVLM_SCREEN
 from __future__ import annotations
 
 import os
-import threading
 from pathlib import Path
 
 import pytest
-import uvicorn
 from playwright.sync_api import Page, sync_playwright
 from sqlalchemy import select
 
 from api.askers import LocalAsker
 from api.main import create_app
 from records.tables import SignOff
-from tests.conftest import RG1_STUDY, free_port, wait_for, worker_context
+from tests.conftest import RG1_STUDY, serving, worker_context
 from tests.test_chat import TOKENS, settings_for
 from worker.backends.scripted import ScriptedBackend
 from worker.model_thread import ModelThread
@@ -36,17 +34,10 @@ ANSWER_CYAN = (0, 229, 255)  # the page's colour for boxes in an answer
 def served(analysed_node):
     """The API with the page on a real port; the scripted model streams at about 15 words a second."""
     running = analysed_node.running
-    port = free_port()
     with ModelThread() as thread:
         asker = LocalAsker(worker_context(running, ScriptedBackend(delay_s=1.0)), thread)
-        server = uvicorn.Server(uvicorn.Config(create_app(settings_for(running), asker), host="127.0.0.1",
-                                               port=port, log_level="warning"))
-        serving = threading.Thread(target=server.run, daemon=True)
-        serving.start()
-        wait_for(lambda: server.started, 15)
-        yield f"http://127.0.0.1:{port}", running
-        server.should_exit = True
-        serving.join(10)
+        with serving(create_app(settings_for(running), asker)) as base:
+            yield base, running
 
 
 def pixel(page: Page, x: float, y: float) -> tuple[int, int, int]:

@@ -5,14 +5,11 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
 
 import httpx
 import pytest
 import requests
-import uvicorn
 from dicomweb_client.api import DICOMwebClient
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
@@ -23,7 +20,7 @@ from api.main import create_app
 from records.db import make_engine, make_session_factory
 from records.settings import Settings
 from records.tables import AuditEvent, DeliveryState, Instance, KeptObject, OutboxItem, Study, StudyState
-from tests.conftest import free_port, radiograph, rg1_copy, storescu, wait_for, worker_context
+from tests.conftest import free_port, radiograph, rg1_copy, serving, storescu, wait_for, worker_context
 from tests.orthanc import running_orthanc
 from tests.processes import service
 from tests.test_chat import HOUSE, auth, users
@@ -52,21 +49,11 @@ def part(payload: bytes, media: str = "application/dicom") -> bytes:
 END = f"--{BOUNDARY}--\r\n".encode()
 
 
-@contextmanager
-def api_beside(node) -> Iterator[str]:  # type: ignore[no-untyped-def]
+def api_beside(node):  # type: ignore[no-untyped-def]
     """The API on a real port beside a node (its completion monitor) on the same database and storage."""
     settings = Settings(database_url=node.url, storage_dir=node.store.root, api={"users": sender_users()},
                         node={"disk_reserve_mb": 1, "fsync": False})
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning"))
-    serving = threading.Thread(target=server.run, daemon=True)
-    serving.start()
-    wait_for(lambda: server.started, 15)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        serving.join(10)
+    return serving(create_app(settings))
 
 
 @pytest.fixture
