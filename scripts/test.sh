@@ -26,7 +26,7 @@ fi
 OHIF_VERSION=3.13.2
 if [ ! -f ".cache/ohif/$OHIF_VERSION/dist/index.html" ]; then
     mkdir -p .cache/ohif
-    (cd .cache/ohif && npm pack "@ohif/app@$OHIF_VERSION" >/dev/null && rm -rf "$OHIF_VERSION" package \
+    (cd .cache/ohif && npm pack --loglevel=error "@ohif/app@$OHIF_VERSION" >/dev/null && rm -rf "$OHIF_VERSION" package \
         && tar xzf "ohif-app-$OHIF_VERSION.tgz" && mv package "$OHIF_VERSION" && rm "ohif-app-$OHIF_VERSION.tgz")
 fi
 
