@@ -78,3 +78,13 @@ class StudyResult(BaseModel):
     backend: str
     images: list[ImageResult]
     seconds: float
+
+    def study_labels(self) -> dict[str, bool]:
+        """Each CheXpert label, in order: present on any image of the study."""
+        return {label: any(image.labels.get(label) for image in self.images) for label in CHEXPERT_LABELS}
+
+    def identity(self, final: bool = False) -> str:
+        """The name of what is sent about this result (HL7 control ID, FHIR identifiers): study, version and
+        model revision, plus "final" for the signed-off report, so every retry sends the same message."""
+        return "/".join([self.study_instance_uid, str(self.study_version), self.model_revision]
+                        + (["final"] if final else []))

@@ -43,15 +43,16 @@ def _date(value: str) -> str | None:
     return f"{value[:4]}-{value[4:6]}-{value[6:8]}" if len(value) == 8 and value.isdigit() else None
 
 
-def report_bundle(result: StudyResult, header: Dataset, fhir: FhirSettings, when: datetime, urgent: set[str],
+def report_bundle(result: StudyResult, header: Dataset, fhir: FhirSettings, when: datetime,
                   final: bool = False) -> Bundle:
     """The study's result as a transaction Bundle; ``final``: the report as a radiologist signed it off."""
-    key = [result.study_instance_uid, str(result.study_version), result.model_revision] + (["final"] if final else [])
+    key = result.identity(final)
     patient_id = str(header.get("PatientID", "") or "")
-    patient_url, study_url, report_url = _urn(*key, "patient"), _urn(*key, "study"), _urn(*key, "report")
+    patient_url, study_url, report_url = _urn(key, "patient"), _urn(key, "study"), _urn(key, "report")
     study_oid = f"urn:oid:{result.study_instance_uid}"
     status = "final" if final else "preliminary"
-    labels = {label: any(image.labels.get(label) for image in result.images) for label in cx.LABELS}
+    labels = result.study_labels()
+    urgent = set(fhir.urgent_findings)
     entries = [
         {"fullUrl": patient_url,
          "resource": {"resourceType": "Patient",
@@ -68,7 +69,7 @@ def report_bundle(result: StudyResult, header: Dataset, fhir: FhirSettings, when
     observations = []
     for label, present in labels.items():
         coding = cx.LABELS[label]
-        url = _urn(*key, "observation", label)
+        url = _urn(key, "observation", label)
         observation = {
             "resourceType": "Observation", "status": status, "category": [{"coding": [IMAGING]}],
             "code": _concept(coding.finding), "subject": {"reference": patient_url},
@@ -88,7 +89,7 @@ def report_bundle(result: StudyResult, header: Dataset, fhir: FhirSettings, when
     report = {
         "resourceType": "DiagnosticReport", "status": status, "category": [{"coding": [RADIOLOGY]}],
         "code": {"coding": [REPORT_CODE], "text": "Chest X-ray report"},
-        "identifier": [{"system": "urn:radvlm:report", "value": "/".join(key)}],
+        "identifier": [{"system": "urn:radvlm:report", "value": key}],
         "subject": {"reference": patient_url}, "issued": when.isoformat(),
         "imagingStudy": [{"reference": study_url}], "result": observations,
         "conclusion": text if final else f"{DRAFT_NOTICE}. {text}",

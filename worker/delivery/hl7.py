@@ -77,7 +77,7 @@ def oru_message(header: Dataset, result: StudyResult, control_id: str, when: dat
     order.obr.obr_7 = str(header.get("StudyDate", "") or when.strftime("%Y%m%d"))
     order.obr.obr_22 = when.strftime("%Y%m%d%H%M%S")
     order.obr.obr_25 = status
-    labels = {label: any(image.labels.get(label) for image in result.images) for label in cx.LABELS}
+    labels = result.study_labels()
     critical = sorted(label for label, present in labels.items() if present and label in urgent)
     text = result.images[0].report.text
     rows: list[tuple[str, str, str | list[str], str]] = [

@@ -140,9 +140,7 @@ def hl7_result(result: StudyResult, header: Dataset, hl7: HL7Settings, when: dat
                final: bool = False) -> BuiltObject:
     """The study's ORU^R01, with a control ID derived from the job (MSH-10 holds 20 characters);
     ``final``: the signed-off report, which gets a control ID of its own."""
-    key = "/".join([result.study_instance_uid, str(result.study_version), result.model_revision]
-                   + (["final"] if final else []))
-    control_id = hashlib.sha1(key.encode()).hexdigest()[:20]
+    control_id = hashlib.sha1(result.identity(final).encode()).hexdigest()[:20]
     er7 = oru_message(header, result, control_id, when, sending_application=hl7.sending_application,
                       sending_facility=hl7.sending_facility, receiving_application=hl7.receiving_application,
                       receiving_facility=hl7.receiving_facility, urgent=set(hl7.urgent_findings), final=final)
@@ -152,10 +150,9 @@ def hl7_result(result: StudyResult, header: Dataset, hl7: HL7Settings, when: dat
 def fhir_result(result: StudyResult, header: Dataset, fhir: FhirSettings, when: datetime,
                 final: bool = False) -> BuiltObject:
     """The study's FHIR transaction Bundle, identified like its HL7 message by the job (and ``final``)."""
-    bundle = report_bundle(result, header, fhir, when, set(fhir.urgent_findings), final=final)
-    report = bundle.entry[-1].resource
-    key = report.identifier[0].value
-    return BuiltObject("fhir", hashlib.sha1(key.encode()).hexdigest()[:40], None, bundle.model_dump_json().encode())
+    bundle = report_bundle(result, header, fhir, when, final=final)
+    return BuiltObject("fhir", hashlib.sha1(result.identity(final).encode()).hexdigest()[:40], None,
+                       bundle.model_dump_json().encode())
 
 
 def enqueue(session: Session, job: Job, objects: Sequence[BuiltObject], destinations: Sequence[Destination],
