@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import glob
+import json
 import os
 import shutil
 import signal
@@ -100,3 +101,14 @@ class PrivatePostgres:
         except subprocess.CalledProcessError:
             pass  # not running
         shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def serve_env(tmp_path: Path, database_url: str, node_port: int, api_port: int, destinations: list[dict],
+              **extra: str) -> dict[str, str]:
+    """``radvlm-pacs serve`` on loopback for a test: scripted model, quick completion, the given destinations."""
+    return {"RADVLM_DATABASE_URL": database_url, "RADVLM_STORAGE_DIR": str(tmp_path / "dicom"),
+            "RADVLM_NODE__PORT": str(node_port), "RADVLM_NODE__BIND_ADDRESS": "127.0.0.1",
+            "RADVLM_NODE__STABLE_AGE_S": "1", "RADVLM_NODE__COMPLETION_POLL_S": "0.2",
+            "RADVLM_NODE__DISK_RESERVE_MB": "1", "RADVLM_NODE__METRICS_PORT": "0",
+            "RADVLM_API__PORT": str(api_port), "RADVLM_API__BIND_ADDRESS": "127.0.0.1",
+            "RADVLM_MODEL__BACKEND": "scripted", "RADVLM_DESTINATIONS": json.dumps(destinations), **extra}

@@ -22,7 +22,7 @@ from records.settings import Settings
 from records.tables import AuditEvent, DeliveryState, Instance, KeptObject, OutboxItem, Study, StudyState
 from tests.conftest import free_port, radiograph, rg1_copy, serving, storescu, wait_for, worker_context
 from tests.orthanc import running_orthanc
-from tests.processes import service
+from tests.processes import serve_env, service
 from tests.test_chat import HOUSE, auth, users
 from worker.analysis import Outputs
 from worker.backends.scripted import ScriptedBackend
@@ -205,13 +205,8 @@ def test_orthanc_pushes_by_stow_rs_and_gets_the_results_back_by_stow_rs(tmp_path
                                "HttpHeaders": {"Authorization": f"Bearer {SENDER_TOKEN}"}}}}}
     with running_orthanc(tmp_path / "orthanc", {}, extra=plugin) as orthanc:
         pacs_root = f"http://127.0.0.1:{orthanc.http_port}/dicom-web"
-        env = {"RADVLM_DATABASE_URL": sqlite, "RADVLM_STORAGE_DIR": str(tmp_path / "dicom"),
-               "RADVLM_NODE__PORT": str(dicom_port), "RADVLM_NODE__BIND_ADDRESS": "127.0.0.1",
-               "RADVLM_NODE__STABLE_AGE_S": "1", "RADVLM_NODE__COMPLETION_POLL_S": "0.2",
-               "RADVLM_NODE__DISK_RESERVE_MB": "1", "RADVLM_NODE__METRICS_PORT": "0",
-               "RADVLM_API__PORT": str(api_port), "RADVLM_API__BIND_ADDRESS": "127.0.0.1",
-               "RADVLM_API__USERS": json.dumps(sender_users()), "RADVLM_MODEL__BACKEND": "scripted",
-               "RADVLM_DESTINATIONS": json.dumps([{"name": "pacs", "stow_url": pacs_root}])}
+        env = serve_env(tmp_path, sqlite, dicom_port, api_port, [{"name": "pacs", "stow_url": pacs_root}],
+                        RADVLM_API__USERS=json.dumps(sender_users()))
         with service("serve", ["serve"], env, tmp_path / "logs"):
             wait_for(lambda: _answers(f"http://127.0.0.1:{api_port}/health"), 60)
             study_id = orthanc.request("POST", "/instances", raw=radiograph("RG1_UNCI.dcm").read_bytes())["ParentStudy"]

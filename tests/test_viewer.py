@@ -5,7 +5,6 @@ result says, with no console error. The screenshot goes to test-artifacts/viewer
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from records.tables import Result
 from tests.conftest import free_port, rg1_copy, wait_for
 from tests.ohif import serving_ohif
 from tests.orthanc import running_orthanc
-from tests.processes import service
+from tests.processes import serve_env, service
 from tests.test_browser import CHROMIUM, FLAGS
 from tests.test_production_layout import _listening
 
@@ -47,13 +46,9 @@ def test_ohif_draws_the_sr_boxes_where_the_result_says(tmp_path):
     console: list[str] = []
     with running_orthanc(tmp_path / "orthanc", {"radvlm": ("RADVLM", "127.0.0.1", node_port)},
                          extra=plugin) as orthanc:
-        env = {"RADVLM_DATABASE_URL": sqlite, "RADVLM_STORAGE_DIR": str(tmp_path / "dicom"),
-               "RADVLM_NODE__PORT": str(node_port), "RADVLM_NODE__BIND_ADDRESS": "127.0.0.1",
-               "RADVLM_NODE__STABLE_AGE_S": "1", "RADVLM_NODE__COMPLETION_POLL_S": "0.2",
-               "RADVLM_NODE__DISK_RESERVE_MB": "1", "RADVLM_NODE__METRICS_PORT": "0",
-               "RADVLM_API__PORT": str(free_port()), "RADVLM_MODEL__BACKEND": "scripted",
-               "RADVLM_DESTINATIONS": json.dumps([{"name": "pacs", "ae_title": "ORTHANC", "host": "127.0.0.1",
-                                                   "port": orthanc.dicom_port, "objects": ["sr", "gsps"]}])}
+        env = serve_env(tmp_path, sqlite, node_port, free_port(), [
+            {"name": "pacs", "ae_title": "ORTHANC", "host": "127.0.0.1", "port": orthanc.dicom_port,
+             "objects": ["sr", "gsps"]}])
         with service("serve", ["serve"], env, tmp_path / "logs"):
             wait_for(lambda: _listening(node_port), 60)
             orthanc.send("radvlm", orthanc.upload(image))
