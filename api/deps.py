@@ -7,7 +7,7 @@ import hmac
 from collections.abc import Iterator
 from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends, Query, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
@@ -105,3 +105,4 @@ CurrentSender = Annotated[ApiUser, Depends(current_sender)]
 AuditDep = Annotated[Audit, Depends(get_audit)]
 AskerDep = Annotated[Asker, Depends(get_asker)]
 DeliverDep = Annotated[Deliver, Depends(get_deliver)]
+Offset = Annotated[int, Query(ge=0, le=2**31 - 1, description="rows to skip (a database integer)")]

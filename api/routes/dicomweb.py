@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from api.access import find_study, visible
-from api.deps import AuditDep, CurrentSender, CurrentUser, SessionDep
+from api.deps import AuditDep, CurrentSender, CurrentUser, Offset, SessionDep
 from api.problems import Problem
 from api.stow import boundary_of, response, store_stream
 from dicom_node.reception import Caller, Receiver, Transfers
@@ -106,7 +106,7 @@ def _base(request: Request) -> str:
 def search_studies(request: Request, session: SessionDep, user: CurrentUser, audit: AuditDep,
                    StudyInstanceUID: str | None = None, PatientID: str | None = None,
                    AccessionNumber: str | None = None, limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-                   offset: Annotated[int, Query(ge=0)] = 0) -> JSONResponse:
+                   offset: Offset = 0) -> JSONResponse:
     """QIDO-RS: studies with result objects the user may see (exact matches on the DICOM keywords given)."""
     audit("list_studies", StudyInstanceUID, f"QIDO-RS PatientID={PatientID} AccessionNumber={AccessionNumber}")
     query = visible(select(Study).where(Study.id.in_(select(KeptObject.study_id))), user).order_by(Study.id)

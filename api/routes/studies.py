@@ -11,7 +11,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from api.access import find_study, visible
-from api.deps import AuditDep, CurrentUser, SessionDep, StoreDep
+from api.deps import AuditDep, CurrentUser, Offset, SessionDep, StoreDep
 from api.problems import Problem
 from api.schemas import DeliveryPublic, InstancePublic, SignOffPublic, StudiesPublic, StudyDetail, StudyPublic
 from dicom_node.pixels import PixelError, read_model_image
@@ -43,7 +43,7 @@ def list_studies(
     state: StudyState | None = None, accession: str | None = None, patient_id: str | None = None,
     date_from: Annotated[str | None, Query(pattern=r"^\d{8}$", description="YYYYMMDD")] = None,
     date_to: Annotated[str | None, Query(pattern=r"^\d{8}$", description="YYYYMMDD")] = None,
-    limit: Annotated[int, Query(ge=1, le=500)] = 50, offset: Annotated[int, Query(ge=0, le=2**31 - 1)] = 0,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50, offset: Offset = 0,
 ) -> StudiesPublic:
     audit("list_studies", detail="; ".join(f"{k}={v}" for k, v in dict(
         state=state and state.value, accession=accession, patient_id=patient_id, date_from=date_from,
