@@ -18,6 +18,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -185,15 +186,17 @@ def run_discard(work: Path, files: list[Path]) -> float:
 
 
 def discard_server(port: int) -> None:
-    """A pynetdicom SCP with the node's contexts and PDU size that answers success and keeps nothing."""
+    """The node's association server (contexts, PDU size, socket) answering success and keeping nothing."""
     from pynetdicom import evt
 
     from dicom_node.server import build_ae
+    from dicom_node.transport import serve
     from records.settings import NodeSettings
 
     ae = build_ae(NodeSettings(ae_title="DISCARD", port=port))
     ae.require_called_aet = False
-    ae.start_server(("127.0.0.1", port), block=True, evt_handlers=[(evt.EVT_C_STORE, lambda event: 0x0000)])
+    serve(ae, ("127.0.0.1", port), [(evt.EVT_C_STORE, lambda event: 0x0000)])
+    threading.Event().wait()
 
 
 def main() -> None:
@@ -224,6 +227,7 @@ def main() -> None:
         for name, run in receivers.items():
             times = []
             for _ in range(args.runs):
+                os.sync()  # no run pays for writing back the input files or an earlier run's
                 times.append(run(work, files))
             medians[name] = statistics.median(times)
             print(f"  {name}: runs {', '.join(f'{t:.1f}' for t in times)} s", flush=True)

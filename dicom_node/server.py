@@ -28,6 +28,7 @@ from dicom_node.handlers import (
 from dicom_node.reception import Receiver
 from dicom_node.sop import STORAGE_SOP_CLASSES, TRANSFER_SYNTAXES
 from dicom_node.storage import InstanceStore
+from dicom_node.transport import serve
 from records.metrics import ASSOCIATIONS_ACTIVE
 from records.settings import NodeSettings, NodeTLS
 
@@ -141,8 +142,7 @@ class Node:
         if tls is not None:
             listeners["tls"] = (tls.port, server_tls_context(tls, self.settings.network_timeout_s))
         for name, (port, context) in listeners.items():
-            self.servers[name] = self.ae.start_server((self.settings.bind_address, port), block=False,
-                                                      evt_handlers=handlers, ssl_context=context)
+            self.servers[name] = serve(self.ae, (self.settings.bind_address, port), handlers, context)
             log.info("DICOM node %s listening on %s:%d (%s)", self.settings.ae_title, self.settings.bind_address,
                      self._port(name), name if context is None else
                      f"TLS, client certificate {'required' if tls and tls.require_client_cert else 'optional'}")

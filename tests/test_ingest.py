@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
+import socket
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -10,11 +13,13 @@ import pydicom
 import pytest
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE, _config
+from pynetdicom.association import Association
 from pynetdicom.dsutils import encode
 from pynetdicom.sop_class import ComputedRadiographyImageStorage, CTImageStorage, Verification
 from sqlalchemy import func, select
 
 from dicom_node.pixels import read_model_image
+from dicom_node.transport import READ_BYTES, BulkReadSocket
 from records.tables import Instance, Study, StudyState, StudyVersion
 from tests.conftest import radiograph, rg1_copy, storescu, wait_for
 
@@ -260,3 +265,31 @@ def test_instance_after_completion_reopens_as_new_version(database_url, start_no
     lateral = next(i for i in study.instances if i.sop_instance_uid == late.SOPInstanceUID)
     assert lateral.study_version == 2 and lateral.selected is False
     assert lateral.selection_reason == "lateral: ViewPosition LL"
+
+
+def test_bulk_read_returns_whole_pdus_and_what_arrived_when_the_peer_closes():
+    ours, peer = socket.socketpair()
+    sock = BulkReadSocket(Association(AE(), "acceptor"), client_socket=ours)
+    payload = os.urandom(3 * READ_BYTES + 123)  # several reads, more than a socket buffer holds
+    sender = threading.Thread(target=lambda: (peer.sendall(payload), peer.close()))
+    sender.start()
+    try:
+        assert sock.recv(len(payload) - 100) == payload[:-100]
+        assert sock.recv(1000) == payload[-100:]  # fewer than asked: the peer closed
+    finally:
+        sender.join()
+        ours.close()
+
+
+def test_the_node_reads_with_the_bulk_socket(sqlite_url, start_node):
+    running = start_node(sqlite_url)
+    ae = AE(ae_title="BULK")
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", running.port, ae_title=running.node.settings.ae_title)
+    assert assoc.is_established
+    try:
+        [acceptor] = [a for a in running.node.ae.active_associations if a.is_acceptor]
+        assert type(acceptor.dul.socket) is BulkReadSocket
+        assert assoc.send_c_echo().Status == 0x0000
+    finally:
+        assoc.release()
