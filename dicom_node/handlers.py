@@ -7,13 +7,24 @@ bound when the server registers them.
 
 from __future__ import annotations
 
+import errno
 import logging
 from collections.abc import Sequence
 from pathlib import Path
 
 from pydicom import Dataset
 
-from dicom_node.reception import SUCCESS, Caller, Receiver, Transfers, receive
+from dicom_node import spool
+from dicom_node.reception import (
+    CANNOT_STORE,
+    OUT_OF_RESOURCES,
+    SUCCESS,
+    Caller,
+    Receiver,
+    Transfers,
+    receive,
+    refuse,
+)
 from records.audit import Outcome
 from records.logs import log_context
 from records.metrics import ASSOCIATIONS
@@ -38,13 +49,19 @@ def _peer(event) -> str:  # type: ignore[no-untyped-def]
 
 def handle_store(event, receiver: Receiver, transfers: Transfers) -> int | Dataset:  # type: ignore[no-untyped-def]
     """C-STORE: pynetdicom has written the dataset to a temporary Part 10 file as its fragments arrived
-    (``STORE_RECV_CHUNKED_DATASET``); reception moves it into storage. Every log line of it carries the
-    instance's UID and the caller."""
+    (``STORE_RECV_CHUNKED_DATASET``, through ``spool``); reception moves it into storage. Every log line
+    of it carries the instance's UID and the caller."""
     request, requestor = event.request, event.assoc.requestor
+    caller = Caller(requestor.ae_title, requestor.address)
     with log_context(sop_instance_uid=request.AffectedSOPInstanceUID, calling_ae=requestor.ae_title):
-        verdict = receive(receiver, Path(event.dataset_path), event.context.transfer_syntax,
-                          Caller(requestor.ae_title, requestor.address),
-                          expected=(str(request.AffectedSOPInstanceUID), str(request.AffectedSOPClassUID)))
+        try:
+            spool.finish(event.dataset_path)
+        except OSError as exc:
+            log.error("refused %s from %s: cannot write: %s", request.AffectedSOPInstanceUID, caller, exc)
+            verdict = refuse(OUT_OF_RESOURCES if exc.errno == errno.ENOSPC else CANNOT_STORE, "cannot write the file")
+        else:
+            verdict = receive(receiver, Path(event.dataset_path), event.context.transfer_syntax, caller,
+                              expected=(str(request.AffectedSOPInstanceUID), str(request.AffectedSOPClassUID)))
     transfers.note(event.assoc, verdict.study_uid, stored=verdict.stored)
     return SUCCESS if verdict.stored else _status(verdict.status, verdict.reason)
 

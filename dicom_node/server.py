@@ -15,6 +15,7 @@ from pynetdicom.sop_class import Verification
 from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy.orm import Session, sessionmaker
 
+from dicom_node import spool
 from dicom_node.completion import CompletionMonitor, OnReady
 from dicom_node.handlers import (
     Transfers,
@@ -119,9 +120,10 @@ class Node:
     def start(self) -> None:
         if not self.settings.allowed_callers:
             log.warning("no allowed_callers configured: any calling AE title is accepted")
-        # pynetdicom writes each incoming dataset to a temporary file as its fragments arrive;
-        # the handler moves that file into storage (see handlers.handle_store).
+        # pynetdicom writes each incoming dataset to a temporary file as its fragments arrive (on a
+        # thread of the spool's); the handler moves that file into storage (see handlers.handle_store).
         _config.STORE_RECV_CHUNKED_DATASET = True
+        spool.install()
         if not self.receiver.store.same_device_as(Path(tempfile.gettempdir())):
             log.warning("TMPDIR %s is not on the storage file system: every received file is copied "
                         "once more; set TMPDIR to a folder beside %s", tempfile.gettempdir(),
