@@ -123,7 +123,7 @@ class Node:
         # pynetdicom writes each incoming dataset to a temporary file as its fragments arrive (on a
         # thread of the spool's); the handler moves that file into storage (see handlers.handle_store).
         _config.STORE_RECV_CHUNKED_DATASET = True
-        spool.install()
+        spool.install(writeback=self.receiver.store.fsync)
         if not self.receiver.store.same_device_as(Path(tempfile.gettempdir())):
             log.warning("TMPDIR %s is not on the storage file system: every received file is copied "
                         "once more; set TMPDIR to a folder beside %s", tempfile.gettempdir(),

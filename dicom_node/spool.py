@@ -16,6 +16,7 @@ import queue
 import tempfile
 import threading
 import weakref
+from functools import partial
 from pathlib import Path
 from typing import BinaryIO
 
@@ -24,14 +25,14 @@ from pynetdicom import dimse_messages
 
 log = logging.getLogger(__name__)
 
-WRITEBACK = hasattr(os, "posix_fadvise")
 WRITEBACK_BYTES = 1 << 20
 QUEUE_DEPTH = 8  # fragments waiting per file; a fragment is at most one PDU (node.max_pdu_bytes)
 _DONE, _ABANDONED = object(), object()
 _open: weakref.WeakValueDictionary[str, SpoolFile] = weakref.WeakValueDictionary()
 
 
-def _write_all(out: BinaryIO, chunks: queue.Queue[object], failure: list[OSError], name: str) -> None:
+def _write_all(out: BinaryIO, chunks: queue.Queue[object], failure: list[OSError], name: str,
+               writeback: bool) -> None:
     """The writer thread: write fragments in order until done, starting the disk write of each full
     MiB behind them; keep the first error; an abandoned file (its association ended before the
     handler) is removed."""
@@ -48,7 +49,7 @@ def _write_all(out: BinaryIO, chunks: queue.Queue[object], failure: list[OSError
                 while view:  # an unbuffered write may be short
                     count = out.write(view)
                     view, written = view[count:], written + count
-                if WRITEBACK and written - flushed >= WRITEBACK_BYTES:
+                if writeback and written - flushed >= WRITEBACK_BYTES:
                     # starts writing these pages back now (and drops those written back before), so
                     # the handler's fsync finds the file mostly on disk already
                     end = written - written % WRITEBACK_BYTES
@@ -62,13 +63,15 @@ class SpoolFile:
     """The file-like object pynetdicom writes a received dataset to: ``write``, ``file.flush``, ``name``,
     ``close``; the bytes reach the file on the writer thread, all of them once ``finish()`` returns."""
 
-    def __init__(self, *, suffix: str = "", **_: object) -> None:  # pynetdicom also passes delete=False, mode="wb"
+    def __init__(self, *, writeback: bool = False, suffix: str = "", **_: object) -> None:
+        # pynetdicom also passes delete=False, mode="wb"
         fd, self.name = tempfile.mkstemp(suffix=suffix)
         self.file = self  # pynetdicom calls file.flush() after each fragment
         self._chunks: queue.Queue[object] = queue.Queue(QUEUE_DEPTH)
         self._failure: list[OSError] = []
         self._writer = threading.Thread(target=_write_all, name="spool", daemon=True,
-                                        args=(os.fdopen(fd, "wb", buffering=0), self._chunks, self._failure, self.name))
+                                        args=(os.fdopen(fd, "wb", buffering=0), self._chunks, self._failure, self.name,
+                                              writeback and hasattr(os, "posix_fadvise")))
         self._writer.start()
         # an association that ends mid-dataset drops this object without closing it
         self._abandon = weakref.finalize(self, self._chunks.put, _ABANDONED)
@@ -105,14 +108,13 @@ def finish(path: str | os.PathLike[str]) -> None:
         spooled.finish()
 
 
-def install() -> None:
+def install(*, writeback: bool) -> None:
     """Have pynetdicom write incoming datasets through SpoolFile (a warning, and its own writes, when the
-    installed pynetdicom has no such hook)."""
+    installed pynetdicom has no such hook). ``writeback``: start each MiB's disk write as it is
+    written (for a store that fsyncs; without fsync the page cache is left to write back later)."""
     current = getattr(dimse_messages, "NamedTemporaryFile", None)
-    if current is SpoolFile:
-        return
-    if current is not tempfile.NamedTemporaryFile:
+    if not (current is tempfile.NamedTemporaryFile or (isinstance(current, partial) and current.func is SpoolFile)):
         log.warning("pynetdicom %s has no NamedTemporaryFile hook: datasets are written on the network "
                     "thread", pynetdicom.__version__)
         return
-    dimse_messages.NamedTemporaryFile = SpoolFile  # type: ignore[assignment]
+    dimse_messages.NamedTemporaryFile = partial(SpoolFile, writeback=writeback)  # type: ignore[assignment]

@@ -301,7 +301,7 @@ def test_the_node_reads_with_the_bulk_socket(sqlite_url, start_node):
 def test_a_spooled_dataset_is_whole_once_finished(tmp_path, monkeypatch):
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     payload = [os.urandom(size) for size in (128, spool.WRITEBACK_BYTES + 5, 3 * spool.WRITEBACK_BYTES, 7)]
-    spooled = spool.SpoolFile(delete=False, mode="wb", suffix=".dcm")  # as pynetdicom makes it
+    spooled = spool.SpoolFile(writeback=True, delete=False, mode="wb", suffix=".dcm")  # as pynetdicom makes it
     for fragment in payload:
         spooled.write(fragment)
         spooled.file.flush()
@@ -325,5 +325,6 @@ def test_a_dataset_abandoned_mid_transfer_leaves_no_file(tmp_path, monkeypatch):
 def test_the_node_spools_incoming_datasets(sqlite_url, start_node):
     from pynetdicom import dimse_messages
 
-    start_node(sqlite_url)
-    assert dimse_messages.NamedTemporaryFile is spool.SpoolFile
+    start_node(sqlite_url, fsync=True)
+    assert dimse_messages.NamedTemporaryFile.func is spool.SpoolFile
+    assert dimse_messages.NamedTemporaryFile.keywords == {"writeback": True}
