@@ -137,7 +137,7 @@ def run_node(work: Path, files: list[Path], admin_url: str, fsync: bool) -> floa
         env = {**os.environ, "RADVLM_DATABASE_URL": url, "RADVLM_STORAGE_DIR": str(storage),
                "RADVLM_NODE__PORT": str(port), "RADVLM_NODE__BIND_ADDRESS": "127.0.0.1",
                "RADVLM_NODE__DISK_RESERVE_MB": "64", "RADVLM_LOG_LEVEL": "WARNING",
-               "RADVLM_NODE__FSYNC": str(fsync).lower(), "TMPDIR": str(work),
+               "RADVLM_NODE__FSYNC": str(fsync).lower(),
                "RADVLM_BROKER_URL": BROKER}  # the node hands complete studies to Celery; no worker needed
         with process([str(ROOT / ".venv/bin/radvlm-pacs"), "node"], port, env, work / "node.log"):
             elapsed = send(port, files, "RADVLM")

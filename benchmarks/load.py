@@ -130,7 +130,7 @@ def main() -> int:
                "RADVLM_NODE__PORT": str(port), "RADVLM_NODE__BIND_ADDRESS": "127.0.0.1",
                "RADVLM_NODE__MAX_ASSOCIATIONS": str(args.associations + 5), "RADVLM_NODE__STABLE_AGE_S": "2",
                "RADVLM_NODE__DISK_RESERVE_MB": "64", "RADVLM_LOG_LEVEL": "WARNING", "RADVLM_NODE__METRICS_PORT": "0",
-               "TMPDIR": str(work), "RADVLM_BROKER_URL": BROKER}
+               "RADVLM_BROKER_URL": BROKER}
         log = (work / "node.log").open("w")
         node = subprocess.Popen([sys.executable, "-m", "radvlm_pacs", "node"], env=env, cwd=HERE.parent,
                                 stdout=log, stderr=subprocess.STDOUT)

@@ -35,6 +35,9 @@ from records.settings import NodeSettings, NodeTLS
 
 log = logging.getLogger(__name__)
 
+INCOMING = ".incoming"  # under the storage root: datasets being received
+LEFTOVER_AGE = timedelta(hours=1)  # a file there untouched this long was left by a stopped node
+
 
 def build_ae(node: NodeSettings) -> AE:
     """An AE accepting Verification and projection radiography storage in every decodable syntax."""
@@ -123,8 +126,10 @@ class Node:
         # pynetdicom writes each incoming dataset to a temporary file as its fragments arrive (on a
         # thread of the spool's); the handler moves that file into storage (see handlers.handle_store).
         _config.STORE_RECV_CHUNKED_DATASET = True
-        spool.install(writeback=self.receiver.store.fsync)
-        if not self.receiver.store.same_device_as(Path(tempfile.gettempdir())):
+        store = self.receiver.store
+        spooled = spool.install(store.root / INCOMING, writeback=store.fsync)
+        spool.remove_leftovers(store.root / INCOMING, LEFTOVER_AGE, self.receiver.clock())
+        if not spooled and not store.same_device_as(Path(tempfile.gettempdir())):
             log.warning("TMPDIR %s is not on the storage file system: every received file is copied "
                         "once more; set TMPDIR to a folder beside %s", tempfile.gettempdir(),
                         self.receiver.store.root)

@@ -16,6 +16,7 @@ import queue
 import tempfile
 import threading
 import weakref
+from datetime import datetime, timedelta, timezone
 from functools import partial
 from pathlib import Path
 from typing import BinaryIO
@@ -63,9 +64,9 @@ class SpoolFile:
     """The file-like object pynetdicom writes a received dataset to: ``write``, ``file.flush``, ``name``,
     ``close``; the bytes reach the file on the writer thread, all of them once ``finish()`` returns."""
 
-    def __init__(self, *, writeback: bool = False, suffix: str = "", **_: object) -> None:
-        # pynetdicom also passes delete=False, mode="wb"
-        fd, self.name = tempfile.mkstemp(suffix=suffix)
+    def __init__(self, *, folder: Path | None = None, writeback: bool = False, suffix: str = "",
+                 **_: object) -> None:  # pynetdicom also passes delete=False, mode="wb"
+        fd, self.name = tempfile.mkstemp(suffix=suffix, dir=folder)
         self.file = self  # pynetdicom calls file.flush() after each fragment
         self._chunks: queue.Queue[object] = queue.Queue(QUEUE_DEPTH)
         self._failure: list[OSError] = []
@@ -108,13 +109,29 @@ def finish(path: str | os.PathLike[str]) -> None:
         spooled.finish()
 
 
-def install(*, writeback: bool) -> None:
-    """Have pynetdicom write incoming datasets through SpoolFile (a warning, and its own writes, when the
-    installed pynetdicom has no such hook). ``writeback``: start each MiB's disk write as it is
-    written (for a store that fsyncs; without fsync the page cache is left to write back later)."""
+def install(folder: Path, *, writeback: bool) -> bool:
+    """Have pynetdicom write incoming datasets through SpoolFile, into ``folder`` (on the storage's file
+    system, so that each is renamed into place, never copied); False, with a warning, when the installed
+    pynetdicom has no such hook and writes them itself. ``writeback``: start each MiB's disk write as it
+    is written (for a store that fsyncs; without fsync the page cache is left to write back later)."""
     current = getattr(dimse_messages, "NamedTemporaryFile", None)
     if not (current is tempfile.NamedTemporaryFile or (isinstance(current, partial) and current.func is SpoolFile)):
         log.warning("pynetdicom %s has no NamedTemporaryFile hook: datasets are written on the network "
                     "thread", pynetdicom.__version__)
-        return
-    dimse_messages.NamedTemporaryFile = partial(SpoolFile, writeback=writeback)  # type: ignore[assignment]
+        return False
+    folder.mkdir(parents=True, exist_ok=True)
+    dimse_messages.NamedTemporaryFile = partial(SpoolFile, folder=folder, writeback=writeback)  # type: ignore[assignment]
+    return True
+
+
+def remove_leftovers(folder: Path, older_than: timedelta, now: datetime) -> int:
+    """Delete what a node stopped mid-transfer (killed, or the machine lost) left in ``folder``: files not
+    written to for ``older_than``, far longer than any transfer waits between fragments."""
+    removed = 0
+    for path in folder.glob("*.dcm") if folder.is_dir() else ():
+        if now - datetime.fromtimestamp(path.stat().st_mtime, timezone.utc) > older_than:
+            path.unlink(missing_ok=True)
+            removed += 1
+    if removed:
+        log.warning("removed %d partly received file(s) left in %s by an earlier run", removed, folder)
+    return removed

@@ -40,8 +40,8 @@ class InstanceStore:
     def place(self, incoming: Path, relative: str) -> None:
         """Move a completely received (and synced) file to ``relative``.
 
-        A rename when ``incoming`` is on the storage file system (set TMPDIR to a folder there),
-        otherwise a copy. Either way a reader never sees a partial file.
+        A rename when ``incoming`` is on the storage file system (the node receives into a folder
+        under the root), otherwise a copy. Either way a reader never sees a partial file.
         """
         target = self.root / relative
         target.parent.mkdir(parents=True, exist_ok=True)

@@ -8,6 +8,7 @@ test_production_layout; the destination down during the analysis, in test_delive
 from __future__ import annotations
 
 import json
+import os
 import time
 
 from pydicom import dcmread
@@ -15,6 +16,7 @@ from pydicom.uid import ImplicitVRLittleEndian, generate_uid
 from pynetdicom import AE, evt
 from sqlalchemy import func, select
 
+from dicom_node.server import INCOMING
 from records.clock import utcnow
 from records.db import make_engine, make_session_factory, upgrade
 from records.tables import DeliveryState, Instance, Job, JobState, OutboxItem, Result, Study, StudyState, StudyVersion
@@ -27,7 +29,7 @@ from worker.dispatch import OutboxSweep
 
 def test_node_killed_during_a_c_store(sqlite_url, broker_url, tmp_path):  # noqa: F811
     port = free_port()
-    env = _env(tmp_path, sqlite_url, broker_url, port, TMPDIR=str(tmp_path),
+    env = _env(tmp_path, sqlite_url, broker_url, port,
                RADVLM_NODE__MAX_PDU_BYTES="16384")  # the sender cuts the dataset into 16 KiB PDUs
     sessions = make_session_factory(make_engine(sqlite_url))
     logs = tmp_path / "logs"
@@ -52,10 +54,16 @@ def test_node_killed_during_a_c_store(sqlite_url, broker_url, tmp_path):  # noqa
     assert len(sent_pdus) >= 40
     with sessions() as session:
         assert session.scalar(select(func.count()).select_from(Instance)) == 0
-    assert not list((tmp_path / "dicom").rglob("*.dcm"))  # nothing half-written was kept
+    incoming = tmp_path / "dicom" / INCOMING  # where a dataset is received, outside the study tree
+    assert [p for p in (tmp_path / "dicom").rglob("*.dcm") if incoming not in p.parents] == []
+    (incoming / "tmp-left-by-a-crash.dcm").write_bytes(b"\x00" * 132)  # as a kill later in a transfer leaves
+    leftovers = list(incoming.glob("*.dcm"))
+    for path in leftovers:  # as if the node had stayed down two hours
+        os.utime(path, (time.time() - 2 * 3600,) * 2)
 
     with service("node-again", ["node"], env, logs), service("worker", ["worker"], env, logs):
         wait_for(lambda: _listening(port), 30)
+        assert not any(path.exists() for path in leftovers)  # removed as the node started
         assert storescu(port, radiograph("RG1_UNCI.dcm")).returncode == 0
         study = wait_for(lambda: (s := _study(sessions)) and s.state is StudyState.analysed and s, 90)
     with sessions() as session:

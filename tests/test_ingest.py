@@ -6,8 +6,8 @@ import gc
 import logging
 import os
 import socket
-import tempfile
 import threading
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import numpy as np
@@ -298,10 +298,9 @@ def test_the_node_reads_with_the_bulk_socket(sqlite_url, start_node):
         assoc.release()
 
 
-def test_a_spooled_dataset_is_whole_once_finished(tmp_path, monkeypatch):
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+def test_a_spooled_dataset_is_whole_once_finished(tmp_path):
     payload = [os.urandom(size) for size in (128, spool.WRITEBACK_BYTES + 5, 3 * spool.WRITEBACK_BYTES, 7)]
-    spooled = spool.SpoolFile(writeback=True, delete=False, mode="wb", suffix=".dcm")  # as pynetdicom makes it
+    spooled = spool.SpoolFile(folder=tmp_path, writeback=True, delete=False, mode="wb", suffix=".dcm")
     for fragment in payload:
         spooled.write(fragment)
         spooled.file.flush()
@@ -310,9 +309,8 @@ def test_a_spooled_dataset_is_whole_once_finished(tmp_path, monkeypatch):
     spooled.close()  # after finish: nothing more happens, nothing raised
 
 
-def test_a_dataset_abandoned_mid_transfer_leaves_no_file(tmp_path, monkeypatch):
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
-    spooled = spool.SpoolFile(delete=False, mode="wb", suffix=".dcm")
+def test_a_dataset_abandoned_mid_transfer_leaves_no_file(tmp_path):
+    spooled = spool.SpoolFile(folder=tmp_path, delete=False, mode="wb", suffix=".dcm")
     spooled.write(b"\x00" * 1000)
     name, writer = spooled.name, spooled._writer
     del spooled  # the association ended before its handler: pynetdicom drops the message
@@ -325,6 +323,21 @@ def test_a_dataset_abandoned_mid_transfer_leaves_no_file(tmp_path, monkeypatch):
 def test_the_node_spools_incoming_datasets(sqlite_url, start_node):
     from pynetdicom import dimse_messages
 
-    start_node(sqlite_url, fsync=True)
+    running = start_node(sqlite_url, fsync=True)
     assert dimse_messages.NamedTemporaryFile.func is spool.SpoolFile
-    assert dimse_messages.NamedTemporaryFile.keywords == {"writeback": True}
+    assert dimse_messages.NamedTemporaryFile.keywords == {"folder": running.store.root / ".incoming",
+                                                         "writeback": True}
+    assert storescu(running.port, radiograph("RG1_UNCI.dcm")).returncode == 0
+    assert list((running.store.root / ".incoming").iterdir()) == []  # moved into the study tree
+    [stored] = running.store.root.rglob("*.dcm")
+    assert pydicom.dcmread(stored).PixelData == pydicom.dcmread(radiograph("RG1_UNCI.dcm")).PixelData
+
+
+def test_leftovers_of_a_stopped_node_are_removed_and_live_files_kept(tmp_path):
+    old, fresh = tmp_path / "old.dcm", tmp_path / "fresh.dcm"
+    for path in (old, fresh):
+        path.write_bytes(b"\x00" * 10)
+    now = datetime.now(timezone.utc)
+    os.utime(old, ((now - timedelta(hours=2)).timestamp(),) * 2)
+    assert spool.remove_leftovers(tmp_path, timedelta(hours=1), now) == 1
+    assert not old.exists() and fresh.exists()
