@@ -4,8 +4,10 @@ With ``STORE_RECV_CHUNKED_DATASET`` pynetdicom writes each fragment of an incomi
 ``NamedTemporaryFile`` in the thread that reads the socket, so copying to the page cache and reading
 the network take turns (about 3 ms of every 8 MiB image). ``install()`` gives pynetdicom a
 ``SpoolFile`` instead: the same temporary file, written by a thread of its own through a short queue,
-so the next fragment is read while the last is written. The C-STORE handler calls ``finish()`` before
-it reads the file. The hook is pynetdicom's module-level name, process-wide like its ``_config``.
+so the next fragment is read while the last is written; for a store that fsyncs, that thread also
+starts each MiB's write to disk as it goes, so the handler's fsync finds little left to do. The C-STORE
+handler calls ``finish()`` before it reads the file. The hook is pynetdicom's module-level name,
+process-wide like its ``_config``.
 """
 
 from __future__ import annotations

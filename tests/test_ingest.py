@@ -6,6 +6,8 @@ import gc
 import logging
 import os
 import socket
+import subprocess
+import sys
 import threading
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -341,3 +343,27 @@ def test_leftovers_of_a_stopped_node_are_removed_and_live_files_kept(tmp_path):
     os.utime(old, ((now - timedelta(hours=2)).timestamp(),) * 2)
     assert spool.remove_leftovers(tmp_path, timedelta(hours=1), now) == 1
     assert not old.exists() and fresh.exists()
+
+
+def test_a_write_error_reaches_the_handler(tmp_path):
+    """A file-size limit (EFBIG, as a full disk gives ENOSPC) hit on the writer thread is raised by
+    finish(); run in a child process so that the limit binds nothing else."""
+    script = f"""
+import errno, resource, signal
+from pathlib import Path
+from dicom_node import spool
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+spooled = spool.SpoolFile(folder=Path({str(tmp_path)!r}), suffix=".dcm")
+for _ in range(4):
+    spooled.write(b"\\0" * (512 << 10))
+try:
+    spooled.finish()
+except OSError as exc:
+    print("raised", errno.errorcode[exc.errno])
+spooled.close()
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
+                            cwd=Path(__file__).parents[1])
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "raised EFBIG"
