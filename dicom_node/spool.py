@@ -69,7 +69,6 @@ class SpoolFile:
     def __init__(self, *, folder: Path | None = None, writeback: bool = False, suffix: str = "",
                  **_: object) -> None:  # pynetdicom also passes delete=False, mode="wb"
         fd, self.name = tempfile.mkstemp(suffix=suffix, dir=folder)
-        self.file = self  # pynetdicom calls file.flush() after each fragment
         self._chunks: queue.Queue[object] = queue.Queue(QUEUE_DEPTH)
         self._failure: list[OSError] = []
         self._writer = threading.Thread(target=_write_all, name="spool", daemon=True,
@@ -79,6 +78,12 @@ class SpoolFile:
         # an association that ends mid-dataset drops this object without closing it
         self._abandon = weakref.finalize(self, self._chunks.put, _ABANDONED)
         _open[self.name] = self
+
+    @property
+    def file(self) -> SpoolFile:
+        """pynetdicom calls ``file.flush()`` after each fragment (a property: no reference cycle, so a
+        dropped SpoolFile is finalized at once)."""
+        return self
 
     def write(self, data: bytes | bytearray | memoryview) -> int:
         self._chunks.put(data.tobytes() if isinstance(data, memoryview) else data)

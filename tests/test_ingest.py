@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 import logging
 import os
 import socket
@@ -24,6 +23,7 @@ from sqlalchemy import func, select
 
 from dicom_node import spool
 from dicom_node.pixels import read_model_image
+from dicom_node.server import INCOMING
 from dicom_node.transport import READ_BYTES, BulkReadSocket
 from records.tables import Instance, Study, StudyState, StudyVersion
 from tests.conftest import radiograph, rg1_copy, storescu, wait_for
@@ -316,7 +316,6 @@ def test_a_dataset_abandoned_mid_transfer_leaves_no_file(tmp_path):
     spooled.write(b"\x00" * 1000)
     name, writer = spooled.name, spooled._writer
     del spooled  # the association ended before its handler: pynetdicom drops the message
-    gc.collect()
     writer.join(timeout=5)
     assert not writer.is_alive()
     assert not Path(name).exists()
@@ -327,10 +326,10 @@ def test_the_node_spools_incoming_datasets(sqlite_url, start_node):
 
     running = start_node(sqlite_url, fsync=True)
     assert dimse_messages.NamedTemporaryFile.func is spool.SpoolFile
-    assert dimse_messages.NamedTemporaryFile.keywords == {"folder": running.store.root / ".incoming",
+    assert dimse_messages.NamedTemporaryFile.keywords == {"folder": running.store.root / INCOMING,
                                                          "writeback": True}
     assert storescu(running.port, radiograph("RG1_UNCI.dcm")).returncode == 0
-    assert list((running.store.root / ".incoming").iterdir()) == []  # moved into the study tree
+    assert list((running.store.root / INCOMING).iterdir()) == []  # moved into the study tree
     [stored] = running.store.root.rglob("*.dcm")
     assert pydicom.dcmread(stored).PixelData == pydicom.dcmread(radiograph("RG1_UNCI.dcm")).PixelData
 
