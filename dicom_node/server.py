@@ -131,8 +131,7 @@ class Node:
         spool.remove_leftovers(store.root / INCOMING, LEFTOVER_AGE, self.receiver.clock())
         if not spooled and not store.same_device_as(Path(tempfile.gettempdir())):
             log.warning("TMPDIR %s is not on the storage file system: every received file is copied "
-                        "once more; set TMPDIR to a folder beside %s", tempfile.gettempdir(),
-                        self.receiver.store.root)
+                        "once more; set TMPDIR to a folder beside %s", tempfile.gettempdir(), store.root)
         handlers = [
             (evt.EVT_C_STORE, handle_store, [self.receiver, self.transfers]),
             (evt.EVT_C_ECHO, handle_echo),

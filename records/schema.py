@@ -6,6 +6,8 @@ and in pixels of the original image (column, row), so a reader never re-derives 
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 from pydantic import BaseModel, Field, model_validator
 
 SCHEMA_VERSION = 1
@@ -82,6 +84,10 @@ class StudyResult(BaseModel):
     def study_labels(self) -> dict[str, bool]:
         """Each CheXpert label, in order: present on any image of the study."""
         return {label: any(image.labels.get(label) for image in self.images) for label in CHEXPERT_LABELS}
+
+    def critical_labels(self, urgent: Collection[str]) -> list[str]:
+        """The labels present in the study that the site counts as urgent (flagged AA in HL7 and FHIR)."""
+        return sorted(label for label, present in self.study_labels().items() if present and label in urgent)
 
     def identity(self, final: bool = False) -> str:
         """The name of what is sent about this result (HL7 control ID, FHIR identifiers): study, version and

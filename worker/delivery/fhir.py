@@ -52,7 +52,7 @@ def report_bundle(result: StudyResult, header: Dataset, fhir: FhirSettings, when
     study_oid = f"urn:oid:{result.study_instance_uid}"
     status = "final" if final else "preliminary"
     labels = result.study_labels()
-    urgent = set(fhir.urgent_findings)
+    critical = result.critical_labels(fhir.urgent_findings)
     entries = [
         {"fullUrl": patient_url,
          "resource": {"resourceType": "Patient",
@@ -80,9 +80,9 @@ def report_bundle(result: StudyResult, header: Dataset, fhir: FhirSettings, when
         if coding.site is not None:
             observation["bodySite"] = _concept(coding.site)
         if present and label != "No Finding":
-            critical = label in urgent
-            observation["interpretation"] = [{"coding": [{"system": INTERPRETATION, "code": "AA" if critical else "A",
-                                                          "display": "Critical abnormal" if critical else "Abnormal"}]}]
+            urgent = label in critical
+            observation["interpretation"] = [{"coding": [{"system": INTERPRETATION, "code": "AA" if urgent else "A",
+                                                          "display": "Critical abnormal" if urgent else "Abnormal"}]}]
         entries.append({"fullUrl": url, "resource": observation, "request": {"method": "POST", "url": "Observation"}})
         observations.append({"reference": url})
     text = result.images[0].report.text
@@ -96,7 +96,6 @@ def report_bundle(result: StudyResult, header: Dataset, fhir: FhirSettings, when
     }
     if (effective := _date(str(header.get("StudyDate", "") or ""))) is not None:
         report["effectiveDateTime"] = effective
-    critical = sorted(label for label, present in labels.items() if present and label in urgent)
     if critical:
         report["conclusionCode"] = [_concept(cx.LABELS[label].finding) for label in critical]
     entries.append({"fullUrl": report_url, "resource": report,

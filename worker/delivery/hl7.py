@@ -78,7 +78,7 @@ def oru_message(header: Dataset, result: StudyResult, control_id: str, when: dat
     order.obr.obr_22 = when.strftime("%Y%m%d%H%M%S")
     order.obr.obr_25 = status
     labels = result.study_labels()
-    critical = sorted(label for label, present in labels.items() if present and label in urgent)
+    critical = result.critical_labels(urgent)
     text = result.images[0].report.text
     rows: list[tuple[str, str, str | list[str], str]] = [
         ("TX", NARRATIVE_CODE, _lines(text if final else f"{DRAFT_NOTICE}. {text}"), "AA" if critical else ""),
