@@ -6,6 +6,9 @@ default), and prints the median instances/s and MiB/s with the node's ratios. Th
 configured for production: its own process, PostgreSQL, fsync on (as Orthanc's default
 SyncStorageArea), and once more with fsync off. The discard-only receiver is the node's own
 association server (pynetdicom with the node's socket) answering success and keeping nothing.
+The durable-only receiver is that server keeping each dataset the least durable way: the node's
+spool, fsync and rename, no header read, no database; it shows how near the ceiling any receiver
+that answers only once the file is on disk can come on this machine in this run.
 
     .venv/bin/python benchmarks/ingest.py [--count 200] [--runs 3] [--database-url URL]
 """
@@ -130,6 +133,7 @@ def postgres_database(admin_url: str) -> Iterator[str]:
 
 
 BROKER = "redis://127.0.0.1:6379/12"
+CEILING, DURABLE = "discard-only (network ceiling)", "durable-only (spool, fsync, rename)"
 
 
 def run_node(work: Path, files: list[Path], admin_url: str, fsync: bool) -> float:
@@ -187,17 +191,46 @@ def run_discard(work: Path, files: list[Path]) -> float:
         return send(port, files, "DISCARD")
 
 
-def discard_server(port: int) -> None:
-    """The node's association server (contexts, PDU size, socket) answering success and keeping nothing."""
-    from pynetdicom import evt
+def run_durable(work: Path, files: list[Path]) -> float:
+    port = free_port()
+    out = work / "durable"
+    cmd = [sys.executable, __file__, "--durable-server", str(port), str(out)]
+    with process(cmd, port):
+        elapsed = send(port, files, "DURABLE")
+    stored = len(list((out / "instances").iterdir()))
+    shutil.rmtree(out)
+    if stored != len(files):
+        raise RuntimeError(f"durable-only receiver kept {stored} of {len(files)} files")
+    return elapsed
 
-    from dicom_node.server import build_ae
+
+def bare_server(port: int, keep_in: Path | None) -> None:
+    """The node's association server (contexts, PDU size, socket) answering success. With ``keep_in``, each
+    dataset is kept as the node keeps it (spool, fsync, rename) and nothing more is done; without, nothing
+    is kept."""
+    from pynetdicom import _config, evt
+
+    from dicom_node import spool
+    from dicom_node.server import INCOMING, build_ae
+    from dicom_node.storage import InstanceStore
     from dicom_node.transport import serve
     from records.settings import NodeSettings
 
-    ae = build_ae(NodeSettings(ae_title="DISCARD", port=port))
+    def handle_store(event) -> int:  # type: ignore[no-untyped-def]
+        if keep_in is not None:
+            incoming = Path(event.dataset_path)
+            spool.finish(incoming)
+            store.sync(incoming)
+            store.place(incoming, f"instances/{event.request.AffectedSOPInstanceUID}.dcm")
+        return 0x0000
+
+    if keep_in is not None:
+        store = InstanceStore(keep_in, fsync=True)
+        _config.STORE_RECV_CHUNKED_DATASET = True
+        spool.install(keep_in / INCOMING, writeback=True)
+    ae = build_ae(NodeSettings(ae_title="BARE", port=port))
     ae.require_called_aet = False
-    serve(ae, ("127.0.0.1", port), [(evt.EVT_C_STORE, lambda event: 0x0000)])
+    serve(ae, ("127.0.0.1", port), [(evt.EVT_C_STORE, handle_store)])
     threading.Event().wait()
 
 
@@ -207,9 +240,13 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--database-url", default=POSTGRES_ADMIN, help="admin URL to create a scratch database")
     parser.add_argument("--discard-server", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--durable-server", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.discard_server:
-        discard_server(args.discard_server)
+        bare_server(args.discard_server, None)
+        return
+    if args.durable_server:
+        bare_server(int(args.durable_server[0]), Path(args.durable_server[1]))
         return
 
     receivers: dict[str, Callable[[Path, list[Path]], float]] = {
@@ -217,7 +254,8 @@ def main() -> None:
         "radvlm-pacs node (PostgreSQL, fsync = false)": lambda w, f: run_node(w, f, args.database_url, False),
         "DCMTK storescp -pdu 131072": run_storescp,
         "Orthanc": run_orthanc,
-        "discard-only (network ceiling)": run_discard,
+        CEILING: run_discard,
+        DURABLE: run_durable,
     }
     with tempfile.TemporaryDirectory(prefix="radvlm-ingest-") as tmp:
         work = Path(tmp)
@@ -241,9 +279,12 @@ def main() -> None:
     for node in [name for name in medians if name.startswith("radvlm-pacs")]:
         print(f"\n{node}:")
         for name, target in (("DCMTK storescp -pdu 131072", 1.5), ("Orthanc", 2.5),
-                             ("discard-only (network ceiling)", 0.6)):
+                             (CEILING, 0.6)):
             ratio = medians[name] / medians[node]
             print(f"  / {name}: {ratio:.2f}x (target {target}x) {'OK' if ratio >= target else 'BELOW TARGET'}")
+        print(f"  / {DURABLE}: {medians[DURABLE] / medians[node]:.2f}x (no target)")
+    print(f"\n{DURABLE} / {CEILING}: {medians[CEILING] / medians[DURABLE]:.2f}x: the most of the ceiling that "
+          "a receiver answering only once each file is on disk reached in this run")
 
 
 if __name__ == "__main__":
