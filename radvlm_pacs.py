@@ -156,7 +156,10 @@ def cmd_worker(args: argparse.Namespace) -> int:
                             grace_s=policy.sweep_grace_s, clock=utcnow, backlog=lambda: depths()[IO_QUEUE])
         sweep.start()
     try:
-        app.worker_main(["--quiet", "worker", "--pool=solo", "-Q", queues, "--without-mingle", "--without-gossip",
+        # several tasks at once run as threads sharing one loaded model (and, in-process, its decode steps)
+        concurrency = settings.worker.concurrency
+        pool = ["--pool=solo"] if concurrency == 1 else ["--pool=threads", f"--concurrency={concurrency}"]
+        app.worker_main(["--quiet", "worker", *pool, "-Q", queues, "--without-mingle", "--without-gossip",
                          "-n", name, "-l", settings.log_level])
     finally:
         if sweep is not None:

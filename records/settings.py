@@ -115,6 +115,9 @@ class ModelSettings(Section):
     prefix_cache_mb: int = Field(default=4096, ge=0,
                                  description="keep each image's prefilled prefix (KV cache) for the study's other "
                                              "questions and its chat, within this budget; 0: off")
+    max_batch_rows: int = Field(default=32, ge=1,
+                                description="questions decoded together on one GPU, all studies and chats together; "
+                                            "each holds a copy of its image's prefix (~420 MB for RadVLM)")
     regions: list[str] = Field(default_factory=list,
                                description="anatomical regions to ground on every image, e.g. 'right lung'")
     server_url: str | None = Field(default=None, description="openai-server: e.g. http://vllm:8000/v1")
@@ -153,6 +156,11 @@ class WorkerSettings(Section):
     ])
     metrics_port: int = Field(default=9102, ge=0, le=65535,
                               description="Prometheus metrics of a worker process; 0: off")
+    concurrency: int = Field(default=1, ge=1,
+                             description="tasks one worker process runs at once; above 1, as threads: on a gpu "
+                                         "worker, the studies and chat questions whose decode steps the model shares "
+                                         "(a lost Redis connection then stops the process: run it under a "
+                                         "supervisor that restarts it, as compose does)")
 
     @model_validator(mode="after")
     def _redelivery_after_time_limit(self) -> WorkerSettings:

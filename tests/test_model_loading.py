@@ -96,3 +96,70 @@ def test_questions_decoded_together_equal_one_by_one(tiny_model):
         (e.text, e.new_tokens, e.prompt_tokens) for e in expected]
     assert len({e.text for e in expected}) >= 3  # the answers differ, so a row mixed up would show
     assert [g.new_tokens for g in got][:3] == [24, 5, 12]
+
+
+def test_concurrent_studies_share_decode_steps_and_keep_their_answers(tiny_model):
+    """Questions about different images, asked from several threads and joining while others decode,
+    share the engine's steps; each still gets the answer plain generate() gives it alone."""
+    import threading
+
+    from worker import prompts
+    from worker.backends.prefix_cache import PREFIX
+
+    engine_backed = TransformersBackend(str(tiny_model), prefix_cache_mb=512)
+    plain = TransformersBackend(str(tiny_model))
+    rng = np.random.default_rng(11)
+    images = [rng.integers(0, 256, shape, dtype=np.uint8) for shape in ((500, 420), (300, 300), (420, 640))]
+    conversations = [[Turn("user", prompts.REPORT)], [Turn("user", prompts.grounding_question("Cardiomegaly"))]]
+    params = [GenerationParams(max_new_tokens=20, min_new_tokens=20), GenerationParams(max_new_tokens=9)]
+    expected = [[plain.generate(image, turns, p) for turns, p in zip(conversations, params)] for image in images]
+    prefix_lengths = {int(plain.inputs(image, [], text=PREFIX)["input_ids"].shape[1]) for image in images}
+
+    engine = engine_backed.engine
+    got: dict[int, list] = {}
+    started = threading.Event()
+
+    def study(number: int) -> None:
+        got[number] = engine_backed.generate_many(images[number], conversations, params)
+
+    first = threading.Thread(target=study, args=(0,))
+    first.start()
+    while engine.steps < 3 and first.is_alive():  # the first study is decoding: the others join it
+        started.wait(0.005)
+    others = [threading.Thread(target=study, args=(n,)) for n in (1, 2)]
+    for thread in others:
+        thread.start()
+    for thread in [first, *others]:
+        thread.join(timeout=300)
+    for number in range(3):
+        assert [(g.text, g.new_tokens, g.prompt_tokens) for g in got[number]] == [
+            (e.text, e.new_tokens, e.prompt_tokens) for e in expected[number]]
+    assert len({e[0].text for e in expected}) == 3  # each image its own report: rows mixed up would show
+    assert len(prefix_lengths) == 3  # so rows joining the batch were padded to one slot
+    assert engine.steps < 3 * 20  # alone, the three reports would take 3 x 20 steps
+
+
+def test_a_failing_request_fails_alone(tiny_model):
+    """A request whose prefix cannot be built fails with its own error; the batch it joined goes on."""
+    from concurrent.futures import Future
+
+    from worker import prompts
+    from worker.backends.batch_decode import Row
+
+    backend = TransformersBackend(str(tiny_model), prefix_cache_mb=512)
+    image = np.random.default_rng(5).integers(0, 256, (500, 420), dtype=np.uint8)
+    alone = backend.generate(image, [Turn("user", prompts.REPORT)], GenerationParams(max_new_tokens=15,
+                                                                                      min_new_tokens=15))
+
+    def broken() -> tuple[int, object]:
+        raise MemoryError("no room for this image")
+
+    long_running: Future = Future()
+    worker = __import__("threading").Thread(target=lambda: long_running.set_result(backend.generate(
+        image, [Turn("user", prompts.REPORT)], GenerationParams(max_new_tokens=15, min_new_tokens=15))))
+    worker.start()
+    failing = backend.engine.submit([Row([1, 2, 3], GenerationParams(max_new_tokens=4))], broken)
+    with pytest.raises(MemoryError, match="no room"):
+        failing.result(timeout=120)
+    worker.join(timeout=120)
+    assert long_running.result().text == alone.text

@@ -325,3 +325,30 @@ def test_two_workers_share_the_studies_and_report_metrics_and_json_logs(database
         assert json_lines(path), path.name
         text = path.read_text()
         assert PATIENT_ID not in text and "Secretperson" not in text, path.name
+
+
+def test_a_worker_with_concurrency_analyses_studies_side_by_side(sqlite_url, broker_url, tmp_path):
+    """``worker.concurrency = 3``: one GPU worker process takes three studies at once (threads sharing its
+    model) and analyses each once."""
+    port = free_port()
+    sessions = make_session_factory(make_engine(sqlite_url))
+    files = [rg1_copy(tmp_path, f"s{n}.dcm", StudyInstanceUID=generate_uid()) for n in range(3)]
+    env = _env(tmp_path, sqlite_url, broker_url, port, RADVLM_WORKER__CONCURRENCY="3",
+               RADVLM_MODEL__SCRIPTED_DELAY_S="1.0")  # 4 answers: 4 s of "GPU" work per study
+    most_running = 0
+
+    def all_done() -> bool:
+        nonlocal most_running
+        with sessions() as session:
+            states = [job.state for job in session.scalars(select(Job))]
+        most_running = max(most_running, states.count(JobState.running))
+        return len(states) == 3 and all(state is JobState.done for state in states)
+
+    with service("node", ["node"], env, tmp_path / "logs"), service("worker", ["worker"], env, tmp_path / "logs"):
+        wait_for(lambda: _listening(port), 30)
+        assert storescu(port, *files).returncode == 0
+        wait_for(all_done, 60)
+    assert most_running >= 2  # one at a time would never show two running
+    with sessions() as session:
+        assert session.scalar(select(func.count()).select_from(Result)) == 3
+        assert all(job.attempts == 1 for job in session.scalars(select(Job)))

@@ -1,9 +1,9 @@
 """The Celery application: a ``gpu`` queue for model work and an ``io`` queue for delivery.
 
-At-least-once with idempotent results: tasks are acknowledged late, a worker takes one task at a
-time, and Redis redelivers what a dead worker never acknowledged (after ``visibility_timeout``,
-set above the task time limit, and swept for every few seconds). Results are unique per
-(study, version, model revision).
+At-least-once with idempotent results: tasks are acknowledged late, each of a worker's threads
+(``worker.concurrency``) takes one task at a time, and Redis redelivers what a dead worker never
+acknowledged (after ``visibility_timeout``, set above the task time limit, and swept for every few
+seconds). Results are unique per (study, version, model revision).
 """
 
 from __future__ import annotations

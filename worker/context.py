@@ -51,7 +51,8 @@ def load_backend(model: ModelSettings) -> ModelBackend:
     from worker.backends.transformers import TransformersBackend
 
     return TransformersBackend(model.id, revision=model.revision, device=model.device,
-                               quantization=model.quantization, prefix_cache_mb=model.prefix_cache_mb)
+                               quantization=model.quantization, prefix_cache_mb=model.prefix_cache_mb,
+                               max_batch_rows=model.max_batch_rows)
 
 
 def build_context(settings: Settings, backend: ModelBackend | None = None) -> WorkerContext:

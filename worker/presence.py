@@ -1,7 +1,7 @@
 """GPU workers announce themselves in Redis, so the API can tell "the model is down" at once.
 
-A Celery ``ping`` would not do: a solo-pool worker answers control messages only between tasks,
-so a worker busy with a study would look dead. A thread beside the task refreshes a key with a
+A Celery ``ping`` would not do: a worker answers control messages only when its consumer gets to
+them, so a worker busy with studies could look dead. A thread beside the task refreshes a key with a
 time to live instead; when the worker dies, its key expires.
 """
 

@@ -11,6 +11,7 @@ holds an answer.
 from __future__ import annotations
 
 import hashlib
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
@@ -40,31 +41,42 @@ def cache_bytes(cache: Any) -> int:
 
 
 class PrefixCache:
-    """Least recently used image prefixes within ``budget_bytes`` (0: nothing is kept)."""
+    """Least recently used image prefixes within ``budget_bytes`` (0: nothing is kept); callers on
+    any thread (the engine's thread fills it, the callers look)."""
 
     def __init__(self, budget_bytes: int) -> None:
         self.budget_bytes = budget_bytes
         self._entries: OrderedDict[str, Prefix] = OrderedDict()
+        self._lock = threading.Lock()
         self.hits = self.misses = 0
 
+    def __contains__(self, key: str) -> bool:
+        """Whether ``key`` is kept now (a look, not a use: no hit, no miss, no reordering)."""
+        with self._lock:
+            return key in self._entries
+
     def get(self, key: str) -> Prefix | None:
-        entry = self._entries.get(key)
-        if entry is None:
-            self.misses += 1
-            return None
-        self.hits += 1
-        self._entries.move_to_end(key)
-        return entry
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None:
+                self.misses += 1
+                return None
+            self.hits += 1
+            self._entries.move_to_end(key)
+            return entry
 
     def put(self, key: str, entry: Prefix) -> None:
-        self._entries[key] = entry
-        self._entries.move_to_end(key)
-        while self._entries and self.nbytes > self.budget_bytes:
-            self._entries.popitem(last=False)
+        with self._lock:
+            self._entries[key] = entry
+            self._entries.move_to_end(key)
+            while self._entries and sum(e.nbytes for e in self._entries.values()) > self.budget_bytes:
+                self._entries.popitem(last=False)
 
     def drop(self, key: str) -> None:
-        self._entries.pop(key, None)
+        with self._lock:
+            self._entries.pop(key, None)
 
     @property
     def nbytes(self) -> int:
-        return sum(e.nbytes for e in self._entries.values())
+        with self._lock:
+            return sum(e.nbytes for e in self._entries.values())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,7 @@ import numpy as np
 from dicom_node.pixels import model_picture
 from worker import prompts
 from worker.backends.base import Completion, GenerationParams, ModelLoadError, OnText
-from worker.backends.batch_decode import Row, decode, stream_relay
+from worker.backends.batch_decode import DecodeEngine, Row, stream_relay
 from worker.backends.prefix_cache import PREFIX, Prefix, PrefixCache, cache_bytes, image_key
 from worker.prompts import Turn
 
@@ -51,12 +52,16 @@ def _load_error(model_id: str, exc: BaseException) -> ModelLoadError:
 
 
 class TransformersBackend:
-    """LlavaOnevisionForConditionalGeneration + AutoProcessor; bf16 on GPU, float32 on CPU."""
+    """LlavaOnevisionForConditionalGeneration + AutoProcessor; bf16 on GPU, float32 on CPU.
+
+    With a prefix cache, questions go through one ``DecodeEngine`` (callers on any thread share its
+    decode steps, up to ``max_batch_rows`` rows); without, each is one ``generate()`` call, one at a time.
+    """
 
     name = "transformers"
 
     def __init__(self, model_id: str, *, revision: str | None = None, device: str = "auto",
-                 quantization: str | None = None, prefix_cache_mb: int = 0) -> None:
+                 quantization: str | None = None, prefix_cache_mb: int = 0, max_batch_rows: int = 32) -> None:
         try:
             import torch
             from transformers import AutoConfig, AutoProcessor, LlavaOnevisionForConditionalGeneration
@@ -103,6 +108,13 @@ class TransformersBackend:
             raise ModelLoadError(f"cannot load {model_id}: AutoProcessor gave {type(self.processor).__name__}, "
                                  "not a LLaVA-OneVision processor")
         self.prefixes = PrefixCache(prefix_cache_mb * 1024 * 1024 if self._prefix_splits_cleanly() else 0)
+        eos = self.model.generation_config.eos_token_id
+        eos_ids = {eos} if isinstance(eos, int) else set(eos or [])
+        pad = self.model.generation_config.pad_token_id
+        self.end_of_turn = min(eos_ids)
+        self.engine = DecodeEngine(self.model, torch, self.device, eos_ids,
+                                   pad if pad is not None else self.end_of_turn, max_batch_rows)
+        self._one_at_a_time = threading.Lock()  # the plain path: one generate() on the model at once
         log.info("loaded %s (revision %s) on %s in %s", model_id, self.model_revision, self.device, dtype)
 
     def inputs(self, image: np.ndarray, turns: list[Turn], text: str | None = None) -> Any:
@@ -125,24 +137,24 @@ class TransformersBackend:
             return False
         return True
 
-    def _prefix(self, image: np.ndarray) -> tuple[str, Prefix]:
-        """The image's prefilled prefix, from the cache or computed now and kept."""
-        key = image_key(image)
+    def _prefix(self, key: str, image: np.ndarray, inputs: Any) -> tuple[int, Any]:
+        """On the engine's thread: the image's prefilled prefix, from the cache or computed now (from the
+        processor's ``inputs`` when the caller prepared them) and kept."""
         entry = self.prefixes.get(key)
         if entry is None:
-            batch = self.inputs(image, [], text=PREFIX)
+            batch = inputs if inputs is not None else self.inputs(image, [], text=PREFIX)
             with self.torch.inference_mode():
                 cache = self.model(**batch, use_cache=True).past_key_values
             entry = Prefix(int(batch["input_ids"].shape[1]), cache, cache_bytes(cache))
             self.prefixes.put(key, entry)
-        return key, entry
+        return entry.length, entry.cache
 
     def _plain(self, image: np.ndarray, turns: list[Turn], params: GenerationParams,
                on_text: OnText | None) -> tuple[int, list[int]]:
         """transformers' own ``generate()`` on the whole prompt (no prefix cache)."""
         batch = self.inputs(image, turns)
         prompt_tokens = int(batch["input_ids"].shape[1])
-        with self.torch.inference_mode():
+        with self._one_at_a_time, self.torch.inference_mode():
             output = self.model.generate(**batch, do_sample=False, max_new_tokens=params.max_new_tokens,
                                          min_new_tokens=params.min_new_tokens or None,
                                          streamer=stream_relay(self.processor.tokenizer, on_text, skip_prompt=True))
@@ -150,21 +162,29 @@ class TransformersBackend:
 
     def _from_prefix(self, image: np.ndarray, conversations: list[list[Turn]], params: list[GenerationParams],
                      on_text: OnText | None = None) -> list[tuple[int, list[int]]]:
-        """Every conversation decoded together from the image's cached prefix."""
-        key, prefix = self._prefix(image)
+        """Every conversation decoded by the engine from the image's prefix, alongside whatever else it
+        is decoding; ``on_text`` streams the answer of a single conversation."""
+        if on_text is not None and len(conversations) != 1:
+            raise ValueError("streaming takes one question at a time")
         tokenizer = self.processor.tokenizer
-        rows = [Row(tokenizer(prompts.render(turns)[len(PREFIX):], add_special_tokens=False)["input_ids"], p, [])
-                for turns, p in zip(conversations, params, strict=True)]
-        eos = self.model.generation_config.eos_token_id
-        eos_ids = {eos} if isinstance(eos, int) else set(eos or [])
-        pad = self.model.generation_config.pad_token_id
+        rows = [Row(tokenizer(prompts.render(turns)[len(PREFIX):], add_special_tokens=False)["input_ids"], p,
+                    relay=stream_relay(tokenizer, on_text)) for turns, p in zip(conversations, params, strict=True)]
+        key = image_key(image)
+        # the processor's work (tiling, normalising) is done here, not on the engine's thread, when needed
+        inputs = None if key in self.prefixes else self.inputs(image, [], text=PREFIX)
+        lengths: list[int] = []
+
+        def prefix() -> tuple[int, Any]:
+            length, cache = self._prefix(key, image, inputs)
+            lengths.append(length)
+            return length, cache
+
         try:
-            decode(self.model, self.torch, prefix.cache, prefix.length, rows, eos_ids,
-                   pad if pad is not None else min(eos_ids), self.device, stream_relay(tokenizer, on_text))
+            self.engine.submit(rows, prefix).result()
         except BaseException:
             self.prefixes.drop(key)
             raise
-        return [(prefix.length + len(row.tail), row.tokens + ([min(eos_ids)] if row.ended else [])) for row in rows]
+        return [(lengths[0] + len(row.tail), row.tokens + ([self.end_of_turn] if row.ended else [])) for row in rows]
 
     def generate_many(self, image: np.ndarray, conversations: list[list[Turn]],
                       params: list[GenerationParams]) -> list[Completion]:
