@@ -55,7 +55,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     _upgrade(settings)
     ctx = build_context(settings)
     ctx.backend  # load the model before the node accepts anything
-    with ModelThread() as model_thread:
+    with ModelThread(threads=settings.worker.concurrency) as model_thread:
         runner = InProcessRunner(ctx, model_thread)
         runner.start()  # also sends what a previous run left in the outbox
         api = _api_server(settings, LocalAsker(ctx, model_thread), ctx.deliver,

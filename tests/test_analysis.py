@@ -146,3 +146,26 @@ def test_tiny_real_model_end_to_end(sqlite_url, start_node, tiny_model):
     assert 0 < image.report.new_tokens <= 16 and image.report.seconds > 0
     assert set(image.labels) == {"No Finding", *[k for k in image.labels if k != "No Finding"]}
     assert len(image.labels) == 14
+
+
+def test_model_threads_start_by_priority_and_run_side_by_side():
+    """One thread: work starts by priority, then in order. Two: two items run at once (each waits for
+    the other here, which one thread could never finish)."""
+    import threading
+
+    from worker.app import CHAT_PRIORITY, ROUTINE_PRIORITY
+
+    started: list[str] = []
+    gate = threading.Event()
+    with ModelThread() as one:
+        one.submit(gate.wait, 10)  # holds the thread while the rest queue up
+        for name, priority in (("first analysis", ROUTINE_PRIORITY), ("second analysis", ROUTINE_PRIORITY),
+                               ("question", CHAT_PRIORITY)):
+            one.submit_at(priority, started.append, name)
+        gate.set()
+    assert started == ["question", "first analysis", "second analysis"]
+
+    meeting = threading.Barrier(2, timeout=10)
+    with ModelThread(threads=2) as two:
+        both = [two.submit(meeting.wait) for _ in range(2)]
+        assert sorted(future.result(timeout=20) for future in both) == [0, 1]

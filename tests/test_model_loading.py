@@ -163,3 +163,74 @@ def test_a_failing_request_fails_alone(tiny_model):
         failing.result(timeout=120)
     worker.join(timeout=120)
     assert long_running.result().text == alone.text
+
+
+def test_a_streamed_question_is_admitted_before_waiting_analyses(tiny_model):
+    """With the batch full, a question someone reads as it streams goes before analyses that waited longer."""
+    import time
+
+    from worker import prompts
+    from worker.backends.batch_decode import Row
+    from worker.backends.prefix_cache import PREFIX, image_key
+
+    backend = TransformersBackend(str(tiny_model), prefix_cache_mb=512, max_batch_rows=2)
+    image = np.random.default_rng(9).integers(0, 256, (300, 300), dtype=np.uint8)
+    tail = backend.processor.tokenizer(prompts.render([Turn("user", prompts.REPORT)])[len(PREFIX):],
+                                       add_special_tokens=False)["input_ids"]
+    admitted: list[str] = []
+
+    def prefix(name: str):  # type: ignore[no-untyped-def]
+        def source():  # type: ignore[no-untyped-def]
+            admitted.append(name)  # called as the request enters the batch
+            return backend._prefix(image_key(image), image, None)
+        return source
+
+    def rows(count: int, length: int) -> list[Row]:
+        return [Row(list(tail), GenerationParams(max_new_tokens=length, min_new_tokens=length)) for _ in range(count)]
+
+    busy = backend.engine.submit(rows(2, 30), prefix("busy"))
+    while backend.engine.steps < 2 and not busy.done():
+        time.sleep(0.005)
+    routine = backend.engine.submit(rows(1, 3), prefix("analysis"))
+    chat = backend.engine.submit(rows(1, 3), prefix("chat"), urgent=True)
+    for future in (busy, routine, chat):
+        assert len(future.result(timeout=120)[0].tokens) in (3, 30)
+    assert admitted == ["busy", "chat", "analysis"]
+
+
+def test_when_the_engine_thread_dies_no_caller_waits_forever(tiny_model):
+    """Something the engine cannot survive (here SystemExit from an image's prefix): the request decoding,
+    the one that killed it and the one waiting all fail with the reason, and no more are taken."""
+    import threading
+    import time
+
+    from worker.backends.batch_decode import Row
+    from worker.backends.prefix_cache import image_key
+
+    backend = TransformersBackend(str(tiny_model), prefix_cache_mb=512, max_batch_rows=2)
+    image = np.random.default_rng(4).integers(0, 256, (300, 300), dtype=np.uint8)
+
+    def fatal() -> tuple[int, object]:
+        raise SystemExit("killed")
+
+    def real():  # type: ignore[no-untyped-def]
+        return backend._prefix(image_key(image), image, None)
+
+    def rows(length: int) -> list[Row]:
+        return [Row([1, 2, 3], GenerationParams(max_new_tokens=length, min_new_tokens=length))]
+
+    previous_hook, threading.excepthook = threading.excepthook, lambda args: None  # the thread's death is the point
+    try:
+        decoding = backend.engine.submit(rows(400), real)
+        while backend.engine.steps < 1:
+            time.sleep(0.005)
+        killer = backend.engine.submit(rows(2), fatal)  # joins the decoding row
+        waiting = backend.engine.submit(rows(2), real)  # a third row: waits for room
+        for future in (decoding, killer, waiting):
+            with pytest.raises(BaseException, match="killed"):
+                future.result(timeout=120)
+        backend.engine._thread.join(timeout=10)
+    finally:
+        threading.excepthook = previous_hook
+    with pytest.raises(RuntimeError, match="stopped"):
+        backend.engine.submit(rows(2), real)

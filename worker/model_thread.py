@@ -1,4 +1,5 @@
-"""``serve``'s single model thread: model work runs one item at a time, by priority, then in order."""
+"""``serve``'s model threads: model work starts by priority, then in order, on ``worker.concurrency``
+threads (one by default: one item at a time)."""
 
 from __future__ import annotations
 
@@ -13,17 +14,19 @@ from worker.app import ROUTINE_PRIORITY
 
 
 class ModelThread(Executor):
-    """An executor with one thread and a priority queue (a lower number first, as on the gpu queue),
-    so that a radiologist's question overtakes the routine analyses waiting for the model."""
+    """An executor with ``threads`` threads and a priority queue (a lower number first, as on the gpu
+    queue), so that a radiologist's question overtakes the routine analyses waiting for the model.
+    With several threads, the items running share the in-process engine's decode steps."""
 
-    def __init__(self, name: str = "model") -> None:
+    def __init__(self, name: str = "model", threads: int = 1) -> None:
         self._queue: queue.PriorityQueue[tuple[int, int, Future[Any] | None, Callable[[], None]]] = \
             queue.PriorityQueue()
         self._order = itertools.count()
         self._shutdown = False
         self._lock = threading.Lock()
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
-        self._thread.start()
+        self._threads = [threading.Thread(target=self._run, name=f"{name}-{n}", daemon=True) for n in range(threads)]
+        for thread in self._threads:
+            thread.start()
 
     def _run(self) -> None:
         while True:
@@ -58,7 +61,7 @@ class ModelThread(Executor):
 
     @property
     def alive(self) -> bool:
-        return self._thread.is_alive() and not self._shutdown
+        return all(thread.is_alive() for thread in self._threads) and not self._shutdown
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         with self._lock:
@@ -69,7 +72,9 @@ class ModelThread(Executor):
                         _, _, future, _ = self._queue.get_nowait()
                         if future is not None:
                             future.cancel()
-                # the stop mark comes after everything still queued
-                self._queue.put((1 << 30, next(self._order), None, lambda: None))
+                # one stop mark per thread, after everything still queued
+                for _ in self._threads:
+                    self._queue.put((1 << 30, next(self._order), None, lambda: None))
         if wait:
-            self._thread.join()
+            for thread in self._threads:
+                thread.join()

@@ -46,6 +46,7 @@ class Request:
     prefix: PrefixSource
     future: Future[list[Row]]
     left: int = 0  # rows still decoding
+    urgent: bool = False  # someone is reading the answer as it comes: admitted before the others waiting
 
 
 @dataclass
@@ -95,8 +96,8 @@ class DecodeEngine:
     """The model's decode loop on a thread of its own; ``submit`` from any thread.
 
     At most ``max_rows`` rows decode at once (each holds a copy of its image's prefix cache, about
-    0.4 GB for RadVLM-7B); a request that does not fit waits for rows to finish, in order, and one
-    larger than ``max_rows`` runs alone.
+    0.4 GB for RadVLM-7B); a request that does not fit waits for rows to finish, urgent ones first,
+    otherwise in order, and one larger than ``max_rows`` runs alone.
     """
 
     def __init__(self, model: Any, torch: Any, device: Any, eos: set[int], pad_id: int, max_rows: int) -> None:
@@ -104,13 +105,14 @@ class DecodeEngine:
         self.eos, self.pad_id, self.max_rows = sorted(eos), pad_id, max_rows
         self.steps = 0  # forward passes of one token per row, shared by every row decoding
         self._pending: deque[Request] = deque()
+        self._running: list[Request] = []  # admitted, perhaps finished (the engine thread's)
         self._wake = threading.Condition()
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="decode", daemon=True)
         self._thread.start()
 
-    def submit(self, rows: list[Row], prefix: PrefixSource) -> Future[list[Row]]:
-        request = Request(rows, prefix, Future(), len(rows))
+    def submit(self, rows: list[Row], prefix: PrefixSource, *, urgent: bool = False) -> Future[list[Row]]:
+        request = Request(rows, prefix, Future(), len(rows), urgent)
         with self._wake:
             if self._closed:
                 raise RuntimeError("the decode engine has stopped")
@@ -126,19 +128,34 @@ class DecodeEngine:
         self._thread.join()
 
     def _admitted(self, live: int) -> list[Request]:
-        """Wait for work; take the waiting requests that fit beside ``live`` rows, in order."""
+        """Wait for work; take the waiting requests that fit beside ``live`` rows: urgent ones, then the
+        others, each in order, up to the first that does not fit."""
         with self._wake:
             while not self._pending and not live and not self._closed:
                 self._wake.wait()
             taken: list[Request] = []
-            while self._pending and (live + len(self._pending[0].rows) <= self.max_rows or not (live or taken)):
-                taken.append(self._pending.popleft())
-                live += len(taken[-1].rows)
+            for request in sorted(self._pending, key=lambda waiting: not waiting.urgent):
+                if live + len(request.rows) > self.max_rows and (live or taken):
+                    break
+                taken.append(request)
+                live += len(request.rows)
+            for request in taken:
+                self._pending.remove(request)
             return taken
 
     def _run(self) -> None:
-        with self.torch.inference_mode():  # this thread only ever runs the model
-            self._loop()
+        try:
+            with self.torch.inference_mode():  # this thread only ever runs the model
+                self._loop()
+        except BaseException as exc:  # the thread is ending: nobody may wait for it forever
+            log.critical("decode engine stopped: %s", exc)
+            with self._wake:
+                self._closed = True
+                stranded, self._pending = [*self._pending, *self._running], deque()
+            for request in stranded:
+                if not request.future.done():
+                    request.future.set_exception(RuntimeError(f"the decode engine stopped: {exc}"))
+            raise
 
     def _loop(self) -> None:
         batch: _Batch | None = None
@@ -146,26 +163,26 @@ class DecodeEngine:
             admitted = self._admitted(len(batch.owners) if batch else 0)
             if batch is None and not admitted and self._closed:
                 return
+            self._running = [request for request in self._running if not request.future.done()] + admitted
             for request in admitted:
                 if not request.future.set_running_or_notify_cancel():
                     continue
-                try:
+                try:  # this request's own failure (its image, its memory) fails it alone: the batch goes on
                     joining = self._prefilled(request)
-                except Exception as exc:  # this request's own failure (its image, its memory): the batch goes on
+                    if joining is not None:
+                        batch = joining if batch is None else _merged(self.torch, batch, joining)
+                except Exception as exc:
                     request.future.set_exception(exc)
-                    continue
-                if joining is not None:
-                    batch = joining if batch is None else _merged(self.torch, batch, joining)
             if batch is None:
                 continue
             try:
                 batch = self._step(batch)
             except Exception as exc:  # a failed step leaves no usable cache: every request in it fails
                 log.error("decode step failed for %d row(s): %s", len(batch.owners), exc)
-                for request in dict.fromkeys(request for request, _ in batch.owners):
+                for request in self._running:
                     if not request.future.done():
                         request.future.set_exception(exc)
-                batch = None
+                batch, self._running = None, []
 
     def _prefilled(self, request: Request) -> _Batch | None:
         """The request's rows after their questions: the logits of each row's first answer token."""

@@ -163,7 +163,8 @@ class TransformersBackend:
     def _from_prefix(self, image: np.ndarray, conversations: list[list[Turn]], params: list[GenerationParams],
                      on_text: OnText | None = None) -> list[tuple[int, list[int]]]:
         """Every conversation decoded by the engine from the image's prefix, alongside whatever else it
-        is decoding; ``on_text`` streams the answer of a single conversation."""
+        is decoding; ``on_text`` streams the answer of a single conversation, and someone reading along
+        (a radiologist's question) goes before the analyses waiting for room in the batch."""
         if on_text is not None and len(conversations) != 1:
             raise ValueError("streaming takes one question at a time")
         tokenizer = self.processor.tokenizer
@@ -180,7 +181,7 @@ class TransformersBackend:
             return length, cache
 
         try:
-            self.engine.submit(rows, prefix).result()
+            self.engine.submit(rows, prefix, urgent=on_text is not None).result()
         except BaseException:
             self.prefixes.drop(key)
             raise
