@@ -115,9 +115,10 @@ class ModelSettings(Section):
     prefix_cache_mb: int = Field(default=4096, ge=0,
                                  description="keep each image's prefilled prefix (KV cache) for the study's other "
                                              "questions and its chat, within this budget; 0: off")
-    max_batch_rows: int = Field(default=32, ge=1,
-                                description="questions decoded together on one GPU, all studies and chats together; "
-                                            "each holds a copy of its image's prefix (~420 MB for RadVLM)")
+    batch_cache_mb: int = Field(default=16384, ge=1,
+                                description="KV cache of the questions decoding together (all studies and chats): "
+                                            "each holds a copy of its image's prefix and its answer, ~0.5 GB for "
+                                            "RadVLM at max_new_tokens 1500")
     regions: list[str] = Field(default_factory=list,
                                description="anatomical regions to ground on every image, e.g. 'right lung'")
     server_url: str | None = Field(default=None, description="openai-server: e.g. http://vllm:8000/v1")

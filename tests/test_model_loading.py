@@ -73,6 +73,11 @@ def test_the_image_prefix_is_prefilled_once_and_answers_stay_the_same(tiny_model
     assert cached.generate(other, conversations[0], params).text == plain.generate(other, conversations[0],
                                                                                     params).text
     assert cached.prefixes.misses == 2 and 0 < cached.prefixes.nbytes <= 512 * 1024 * 1024
+    # the engine's memory budget counts rows at this many bytes per token: the real cache's
+    from worker.backends.prefix_cache import image_key
+
+    entry = cached.prefixes.peek(image_key(other))
+    assert entry is not None and entry.nbytes == entry.length * cached.kv_bytes_per_token
 
 
 def test_questions_decoded_together_equal_one_by_one(tiny_model):
@@ -173,7 +178,7 @@ def test_a_streamed_question_is_admitted_before_waiting_analyses(tiny_model):
     from worker.backends.batch_decode import Row
     from worker.backends.prefix_cache import PREFIX, image_key
 
-    backend = TransformersBackend(str(tiny_model), prefix_cache_mb=512, max_batch_rows=2)
+    backend = TransformersBackend(str(tiny_model), prefix_cache_mb=512, batch_cache_mb=2)  # two rows of 1 MiB
     image = np.random.default_rng(9).integers(0, 256, (300, 300), dtype=np.uint8)
     tail = backend.processor.tokenizer(prompts.render([Turn("user", prompts.REPORT)])[len(PREFIX):],
                                        add_special_tokens=False)["input_ids"]
@@ -186,7 +191,8 @@ def test_a_streamed_question_is_admitted_before_waiting_analyses(tiny_model):
         return source
 
     def rows(count: int, length: int) -> list[Row]:
-        return [Row(list(tail), GenerationParams(max_new_tokens=length, min_new_tokens=length)) for _ in range(count)]
+        return [Row(list(tail), GenerationParams(max_new_tokens=length, min_new_tokens=length), nbytes=1 << 20)
+                for _ in range(count)]
 
     busy = backend.engine.submit(rows(2, 30), prefix("busy"))
     while backend.engine.steps < 2 and not busy.done():
@@ -207,7 +213,7 @@ def test_when_the_engine_thread_dies_no_caller_waits_forever(tiny_model):
     from worker.backends.batch_decode import Row
     from worker.backends.prefix_cache import image_key
 
-    backend = TransformersBackend(str(tiny_model), prefix_cache_mb=512, max_batch_rows=2)
+    backend = TransformersBackend(str(tiny_model), prefix_cache_mb=512, batch_cache_mb=2)  # two rows of 1 MiB
     image = np.random.default_rng(4).integers(0, 256, (300, 300), dtype=np.uint8)
 
     def fatal() -> tuple[int, object]:
@@ -217,7 +223,7 @@ def test_when_the_engine_thread_dies_no_caller_waits_forever(tiny_model):
         return backend._prefix(image_key(image), image, None)
 
     def rows(length: int) -> list[Row]:
-        return [Row([1, 2, 3], GenerationParams(max_new_tokens=length, min_new_tokens=length))]
+        return [Row([1, 2, 3], GenerationParams(max_new_tokens=length, min_new_tokens=length), nbytes=1 << 20)]
 
     previous_hook, threading.excepthook = threading.excepthook, lambda args: None  # the thread's death is the point
     try:

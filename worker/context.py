@@ -52,7 +52,7 @@ def load_backend(model: ModelSettings) -> ModelBackend:
 
     return TransformersBackend(model.id, revision=model.revision, device=model.device,
                                quantization=model.quantization, prefix_cache_mb=model.prefix_cache_mb,
-                               max_batch_rows=model.max_batch_rows)
+                               batch_cache_mb=model.batch_cache_mb)
 
 
 def build_context(settings: Settings, backend: ModelBackend | None = None) -> WorkerContext:

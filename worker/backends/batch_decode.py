@@ -35,6 +35,7 @@ class Row:
     tokens: list[int] = field(default_factory=list)  # the answer, without the end-of-turn token
     ended: bool = False  # the model ended its turn (as generate() counts it, one more new token)
     relay: Any = None  # a transformers streamer that receives this row's tokens
+    nbytes: int = 0  # the KV cache this row may come to hold (its prompt and its longest answer)
 
 
 PrefixSource = Callable[[], tuple[int, Any]]  # on the engine thread: (length, KV cache) of the image prefix
@@ -95,14 +96,15 @@ def _merged(torch: Any, a: _Batch, b: _Batch) -> _Batch:
 class DecodeEngine:
     """The model's decode loop on a thread of its own; ``submit`` from any thread.
 
-    At most ``max_rows`` rows decode at once (each holds a copy of its image's prefix cache, about
-    0.4 GB for RadVLM-7B); a request that does not fit waits for rows to finish, urgent ones first,
-    otherwise in order, and one larger than ``max_rows`` runs alone.
+    The rows decoding at once hold at most ``budget_bytes`` of KV cache between them (each row its
+    own copy of its image's prefix, about 0.4 GB for RadVLM-7B, and its answer); a request that does
+    not fit waits for rows to finish, urgent ones first, otherwise in order, and one larger than the
+    budget runs alone.
     """
 
-    def __init__(self, model: Any, torch: Any, device: Any, eos: set[int], pad_id: int, max_rows: int) -> None:
+    def __init__(self, model: Any, torch: Any, device: Any, eos: set[int], pad_id: int, budget_bytes: int) -> None:
         self.model, self.torch, self.device = model, torch, device
-        self.eos, self.pad_id, self.max_rows = sorted(eos), pad_id, max_rows
+        self.eos, self.pad_id, self.budget_bytes = sorted(eos), pad_id, budget_bytes
         self.steps = 0  # forward passes of one token per row, shared by every row decoding
         self._pending: deque[Request] = deque()
         self._running: list[Request] = []  # admitted, perhaps finished (the engine thread's)
@@ -127,18 +129,20 @@ class DecodeEngine:
             self._wake.notify()
         self._thread.join()
 
-    def _admitted(self, live: int) -> list[Request]:
-        """Wait for work; take the waiting requests that fit beside ``live`` rows: urgent ones, then the
-        others, each in order, up to the first that does not fit."""
+    def _admitted(self, batch: _Batch | None) -> list[Request]:
+        """Wait for work; take the waiting requests that fit beside the rows of ``batch``: urgent ones,
+        then the others, each in order, up to the first that does not fit."""
+        live = sum(row.nbytes for _, row in batch.owners) if batch else 0
         with self._wake:
-            while not self._pending and not live and not self._closed:
+            while not self._pending and batch is None and not self._closed:
                 self._wake.wait()
             taken: list[Request] = []
             for request in sorted(self._pending, key=lambda waiting: not waiting.urgent):
-                if live + len(request.rows) > self.max_rows and (live or taken):
+                nbytes = sum(row.nbytes for row in request.rows)
+                if live + nbytes > self.budget_bytes and (batch or taken):
                     break
                 taken.append(request)
-                live += len(request.rows)
+                live += nbytes
             for request in taken:
                 self._pending.remove(request)
             return taken
@@ -160,7 +164,7 @@ class DecodeEngine:
     def _loop(self) -> None:
         batch: _Batch | None = None
         while True:
-            admitted = self._admitted(len(batch.owners) if batch else 0)
+            admitted = self._admitted(batch)
             if batch is None and not admitted and self._closed:
                 return
             self._running = [request for request in self._running if not request.future.done()] + admitted

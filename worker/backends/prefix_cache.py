@@ -50,10 +50,10 @@ class PrefixCache:
         self._lock = threading.Lock()
         self.hits = self.misses = 0
 
-    def __contains__(self, key: str) -> bool:
-        """Whether ``key`` is kept now (a look, not a use: no hit, no miss, no reordering)."""
+    def peek(self, key: str) -> Prefix | None:
+        """The entry of ``key`` if kept now (a look, not a use: no hit, no miss, no reordering)."""
         with self._lock:
-            return key in self._entries
+            return self._entries.get(key)
 
     def get(self, key: str) -> Prefix | None:
         with self._lock:

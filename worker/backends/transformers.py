@@ -55,13 +55,14 @@ class TransformersBackend:
     """LlavaOnevisionForConditionalGeneration + AutoProcessor; bf16 on GPU, float32 on CPU.
 
     With a prefix cache, questions go through one ``DecodeEngine`` (callers on any thread share its
-    decode steps, up to ``max_batch_rows`` rows); without, each is one ``generate()`` call, one at a time.
+    decode steps, within ``batch_cache_mb`` of KV cache); without, each is one ``generate()`` call, one
+    at a time.
     """
 
     name = "transformers"
 
     def __init__(self, model_id: str, *, revision: str | None = None, device: str = "auto",
-                 quantization: str | None = None, prefix_cache_mb: int = 0, max_batch_rows: int = 32) -> None:
+                 quantization: str | None = None, prefix_cache_mb: int = 0, batch_cache_mb: int = 16384) -> None:
         try:
             import torch
             from transformers import AutoConfig, AutoProcessor, LlavaOnevisionForConditionalGeneration
@@ -113,7 +114,11 @@ class TransformersBackend:
         pad = self.model.generation_config.pad_token_id
         self.end_of_turn = min(eos_ids)
         self.engine = DecodeEngine(self.model, torch, self.device, eos_ids,
-                                   pad if pad is not None else self.end_of_turn, max_batch_rows)
+                                   pad if pad is not None else self.end_of_turn, batch_cache_mb * 1024 * 1024)
+        text = self.model.config.text_config
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        # keys and values, every layer, every KV head
+        self.kv_bytes_per_token = 2 * text.num_hidden_layers * text.num_key_value_heads * head_dim * dtype.itemsize
         self._one_at_a_time = threading.Lock()  # the plain path: one generate() on the model at once
         log.info("loaded %s (revision %s) on %s in %s", model_id, self.model_revision, self.device, dtype)
 
@@ -167,12 +172,17 @@ class TransformersBackend:
         (a radiologist's question) goes before the analyses waiting for room in the batch."""
         if on_text is not None and len(conversations) != 1:
             raise ValueError("streaming takes one question at a time")
-        tokenizer = self.processor.tokenizer
-        rows = [Row(tokenizer(prompts.render(turns)[len(PREFIX):], add_special_tokens=False)["input_ids"], p,
-                    relay=stream_relay(tokenizer, on_text)) for turns, p in zip(conversations, params, strict=True)]
         key = image_key(image)
         # the processor's work (tiling, normalising) is done here, not on the engine's thread, when needed
-        inputs = None if key in self.prefixes else self.inputs(image, [], text=PREFIX)
+        cached = self.prefixes.peek(key)
+        inputs = None if cached is not None else self.inputs(image, [], text=PREFIX)
+        prefix_length = cached.length if cached is not None else int(inputs["input_ids"].shape[1])
+        tokenizer = self.processor.tokenizer
+        rows = []
+        for turns, p in zip(conversations, params, strict=True):
+            tail = tokenizer(prompts.render(turns)[len(PREFIX):], add_special_tokens=False)["input_ids"]
+            rows.append(Row(tail, p, relay=stream_relay(tokenizer, on_text),
+                            nbytes=(prefix_length + len(tail) + p.max_new_tokens) * self.kv_bytes_per_token))
         lengths: list[int] = []
 
         def prefix() -> tuple[int, Any]:
