@@ -123,6 +123,9 @@ def test_concurrent_studies_share_decode_steps_and_keep_their_answers(tiny_model
     engine = engine_backed.engine
     got: dict[int, list] = {}
     started = threading.Event()
+    tiles_per_call: list[int] = []  # the vision tower sees one image's tiles at a time, however many studies
+    engine_backed.model.model.vision_tower.register_forward_hook(
+        lambda module, args, kwargs_or_output: tiles_per_call.append(int(args[0].shape[0])))
 
     def study(number: int) -> None:
         got[number] = engine_backed.generate_many(images[number], conversations, params)
@@ -142,6 +145,8 @@ def test_concurrent_studies_share_decode_steps_and_keep_their_answers(tiny_model
     assert len({e[0].text for e in expected}) == 3  # each image its own report: rows mixed up would show
     assert len(prefix_lengths) == 3  # so rows joining the batch were padded to one slot
     assert engine.steps < 3 * 20  # alone, the three reports would take 3 x 20 steps
+    tiles = [int(plain.inputs(image, [], text=PREFIX)["pixel_values"].flatten(0, 1).shape[0]) for image in images]
+    assert sorted(tiles_per_call) == sorted(tiles)  # one call per image, each with that image's tiles only
 
 
 def test_a_failing_request_fails_alone(tiny_model):
