@@ -158,3 +158,32 @@ def test_a_new_version_names_the_earlier_report_as_predecessor(sqlite_url, start
         [series_ref] = study_ref.ReferencedSeriesSequence
         assert series_ref.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == before[item.kind].object_uid
         assert item.object_uid != before[item.kind].object_uid
+
+
+def test_c_store_statuses_success_warning_retry_and_refusal(tmp_path):
+    """What the peer answers decides the attempt: success and every warning PS3.7 C.1 lists (0001, 0107,
+    0116, Bxxx) are delivered; out of resources (A7xx) is retried; any other failure is final."""
+    from pynetdicom import AE, evt
+    from pynetdicom.sop_class import ComprehensiveSRStorage
+
+    answers = [0x0000, 0x0001, 0x0107, 0x0116, 0xB000, 0xA700, 0xA900, 0xC000]
+    replies = iter(answers)
+    peer = AE(ae_title="PACS")
+    peer.add_supported_context(ComprehensiveSRStorage)
+    port = free_port()
+    server = peer.start_server(("127.0.0.1", port), block=False,
+                               evt_handlers=[(evt.EVT_C_STORE, lambda event: next(replies))])
+    try:
+        sr = pydicom.Dataset()
+        sr.SOPClassUID, sr.SOPInstanceUID = ComprehensiveSRStorage, pydicom.uid.generate_uid()
+        sr.Modality = "SR"
+        sr.file_meta = pydicom.dataset.FileMetaDataset()
+        sr.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+        buffer = io.BytesIO()
+        sr.save_as(buffer, enforce_file_format=True)
+        destination = Destination(name="pacs", ae_title="PACS", host="127.0.0.1", port=port)
+        outcomes = [(a.delivered, a.retry) for a in (c_store(buffer.getvalue(), destination, "RADVLM", 5)
+                                                          for _ in answers)]
+    finally:
+        server.shutdown()
+    assert outcomes == [(True, False)] * 5 + [(False, True), (False, False), (False, False)]

@@ -11,6 +11,7 @@ from pydicom import dcmread
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, DEFAULT_TRANSFER_SYNTAXES, Association
 from pynetdicom.sop_class import Verification
+from pynetdicom.status import STATUS_SUCCESS, STATUS_WARNING, code_to_category
 
 from records.settings import Destination
 
@@ -88,7 +89,7 @@ def c_store(payload: bytes, destination: Destination, calling_ae: str, timeout_s
         return Attempt(False, True, "no C-STORE response")
     code = int(status.Status)
     comment = str(status.get("ErrorComment", "") or "")
-    if code == 0x0000 or 0xB000 <= code <= 0xBFFF:  # success, or stored with a warning
+    if code_to_category(code) in (STATUS_SUCCESS, STATUS_WARNING):  # stored (a warning: 0001, 0107, 0116, Bxxx)
         return Attempt(True, False, f"stored (status 0x{code:04X})")
     transient = 0xA700 <= code <= 0xA7FF  # out of resources: it may have room later
     return Attempt(False, transient, f"refused with status 0x{code:04X} {comment}".strip())
