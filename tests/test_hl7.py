@@ -46,6 +46,7 @@ def test_oru_is_strictly_valid_with_patient_order_and_findings():
     assert message.msh.msh_9.value == "ORU^R01^ORU_R01" and message.msh.msh_12.value == "2.5.1"
     patient = message.oru_r01_patient_result.oru_r01_patient.pid
     assert patient.pid_3.value == "9RG1" and patient.pid_5.value == "CompressedSamples^RG1"
+    assert message.msh.msh_7.value == "20261123120000+0000"  # UTC, and saying so
     order = message.oru_r01_patient_result.oru_r01_order_observation
     assert order.obr.obr_3.value == "exam Number" and order.obr.obr_25.value == "P"
     observations = [group.obx for group in order.oru_r01_observation]
@@ -122,3 +123,14 @@ def test_ack_codes(tmp_path, answer, delivered, retry):
 def test_listener_down_is_retried():
     outcome = mllp_send(b"MSH|", "127.0.0.1", free_port(), 2)
     assert not outcome.delivered and outcome.retry
+
+
+def test_patient_name_prefix_and_suffix_go_where_xpn_has_them():
+    """DICOM PN is family^given^middle^prefix^suffix; HL7 XPN is family^given^middle^suffix^prefix."""
+    header, result = _result([])
+    header.PatientName = "Curie^Marie^S^Dr.^PhD=キュリー"
+    er7 = oru_message(header, result, "CTRL0003", WHEN, sending_application="RADVLM", sending_facility="HOSP",
+                      receiving_application="RIS", receiving_facility="HOSP", urgent=set())
+    patient = parse_strict(er7).oru_r01_patient_result.oru_r01_patient.pid
+    assert patient.pid_5.value == "Curie^Marie^S^PhD^Dr."
+    assert [c.value for c in patient.pid_5.children] == ["Curie", "Marie", "S", "PhD", "Dr."]

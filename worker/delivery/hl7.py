@@ -41,8 +41,14 @@ def _lines(text: str) -> list[str]:
 
 
 def _name(value: str) -> str:
-    """A DICOM PN (family^given^middle^prefix^suffix) as HL7 XPN components."""
-    return "^".join(_escape(part) for part in value.split("=")[0].split("^")[:5])
+    """A DICOM PN (family^given^middle^prefix^suffix) as an HL7 XPN (family^given^middle^suffix^prefix)."""
+    family, given, middle, prefix, suffix = (value.split("=")[0].split("^") + [""] * 5)[:5]
+    return "^".join(_escape(part) for part in (family, given, middle, suffix, prefix)).rstrip("^")
+
+
+def _timestamp(when: datetime) -> str:
+    """HL7 DTM to the second, with the UTC offset (a receiver would otherwise read its own local time)."""
+    return when.strftime("%Y%m%d%H%M%S%z")
 
 
 def oru_message(header: Dataset, result: StudyResult, control_id: str, when: datetime, *,
@@ -56,7 +62,7 @@ def oru_message(header: Dataset, result: StudyResult, control_id: str, when: dat
     m.msh.msh_4 = sending_facility
     m.msh.msh_5 = receiving_application
     m.msh.msh_6 = receiving_facility
-    m.msh.msh_7 = when.strftime("%Y%m%d%H%M%S")
+    m.msh.msh_7 = _timestamp(when)
     m.msh.msh_9 = "ORU^R01^ORU_R01"
     m.msh.msh_10 = control_id
     m.msh.msh_11 = "P"
@@ -75,7 +81,7 @@ def oru_message(header: Dataset, result: StudyResult, control_id: str, when: dat
     order.obr.obr_3 = _escape(str(header.get("AccessionNumber", "") or result.study_instance_uid[-22:]))
     order.obr.obr_4 = REPORT_CODE
     order.obr.obr_7 = str(header.get("StudyDate", "") or when.strftime("%Y%m%d"))
-    order.obr.obr_22 = when.strftime("%Y%m%d%H%M%S")
+    order.obr.obr_22 = _timestamp(when)
     order.obr.obr_25 = status
     labels = result.study_labels()
     critical = result.critical_labels(urgent)
