@@ -73,6 +73,8 @@ def test_highdicom_reads_groups_and_regions(written, analysed):
     np.testing.assert_allclose(region.value, [[box.px[0], box.px[1]], [box.px[2], box.px[1]], [box.px[2], box.px[3]],
                                               [box.px[0], box.px[3]], [box.px[0], box.px[1]]], rtol=1e-6)
     assert sr.PreliminaryFlag == "PRELIMINARY" and sr.AuthorObserverSequence[0].ObserverType == "DEV"
+    # the service's clock is UTC, and the object says so (a reader would otherwise assume its local time)
+    assert (sr.ContentDate, sr.ContentTime, sr.TimezoneOffsetFromUTC) == ("20261123", "120000", "+0000")
     assert sr.SeriesDescription.endswith("not verified - UNVERIFIED") and len(sr.SeriesDescription) <= 64
     assert sr.StudyInstanceUID == header.StudyInstanceUID and sr.SeriesInstanceUID != header.SeriesInstanceUID
     assert sr.CodingSchemeIdentificationSequence[0].CodingSchemeDesignator == "99RADVLM"

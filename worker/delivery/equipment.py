@@ -105,10 +105,14 @@ def sr_attributes(device: Device, place: Placement, image: Dataset, description:
 
 
 def stamp(ds: Dataset, place: Placement) -> None:
-    """Replace highdicom's clock readings with the caller's time: the same inputs give the same bytes."""
+    """Replace highdicom's clock readings with the caller's time: the same inputs give the same bytes.
+    The dates and times are the service's UTC, declared in Timezone Offset From UTC (without it a
+    reader takes them for its own local time)."""
     when = place.content_datetime
     day, time = when.strftime("%Y%m%d"), when.strftime("%H%M%S")
     ds.InstanceCreationDate, ds.InstanceCreationTime = day, time
+    if when.utcoffset() is not None:
+        ds.TimezoneOffsetFromUTC = when.strftime("%z")
     for prefix in ("PresentationCreation", "Series", "Content"):
         if f"{prefix}Date" in ds:
             setattr(ds, f"{prefix}Date", day)
