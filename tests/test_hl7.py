@@ -47,6 +47,7 @@ def test_oru_is_strictly_valid_with_patient_order_and_findings():
     patient = message.oru_r01_patient_result.oru_r01_patient.pid
     assert patient.pid_3.value == "9RG1" and patient.pid_5.value == "CompressedSamples^RG1"
     assert message.msh.msh_7.value == "20261123120000+0000"  # UTC, and saying so
+    assert message.msh.msh_18.value == "UNICODE UTF-8"  # as the bytes are
     order = message.oru_r01_patient_result.oru_r01_order_observation
     assert order.obr.obr_3.value == "exam Number" and order.obr.obr_25.value == "P"
     observations = [group.obx for group in order.oru_r01_observation]

@@ -67,6 +67,7 @@ def oru_message(header: Dataset, result: StudyResult, control_id: str, when: dat
     m.msh.msh_10 = control_id
     m.msh.msh_11 = "P"
     m.msh.msh_12 = "2.5.1"
+    m.msh.msh_18 = "UNICODE UTF-8"  # HL7 table 0211: the bytes on the wire (names, report text) are UTF-8
     patient_result = m.add_group("ORU_R01_PATIENT_RESULT")
     pid = patient_result.add_group("ORU_R01_PATIENT").pid
     pid.pid_1 = "1"
