@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import subprocess
 from datetime import datetime, timezone
 
@@ -219,3 +220,32 @@ def test_burned_in_capture(analysed, tmp_path):
     x1, y1, x2, y2 = (int(round(v)) for v in result.groundings[0].answer.boxes[0].px)
     assert tuple(pixels[y1, (x1 + x2) // 2]) == BOX_COLOUR  # the top edge of the cardiomegaly box
     assert tuple(pixels[(y1 + y2) // 2, (x1 + x2) // 2]) != BOX_COLOUR  # its inside is the image
+
+
+def test_text_the_image_character_set_cannot_hold_switches_the_object_to_utf8(analysed, tmp_path):
+    """The image's character set is kept while every text fits it; a report with characters it lacks
+    makes the SR declare UTF-8 instead of writing them as '?', names included."""
+    header, result = analysed
+    latin = tmp_path / "latin-header.dcm"  # an image header in Latin-1, as a modality writes it
+    header = copy.deepcopy(header)  # the fixture's header stays as it is
+    header.SpecificCharacterSet, header.PatientName = "ISO_IR 100", "Müller^Hans"
+    header.save_as(latin, enforce_file_format=True)
+    header = pydicom.dcmread(latin)
+    kept = tmp_path / "kept.dcm"
+    measurement_report(header, result, DEVICE, PLACE).save_as(kept, enforce_file_format=True)
+    assert pydicom.dcmread(kept).SpecificCharacterSet == "ISO_IR 100"
+
+    words = "Épanchement pleural → 2 cm; 胸水"
+    wider = result.model_copy(update={"report": result.report.model_copy(update={"text": words})})
+    path = tmp_path / "utf8.dcm"
+    measurement_report(header, wider, DEVICE, PLACE).save_as(path, enforce_file_format=True)
+    sr = pydicom.dcmread(path)
+    assert sr.SpecificCharacterSet == "ISO_IR 192" and str(sr.PatientName) == "Müller^Hans"
+    texts = []
+    pending = list(sr.ContentSequence)
+    while pending:
+        item = pending.pop()
+        texts += [item.TextValue] if "TextValue" in item else []
+        pending += list(item.get("ContentSequence", []))
+    assert any("胸水" in text and "→" in text for text in texts)
+    assert "?" not in "".join(texts)

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import copy
+import io
+import logging
+import threading
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -121,6 +126,42 @@ def stamp(ds: Dataset, place: Placement) -> None:
         item.ContributionDateTime = when.strftime("%Y%m%d%H%M%S")
     for item in ds.get("VerifyingObserverSequence", []):
         item.VerificationDateTime = when.strftime("%Y%m%d%H%M%S")
+    declare_character_set(ds)
+
+
+UTF8 = "ISO_IR 192"
+PIXEL_DATA = 0x7FE00010
+_NOT_ENCODABLE = "Failed to encode value"  # pydicom's warning, before it writes '?' in place of characters
+
+
+class _QuietProbe(logging.Filter):
+    """Keeps pydicom's log line about a value it cannot encode out of the log while one thread probes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.thread = threading.get_ident()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.thread == self.thread and record.getMessage().startswith(_NOT_ENCODABLE))
+
+
+def declare_character_set(ds: Dataset) -> None:
+    """Keep the Specific Character Set copied from the image when every text of ``ds`` (names, the
+    model's and the radiologist's words) can be written in it; otherwise declare UTF-8, so that no
+    character is written as '?'."""
+    # every element but the pixel data, copied: writing caches encoded names, and the probe's must not stay
+    probe = copy.deepcopy(Dataset({tag: element for tag, element in ds.items() if tag != PIXEL_DATA}))
+    quiet = _QuietProbe()
+    pydicom_log = logging.getLogger("pydicom")
+    pydicom_log.addFilter(quiet)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            probe.save_as(io.BytesIO(), implicit_vr=False, little_endian=True)
+    finally:
+        pydicom_log.removeFilter(quiet)
+    if any(str(warning.message).startswith(_NOT_ENCODABLE) for warning in caught):
+        ds.SpecificCharacterSet = UTF8
 
 
 def mark_authors(sr: Dataset, device: Device, verifier: Verifier | None = None) -> None:
