@@ -249,3 +249,15 @@ def test_text_the_image_character_set_cannot_hold_switches_the_object_to_utf8(an
         pending += list(item.get("ContentSequence", []))
     assert any("胸水" in text and "→" in text for text in texts)
     assert "?" not in "".join(texts)
+
+
+def test_an_image_without_a_character_set_gets_utf8_only_for_text_beyond_ascii(analysed, tmp_path):
+    header, result = analysed
+    header = copy.deepcopy(header)
+    del header.SpecificCharacterSet  # the default repertoire: ASCII
+    ascii_only = measurement_report(header, result, DEVICE, PLACE)
+    assert "SpecificCharacterSet" not in ascii_only
+    wider = result.model_copy(update={"report": result.report.model_copy(update={"text": "Épanchement pleural"})})
+    path = tmp_path / "sr.dcm"
+    measurement_report(header, wider, DEVICE, PLACE).save_as(path, enforce_file_format=True)
+    assert pydicom.dcmread(path).SpecificCharacterSet == "ISO_IR 192"

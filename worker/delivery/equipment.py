@@ -145,10 +145,30 @@ class _QuietProbe(logging.Filter):
         return not (record.thread == self.thread and record.getMessage().startswith(_NOT_ENCODABLE))
 
 
+TEXT_VRS = frozenset({"SH", "LO", "ST", "LT", "UT", "UC", "PN"})
+
+
+def _all_ascii(ds: Dataset) -> bool:
+    for element in ds:
+        if element.VR == "SQ":
+            if not all(_all_ascii(item) for item in element.value):
+                return False
+        elif element.VR in TEXT_VRS and element.value is not None:
+            values = element.value if element.VM > 1 else [element.value]
+            if not all(str(value).isascii() for value in values):
+                return False
+    return True
+
+
 def declare_character_set(ds: Dataset) -> None:
     """Keep the Specific Character Set copied from the image when every text of ``ds`` (names, the
     model's and the radiologist's words) can be written in it; otherwise declare UTF-8, so that no
-    character is written as '?'."""
+    character is written as '?'. With no set declared the repertoire is ASCII (pydicom would write
+    Latin-1 undeclared)."""
+    if not ds.get("SpecificCharacterSet"):
+        if not _all_ascii(ds):
+            ds.SpecificCharacterSet = UTF8
+        return
     # every element but the pixel data, copied: writing caches encoded names, and the probe's must not stay
     probe = copy.deepcopy(Dataset({tag: element for tag, element in ds.items() if tag != PIXEL_DATA}))
     quiet = _QuietProbe()
