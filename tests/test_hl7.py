@@ -72,13 +72,16 @@ def test_report_lines_are_tx_repetitions_and_delimiters_cannot_break_the_message
     result.images[0].report.text = report
     header.PatientID = "ID\r1|2"
     er7 = oru_message(header, result, "CTRL0002", WHEN, sending_application="RADVLM", sending_facility="HOSP",
-                      receiving_application="RIS", receiving_facility="HOSP", urgent=set(), final=True)
+                      receiving_application="RIS", receiving_facility="HOSP", urgent=set(), final=True,
+                      interpreter="O'Neil & Sons^Pat^^Dr.^Jr")
     assert [segment[:3] for segment in er7.split("\r")] == ["MSH", "PID", "OBR"] + ["OBX"] * 15
     message = parse_strict(er7)
     assert message.oru_r01_patient_result.oru_r01_patient.pid.pid_3.to_er7() == "ID 1\\F\\2"
     narrative = message.oru_r01_patient_result.oru_r01_order_observation.oru_r01_observation[0].obx
     lines = [field.to_er7() for field in narrative.children if field.name == "OBX_5"]
     assert lines == ["Heart \\F\\ size \\S\\ normal \\T\\ clear \\R\\ \\E\\ end", "Second line", "Third line", "Fourth"]
+    interpreter = message.oru_r01_patient_result.oru_r01_order_observation.obr.obr_32
+    assert interpreter.to_er7() == "&O'Neil \\T\\ Sons&Pat&&Jr&Dr."  # CNN: no ID, family, given, middle, suffix, prefix
 
 
 @contextmanager

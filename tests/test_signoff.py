@@ -97,9 +97,10 @@ def test_edited_sign_off_sends_a_verified_sr_after_the_draft(sqlite_url, start_n
     assert [g.tracking_identifier for g in groups] == ["Cardiomegaly #1"]
     # the RIS got the preliminary draft, then the final report
     messages = sorted((tmp_path / "ris").glob("*.hl7"), key=lambda p: p.stat().st_mtime)
-    statuses = [parse_strict(m.read_text()).oru_r01_patient_result.oru_r01_order_observation.obr.obr_25.value
-                for m in messages]
-    assert statuses == ["P", "F"]
+    requests = [parse_strict(m.read_text()).oru_r01_patient_result.oru_r01_order_observation.obr for m in messages]
+    assert [obr.obr_25.value for obr in requests] == ["P", "F"]
+    # the final names who signed it (OBR-32, Principal Result Interpreter); the draft names nobody
+    assert [obr.obr_32.to_er7() for obr in requests] == ["", "&House&Gregory"]
     with node.sessions() as session:
         assert session.scalar(select(Study.state)) is StudyState.signed_off
 

@@ -114,7 +114,8 @@ def _sign_off(sessions: sessionmaker[Session], store: InstanceStore, study_uid: 
                                        encode(verified), str(verified.SeriesInstanceUID)))
         final_result = draft.model_copy(update={"images": final_images})
         if outputs.hl7 is not None:
-            objects.append(hl7_result(final_result, headers[0], outputs.hl7, now, final=True))
+            objects.append(hl7_result(final_result, headers[0], outputs.hl7, now, final=True,
+                                      interpreter=verifier.observer_name))
         if outputs.fhir is not None:
             objects.append(fhir_result(final_result, headers[0], outputs.fhir, now, final=True))
         items = enqueue(session, job, objects, outputs.destinations, outputs.policy, now)

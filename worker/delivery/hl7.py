@@ -46,6 +46,12 @@ def _name(value: str) -> str:
     return "^".join(_escape(part) for part in (family, given, middle, suffix, prefix)).rstrip("^")
 
 
+def _interpreter(name: str) -> str:
+    """A DICOM PN as OBR-32's first component (CNN: ID&family&given&middle&suffix&prefix, no ID)."""
+    family, given, middle, prefix, suffix = (name.split("=")[0].split("^") + [""] * 5)[:5]
+    return "&" + "&".join(_escape(part) for part in (family, given, middle, suffix, prefix)).rstrip("&")
+
+
 def _timestamp(when: datetime) -> str:
     """HL7 DTM to the second, with the UTC offset (a receiver would otherwise read its own local time)."""
     return when.strftime("%Y%m%d%H%M%S%z")
@@ -53,9 +59,10 @@ def _timestamp(when: datetime) -> str:
 
 def oru_message(header: Dataset, result: StudyResult, control_id: str, when: datetime, *,
                 sending_application: str, sending_facility: str, receiving_application: str,
-                receiving_facility: str, urgent: set[str], final: bool = False) -> str:
+                receiving_facility: str, urgent: set[str], final: bool = False, interpreter: str | None = None) -> str:
     """The ORU^R01 as ER7 text (segments separated by CR): a preliminary AI draft, or with
-    ``final`` the report as a radiologist signed it off (result status F)."""
+    ``final`` the report as a radiologist signed it off (result status F); ``interpreter``, the DICOM
+    name of that radiologist, goes to OBR-32 (Principal Result Interpreter)."""
     status = "F" if final else "P"
     m = Message("ORU_R01", version="2.5.1", validation_level=VALIDATION_LEVEL.STRICT)
     m.msh.msh_3 = sending_application
@@ -84,6 +91,8 @@ def oru_message(header: Dataset, result: StudyResult, control_id: str, when: dat
     order.obr.obr_7 = str(header.get("StudyDate", "") or when.strftime("%Y%m%d"))
     order.obr.obr_22 = _timestamp(when)
     order.obr.obr_25 = status
+    if interpreter:
+        order.obr.obr_32 = _interpreter(interpreter)
     labels = result.study_labels()
     critical = result.critical_labels(urgent)
     text = result.images[0].report.text

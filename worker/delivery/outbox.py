@@ -137,13 +137,14 @@ def previous_reports(session: Session, study_id: int, before_version: int) -> li
 
 
 def hl7_result(result: StudyResult, header: Dataset, hl7: HL7Settings, when: datetime,
-               final: bool = False) -> BuiltObject:
+               final: bool = False, interpreter: str | None = None) -> BuiltObject:
     """The study's ORU^R01, with a control ID derived from the job (MSH-10 holds 20 characters);
-    ``final``: the signed-off report, which gets a control ID of its own."""
+    ``final``: the signed-off report, which gets a control ID of its own, and names ``interpreter``."""
     control_id = hashlib.sha1(result.identity(final).encode()).hexdigest()[:20]
     er7 = oru_message(header, result, control_id, when, sending_application=hl7.sending_application,
                       sending_facility=hl7.sending_facility, receiving_application=hl7.receiving_application,
-                      receiving_facility=hl7.receiving_facility, urgent=set(hl7.urgent_findings), final=final)
+                      receiving_facility=hl7.receiving_facility, urgent=set(hl7.urgent_findings), final=final,
+                      interpreter=interpreter)
     return BuiltObject("hl7", control_id, None, er7.encode())
 
 
