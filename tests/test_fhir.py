@@ -111,10 +111,12 @@ def test_bundle_validates_and_goes_through_the_outbox_with_retries(sqlite_url, s
     with node.sessions() as session:
         result = StudyResult.model_validate(session.scalars(select(Result.payload)).one())
     final = fhir_result(result, dcmread(radiograph("RG1_UNCI.dcm"), stop_before_pixels=True), fhir, utcnow(),
-                        final=True)
+                        final=True, interpreter="House^Gregory")
     final_report = Bundle.model_validate_json(final.payload).entry[-1].resource
     assert final.sop_instance_uid != item.object_uid and final_report.status == "final"
     assert not final_report.conclusion.startswith("AI draft")
+    assert [r.display for r in final_report.resultsInterpreter] == ["Gregory House"]  # who signed it
+    assert report.resultsInterpreter is None  # the draft: nobody yet
 
 
 def test_a_refused_transaction_is_final_and_a_missing_server_is_retried():

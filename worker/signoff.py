@@ -117,7 +117,8 @@ def _sign_off(sessions: sessionmaker[Session], store: InstanceStore, study_uid: 
             objects.append(hl7_result(final_result, headers[0], outputs.hl7, now, final=True,
                                       interpreter=verifier.observer_name))
         if outputs.fhir is not None:
-            objects.append(fhir_result(final_result, headers[0], outputs.fhir, now, final=True))
+            objects.append(fhir_result(final_result, headers[0], outputs.fhir, now, final=True,
+                                       interpreter=verifier.observer_name))
         items = enqueue(session, job, objects, outputs.destinations, outputs.policy, now)
         keep(session, job, objects, outputs.kept, now)
         session.add(SignOff(study_id=study.id, job_id=job.id, user_name=user_name,

@@ -44,8 +44,9 @@ def _date(value: str) -> str | None:
 
 
 def report_bundle(result: StudyResult, header: Dataset, fhir: FhirSettings, when: datetime,
-                  final: bool = False) -> Bundle:
-    """The study's result as a transaction Bundle; ``final``: the report as a radiologist signed it off."""
+                  final: bool = False, interpreter: str | None = None) -> Bundle:
+    """The study's result as a transaction Bundle; ``final``: the report as a radiologist signed it off,
+    ``interpreter`` (a DICOM name) named as its results interpreter."""
     key = result.identity(final)
     patient_id = str(header.get("PatientID", "") or "")
     patient_url, study_url, report_url = _urn(key, "patient"), _urn(key, "study"), _urn(key, "report")
@@ -96,6 +97,9 @@ def report_bundle(result: StudyResult, header: Dataset, fhir: FhirSettings, when
     }
     if (effective := _date(str(header.get("StudyDate", "") or ""))) is not None:
         report["effectiveDateTime"] = effective
+    if interpreter:
+        family, given = (interpreter.split("=")[0].split("^") + [""])[:2]
+        report["resultsInterpreter"] = [{"display": " ".join(part for part in (given, family) if part)}]
     if critical:
         report["conclusionCode"] = [_concept(cx.LABELS[label].finding) for label in critical]
     entries.append({"fullUrl": report_url, "resource": report,

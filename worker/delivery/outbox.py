@@ -149,9 +149,9 @@ def hl7_result(result: StudyResult, header: Dataset, hl7: HL7Settings, when: dat
 
 
 def fhir_result(result: StudyResult, header: Dataset, fhir: FhirSettings, when: datetime,
-                final: bool = False) -> BuiltObject:
+                final: bool = False, interpreter: str | None = None) -> BuiltObject:
     """The study's FHIR transaction Bundle, identified like its HL7 message by the job (and ``final``)."""
-    bundle = report_bundle(result, header, fhir, when, final=final)
+    bundle = report_bundle(result, header, fhir, when, final=final, interpreter=interpreter)
     return BuiltObject("fhir", hashlib.sha1(result.identity(final).encode()).hexdigest()[:40], None,
                        bundle.model_dump_json().encode())
 
