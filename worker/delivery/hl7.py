@@ -40,16 +40,21 @@ def _lines(text: str) -> list[str]:
     return [_escape(line) for line in re.split(r"\r\n|\r|\n", text)]
 
 
-def _name(value: str) -> str:
-    """A DICOM PN (family^given^middle^prefix^suffix) as an HL7 XPN (family^given^middle^suffix^prefix)."""
+def _name_parts(value: str) -> list[str]:
+    """A DICOM PN's first group (family^given^middle^prefix^suffix) in HL7's order (family, given,
+    middle, suffix, prefix), escaped."""
     family, given, middle, prefix, suffix = (value.split("=")[0].split("^") + [""] * 5)[:5]
-    return "^".join(_escape(part) for part in (family, given, middle, suffix, prefix)).rstrip("^")
+    return [_escape(part) for part in (family, given, middle, suffix, prefix)]
+
+
+def _name(value: str) -> str:
+    """A DICOM PN as an HL7 XPN (components)."""
+    return "^".join(_name_parts(value)).rstrip("^")
 
 
 def _interpreter(name: str) -> str:
-    """A DICOM PN as OBR-32's first component (CNN: ID&family&given&middle&suffix&prefix, no ID)."""
-    family, given, middle, prefix, suffix = (name.split("=")[0].split("^") + [""] * 5)[:5]
-    return "&" + "&".join(_escape(part) for part in (family, given, middle, suffix, prefix)).rstrip("&")
+    """A DICOM PN as OBR-32's first component: a CNN (subcomponents), with no ID."""
+    return "&" + "&".join(_name_parts(name)).rstrip("&")
 
 
 def _timestamp(when: datetime) -> str:
