@@ -157,7 +157,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         sweep.start()
     try:
         # several tasks at once run as threads sharing one loaded model (and, in-process, its decode steps)
-        concurrency = settings.worker.concurrency
+        concurrency = settings.worker.concurrency if args.concurrency is None else args.concurrency
         pool = ["--pool=solo"] if concurrency == 1 else ["--pool=threads", f"--concurrency={concurrency}"]
         app.worker_main(["--quiet", "worker", *pool, "-Q", queues, "--without-mingle", "--without-gossip",
                          "-n", name, "-l", settings.log_level])
@@ -507,6 +507,8 @@ def _parser() -> argparse.ArgumentParser:
     worker.add_argument("--queues", help="comma-separated queues: gpu (model work, the default), io (delivery)")
     worker.add_argument("--metrics-port", type=int, help="Prometheus port of this worker (default worker.metrics_port; "
                                                          "0: off); give each worker on one host its own")
+    worker.add_argument("--concurrency", type=int, help="tasks at once (default worker.concurrency); on a GPU worker "
+                                                        "they share the model's decode steps")
     worker.set_defaults(func=cmd_worker)
     tiny = sub.add_parser("make-test-model", help="write a tiny random LLaVA-OneVision checkpoint for tests")
     tiny.add_argument("folder", type=Path)

@@ -161,7 +161,7 @@ class WorkerSettings(Section):
                              description="tasks one worker process runs at once; above 1, as threads: on a gpu "
                                          "worker, the studies and chat questions whose decode steps the model shares "
                                          "(a lost Redis connection then stops the process: run it under a "
-                                         "supervisor that restarts it, as compose does)")
+                                         "supervisor that restarts it, as compose does for its GPU workers)")
 
     @model_validator(mode="after")
     def _redelivery_after_time_limit(self) -> WorkerSettings:
