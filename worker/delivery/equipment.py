@@ -19,6 +19,7 @@ from pydicom import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 from pydicom.uid import generate_uid
+from pydicom.valuerep import CUSTOMIZABLE_CHARSET_VR
 
 from records.schema import Box
 
@@ -145,15 +146,12 @@ class _QuietProbe(logging.Filter):
         return not (record.thread == self.thread and record.getMessage().startswith(_NOT_ENCODABLE))
 
 
-TEXT_VRS = frozenset({"SH", "LO", "ST", "LT", "UT", "UC", "PN"})
-
-
 def _all_ascii(ds: Dataset) -> bool:
     for element in ds:
         if element.VR == "SQ":
             if not all(_all_ascii(item) for item in element.value):
                 return False
-        elif element.VR in TEXT_VRS and element.value is not None:
+        elif element.VR in CUSTOMIZABLE_CHARSET_VR and element.value is not None:
             values = element.value if element.VM > 1 else [element.value]
             if not all(str(value).isascii() for value in values):
                 return False

@@ -13,6 +13,7 @@ from datetime import datetime
 import httpx
 from fhir.resources.R4B.bundle import Bundle
 from pydicom import Dataset
+from pydicom.valuerep import PersonName
 
 from records.schema import StudyResult
 from records.settings import FhirSettings
@@ -98,8 +99,8 @@ def report_bundle(result: StudyResult, header: Dataset, fhir: FhirSettings, when
     if (effective := _date(str(header.get("StudyDate", "") or ""))) is not None:
         report["effectiveDateTime"] = effective
     if interpreter:
-        family, given = (interpreter.split("=")[0].split("^") + [""])[:2]
-        report["resultsInterpreter"] = [{"display": " ".join(part for part in (given, family) if part)}]
+        name = PersonName(interpreter)
+        report["resultsInterpreter"] = [{"display": " ".join(p for p in (name.given_name, name.family_name) if p)}]
     if critical:
         report["conclusionCode"] = [_concept(cx.LABELS[label].finding) for label in critical]
     entries.append({"fullUrl": report_url, "resource": report,

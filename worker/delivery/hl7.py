@@ -16,6 +16,7 @@ from hl7apy.consts import VALIDATION_LEVEL
 from hl7apy.core import Message
 from hl7apy.parser import parse_message
 from pydicom import Dataset
+from pydicom.valuerep import PersonName
 
 from records.schema import StudyResult
 from worker.delivery import codes as cx
@@ -41,10 +42,11 @@ def _lines(text: str) -> list[str]:
 
 
 def _name_parts(value: str) -> list[str]:
-    """A DICOM PN's first group (family^given^middle^prefix^suffix) in HL7's order (family, given,
+    """A DICOM PN's alphabetic group (family^given^middle^prefix^suffix) in HL7's order (family, given,
     middle, suffix, prefix), escaped."""
-    family, given, middle, prefix, suffix = (value.split("=")[0].split("^") + [""] * 5)[:5]
-    return [_escape(part) for part in (family, given, middle, suffix, prefix)]
+    name = PersonName(value)
+    return [_escape(part) for part in (name.family_name, name.given_name, name.middle_name, name.name_suffix,
+                                       name.name_prefix)]
 
 
 def _name(value: str) -> str:
