@@ -6,9 +6,9 @@ default), and prints the median instances/s and MiB/s with the node's ratios. Th
 configured for production: its own process, PostgreSQL, fsync on (as Orthanc's default
 SyncStorageArea), and once more with fsync off. The discard-only receiver is the node's own
 association server (pynetdicom with the node's socket) answering success and keeping nothing.
-The durable-only receiver is that server keeping each dataset the least durable way: the node's
-spool, fsync and rename, no header read, no database; it shows how near the ceiling any receiver
-that answers only once the file is on disk can come on this machine in this run.
+The durable-only receiver is that server keeping each dataset on disk and doing nothing else (the
+node's spool, fsync and rename; no header read, no database): it shows how near the ceiling any
+receiver that answers only once the file is on disk can come on this machine in this run.
 
     .venv/bin/python benchmarks/ingest.py [--count 200] [--runs 3] [--database-url URL]
 """
