@@ -107,6 +107,7 @@ def test_concurrent_studies_share_decode_steps_and_keep_their_answers(tiny_model
     """Questions about different images, asked from several threads and joining while others decode,
     share the engine's steps; each still gets the answer plain generate() gives it alone."""
     import threading
+    import time
 
     from worker import prompts
     from worker.backends.prefix_cache import PREFIX
@@ -122,7 +123,6 @@ def test_concurrent_studies_share_decode_steps_and_keep_their_answers(tiny_model
 
     engine = engine_backed.engine
     got: dict[int, list] = {}
-    started = threading.Event()
     tiles_per_call: list[int] = []  # the vision tower sees one image's tiles at a time, however many studies
     engine_backed.model.model.vision_tower.register_forward_hook(
         lambda module, args, kwargs_or_output: tiles_per_call.append(int(args[0].shape[0])))
@@ -133,7 +133,7 @@ def test_concurrent_studies_share_decode_steps_and_keep_their_answers(tiny_model
     first = threading.Thread(target=study, args=(0,))
     first.start()
     while engine.steps < 3 and first.is_alive():  # the first study is decoding: the others join it
-        started.wait(0.005)
+        time.sleep(0.005)
     others = [threading.Thread(target=study, args=(n,)) for n in (1, 2)]
     for thread in others:
         thread.start()
