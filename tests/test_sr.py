@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import subprocess
 from datetime import datetime, timezone
 
@@ -249,6 +250,12 @@ def test_text_the_image_character_set_cannot_hold_switches_the_object_to_utf8(an
         pending += list(item.get("ContentSequence", []))
     assert any("胸水" in text and "→" in text for text in texts)
     assert "?" not in "".join(texts)
+    assert _dciodvfy_errors(path) == []
+    with running_orthanc(tmp_path / "orthanc", {}) as orthanc:  # a real PACS reads it as written
+        stored = orthanc.request("POST", "/instances", raw=path.read_bytes())
+        tags = orthanc.request("GET", f"/instances/{stored['ID']}/simplified-tags")
+    assert tags["PatientName"] == "Müller^Hans" and tags["SpecificCharacterSet"] == "ISO_IR 192"
+    assert words in json.dumps(tags["ContentSequence"], ensure_ascii=False)
 
 
 def test_an_image_without_a_character_set_gets_utf8_only_for_text_beyond_ascii(analysed, tmp_path):
