@@ -50,6 +50,8 @@ def test_quantization_needs_a_gpu(tiny_model):
 
 def test_the_image_prefix_is_prefilled_once_and_answers_stay_the_same(tiny_model):
     """The tasks of a study and a chat turn reuse the image's KV cache, token for token as without it."""
+    import threading
+
     from worker import prompts
 
     cached = TransformersBackend(str(tiny_model), prefix_cache_mb=512)
@@ -61,12 +63,19 @@ def test_the_image_prefix_is_prefilled_once_and_answers_stay_the_same(tiny_model
                       Turn("user", "Where is it?")]]
     params = GenerationParams(max_new_tokens=12)
     streamed: list[str] = []
+    streamed_on: set[int] = set()
+
+    def on_text(text: str) -> None:
+        streamed.append(text)
+        streamed_on.add(threading.get_ident())
+
     for turns in conversations:
         expected = plain.generate(image, turns, params)
-        got = cached.generate(image, turns, params, on_text=streamed.append)
+        got = cached.generate(image, turns, params, on_text=on_text)
         assert (got.text, got.new_tokens, got.prompt_tokens) == (expected.text, expected.new_tokens,
                                                                   expected.prompt_tokens)
     assert (cached.prefixes.misses, cached.prefixes.hits) == (1, 3)
+    assert streamed_on == {threading.get_ident()}  # the text is decoded and handed on by the caller, not the engine
     assert "".join(streamed).replace(" ", "") == "".join(
         plain.generate(image, t, params).text for t in conversations).replace(" ", "")
     other = np.random.default_rng(8).integers(0, 256, (700, 600), dtype=np.uint8)

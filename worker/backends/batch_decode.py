@@ -34,7 +34,7 @@ class Row:
     params: GenerationParams
     tokens: list[int] = field(default_factory=list)  # the answer, without the end-of-turn token
     ended: bool = False  # the model ended its turn (as generate() counts it, one more new token)
-    relay: Any = None  # a transformers streamer that receives this row's tokens
+    on_token: Callable[[int], None] | None = None  # each new token, as it is chosen (on the engine's thread)
     nbytes: int = 0  # the KV cache this row may come to hold (its prompt and its longest answer)
 
 
@@ -228,13 +228,11 @@ class DecodeEngine:
                 row.ended = True
             else:
                 row.tokens.append(token)
-                if row.relay is not None:
-                    row.relay.put(torch.tensor([token]))
+                if row.on_token is not None:
+                    row.on_token(token)
                 if len(row.tokens) < row.params.max_new_tokens:
                     keep.append(position)
                     continue
-            if row.relay is not None:
-                row.relay.end()
             request.left -= 1
             if request.left == 0:
                 request.future.set_result(request.rows)

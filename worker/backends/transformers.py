@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import queue
 import threading
 import time
 from pathlib import Path
@@ -178,10 +179,12 @@ class TransformersBackend:
         inputs = None if cached is not None else self.inputs(image, [], text=PREFIX)
         prefix_length = cached.length if cached is not None else int(inputs["input_ids"].shape[1])
         tokenizer = self.processor.tokenizer
+        # the engine's thread only hands streamed tokens over; the text is decoded and passed on here
+        streamed: queue.SimpleQueue[int | None] | None = queue.SimpleQueue() if on_text is not None else None
         rows = []
         for turns, p in zip(conversations, params, strict=True):
             tail = tokenizer(prompts.render(turns)[len(PREFIX):], add_special_tokens=False)["input_ids"]
-            rows.append(Row(tail, p, relay=stream_relay(tokenizer, on_text),
+            rows.append(Row(tail, p, on_token=streamed.put if streamed is not None else None,
                             nbytes=(prefix_length + len(tail) + p.max_new_tokens) * self.kv_bytes_per_token))
         lengths: list[int] = []
 
@@ -191,7 +194,14 @@ class TransformersBackend:
             return length, cache
 
         try:
-            self.engine.submit(rows, prefix, urgent=on_text is not None).result()
+            done = self.engine.submit(rows, prefix, urgent=on_text is not None)
+            if streamed is not None:
+                done.add_done_callback(lambda _: streamed.put(None))  # after the last token, however it ends
+                relay = stream_relay(tokenizer, on_text)
+                while (token := streamed.get()) is not None:
+                    relay.put(self.torch.tensor([token]))
+                relay.end()
+            done.result()
         except BaseException:
             self.prefixes.drop(key)
             raise
