@@ -7,6 +7,7 @@ import logging
 import queue
 import threading
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -149,8 +150,7 @@ class TransformersBackend:
         entry = self.prefixes.get(key)
         if entry is None:
             batch = inputs if inputs is not None else self.inputs(image, [], text=PREFIX)
-            with self.torch.inference_mode():
-                cache = self.model(**batch, use_cache=True).past_key_values
+            cache = self.model(**batch, use_cache=True).past_key_values  # the engine's thread: inference mode
             entry = Prefix(int(batch["input_ids"].shape[1]), cache, cache_bytes(cache))
             self.prefixes.put(key, entry)
         return entry.length, entry.cache
@@ -186,15 +186,8 @@ class TransformersBackend:
             tail = tokenizer(prompts.render(turns)[len(PREFIX):], add_special_tokens=False)["input_ids"]
             rows.append(Row(tail, p, on_token=streamed.put if streamed is not None else None,
                             nbytes=(prefix_length + len(tail) + p.max_new_tokens) * self.kv_bytes_per_token))
-        lengths: list[int] = []
-
-        def prefix() -> tuple[int, Any]:
-            length, cache = self._prefix(key, image, inputs)
-            lengths.append(length)
-            return length, cache
-
         try:
-            done = self.engine.submit(rows, prefix, urgent=on_text is not None)
+            done = self.engine.submit(rows, partial(self._prefix, key, image, inputs), urgent=on_text is not None)
             if streamed is not None:
                 done.add_done_callback(lambda _: streamed.put(None))  # after the last token, however it ends
                 relay = stream_relay(tokenizer, on_text)
@@ -205,7 +198,7 @@ class TransformersBackend:
         except BaseException:
             self.prefixes.drop(key)
             raise
-        return [(lengths[0] + len(row.tail), row.tokens + ([self.end_of_turn] if row.ended else [])) for row in rows]
+        return [(prefix_length + len(row.tail), row.tokens + ([self.end_of_turn] if row.ended else [])) for row in rows]
 
     def generate_many(self, image: np.ndarray, conversations: list[list[Turn]],
                       params: list[GenerationParams]) -> list[Completion]:
