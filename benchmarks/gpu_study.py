@@ -6,8 +6,9 @@ bf16; ``--tiny`` for a CPU smoke run), loads it through the service's own ``Tran
 ``performance-baseline.md`` does: report 150 tokens, abnormalities 30, three groundings 25 each.
 Each study has an image of its own. Three runs side by side on the same loaded model: plain
 ``generate()`` with the whole prompt each time (the baseline); the image prefix prefilled once per
-study and reused (``model.prefix_cache_mb``); and the engine as the pipeline uses it: the prefix
-reused and the tasks decoded together in two rounds (report and abnormalities, then the three
+study and reused (``model.prefix_cache_mb``), each task alone on the engine's static rows (its
+decode step compiled and captured as CUDA graphs on a GPU); and the engine as the pipeline uses it:
+the prefix reused and the tasks decoded together in two rounds (report and abnormalities, then the three
 groundings). For each: the time to the first streamed word of a follow-up chat question about a
 study analysed before, and the decode time per token of one question alone (129 forced tokens less
 1, over 128). Last, saturation: ``--queued`` studies waiting, taken by ``--concurrency`` threads as
@@ -15,7 +16,7 @@ a worker's tasks are (``worker.concurrency``), sharing the engine's decode steps
 from their wall time.
 
     python benchmarks/gpu_study.py [--tiny] [--folder /tmp/radvlm-7b-random] [--repeats 10] [--queued 64]
-                                   [--concurrency 8]
+                                   [--concurrency 8] [--batch-cache-mb 16384] [--[no-]compile-decode]
 """
 
 from __future__ import annotations
@@ -52,6 +53,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=10, help="studies per mode (the latency is their median)")
     parser.add_argument("--queued", type=int, default=64, help="studies waiting at the start of the saturation run")
     parser.add_argument("--concurrency", type=int, default=8, help="studies in flight at once (worker.concurrency)")
+    parser.add_argument("--batch-cache-mb", type=int, default=16384, help="model.batch_cache_mb: the decode rows")
+    parser.add_argument("--compile-decode", action=argparse.BooleanOptionalAction,
+                        help="model.compile_decode (default: on a GPU)")
     args = parser.parse_args()
 
     import torch
@@ -69,18 +73,24 @@ def main() -> None:
             torch.cuda.empty_cache()
     built = time.perf_counter() - start
     start = time.perf_counter()
-    backend = TransformersBackend(str(folder), device=device)
+    backend = TransformersBackend(str(folder), device=device, prefix_cache_mb=4096,
+                                  batch_cache_mb=args.batch_cache_mb, compile_decode=args.compile_decode)
     loaded = time.perf_counter() - start
     image = np.random.default_rng(0).integers(0, 256, size=(2048, 2500), dtype=np.uint8)  # rows x columns
     print(f"{shape} on {device} ({torch.cuda.get_device_name() if device == 'cuda' else 'CPU'}); "
           f"checkpoint built in {built:.0f} s, loaded in {loaded:.1f} s; image 2500x2048")
 
+    start = time.perf_counter()
     backend.generate(image, [Turn("user", prompts.REPORT)], GenerationParams(max_new_tokens=4, min_new_tokens=4))
+    store = backend.engine.store
+    compiled = "compiled at start" if backend.engine.compiled else "not compiled"
+    print(f"engine: {store.rows} rows of {store.row_tokens} tokens ({store.nbytes / 1e9:.1f} GB); decode step "
+          f"{compiled}; first question answered {time.perf_counter() - start:.1f} s after loading")
     budget = backend.prefixes.budget_bytes
     results = {}
     for label, cache_bytes, together in (("plain generate()", 0, False),
-                                         ("prefix cache", budget or 4096 * 2**20, False),
-                                         ("prefix cache + batched tasks", budget or 4096 * 2**20, True)):
+                                         ("prefix cache", budget, False),
+                                         ("prefix cache + batched tasks", budget, True)):
         backend.prefixes = PrefixCache(cache_bytes)
         results[label] = run_studies(backend, args.repeats, device, torch, together)
 

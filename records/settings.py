@@ -116,9 +116,15 @@ class ModelSettings(Section):
                                  description="keep each image's prefilled prefix (KV cache) for the study's other "
                                              "questions and its chat, within this budget; 0: off")
     batch_cache_mb: int = Field(default=16384, ge=1,
-                                description="KV cache of the questions decoding together (all studies and chats): "
-                                            "each holds a copy of its image's prefix and its answer, ~0.5 GB for "
-                                            "RadVLM at max_new_tokens 1500")
+                                description="KV cache of the questions decoding together (all studies and chats), "
+                                            "allocated at start in rows of max_prompt_tokens + max_new_tokens "
+                                            "(~0.64 GB each for RadVLM), at most 64 rows")
+    max_prompt_tokens: int = Field(default=10240, ge=1,
+                                   description="the longest prompt a decode row takes: the image's ~7,300 tokens "
+                                               "and the conversation; a longer chat is refused with this name")
+    compile_decode: bool | None = Field(default=None,
+                                        description="compile the decode step (CUDA graphs), once per start for "
+                                                    "each batch size; None: on a CUDA GPU")
     regions: list[str] = Field(default_factory=list,
                                description="anatomical regions to ground on every image, e.g. 'right lung'")
     server_url: str | None = Field(default=None, description="openai-server: e.g. http://vllm:8000/v1")

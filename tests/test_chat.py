@@ -17,6 +17,7 @@ from api.main import create_app
 from records.settings import Settings
 from tests.conftest import RG1_STUDY, RG3_STUDY, wait_for, worker_context
 from worker import prompts
+from worker.backends.base import PromptTooLong
 from worker.backends.scripted import ScriptedBackend
 from worker.model_thread import ModelThread
 from worker.prompts import Turn
@@ -143,6 +144,16 @@ def test_each_problem_has_its_own_status(chat, analysed_node):
         assert short.post(path, json={"text": "Is there cardiomegaly?"}, headers=HOUSE).status_code == 200
         full = short.post(path, json={"text": "Where is it?"}, headers=HOUSE)
     assert full.status_code == 409 and full.json()["title"] == "conversation full"
+
+    class Cramped(ScriptedBackend):  # the scripted model with a decode row too short for any conversation
+        def generate(self, image, turns, params, on_text=None):  # type: ignore[no-untyped-def]
+            raise PromptTooLong("a question of 10300 prompt tokens and up to 1500 new ones needs 11800 positions")
+
+    with ModelThread() as thread, TestClient(create_app(
+            settings_for(running), LocalAsker(worker_context(running, Cramped()), thread))) as cramped:
+        long = cramped.post(f"/studies/{RG1_STUDY}/conversations/{conversation(cramped)}/questions",
+                            json={"text": "And now?"}, headers=HOUSE)
+    assert long.status_code == 422 and "too long for the model, start a new one" in long.json()["detail"]
 
 
 def test_roles_visibility_and_audit(chat):

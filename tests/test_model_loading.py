@@ -54,7 +54,7 @@ def test_the_image_prefix_is_prefilled_once_and_answers_stay_the_same(tiny_model
 
     from worker import prompts
 
-    cached = TransformersBackend(str(tiny_model), prefix_cache_mb=512)
+    cached = TransformersBackend(str(tiny_model), prefix_cache_mb=512, batch_cache_mb=64)
     plain = TransformersBackend(str(tiny_model))
     image = np.random.default_rng(7).integers(0, 256, (700, 600), dtype=np.uint8)
     conversations = [[Turn("user", prompts.REPORT)], [Turn("user", prompts.ABNORMALITIES)],
@@ -94,7 +94,7 @@ def test_questions_decoded_together_equal_one_by_one(tiny_model):
     gives each question the answer plain generate() gives it alone."""
     from worker import prompts
 
-    together = TransformersBackend(str(tiny_model), prefix_cache_mb=512)
+    together = TransformersBackend(str(tiny_model), prefix_cache_mb=512, batch_cache_mb=64)
     plain = TransformersBackend(str(tiny_model))
     image = np.random.default_rng(3).integers(0, 256, (500, 420), dtype=np.uint8)
     conversations = [[Turn("user", prompts.REPORT)], [Turn("user", prompts.ABNORMALITIES)],
@@ -121,7 +121,7 @@ def test_concurrent_studies_share_decode_steps_and_keep_their_answers(tiny_model
     from worker import prompts
     from worker.backends.prefix_cache import PREFIX
 
-    engine_backed = TransformersBackend(str(tiny_model), prefix_cache_mb=512)
+    engine_backed = TransformersBackend(str(tiny_model), prefix_cache_mb=512, batch_cache_mb=64)
     plain = TransformersBackend(str(tiny_model))
     rng = np.random.default_rng(11)
     images = [rng.integers(0, 256, shape, dtype=np.uint8) for shape in ((500, 420), (300, 300), (420, 640))]
@@ -165,7 +165,7 @@ def test_a_failing_request_fails_alone(tiny_model):
     from worker import prompts
     from worker.backends.batch_decode import Row
 
-    backend = TransformersBackend(str(tiny_model), prefix_cache_mb=512)
+    backend = TransformersBackend(str(tiny_model), prefix_cache_mb=512, batch_cache_mb=64)
     image = np.random.default_rng(5).integers(0, 256, (500, 420), dtype=np.uint8)
     alone = backend.generate(image, [Turn("user", prompts.REPORT)], GenerationParams(max_new_tokens=15,
                                                                                       min_new_tokens=15))
@@ -177,7 +177,7 @@ def test_a_failing_request_fails_alone(tiny_model):
     worker = __import__("threading").Thread(target=lambda: long_running.set_result(backend.generate(
         image, [Turn("user", prompts.REPORT)], GenerationParams(max_new_tokens=15, min_new_tokens=15))))
     worker.start()
-    failing = backend.engine.submit([Row([1, 2, 3], GenerationParams(max_new_tokens=4))], broken)
+    failing = backend.engine.submit([Row([1, 2, 3], GenerationParams(max_new_tokens=4))], 100, broken)
     with pytest.raises(MemoryError, match="no room"):
         failing.result(timeout=120)
     worker.join(timeout=120)
@@ -192,7 +192,8 @@ def test_a_streamed_question_is_admitted_before_waiting_analyses(tiny_model):
     from worker.backends.batch_decode import Row
     from worker.backends.prefix_cache import PREFIX, image_key
 
-    backend = TransformersBackend(str(tiny_model), prefix_cache_mb=512, batch_cache_mb=2)  # two rows of 1 MiB
+    backend = TransformersBackend(str(tiny_model), prefix_cache_mb=512, batch_cache_mb=2,  # two rows of 1 MiB
+                                  max_prompt_tokens=2000, max_new_tokens=48)
     image = np.random.default_rng(9).integers(0, 256, (300, 300), dtype=np.uint8)
     tail = backend.processor.tokenizer(prompts.render([Turn("user", prompts.REPORT)])[len(PREFIX):],
                                        add_special_tokens=False)["input_ids"]
@@ -205,14 +206,14 @@ def test_a_streamed_question_is_admitted_before_waiting_analyses(tiny_model):
         return source
 
     def rows(count: int, length: int) -> list[Row]:
-        return [Row(list(tail), GenerationParams(max_new_tokens=length, min_new_tokens=length), nbytes=1 << 20)
-                for _ in range(count)]
+        return [Row(list(tail), GenerationParams(max_new_tokens=length, min_new_tokens=length)) for _ in range(count)]
 
-    busy = backend.engine.submit(rows(2, 30), prefix("busy"))
+    length = int(backend.inputs(image, [], text=PREFIX)["input_ids"].shape[1])
+    busy = backend.engine.submit(rows(2, 30), length, prefix("busy"))
     while backend.engine.steps < 2 and not busy.done():
         time.sleep(0.005)
-    routine = backend.engine.submit(rows(1, 3), prefix("analysis"))
-    chat = backend.engine.submit(rows(1, 3), prefix("chat"), urgent=True)
+    routine = backend.engine.submit(rows(1, 3), length, prefix("analysis"))
+    chat = backend.engine.submit(rows(1, 3), length, prefix("chat"), urgent=True)
     for future in (busy, routine, chat):
         assert len(future.result(timeout=120)[0].tokens) in (3, 30)
     assert admitted == ["busy", "chat", "analysis"]
@@ -227,7 +228,8 @@ def test_when_the_engine_thread_dies_no_caller_waits_forever(tiny_model):
     from worker.backends.batch_decode import Row
     from worker.backends.prefix_cache import image_key
 
-    backend = TransformersBackend(str(tiny_model), prefix_cache_mb=512, batch_cache_mb=2)  # two rows of 1 MiB
+    backend = TransformersBackend(str(tiny_model), prefix_cache_mb=512, batch_cache_mb=2,  # two rows of 1 MiB
+                                  max_prompt_tokens=2000, max_new_tokens=48)
     image = np.random.default_rng(4).integers(0, 256, (300, 300), dtype=np.uint8)
 
     def fatal() -> tuple[int, object]:
@@ -237,15 +239,19 @@ def test_when_the_engine_thread_dies_no_caller_waits_forever(tiny_model):
         return backend._prefix(image_key(image), image, None)
 
     def rows(length: int) -> list[Row]:
-        return [Row([1, 2, 3], GenerationParams(max_new_tokens=length, min_new_tokens=length), nbytes=1 << 20)]
+        return [Row([1, 2, 3], GenerationParams(max_new_tokens=length, min_new_tokens=length))]
+
+    from worker.backends.prefix_cache import PREFIX
+
+    length = int(backend.inputs(image, [], text=PREFIX)["input_ids"].shape[1])
 
     previous_hook, threading.excepthook = threading.excepthook, lambda args: None  # the thread's death is the point
     try:
-        decoding = backend.engine.submit(rows(400), real)
+        decoding = backend.engine.submit(rows(400), length, real)
         while backend.engine.steps < 1:
             time.sleep(0.005)
-        killer = backend.engine.submit(rows(2), fatal)  # joins the decoding row
-        waiting = backend.engine.submit(rows(2), real)  # a third row: waits for room
+        killer = backend.engine.submit(rows(2), length, fatal)  # joins the decoding row
+        waiting = backend.engine.submit(rows(2), length, real)  # a third row: waits for room
         for future in (decoding, killer, waiting):
             with pytest.raises(BaseException, match="killed"):
                 future.result(timeout=120)
@@ -253,4 +259,54 @@ def test_when_the_engine_thread_dies_no_caller_waits_forever(tiny_model):
     finally:
         threading.excepthook = previous_hook
     with pytest.raises(RuntimeError, match="stopped"):
-        backend.engine.submit(rows(2), real)
+        backend.engine.submit(rows(2), length, real)
+
+
+def test_compiled_decode_steps_with_fewer_rows_than_questions_give_plain_answers(tiny_model):
+    """The decode step compiled once per bucket size (torch.compile; CUDA graphs on a GPU), and a study
+    of five questions entering a store of two rows as rows free up: every answer is plain generate()'s."""
+    from worker import prompts
+
+    compiled = TransformersBackend(str(tiny_model), prefix_cache_mb=512, batch_cache_mb=4,  # two rows of 2 MiB
+                                   max_prompt_tokens=4000, max_new_tokens=96, compile_decode=True)
+    assert compiled.engine is not None and compiled.engine.store.rows == 2
+    plain = TransformersBackend(str(tiny_model))
+    image = np.random.default_rng(3).integers(0, 256, (500, 420), dtype=np.uint8)
+    conversations = [[Turn("user", prompts.REPORT)], [Turn("user", prompts.ABNORMALITIES)],
+                     [Turn("user", prompts.grounding_question("Cardiomegaly"))],
+                     [Turn("user", prompts.grounding_question("Pleural effusion"))],
+                     [Turn("user", "Is there an effusion?"), Turn("assistant", "Yes, on the left."),
+                      Turn("user", "Where is it?")]]
+    params = [GenerationParams(max_new_tokens=n, min_new_tokens=m) for n, m in ((24, 0), (5, 0), (12, 12), (9, 0),
+                                                                                 (16, 0))]
+    expected = [plain.generate(image, turns, p) for turns, p in zip(conversations, params)]
+    got = compiled.generate_many(image, conversations, params)
+    assert [(g.text, g.new_tokens, g.prompt_tokens) for g in got] == [
+        (e.text, e.new_tokens, e.prompt_tokens) for e in expected]
+    # never more than two rows at a step (a row's first token comes from its prefill, not from a step)
+    assert compiled.engine.steps >= sum(g.new_tokens - 1 for g in got) / 2 > max(g.new_tokens for g in got)
+    with pytest.raises(ValueError, match="a decode row holds 4096 .*raise model.max_prompt_tokens"):
+        compiled.generate(image, conversations[0], GenerationParams(max_new_tokens=900))
+
+
+def test_a_decode_step_that_cannot_be_compiled_is_run_uncompiled_and_said_so(tiny_model, monkeypatch, caplog):
+    """No C compiler for Triton, say: the worker logs why and answers all the same, uncompiled."""
+    import torch
+
+    from worker import prompts
+
+    def no_compiler(function, **options):  # type: ignore[no-untyped-def]
+        def compiled(*args, **kwargs):  # type: ignore[no-untyped-def]
+            raise RuntimeError("Failed to find C compiler")
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", no_compiler)
+    backend = TransformersBackend(str(tiny_model), prefix_cache_mb=512, batch_cache_mb=4, max_prompt_tokens=4000,
+                                  max_new_tokens=96, compile_decode=True)
+    plain = TransformersBackend(str(tiny_model))
+    image = np.random.default_rng(3).integers(0, 256, (500, 420), dtype=np.uint8)
+    params = GenerationParams(max_new_tokens=10, min_new_tokens=10)
+    assert backend.generate(image, [Turn("user", prompts.REPORT)], params).text == plain.generate(
+        image, [Turn("user", prompts.REPORT)], params).text
+    assert backend.engine is not None and not backend.engine.compiled
+    assert "cannot be compiled, decoding uncompiled" in caplog.text and "Failed to find C compiler" in caplog.text

@@ -22,7 +22,7 @@ from dicom_node.pixels import PixelError, read_model_image
 from dicom_node.storage import InstanceStore
 from records.metrics import observe_generation
 from records.tables import Exchange, ExchangeState, Instance
-from worker.backends.base import GenerationParams, ModelBackend, ModelUnavailable
+from worker.backends.base import GenerationParams, ModelBackend, ModelUnavailable, PromptTooLong
 from worker.parsing import boxes_from_answer
 from worker.prompts import Turn
 
@@ -86,6 +86,10 @@ def answer_question(exchange_id: int, *, sessions: sessionmaker[Session], store:
         return
     except ModelUnavailable as exc:
         _failed(sessions, exchange_id, f"the model is unavailable: {exc}", publish, 503)
+        return
+    except PromptTooLong as exc:
+        _failed(sessions, exchange_id, f"the conversation is too long for the model, start a new one: {exc}",
+                publish, 422)
         return
     except Exception as exc:  # the model failed; the radiologist sees why and may ask again
         log.exception("question %d: the model failed", exchange_id)

@@ -8,7 +8,7 @@ from records.clock import utcnow
 from records.logs import log_context
 from records.metrics import ANALYSES
 from worker.analysis import PermanentFailure, fail, run_analysis
-from worker.backends.base import GenerationParams, ModelUnavailable
+from worker.backends.base import GenerationParams, ModelUnavailable, PromptTooLong
 from worker.chat import Publish, answer_question
 from worker.context import WorkerContext
 from worker.delivery.outbox import deliver_item, sender
@@ -26,7 +26,7 @@ def _attempt(ctx: WorkerContext, study_id: int, version: int, retries_done: int)
     try:
         items = run_analysis(study_id, version, sessions=ctx.sessions, store=ctx.store, backend=ctx.backend,
                              options=ctx.options, clock=utcnow, outputs=ctx.outputs)
-    except PermanentFailure as exc:
+    except (PermanentFailure, PromptTooLong) as exc:  # no retry makes the prompt shorter
         log.error("study %d version %d failed: %s", study_id, version, exc)
         fail(ctx.sessions, study_id, version, ctx.backend.model_revision, str(exc), utcnow())
         ANALYSES.labels("failed").inc()

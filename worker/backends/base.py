@@ -57,3 +57,7 @@ class ModelLoadError(RuntimeError):
 
 class ModelUnavailable(RuntimeError):
     """The model cannot be reached now (a model server down or overloaded): wait and retry, never fail for it."""
+
+
+class PromptTooLong(ValueError):
+    """The conversation and its longest answer do not fit what the model runtime holds for one question."""

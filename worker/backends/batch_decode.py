@@ -5,27 +5,33 @@ step (continuous batching), so throughput grows with load.
 transformers' ``generate()`` cannot continue a batch whose rows have different lengths after a
 prefix, and its continuous batching does not take LLaVA-OneVision; this engine works on its cache
 classes directly. One thread owns the model. A request is the prefilled prefix of one image (its
-KV cache) and the questions about it: the prefix cache is repeated once per question and each
-question's tokens are placed after padding, so that every row ends at the same cache slot; when
-rows of different images meet, the shorter side is padded on the left. Padding is masked out and
-every row keeps its own position ids (the positions it would have alone), so each answer is the
-one plain ``generate()`` gives. Rows leave the batch as they finish; a request's future is resolved
-when its last row does.
+KV cache) and the questions about it. Each question is prefilled from a copy of the prefix and
+then moved into a row of a static cache allocated once (``RowStore``): a row holds one question's
+tokens from position 0, and every row writes its next token at its own position, so rows of
+different lengths and different images decode side by side with nothing shifted or padded. The
+mask says which positions each row sees and every row keeps its own position ids, so each answer
+is the one plain ``generate()`` gives. Because the shapes of a decode step depend only on how many
+rows it covers (rounded up to a few bucket sizes), the step can be compiled, and on a GPU captured
+as a CUDA graph: no per-token Python or kernel-launch overhead for the whole model.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
-from worker.backends.base import GenerationParams, OnText
+from worker.backends.base import GenerationParams, OnText, PromptTooLong
 
 log = logging.getLogger(__name__)
+
+MAX_ROWS = 64  # beyond this a 7B decode step stops being bound by reading the weights
 
 
 @dataclass
@@ -35,7 +41,6 @@ class Row:
     tokens: list[int] = field(default_factory=list)  # the answer, without the end-of-turn token
     ended: bool = False  # the model ended its turn (as generate() counts it, one more new token)
     on_token: Callable[[int], None] | None = None  # each new token, as it is chosen (on the engine's thread)
-    nbytes: int = 0  # the KV cache this row may come to hold (its prompt and its longest answer)
 
 
 PrefixSource = Callable[[], tuple[int, Any]]  # on the engine thread: (length, KV cache) of the image prefix
@@ -46,75 +51,140 @@ class Request:
     rows: list[Row]
     prefix: PrefixSource
     future: Future[list[Row]]
-    left: int = 0  # rows still decoding
+    waiting: list[Row]  # rows not yet given a place in the store
+    left: int = 0  # rows not finished
     urgent: bool = False  # someone is reading the answer as it comes: admitted before the others waiting
+    started: bool = False
 
 
-@dataclass
-class _Batch:
-    """The rows decoding now: their cache (every row ends at ``slot``), mask, next positions, the
-    logits of their next token, and who each row belongs to."""
-
-    cache: Any
-    mask: Any
-    next_position: Any
-    logits: Any
-    owners: list[tuple[Request, Row]]
-    slot: int
+def buckets(rows: int) -> list[int]:
+    """The batch sizes a decode step is compiled for: powers of two, then all rows (at most seven,
+    within torch.compile's default recompile limit)."""
+    return sorted({size for size in (1, 2, 4, 8, 16, 32) if size < rows} | {rows})
 
 
-def _copy_cache(layers: list[tuple[Any, Any]]) -> Any:
-    from transformers import DynamicCache
+@functools.cache
+def _row_layer_class() -> type:
+    from transformers.cache_utils import StaticLayer
 
-    cache = DynamicCache()
-    for index, (keys, values) in enumerate(layers):
-        cache.update(keys, values, index)
-    return cache
+    class RowLayer(StaticLayer):
+        """One decoder layer's view of the store: each row writes its new key and value at its own
+        position. Queries count as the last position: the causal limit is each row's mask."""
+
+        def __init__(self, torch: Any, keys: Any, values: Any, index: Any, position: Any) -> None:
+            super().__init__(max_cache_len=keys.shape[2])
+            self.keys, self.values, self.index, self.position = keys, values, index, position
+            self.device = keys.device
+            self.batch_size, self.num_heads, _, self.k_head_dim = keys.shape
+            self.v_head_dim = values.shape[-1]
+            self.is_initialized = True
+            for tensor in (keys, values, index, position):
+                torch._dynamo.mark_static_address(tensor)
+
+        def update(self, key_states: Any, value_states: Any, *args: Any, **kwargs: Any) -> tuple[Any, Any]:
+            self.keys[self.index, :, self.position] = key_states[:, :, -1]
+            self.values[self.index, :, self.position] = value_states[:, :, -1]
+            return self.keys, self.values
+
+        def get_seq_length(self) -> int:
+            return self.max_cache_len - 1
+
+    return RowLayer
 
 
-def _left_padded(torch: Any, tensor: Any, dim: int, width: int) -> Any:
-    if width == 0:
-        return tensor
-    shape = list(tensor.shape)
-    shape[dim] = width
-    return torch.cat([torch.zeros(shape, dtype=tensor.dtype, device=tensor.device), tensor], dim=dim)
+class RowStore:
+    """The KV cache of the rows decoding: ``rows`` rows of ``row_tokens`` positions in every layer,
+    allocated once (so compiled steps and CUDA graphs see the same addresses every time), and each
+    row's mask, next position and next token.
 
+    A free row sees only its position 0 and writes there: it computes nothing anyone reads, but
+    nothing that is not a number either (a masked position holding NaN would poison the rows after).
+    """
 
-def _merged(torch: Any, a: _Batch, b: _Batch) -> _Batch:
-    """One batch of the rows of ``a`` then ``b``, the one ending at the lower slot padded on the left."""
-    slot = max(a.slot, b.slot)
-    pad_a, pad_b = slot - a.slot, slot - b.slot
-    layers = [(torch.cat([_left_padded(torch, la.keys, 2, pad_a), _left_padded(torch, lb.keys, 2, pad_b)]),
-               torch.cat([_left_padded(torch, la.values, 2, pad_a), _left_padded(torch, lb.values, 2, pad_b)]))
-              for la, lb in zip(a.cache.layers, b.cache.layers, strict=True)]
-    return _Batch(_copy_cache(layers),
-                  torch.cat([_left_padded(torch, a.mask, 1, pad_a), _left_padded(torch, b.mask, 1, pad_b)]),
-                  torch.cat([a.next_position, b.next_position]), torch.cat([a.logits, b.logits]),
-                  a.owners + b.owners, slot)
+    def __init__(self, torch: Any, text_config: Any, rows: int, row_tokens: int, dtype: Any, device: Any) -> None:
+        from transformers.cache_utils import Cache
+
+        self.rows, self.row_tokens = rows, row_tokens
+        heads = text_config.num_key_value_heads
+        head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
+        shape = (rows, heads, row_tokens, head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(text_config.num_hidden_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(text_config.num_hidden_layers)]
+        self.mask = torch.zeros((rows, row_tokens), dtype=torch.long, device=device)
+        self.mask[:, 0] = 1
+        self.position = torch.zeros(rows, dtype=torch.long, device=device)  # where each row writes next
+        self.live = torch.zeros(rows, dtype=torch.long, device=device)
+        self.ids = torch.zeros((rows, 1), dtype=torch.long, device=device)
+        self.index = torch.arange(rows, device=device)
+        layer = _row_layer_class()
+        self.caches = {size: Cache(layers=[layer(torch, keys[:size], values[:size], self.index[:size],
+                                                 self.position[:size])
+                                           for keys, values in zip(self.keys, self.values, strict=True)])
+                       for size in buckets(rows)}
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
+
+    def place(self, row: int, layers: list[tuple[Any, Any]], source: int, spans: list[tuple[int, int]]) -> None:
+        """Copy the keys and values of ``source`` (a row of a prefilled batch) at ``spans`` into ``row``,
+        end to end from position 0, and let the row see them."""
+        length = 0
+        for start, end in spans:
+            for index, (keys, values) in enumerate(layers):
+                self.keys[index][row, :, length:length + end - start] = keys[source, :, start:end]
+                self.values[index][row, :, length:length + end - start] = values[source, :, start:end]
+            length += end - start
+        self.mask[row] = 0
+        self.mask[row, :length] = 1
+        self.position[row] = length
+        self.live[row] = 1
+
+    def free(self, row: int) -> None:
+        self.mask[row] = 0
+        self.mask[row, 0] = 1
+        self.position[row] = 0
+        self.live[row] = 0
 
 
 class DecodeEngine:
     """The model's decode loop on a thread of its own; ``submit`` from any thread.
 
-    The rows decoding at once hold at most ``budget_bytes`` of KV cache between them (each row its
-    own copy of its image's prefix, about 0.4 GB for RadVLM-7B, and its answer); a request that does
-    not fit waits for rows to finish, urgent ones first, otherwise in order, and one larger than the
-    budget runs alone.
+    ``rows`` questions decode at once, each within ``row_tokens`` (its prompt and its longest
+    answer). Questions that find no free row wait, urgent ones first, otherwise in order; the rows
+    of one request may enter in several goes. ``compile_steps`` compiles the decode step once per
+    bucket size (as CUDA graphs on a GPU), at start.
     """
 
-    def __init__(self, model: Any, torch: Any, device: Any, eos: set[int], pad_id: int, budget_bytes: int) -> None:
+    def __init__(self, model: Any, torch: Any, device: Any, eos: set[int], pad_id: int, *, rows: int,
+                 row_tokens: int, compile_steps: bool = False) -> None:
         self.model, self.torch, self.device = model, torch, device
-        self.eos, self.pad_id, self.budget_bytes = sorted(eos), pad_id, budget_bytes
+        self.eos, self.pad_id = sorted(eos), pad_id
+        self.store = RowStore(torch, model.config.text_config, rows, row_tokens, model.dtype, device)
         self.steps = 0  # forward passes of one token per row, shared by every row decoding
+        self._slots: list[tuple[Request, Row] | None] = [None] * rows
+        self._logits = torch.zeros((rows, model.config.text_config.vocab_size), dtype=model.dtype, device=device)
+        self._forward = self._decode_forward
+        if compile_steps:
+            self._forward = torch.compile(self._decode_forward, fullgraph=True, dynamic=False,
+                                          mode="reduce-overhead" if device.type == "cuda" else None)
+        self.compiled = compile_steps
         self._pending: deque[Request] = deque()
-        self._running: list[Request] = []  # admitted, perhaps finished (the engine thread's)
+        self._admitted_now: list[Request] = []  # given rows, not finished (the engine thread's)
         self._wake = threading.Condition()
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="decode", daemon=True)
         self._thread.start()
 
-    def submit(self, rows: list[Row], prefix: PrefixSource, *, urgent: bool = False) -> Future[list[Row]]:
-        request = Request(rows, prefix, Future(), len(rows), urgent)
+    def submit(self, rows: list[Row], prefix_length: int, prefix: PrefixSource, *,
+               urgent: bool = False) -> Future[list[Row]]:
+        for row in rows:
+            need = prefix_length + len(row.tail) + row.params.max_new_tokens
+            if need > self.store.row_tokens:
+                raise PromptTooLong(f"a question of {prefix_length + len(row.tail)} prompt tokens and up to "
+                                 f"{row.params.max_new_tokens} new ones needs {need} positions; a decode row "
+                                 f"holds {self.store.row_tokens} (raise model.max_prompt_tokens)")
+        request = Request(rows, prefix, Future(), list(rows), len(rows), urgent)
         with self._wake:
             if self._closed:
                 raise RuntimeError("the decode engine has stopped")
@@ -129,101 +199,140 @@ class DecodeEngine:
             self._wake.notify()
         self._thread.join()
 
-    def _admitted(self, batch: _Batch | None) -> list[Request]:
-        """Wait for work; take the waiting requests that fit beside the rows of ``batch``: urgent ones,
-        then the others, each in order, up to the first that does not fit."""
-        live = sum(row.nbytes for _, row in batch.owners) if batch else 0
+    @property
+    def _live(self) -> list[int]:
+        return [index for index, slot in enumerate(self._slots) if slot is not None]
+
+    def _admitted(self) -> list[tuple[Request, list[Row]]]:
+        """Wait for work; give the free rows to the waiting questions: urgent requests first, then the
+        others, each in order."""
+        free = self._slots.count(None)
         with self._wake:
-            while not self._pending and batch is None and not self._closed:
+            while not self._pending and free == len(self._slots) and not self._closed:
                 self._wake.wait()
-            taken: list[Request] = []
+            taken: list[tuple[Request, list[Row]]] = []
             for request in sorted(self._pending, key=lambda waiting: not waiting.urgent):
-                nbytes = sum(row.nbytes for row in request.rows)
-                if live + nbytes > self.budget_bytes and (batch or taken):
+                if free == 0:
                     break
-                taken.append(request)
-                live += nbytes
-            for request in taken:
-                self._pending.remove(request)
+                if request.future.done():  # failed while part of it was decoding
+                    self._pending.remove(request)
+                    continue
+                rows, request.waiting = request.waiting[:free], request.waiting[free:]
+                free -= len(rows)
+                taken.append((request, rows))
+                if not request.waiting:
+                    self._pending.remove(request)
             return taken
 
     def _run(self) -> None:
         try:
             with self.torch.inference_mode():  # this thread only ever runs the model
+                if self.compiled:
+                    self._warm_up()
                 self._loop()
         except BaseException as exc:  # the thread is ending: nobody may wait for it forever
             log.critical("decode engine stopped: %s", exc)
             with self._wake:
                 self._closed = True
-                stranded, self._pending = [*self._pending, *self._running], deque()
+                stranded, self._pending = [*self._pending, *self._admitted_now], deque()
             for request in stranded:
                 if not request.future.done():
                     request.future.set_exception(RuntimeError(f"the decode engine stopped: {exc}"))
             raise
 
+    def _warm_up(self) -> None:
+        """Compile (and on a GPU capture) the decode step of every bucket size before any question
+        waits for it; the rows are all free, so nothing is written that anyone reads."""
+        sizes = buckets(self.store.rows)
+        log.info("compiling the decode step for batches of %s rows (once per start)", sizes)
+        start = time.perf_counter()
+        try:
+            for size in sizes:
+                for _ in range(3):  # CUDA graph trees record on the second and third call
+                    self._forward(self.store.ids[:size], self.store.mask[:size], self.store.position[:size, None],
+                                  self.store.caches[size])
+        except Exception as exc:  # still right, only slower: the worker goes on and says why
+            log.error("the decode step cannot be compiled, decoding uncompiled (several times slower): %s: %s; "
+                      "set model.compile_decode = false to skip the attempt", type(exc).__name__, exc)
+            self._forward, self.compiled = self._decode_forward, False
+            return
+        log.info("decode step compiled in %.0f s", time.perf_counter() - start)
+
     def _loop(self) -> None:
-        batch: _Batch | None = None
         while True:
-            admitted = self._admitted(batch)
-            if batch is None and not admitted and self._closed:
+            admitted = self._admitted()
+            if not admitted and not self._live and self._closed:
                 return
-            self._running = [request for request in self._running if not request.future.done()] + admitted
-            for request in admitted:
-                if not request.future.set_running_or_notify_cancel():
-                    continue
+            self._admitted_now = [request for request in self._admitted_now if not request.future.done()]
+            self._admitted_now += [request for request, _ in admitted if not request.started]
+            for request, rows in admitted:
+                if not request.started:
+                    request.started = True
+                    if not request.future.set_running_or_notify_cancel():
+                        continue
                 try:  # this request's own failure (its image, its memory) fails it alone: the batch goes on
-                    joining = self._prefilled(request)
-                    if joining is not None:
-                        batch = joining if batch is None else _merged(self.torch, batch, joining)
+                    self._join(request, rows)
                 except Exception as exc:
-                    request.future.set_exception(exc)
-            if batch is None:
+                    self._fail(request, exc)
+            if not self._live:
                 continue
             try:
-                batch = self._step(batch)
+                self._step()
             except Exception as exc:  # a failed step leaves no usable cache: every request in it fails
-                log.error("decode step failed for %d row(s): %s", len(batch.owners), exc)
-                for request in self._running:
-                    if not request.future.done():
-                        request.future.set_exception(exc)
-                batch, self._running = None, []
+                live = self._live
+                log.error("decode step failed for %d row(s): %s", len(live), exc)
+                for request in {self._slots[index][0] for index in live}:  # type: ignore[index]
+                    self._fail(request, exc)
 
-    def _prefilled(self, request: Request) -> _Batch | None:
-        """The request's rows after their questions: the logits of each row's first answer token."""
-        if not request.rows:
-            request.future.set_result([])
-            return None
+    def _fail(self, request: Request, exc: BaseException) -> None:
+        for index, slot in enumerate(self._slots):
+            if slot is not None and slot[0] is request:
+                self._slots[index] = None
+                self.store.free(index)
+        if not request.future.done():
+            request.future.set_exception(exc)
+
+    def _join(self, request: Request, rows: list[Row]) -> None:
+        """Prefill ``rows``' questions from a copy of the image prefix, put them in free rows of the
+        store with the logits of their first answer token."""
         torch, device = self.torch, self.device
         length, prefix_cache = request.prefix()
-        rows = request.rows
         width = max(len(row.tail) for row in rows)
         ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long, device=device)
         mask = torch.zeros((len(rows), length + width), dtype=torch.long, device=device)
         mask[:, :length] = 1
         positions = torch.zeros((len(rows), width), dtype=torch.long, device=device)
-        for index, row in enumerate(rows):
+        for index, row in enumerate(rows):  # questions of different lengths end together: padded on the left
             start = width - len(row.tail)
             ids[index, start:] = torch.tensor(row.tail, device=device)
             mask[index, length + start:] = 1
             positions[index, start:] = torch.arange(length, length + len(row.tail), device=device)
-        cache = _copy_cache([(layer.keys.repeat(len(rows), 1, 1, 1), layer.values.repeat(len(rows), 1, 1, 1))
-                             for layer in prefix_cache.layers])
-        logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                            cache_position=torch.arange(length, length + width, device=device),
-                            use_cache=True).logits[:, -1]
-        next_position = torch.tensor([length + len(row.tail) for row in rows], device=device)
-        return _Batch(cache, mask, next_position, logits, [(request, row) for row in rows], length + width)
+        from transformers import DynamicCache
 
-    def _step(self, batch: _Batch) -> _Batch | None:
+        cache = DynamicCache()
+        for index, layer in enumerate(prefix_cache.layers):
+            cache.update(layer.keys.repeat(len(rows), 1, 1, 1), layer.values.repeat(len(rows), 1, 1, 1), index)
+        logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache,
+                            use_cache=True, logits_to_keep=1).logits[:, -1]
+        layers = [(layer.keys, layer.values) for layer in cache.layers]
+        free = [index for index, slot in enumerate(self._slots) if slot is None]
+        for source, (row, index) in enumerate(zip(rows, free[:len(rows)], strict=True)):
+            self.store.place(index, layers, source, [(0, length), (length + width - len(row.tail), length + width)])
+            self._logits[index] = logits[source]
+            self._slots[index] = (request, row)
+
+    def _step(self) -> None:
         """Choose every row's next token, let finished rows go, and run one forward pass for the rest."""
-        torch = self.torch
-        logits = batch.logits
-        for position, (_, row) in enumerate(batch.owners):
-            if len(row.tokens) < row.params.min_new_tokens:
+        store = self.store
+        live = self._live
+        logits = self._logits[live]
+        for position, index in enumerate(live):
+            if len(self._slots[index][1].tokens) < self._slots[index][1].params.min_new_tokens:  # type: ignore[index]
                 logits[position, self.eos] = float("-inf")
         chosen = logits.argmax(-1)
-        keep = []
-        for position, ((request, row), token) in enumerate(zip(batch.owners, chosen.tolist(), strict=True)):
+        going_on = []
+        for index, token in zip(live, chosen.tolist(), strict=True):
+            request, row = self._slots[index]  # type: ignore[misc]
             if token in self.eos:
                 row.ended = True
             else:
@@ -231,28 +340,27 @@ class DecodeEngine:
                 if row.on_token is not None:
                     row.on_token(token)
                 if len(row.tokens) < row.params.max_new_tokens:
-                    keep.append(position)
+                    going_on.append(index)
                     continue
+            self._slots[index] = None
+            store.free(index)
             request.left -= 1
             if request.left == 0:
                 request.future.set_result(request.rows)
-        if not keep:
-            return None
-        if len(keep) < len(batch.owners):
-            selected = torch.tensor(keep, device=self.device)
-            batch.cache.batch_select_indices(selected)
-            batch.mask, batch.next_position = batch.mask[selected], batch.next_position[selected]
-            chosen = chosen[selected]
-            batch.owners = [batch.owners[position] for position in keep]
-        batch.mask = torch.cat([batch.mask, torch.ones((len(keep), 1), dtype=torch.long, device=self.device)], dim=1)
-        batch.logits = self.model(input_ids=chosen[:, None], attention_mask=batch.mask,
-                                  position_ids=batch.next_position[:, None], past_key_values=batch.cache,
-                                  cache_position=torch.tensor([batch.slot], device=self.device),
-                                  use_cache=True).logits[:, -1]
-        batch.slot += 1
-        batch.next_position = batch.next_position + 1
+        if not going_on:
+            return
+        store.ids[live, 0] = chosen
+        size = next(size for size in buckets(store.rows) if size > going_on[-1])
+        store.mask[store.index[:size], store.position[:size]] = 1
+        logits = self._forward(store.ids[:size], store.mask[:size], store.position[:size, None], store.caches[size])
+        self._logits[:size] = logits
+        store.position[:size] += store.live[:size]
         self.steps += 1
-        return batch
+
+    def _decode_forward(self, ids: Any, mask: Any, positions: Any, cache: Any) -> Any:
+        """One token for each of the first rows of the store (what is compiled)."""
+        return self.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache,
+                          use_cache=True).logits[:, -1]
 
 
 def stream_relay(tokenizer: Any, on_text: OnText | None, skip_prompt: bool = False) -> Any:

@@ -16,7 +16,7 @@ import numpy as np
 from dicom_node.pixels import model_picture
 from worker import prompts
 from worker.backends.base import Completion, GenerationParams, ModelLoadError, OnText
-from worker.backends.batch_decode import DecodeEngine, Row, stream_relay
+from worker.backends.batch_decode import MAX_ROWS, DecodeEngine, Row, stream_relay
 from worker.backends.prefix_cache import PREFIX, Prefix, PrefixCache, cache_bytes, image_key
 from worker.prompts import Turn
 
@@ -57,14 +57,17 @@ class TransformersBackend:
     """LlavaOnevisionForConditionalGeneration + AutoProcessor; bf16 on GPU, float32 on CPU.
 
     With a prefix cache, questions go through one ``DecodeEngine`` (callers on any thread share its
-    decode steps, within ``batch_cache_mb`` of KV cache); without, each is one ``generate()`` call, one
-    at a time.
+    decode steps, in rows of ``max_prompt_tokens + max_new_tokens`` allocated within ``batch_cache_mb``,
+    compiled on a GPU unless ``compile_decode`` says otherwise); without, each is one ``generate()``
+    call, one at a time.
     """
 
     name = "transformers"
 
     def __init__(self, model_id: str, *, revision: str | None = None, device: str = "auto",
-                 quantization: str | None = None, prefix_cache_mb: int = 0, batch_cache_mb: int = 16384) -> None:
+                 quantization: str | None = None, prefix_cache_mb: int = 0, batch_cache_mb: int = 16384,
+                 max_prompt_tokens: int = 10240, max_new_tokens: int = 1500,
+                 compile_decode: bool | None = None) -> None:
         try:
             import torch
             from transformers import AutoConfig, AutoProcessor, LlavaOnevisionForConditionalGeneration
@@ -115,12 +118,21 @@ class TransformersBackend:
         eos_ids = {eos} if isinstance(eos, int) else set(eos or [])
         pad = self.model.generation_config.pad_token_id
         self.end_of_turn = min(eos_ids)
-        self.engine = DecodeEngine(self.model, torch, self.device, eos_ids,
-                                   pad if pad is not None else self.end_of_turn, batch_cache_mb * 1024 * 1024)
         text = self.model.config.text_config
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
         # keys and values, every layer, every KV head
         self.kv_bytes_per_token = 2 * text.num_hidden_layers * text.num_key_value_heads * head_dim * dtype.itemsize
+        self.engine: DecodeEngine | None = None
+        if self.prefixes.budget_bytes:
+            row_tokens = max_prompt_tokens + max_new_tokens
+            rows = min(MAX_ROWS, batch_cache_mb * 1024 * 1024 // (row_tokens * self.kv_bytes_per_token))
+            if rows < 1:
+                raise ModelLoadError(f"model.batch_cache_mb {batch_cache_mb} holds no decode row of {row_tokens} "
+                                     f"tokens ({row_tokens * self.kv_bytes_per_token / 2**20:.0f} MiB): raise it")
+            self.engine = DecodeEngine(self.model, torch, self.device, eos_ids,
+                                       pad if pad is not None else self.end_of_turn, rows=rows, row_tokens=row_tokens,
+                                       compile_steps=self.device.type == "cuda" if compile_decode is None
+                                       else compile_decode)
         self._one_at_a_time = threading.Lock()  # the plain path: one generate() on the model at once
         log.info("loaded %s (revision %s) on %s in %s", model_id, self.model_revision, self.device, dtype)
 
@@ -181,13 +193,13 @@ class TransformersBackend:
         tokenizer = self.processor.tokenizer
         # the engine's thread only hands streamed tokens over; the text is decoded and passed on here
         streamed: queue.SimpleQueue[int | None] | None = queue.SimpleQueue() if on_text is not None else None
-        rows = []
-        for turns, p in zip(conversations, params, strict=True):
-            tail = tokenizer(prompts.render(turns)[len(PREFIX):], add_special_tokens=False)["input_ids"]
-            rows.append(Row(tail, p, on_token=streamed.put if streamed is not None else None,
-                            nbytes=(prefix_length + len(tail) + p.max_new_tokens) * self.kv_bytes_per_token))
+        rows = [Row(tokenizer(prompts.render(turns)[len(PREFIX):], add_special_tokens=False)["input_ids"], p,
+                    on_token=streamed.put if streamed is not None else None)
+                for turns, p in zip(conversations, params, strict=True)]
+        assert self.engine is not None  # there is one whenever there is a prefix cache
         try:
-            done = self.engine.submit(rows, partial(self._prefix, key, image, inputs), urgent=on_text is not None)
+            done = self.engine.submit(rows, prefix_length, partial(self._prefix, key, image, inputs),
+                                      urgent=on_text is not None)
             if streamed is not None:
                 done.add_done_callback(lambda _: streamed.put(None))  # after the last token, however it ends
                 relay = stream_relay(tokenizer, on_text)
