@@ -169,3 +169,40 @@ def test_model_threads_start_by_priority_and_run_side_by_side():
     with ModelThread(threads=2) as two:
         both = [two.submit(meeting.wait) for _ in range(2)]
         assert sorted(future.result(timeout=20) for future in both) == [0, 1]
+
+
+def test_groundings_are_asked_while_the_report_is_still_being_written():
+    """The abnormalities answer (a few words) decides the grounding questions; they need not wait for
+    the report (hundreds of words), so on the engine they share its decode steps."""
+    import time
+    from dataclasses import dataclass, field
+
+    import numpy as np
+
+    from dicom_node.pixels import ModelImage
+    from worker import prompts
+    from worker.pipeline import analyse_image
+
+    @dataclass
+    class Timed(ScriptedBackend):  # the scripted model, its report slow, the time of each question kept
+        spans: dict[str, tuple[float, float]] = field(default_factory=dict)
+
+        def generate(self, image, turns, params, on_text=None):  # type: ignore[no-untyped-def]
+            start = time.monotonic()
+            if turns[-1].text == prompts.REPORT:
+                time.sleep(1.5)
+            completion = super().generate(image, turns, params, on_text)
+            with self._lock:
+                self.spans[turns[-1].text] = (start, time.monotonic())
+            return completion
+
+    backend = Timed()
+    result = analyse_image(backend, ModelImage(np.zeros((64, 64), np.uint8), 2048, 2500), "1.2.3", "1.2",
+                           AnalysisOptions(regions=("right lung",)))
+    report_start, report_end = backend.spans[prompts.REPORT]
+    grounding_starts = [backend.spans[prompts.grounding_question(label)][0]
+                        for label in ("Cardiomegaly", "Pleural effusion")]
+    assert all(report_start < start < report_end for start in grounding_starts)
+    assert result.report.text.startswith("Findings:") and [g.label for g in result.groundings] == [
+        "Cardiomegaly", "Pleural Effusion", "right lung"]
+    assert result.groundings[0].answer.boxes  # each answer went back to its question

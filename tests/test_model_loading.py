@@ -112,6 +112,36 @@ def test_questions_decoded_together_equal_one_by_one(tiny_model):
     assert [g.new_tokens for g in got][:3] == [24, 5, 12]
 
 
+def test_questions_about_one_image_asked_at_once_prepare_and_prefill_it_once(tiny_model):
+    """A study's report and abnormalities are asked from two threads at once: the processor tiles the
+    image once, the engine prefills it once, and each answer is plain generate()'s."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from worker import prompts
+    from worker.backends.prefix_cache import PREFIX
+
+    backend = TransformersBackend(str(tiny_model), prefix_cache_mb=512, batch_cache_mb=64)
+    plain = TransformersBackend(str(tiny_model))
+    image = np.random.default_rng(12).integers(0, 256, (700, 600), dtype=np.uint8)
+    prepared: list[str | None] = []
+    processor_inputs = backend.inputs
+    backend.inputs = lambda image, turns, text=None: prepared.append(text) or processor_inputs(image, turns, text)
+    both_asking = threading.Barrier(2)
+    params = GenerationParams(max_new_tokens=10)
+
+    def ask(question: str) -> str:
+        both_asking.wait()
+        return backend.generate(image, [Turn("user", question)], params).text
+
+    with ThreadPoolExecutor(2) as pool:
+        got = list(pool.map(ask, [prompts.REPORT, prompts.ABNORMALITIES]))
+    assert got == [plain.generate(image, [Turn("user", q)], params).text for q in (prompts.REPORT,
+                                                                                   prompts.ABNORMALITIES)]
+    assert prepared == [PREFIX] and (backend.prefixes.misses, backend.prefixes.hits) == (1, 1)
+    assert not backend._preparing  # nothing kept once the prefix is cached
+
+
 def test_concurrent_studies_share_decode_steps_and_keep_their_answers(tiny_model):
     """Questions about different images, asked from several threads and joining while others decode,
     share the engine's steps; each still gets the answer plain generate() gives it alone."""

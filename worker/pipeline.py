@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from dicom_node.pixels import ModelImage
@@ -38,18 +39,24 @@ def ask(backend: ModelBackend, image: ModelImage, questions: list[tuple[str, str
 
 def analyse_image(backend: ModelBackend, image: ModelImage, sop_instance_uid: str, series_instance_uid: str,
                   options: AnalysisOptions) -> ImageResult:
-    """Two rounds: report, abnormalities and the anatomical regions together, then a grounding
-    question for each finding the abnormalities answer named."""
+    """The report asked on a thread of its own; beside it, the abnormalities and the anatomical
+    regions together, then, as soon as the abnormalities are answered (a few words, while the report
+    is still being written), a grounding question for each finding they named. On a backend that
+    decodes questions together, the groundings share the report's decode steps instead of waiting
+    for it."""
     params = GenerationParams(max_new_tokens=options.max_new_tokens)
-    first = [("report", prompts.REPORT), ("abnormalities", prompts.ABNORMALITIES)]
+    first = [("abnormalities", prompts.ABNORMALITIES)]
     first += [("anatomical grounding", prompts.grounding_question(region)) for region in options.regions]
-    report, abnormalities, *regions = ask(backend, image, first, params)
-    labels = labels_from_answer(abnormalities.text)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="report") as report_thread:
+        written = report_thread.submit(ask, backend, image, [("report", prompts.REPORT)], params)
+        abnormalities, *regions = ask(backend, image, first, params)
+        labels = labels_from_answer(abnormalities.text)
+        found = [label for label in prompts.GROUNDABLE if labels[label]]
+        located = ask(backend, image, [("abnormality grounding", prompts.grounding_question(prompts.GROUNDABLE[
+            label])) for label in found], params) if found else []
+        [report] = written.result()
     if not abnormalities.text.strip():
         abnormalities = abnormalities.model_copy(update={"malformed": "empty answer"})
-    found = [label for label in prompts.GROUNDABLE if labels[label]]
-    located = ask(backend, image, [("abnormality grounding", prompts.grounding_question(prompts.GROUNDABLE[label]))
-                                   for label in found], params) if found else []
     groundings = []
     for label, answer in zip(found, located, strict=True):
         if not answer.boxes and answer.malformed is None:
@@ -62,3 +69,4 @@ def analyse_image(backend: ModelBackend, image: ModelImage, sop_instance_uid: st
         columns=image.columns, pixel_steps=image.steps, report=report, abnormalities=abnormalities,
         labels=labels, groundings=groundings,
     )
+

@@ -7,6 +7,7 @@ import logging
 import queue
 import threading
 import time
+from concurrent.futures import Future
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -134,6 +135,9 @@ class TransformersBackend:
                                        compile_steps=self.device.type == "cuda" if compile_decode is None
                                        else compile_decode)
         self._one_at_a_time = threading.Lock()  # the plain path: one generate() on the model at once
+        # the processor's inputs of images whose prefix is not cached yet, prepared once for every caller
+        self._preparing: dict[str, Future[Any]] = {}
+        self._preparing_lock = threading.Lock()
         log.info("loaded %s (revision %s) on %s in %s", model_id, self.model_revision, self.device, dtype)
 
     def inputs(self, image: np.ndarray, turns: list[Turn], text: str | None = None) -> Any:
@@ -165,7 +169,33 @@ class TransformersBackend:
             cache = self.model(**batch, use_cache=True).past_key_values  # the engine's thread: inference mode
             entry = Prefix(int(batch["input_ids"].shape[1]), cache, cache_bytes(cache))
             self.prefixes.put(key, entry)
+            self._prepared_no_more(key)
         return entry.length, entry.cache
+
+    def _prepared(self, key: str, image: np.ndarray) -> tuple[int, Any]:
+        """The image's prefix length and, unless its prefix is cached, the processor's inputs for it
+        (tiling and normalising: CPU work), prepared once for all the callers asking about the image
+        at the same time (the report and the abnormalities of a study)."""
+        with self._preparing_lock:
+            cached = self.prefixes.peek(key)
+            if cached is not None:
+                return cached.length, None
+            preparing, mine = self._preparing.get(key), False
+            if preparing is None:
+                preparing, mine = self._preparing.setdefault(key, Future()), True
+        if mine:
+            try:
+                preparing.set_result(self.inputs(image, [], text=PREFIX))
+            except BaseException as exc:
+                self._prepared_no_more(key)
+                preparing.set_exception(exc)
+                raise
+        inputs = preparing.result()
+        return int(inputs["input_ids"].shape[1]), inputs
+
+    def _prepared_no_more(self, key: str) -> None:
+        with self._preparing_lock:
+            self._preparing.pop(key, None)
 
     def _plain(self, image: np.ndarray, turns: list[Turn], params: GenerationParams,
                on_text: OnText | None) -> tuple[int, list[int]]:
@@ -186,10 +216,7 @@ class TransformersBackend:
         if on_text is not None and len(conversations) != 1:
             raise ValueError("streaming takes one question at a time")
         key = image_key(image)
-        # the processor's work (tiling, normalising) is done here, not on the engine's thread, when needed
-        cached = self.prefixes.peek(key)
-        inputs = None if cached is not None else self.inputs(image, [], text=PREFIX)
-        prefix_length = cached.length if cached is not None else int(inputs["input_ids"].shape[1])
+        prefix_length, inputs = self._prepared(key, image)  # the processor's work here, not on the engine's thread
         tokenizer = self.processor.tokenizer
         # the engine's thread only hands streamed tokens over; the text is decoded and passed on here
         streamed: queue.SimpleQueue[int | None] | None = queue.SimpleQueue() if on_text is not None else None
@@ -209,6 +236,7 @@ class TransformersBackend:
             done.result()
         except BaseException:
             self.prefixes.drop(key)
+            self._prepared_no_more(key)
             raise
         return [(prefix_length + len(row.tail), row.tokens + ([self.end_of_turn] if row.ended else [])) for row in rows]
 
