@@ -115,10 +115,12 @@ class ModelSettings(Section):
     prefix_cache_mb: int = Field(default=4096, ge=0,
                                  description="keep each image's prefilled prefix (KV cache) for the study's other "
                                              "questions and its chat, within this budget; 0: off")
-    batch_cache_mb: int = Field(default=16384, ge=1,
-                                description="KV cache of the questions decoding together (all studies and chats), "
-                                            "allocated at start in rows of max_prompt_tokens + max_new_tokens "
-                                            "(~0.64 GB each for RadVLM), at most 64 rows")
+    batch_cache_mb: int | None = Field(default=None, ge=1,
+                                       description="KV cache of the questions decoding together (all studies and "
+                                                   "chats), allocated at start in rows of max_prompt_tokens + "
+                                                   "max_new_tokens (~0.64 GB each for RadVLM), at most 64 rows; "
+                                                   "None: up to 16 GiB of what the GPU has left after the weights, "
+                                                   "the prefix cache and 6 GiB for prefill (2 GiB on a CPU)")
     max_prompt_tokens: int = Field(default=10240, ge=1,
                                    description="the longest prompt a decode row takes: the image's ~7,300 tokens "
                                                "and the conversation; a longer chat is refused with this name")

@@ -48,6 +48,12 @@ def test_quantization_needs_a_gpu(tiny_model):
         TransformersBackend(str(tiny_model), device="cpu", quantization="8bit")
 
 
+def test_decode_rows_that_do_not_fit_say_what_to_do(tiny_model):
+    with pytest.raises(ModelLoadError, match=r"1 MiB of decode rows \(model.batch_cache_mb\) hold none of 11740 "
+                                             r"tokens \(6 MiB\): lower model.max_prompt_tokens"):
+        TransformersBackend(str(tiny_model), prefix_cache_mb=512, batch_cache_mb=1)
+
+
 def test_the_image_prefix_is_prefilled_once_and_answers_stay_the_same(tiny_model):
     """The tasks of a study and a chat turn reuse the image's KV cache, token for token as without it."""
     import threading

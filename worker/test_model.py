@@ -32,7 +32,8 @@ _CORPUS = [
 
 
 def _shape(shape: str, vocab_size: int):  # type: ignore[no-untyped-def]
-    """Vision and text configurations: ``tiny``, or RadVLM's published 7B shape (LLaVA-OneVision-7B)."""
+    """Vision and text configurations: ``tiny``, LLaVA-OneVision-0.5B's, or RadVLM's published 7B shape
+    (LLaVA-OneVision-7B)."""
     from transformers import Qwen2Config, SiglipVisionConfig
 
     if shape == "tiny":
@@ -49,7 +50,13 @@ def _shape(shape: str, vocab_size: int):  # type: ignore[no-untyped-def]
                 Qwen2Config(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
                             num_key_value_heads=4, vocab_size=152064, max_position_embeddings=32768,
                             rope_theta=1000000.0, tie_word_embeddings=False))
-    raise ValueError(f"shape must be 'tiny' or 'radvlm-7b', not {shape!r}")
+    if shape == "onevision-0.5b":  # SigLIP so400m + Qwen2-0.5B (LLaVA-OneVision-0.5B): a mid-size fine-tuning run
+        return (SiglipVisionConfig(hidden_size=1152, intermediate_size=4304, num_hidden_layers=26,
+                                   num_attention_heads=16, image_size=384, patch_size=14),
+                Qwen2Config(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                            num_key_value_heads=2, vocab_size=151936, max_position_embeddings=32768,
+                            rope_theta=1000000.0, tie_word_embeddings=False))
+    raise ValueError(f"shape must be 'tiny', 'onevision-0.5b' or 'radvlm-7b', not {shape!r}")
 
 
 def make_test_model(folder: Path, seed: int = 0, shape: str = "tiny", device: str = "cpu") -> Path:

@@ -23,6 +23,8 @@ from worker.prompts import Turn
 
 log = logging.getLogger(__name__)
 
+PREFILL_RESERVE = 6 * 2**30  # GPU memory kept free for an image's prefill (vision tower, 7,300 tokens, copies)
+
 
 def local_revision(folder: Path) -> str:
     """A revision for a local checkpoint: a digest of its configuration and weight file headers.
@@ -66,7 +68,7 @@ class TransformersBackend:
     name = "transformers"
 
     def __init__(self, model_id: str, *, revision: str | None = None, device: str = "auto",
-                 quantization: str | None = None, prefix_cache_mb: int = 0, batch_cache_mb: int = 16384,
+                 quantization: str | None = None, prefix_cache_mb: int = 0, batch_cache_mb: int | None = None,
                  max_prompt_tokens: int = 10240, max_new_tokens: int = 1500,
                  compile_decode: bool | None = None) -> None:
         try:
@@ -126,10 +128,14 @@ class TransformersBackend:
         self.engine: DecodeEngine | None = None
         if self.prefixes.budget_bytes:
             row_tokens = max_prompt_tokens + max_new_tokens
-            rows = min(MAX_ROWS, batch_cache_mb * 1024 * 1024 // (row_tokens * self.kv_bytes_per_token))
+            budget = self._batch_cache_bytes(batch_cache_mb)
+            rows = min(MAX_ROWS, budget // (row_tokens * self.kv_bytes_per_token))
             if rows < 1:
-                raise ModelLoadError(f"model.batch_cache_mb {batch_cache_mb} holds no decode row of {row_tokens} "
-                                     f"tokens ({row_tokens * self.kv_bytes_per_token / 2**20:.0f} MiB): raise it")
+                raise ModelLoadError(
+                    f"cannot load {model_id}: {budget / 2**20:.0f} MiB of decode rows "
+                    f"({'model.batch_cache_mb' if batch_cache_mb else 'what the GPU has left'}) hold none of "
+                    f"{row_tokens} tokens ({row_tokens * self.kv_bytes_per_token / 2**20:.0f} MiB): lower "
+                    "model.max_prompt_tokens or model.max_new_tokens, use quantization, or a larger GPU")
             self.engine = DecodeEngine(self.model, torch, self.device, eos_ids,
                                        pad if pad is not None else self.end_of_turn, rows=rows, row_tokens=row_tokens,
                                        compile_steps=self.device.type == "cuda" if compile_decode is None
@@ -139,6 +145,16 @@ class TransformersBackend:
         self._preparing: dict[str, Future[Any]] = {}
         self._preparing_lock = threading.Lock()
         log.info("loaded %s (revision %s) on %s in %s", model_id, self.model_revision, self.device, dtype)
+
+    def _batch_cache_bytes(self, batch_cache_mb: int | None) -> int:
+        """The decode rows' memory: as configured, else up to 16 GiB of what the GPU has left beside the
+        prefix cache and room for prefilling an image (2 GiB on a CPU)."""
+        if batch_cache_mb is not None:
+            return batch_cache_mb * 2**20
+        if self.device.type != "cuda":
+            return 2 * 2**30
+        free, _ = self.torch.cuda.mem_get_info(self.device)
+        return max(0, min(16 * 2**30, free - self.prefixes.budget_bytes - PREFILL_RESERVE))
 
     def inputs(self, image: np.ndarray, turns: list[Turn], text: str | None = None) -> Any:
         """The processor's tensors for ``turns`` (or the raw ``text``) about ``image``, on the model's device."""
@@ -166,7 +182,8 @@ class TransformersBackend:
         entry = self.prefixes.get(key)
         if entry is None:
             batch = inputs if inputs is not None else self.inputs(image, [], text=PREFIX)
-            cache = self.model(**batch, use_cache=True).past_key_values  # the engine's thread: inference mode
+            # the engine's thread: inference mode; the logits of the prefix are not needed
+            cache = self.model(**batch, use_cache=True, logits_to_keep=1).past_key_values
             entry = Prefix(int(batch["input_ids"].shape[1]), cache, cache_bytes(cache))
             self.prefixes.put(key, entry)
             self._prepared_no_more(key)
