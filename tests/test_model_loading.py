@@ -306,6 +306,7 @@ def test_compiled_decode_steps_with_fewer_rows_than_questions_give_plain_answers
     compiled = TransformersBackend(str(tiny_model), prefix_cache_mb=512, batch_cache_mb=4,  # two rows of 2 MiB
                                    max_prompt_tokens=4000, max_new_tokens=96, compile_decode=True)
     assert compiled.engine is not None and compiled.engine.store.rows == 2
+    assert compiled.engine.compiled and compiled.engine.ready.is_set()  # loaded means compiled, before any question
     plain = TransformersBackend(str(tiny_model))
     image = np.random.default_rng(3).integers(0, 256, (500, 420), dtype=np.uint8)
     conversations = [[Turn("user", prompts.REPORT)], [Turn("user", prompts.ABNORMALITIES)],

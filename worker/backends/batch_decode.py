@@ -173,6 +173,7 @@ class DecodeEngine:
         self._admitted_now: list[Request] = []  # given rows, not finished (the engine thread's)
         self._wake = threading.Condition()
         self._closed = False
+        self.ready = threading.Event()  # the decode step is compiled (or will not be): questions are answered now
         self._thread = threading.Thread(target=self._run, name="decode", daemon=True)
         self._thread.start()
 
@@ -229,9 +230,11 @@ class DecodeEngine:
             with self.torch.inference_mode():  # this thread only ever runs the model
                 if self.compiled:
                     self._warm_up()
+                self.ready.set()
                 self._loop()
         except BaseException as exc:  # the thread is ending: nobody may wait for it forever
             log.critical("decode engine stopped: %s", exc)
+            self.ready.set()
             with self._wake:
                 self._closed = True
                 stranded, self._pending = [*self._pending, *self._admitted_now], deque()

@@ -140,6 +140,7 @@ class TransformersBackend:
                                        pad if pad is not None else self.end_of_turn, rows=rows, row_tokens=row_tokens,
                                        compile_steps=self.device.type == "cuda" if compile_decode is None
                                        else compile_decode)
+            self.engine.ready.wait()  # loaded means ready: no question waits minutes behind the compilation
         self._one_at_a_time = threading.Lock()  # the plain path: one generate() on the model at once
         # the processor's inputs of images whose prefix is not cached yet, prepared once for every caller
         self._preparing: dict[str, Future[Any]] = {}
