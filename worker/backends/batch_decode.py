@@ -166,8 +166,14 @@ class DecodeEngine:
         self._logits = torch.zeros((rows, model.config.text_config.vocab_size), dtype=model.dtype, device=device)
         self._forward = self._decode_forward
         if compile_steps:
-            self._forward = torch.compile(self._decode_forward, fullgraph=True, dynamic=False,
-                                          mode="reduce-overhead" if device.type == "cuda" else None)
+            compiled = torch.compile(self._decode_forward, fullgraph=True, dynamic=False,
+                                     mode="reduce-overhead" if device.type == "cuda" else None)
+
+            def step(*args: Any) -> Any:
+                torch.compiler.cudagraph_mark_step_begin()  # the last step's logits were copied out
+                return compiled(*args)
+
+            self._forward = step
         self.compiled = compile_steps
         self._pending: deque[Request] = deque()
         self._admitted_now: list[Request] = []  # given rows, not finished (the engine thread's)
