@@ -184,7 +184,7 @@ class TransformersBackend:
         if entry is None:
             batch = inputs if inputs is not None else self.inputs(image, [], text=PREFIX)
             # the engine's thread: inference mode; the logits of the prefix are not needed
-            cache = self.model(**batch, use_cache=True, logits_to_keep=1).past_key_values
+            cache = self.model(**batch, use_cache=True, logits_to_keep=1).cache
             entry = Prefix(int(batch["input_ids"].shape[1]), cache, cache_bytes(cache))
             self.prefixes.put(key, entry)
             self._prepared_no_more(key)
