@@ -95,12 +95,11 @@ def test_the_image_prefix_is_prefilled_once_and_answers_stay_the_same(tiny_model
     assert entry is not None and entry.nbytes == entry.length * cached.kv_bytes_per_token
 
 
-def test_questions_decoded_together_equal_one_by_one(tiny_model):
-    """One decode batch from the shared prefix (rows of different lengths, leaving as they finish)
-    gives each question the answer plain generate() gives it alone."""
+def _five_questions_answered_as_plain_generate_answers_them(backend, tiny_model):  # type: ignore[no-untyped-def]
+    """A study's questions of different lengths (the last a conversation) about one image, asked of
+    ``backend`` together: each answer must be the one plain generate() gives it alone."""
     from worker import prompts
 
-    together = TransformersBackend(str(tiny_model), prefix_cache_mb=512, batch_cache_mb=64)
     plain = TransformersBackend(str(tiny_model))
     image = np.random.default_rng(3).integers(0, 256, (500, 420), dtype=np.uint8)
     conversations = [[Turn("user", prompts.REPORT)], [Turn("user", prompts.ABNORMALITIES)],
@@ -111,9 +110,17 @@ def test_questions_decoded_together_equal_one_by_one(tiny_model):
     params = [GenerationParams(max_new_tokens=n, min_new_tokens=m) for n, m in ((24, 0), (5, 0), (12, 12), (9, 0),
                                                                                  (16, 0))]
     expected = [plain.generate(image, turns, p) for turns, p in zip(conversations, params)]
-    got = together.generate_many(image, conversations, params)
+    got = backend.generate_many(image, conversations, params)
     assert [(g.text, g.new_tokens, g.prompt_tokens) for g in got] == [
         (e.text, e.new_tokens, e.prompt_tokens) for e in expected]
+    return got, expected
+
+
+def test_questions_decoded_together_equal_one_by_one(tiny_model):
+    """One decode batch from the shared prefix (rows of different lengths, leaving as they finish)
+    gives each question the answer plain generate() gives it alone."""
+    together = TransformersBackend(str(tiny_model), prefix_cache_mb=512, batch_cache_mb=64)
+    got, expected = _five_questions_answered_as_plain_generate_answers_them(together, tiny_model)
     assert len({e.text for e in expected}) >= 3  # the answers differ, so a row mixed up would show
     assert [g.new_tokens for g in got][:3] == [24, 5, 12]
 
@@ -307,23 +314,12 @@ def test_compiled_decode_steps_with_fewer_rows_than_questions_give_plain_answers
                                    max_prompt_tokens=4000, max_new_tokens=96, compile_decode=True)
     assert compiled.engine is not None and compiled.engine.store.rows == 2
     assert compiled.engine.compiled and compiled.engine.ready.is_set()  # loaded means compiled, before any question
-    plain = TransformersBackend(str(tiny_model))
-    image = np.random.default_rng(3).integers(0, 256, (500, 420), dtype=np.uint8)
-    conversations = [[Turn("user", prompts.REPORT)], [Turn("user", prompts.ABNORMALITIES)],
-                     [Turn("user", prompts.grounding_question("Cardiomegaly"))],
-                     [Turn("user", prompts.grounding_question("Pleural effusion"))],
-                     [Turn("user", "Is there an effusion?"), Turn("assistant", "Yes, on the left."),
-                      Turn("user", "Where is it?")]]
-    params = [GenerationParams(max_new_tokens=n, min_new_tokens=m) for n, m in ((24, 0), (5, 0), (12, 12), (9, 0),
-                                                                                 (16, 0))]
-    expected = [plain.generate(image, turns, p) for turns, p in zip(conversations, params)]
-    got = compiled.generate_many(image, conversations, params)
-    assert [(g.text, g.new_tokens, g.prompt_tokens) for g in got] == [
-        (e.text, e.new_tokens, e.prompt_tokens) for e in expected]
+    got, _ = _five_questions_answered_as_plain_generate_answers_them(compiled, tiny_model)
     # never more than two rows at a step (a row's first token comes from its prefill, not from a step)
     assert compiled.engine.steps >= sum(g.new_tokens - 1 for g in got) / 2 > max(g.new_tokens for g in got)
+    image = np.random.default_rng(3).integers(0, 256, (500, 420), dtype=np.uint8)
     with pytest.raises(ValueError, match="a decode row holds 4096 .*raise model.max_prompt_tokens"):
-        compiled.generate(image, conversations[0], GenerationParams(max_new_tokens=900))
+        compiled.generate(image, [Turn("user", prompts.REPORT)], GenerationParams(max_new_tokens=900))
 
 
 def test_a_decode_step_that_cannot_be_compiled_is_run_uncompiled_and_said_so(tiny_model, monkeypatch, caplog):
