@@ -133,7 +133,7 @@ class TransformersBackend:
             if rows < 1:
                 raise ModelLoadError(
                     f"cannot load {model_id}: {budget / 2**20:.0f} MiB of decode rows "
-                    f"({'model.batch_cache_mb' if batch_cache_mb else 'what the GPU has left'}) hold none of "
+                    f"({'what the GPU has left' if batch_cache_mb is None else 'model.batch_cache_mb'}) hold none of "
                     f"{row_tokens} tokens ({row_tokens * self.kv_bytes_per_token / 2**20:.0f} MiB): lower "
                     "model.max_prompt_tokens or model.max_new_tokens, use quantization, or a larger GPU")
             self.engine = DecodeEngine(self.model, torch, self.device, eos_ids,
@@ -198,9 +198,10 @@ class TransformersBackend:
             cached = self.prefixes.peek(key)
             if cached is not None:
                 return cached.length, None
-            preparing, mine = self._preparing.get(key), False
+            preparing = self._preparing.get(key)
+            mine = preparing is None
             if preparing is None:
-                preparing, mine = self._preparing.setdefault(key, Future()), True
+                preparing = self._preparing[key] = Future()
         if mine:
             try:
                 preparing.set_result(self.inputs(image, [], text=PREFIX))
