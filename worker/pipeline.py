@@ -52,8 +52,9 @@ def analyse_image(backend: ModelBackend, image: ModelImage, sop_instance_uid: st
         abnormalities, *regions = ask(backend, image, first, params)
         labels = labels_from_answer(abnormalities.text)
         found = [label for label in prompts.GROUNDABLE if labels[label]]
-        located = ask(backend, image, [("abnormality grounding", prompts.grounding_question(prompts.GROUNDABLE[
-            label])) for label in found], params) if found else []
+        groundable = [("abnormality grounding", prompts.grounding_question(prompts.GROUNDABLE[label]))
+                      for label in found]
+        located = ask(backend, image, groundable, params) if found else []
         [report] = written.result()
     if not abnormalities.text.strip():
         abnormalities = abnormalities.model_copy(update={"malformed": "empty answer"})
@@ -69,4 +70,3 @@ def analyse_image(backend: ModelBackend, image: ModelImage, sop_instance_uid: st
         columns=image.columns, pixel_steps=image.steps, report=report, abnormalities=abnormalities,
         labels=labels, groundings=groundings,
     )
-
