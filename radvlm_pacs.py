@@ -189,7 +189,7 @@ def run_node(settings, on_ready: Callable[[int, int], None]) -> int:  # type: ig
     from dicom_node.storage import InstanceStore
     from records.db import make_engine, make_session_factory
 
-    engine = make_engine(settings.effective_database_url)
+    engine = make_engine(settings.effective_database_url, pre_ping=False)  # see dicom_node.reception
     node = Node(
         settings.node, make_session_factory(engine),
         InstanceStore(settings.effective_storage_dir, fsync=settings.node.fsync),

@@ -10,7 +10,7 @@ import logging
 import threading
 from collections import Counter
 from collections.abc import Callable
-from concurrent.futures import Executor, wait
+from concurrent.futures import Executor, Future, wait
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -19,7 +19,7 @@ from pydicom import Dataset, dcmread
 from pydicom.dataelem import RawDataElement
 from pydicom.filereader import read_file_meta_info
 from pydicom.uid import UID
-from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.catalog import Arrival, record_arrival
@@ -194,6 +194,33 @@ def header_problem(ds: Dataset) -> str | None:
     return None
 
 
+def _commit_arrival(receiver: Receiver, arrival: Arrival, incoming: Path, synced: Future[None]) -> int | None:
+    """Record the arrival and place its file: the study version, or None for a duplicate (nothing
+    changed). A new instance's row is committed only once its file is durable and in place.
+
+    Pooled connections are not pinged before use (a round trip per instance, see records.db); a
+    connection the database dropped (a restart) fails its first statement, which is then run once
+    more on a fresh one.
+    """
+    now = receiver.clock()
+    with receiver.sessions() as session:
+        try:
+            version = record_arrival(session, arrival, now)
+        except DBAPIError as exc:
+            if not exc.connection_invalidated:
+                raise
+            log.warning("database connection lost (%s): recording %s again on a new one", exc.orig,
+                        arrival.sop_instance_uid)
+            session.rollback()
+            version = record_arrival(session, arrival, now)
+        if version is None:
+            return None  # closing the session rolls the study's update back
+        synced.result()
+        receiver.store.place(incoming, arrival.path)
+        session.commit()
+        return version
+
+
 def receive(receiver: Receiver, incoming: Path, syntax: UID, caller: Caller,
             expected: tuple[str, str] | None = None) -> Verdict:
     """Check space, read the header, keep the file as received, record the arrival.
@@ -266,16 +293,7 @@ def receive(receiver: Receiver, incoming: Path, syntax: UID, caller: Caller,
     # once the file is durable and in place, and success is answered only after the commit.
     synced = receiver.syncer.submit(receiver.store.sync, incoming)
     try:
-        with receiver.sessions() as session, session.begin():
-            study, new = record_arrival(session, arrival, receiver.clock())
-            version = study.version
-            if new:
-                synced.result()
-                receiver.store.place(incoming, relative)
-    except IntegrityError:  # the same instance committed by a concurrent association
-        log.info("duplicate %s from %s: stored concurrently, first copy kept", sop_uid, peer)
-        INSTANCES_RECEIVED.labels("duplicate").inc()
-        return Verdict(SUCCESS, "", study_uid)
+        version = _commit_arrival(receiver, arrival, incoming, synced)
     except OSError as exc:
         log.error("refused %s from %s: cannot write: %s", sop_uid, peer, exc)
         return refuse(CANNOT_STORE, "cannot write the file", study_uid)
@@ -284,6 +302,7 @@ def receive(receiver: Receiver, incoming: Path, syntax: UID, caller: Caller,
         return refuse(CANNOT_STORE, "database unavailable", study_uid)
     finally:
         wait([synced])  # never leave a sync running on a file pynetdicom is about to delete
+    new = version is not None
     if new:
         log.debug("stored %s (study %s version %d) from %s", sop_uid, study_uid, version, peer,
                   extra={"study_uid": study_uid})

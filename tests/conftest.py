@@ -182,7 +182,7 @@ def start_node(tmp_path: Path) -> Iterator[Callable[..., RunningNode]]:
         overrides = {"port": 0, "bind_address": "127.0.0.1", "stable_age_s": 1.0, "completion_poll_s": 0.2,
                      "disk_reserve_mb": 1, "fsync": False, **node_overrides}
         settings = NodeSettings(**overrides)
-        engine = make_engine(url)
+        engine = make_engine(url, pre_ping=False)  # as `radvlm-pacs node` makes it
         sessions = make_session_factory(engine)
         store = InstanceStore(storage or tmp_path / f"dicom-{len(started)}", fsync=settings.fsync)
         running: RunningNode

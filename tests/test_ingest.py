@@ -19,14 +19,14 @@ from pynetdicom import AE, _config
 from pynetdicom.association import Association
 from pynetdicom.dsutils import encode
 from pynetdicom.sop_class import ComputedRadiographyImageStorage, CTImageStorage, Verification
-from sqlalchemy import func, select
+from sqlalchemy import create_engine, func, select, text
 
 from dicom_node import spool
 from dicom_node.pixels import read_model_image
 from dicom_node.server import INCOMING
 from dicom_node.transport import READ_BYTES, BulkReadSocket
 from records.tables import Instance, Study, StudyState, StudyVersion
-from tests.conftest import radiograph, rg1_copy, storescu, wait_for
+from tests.conftest import POSTGRES_ADMIN_URL, radiograph, rg1_copy, storescu, wait_for
 
 RG1_STUDY = "1.3.6.1.4.1.5962.1.2.9.20040826185059.5457"
 RG3_STUDY = "1.3.6.1.4.1.5962.1.2.11.20040826185059.5457"
@@ -112,6 +112,65 @@ def test_same_instance_twice_is_stored_once(database_url, start_node):
     assert len(study.instances) == 1
     files = list(running.store.root.rglob("*.dcm"))
     assert len(files) == 1
+
+
+def test_concurrent_associations_create_one_study_and_keep_one_copy(database_url, start_node, tmp_path):
+    """Six associations at the same moment: four bring new instances of a study the node has never
+    seen, two bring the same instance. One study row, version 1, five instances, five files."""
+    running = start_node(database_url)
+    study_uid = generate_uid()
+    files = [rg1_copy(tmp_path, f"{n}.dcm", StudyInstanceUID=study_uid) for n in range(5)]
+    senders = [*files[:4], files[4], files[4]]
+    start = threading.Barrier(len(senders))
+    statuses: list[int] = []
+
+    def send(path: Path) -> None:
+        ds = pydicom.dcmread(path)
+        ae = AE(ae_title="STORESCU")
+        ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
+        assoc = ae.associate("127.0.0.1", running.port, ae_title="RADVLM")
+        start.wait(timeout=30)
+        statuses.append(int(assoc.send_c_store(ds).Status))
+        assoc.release()
+
+    threads = [threading.Thread(target=send, args=(path,)) for path in senders]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert statuses == [0] * 6
+    with running.sessions() as session:
+        [study] = session.scalars(select(Study).where(Study.study_instance_uid == study_uid)).all()
+        stored = set(session.scalars(select(Instance.sop_instance_uid).where(Instance.study_id == study.id)))
+    assert study.version == 1
+    assert stored == {pydicom.dcmread(f).SOPInstanceUID for f in files}
+    assert len(list(running.store.root.glob(f"{study_uid}/*/*.dcm"))) == 5
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+def test_connections_the_database_dropped_cost_no_store(database_url, start_node, tmp_path, caplog):
+    """The node takes its pooled connections without pinging them first: after PostgreSQL has dropped
+    them all (as a restart or an idle timeout does), the next C-STORE still succeeds, on a new
+    connection, with a warning that says so."""
+    running = start_node(database_url, completion_poll_s=600)  # no other user of the pool meanwhile
+    first, second = rg1_copy(tmp_path, "first.dcm"), rg1_copy(tmp_path, "second.dcm")
+    assert storescu(running.port, first).returncode == 0
+    database = database_url.rsplit("/", 1)[1]
+    admin = create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        dropped = connection.scalar(text(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE datname = :name"),
+            {"name": database})
+    admin.dispose()
+    assert dropped >= 1
+    with caplog.at_level(logging.WARNING, logger="dicom_node.reception"):
+        result = storescu(running.port, second)
+    assert result.returncode == 0, result.stderr
+    assert any("database connection lost" in r.getMessage() for r in caplog.records)
+    with running.sessions() as session:
+        stored = set(session.scalars(select(Instance.sop_instance_uid)))
+    assert stored == {pydicom.dcmread(f).SOPInstanceUID for f in (first, second)}
 
 
 def test_unknown_calling_ae_is_rejected(sqlite_url, start_node, caplog):
