@@ -181,6 +181,12 @@ def test_qido_and_wado_serve_the_result_objects_the_node_kept(sqlite_url, start_
         everything = client.retrieve_study(RG1_STUDY)
         too_far = httpx.get(f"{base}/dicom-web/studies", params={"offset": 2**63}, headers=HOUSE)
         assert too_far.status_code == 422  # found by schemathesis: past a database integer it was a 500
+        # what a viewer's study list sends: a name typed in any case, a date range (RG1: 2004-08-26)
+        typed = client.search_for_studies(search_filters={"PatientName": "compressedsamples*",
+                                                          "StudyDate": "20040801-20040831"})
+        later = client.search_for_studies(search_filters={"PatientName": "compressedsamples*",
+                                                          "StudyDate": "20040827-"})
+        bad_date = httpx.get(f"{base}/dicom-web/studies", params={"StudyDate": "2004-08-26"}, headers=HOUSE)
         elsewhere = DICOMwebClient(f"{base}/dicom-web", headers=auth("dr.elsewhere"))
         assert elsewhere.search_for_studies() == []  # another site's user sees none of it
         with pytest.raises(requests.HTTPError) as missing:
@@ -188,6 +194,8 @@ def test_qido_and_wado_serve_the_result_objects_the_node_kept(sqlite_url, start_
         assert missing.value.response.status_code == 404
     with node.sessions() as session:
         kept = {k.sop_instance_uid: k for k in session.scalars(select(KeptObject))}
+    assert [s["0020000D"]["Value"] for s in typed] == [[RG1_STUDY]] and later == []
+    assert bad_date.status_code == 400 and "YYYYMMDD" in bad_date.json()["detail"]
     assert {k.kind for k in kept.values()} == {"sr", "gsps"}
     assert sr.SOPInstanceUID in kept and sr.Modality == "SR"
     assert sr_meta["00080018"]["Value"] == [sr.SOPInstanceUID]

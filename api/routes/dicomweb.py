@@ -14,6 +14,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
+from api import qido
 from api.access import find_study, visible
 from api.deps import AuditDep, CurrentSender, CurrentUser, Offset, SessionDep
 from api.problems import Problem
@@ -105,15 +106,28 @@ def _base(request: Request) -> str:
 @router.get("/studies", response_class=JSONResponse, responses={200: {"content": {DICOM_JSON: {}}}})
 def search_studies(request: Request, session: SessionDep, user: CurrentUser, audit: AuditDep,
                    StudyInstanceUID: str | None = None, PatientID: str | None = None,
-                   AccessionNumber: str | None = None, limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+                   PatientName: str | None = None, AccessionNumber: str | None = None,
+                   StudyDate: str | None = None, limit: Annotated[int, Query(ge=1, le=1000)] = 100,
                    offset: Offset = 0) -> JSONResponse:
-    """QIDO-RS: studies with result objects the user may see (exact matches on the DICOM keywords given)."""
+    """QIDO-RS: studies with result objects the user may see, matched as PS3.4 says (``api.qido``): a
+    list of Study Instance UIDs, wildcards in PatientID, PatientName (any case) and AccessionNumber,
+    a StudyDate or a range of them."""
     audit("list_studies", StudyInstanceUID, f"QIDO-RS PatientID={PatientID} AccessionNumber={AccessionNumber}")
     query = visible(select(Study).where(Study.id.in_(select(KeptObject.study_id))), user).order_by(Study.id)
-    for column, value in ((Study.study_instance_uid, StudyInstanceUID), (Study.patient_id, PatientID),
-                          (Study.accession_number, AccessionNumber)):
+    conditions = []
+    if StudyInstanceUID is not None:
+        conditions.append(qido.uid_list(Study.study_instance_uid, StudyInstanceUID))
+    for column, value in ((Study.patient_id, PatientID), (Study.accession_number, AccessionNumber)):
         if value is not None:
-            query = query.where(column == value)
+            conditions.append(qido.wildcard(column, value))
+    if PatientName is not None:
+        conditions.append(qido.wildcard(Study.patient_name, PatientName, any_case=True))
+    if StudyDate is not None:
+        try:
+            conditions.append(qido.date_range(Study.study_date, StudyDate))
+        except ValueError as exc:
+            raise Problem(400, "invalid query", f"StudyDate: {exc}") from exc
+    query = query.where(*conditions)
     found = []
     for study in session.scalars(query.offset(offset).limit(limit)):
         objects = list(session.scalars(select(KeptObject).where(KeptObject.study_id == study.id)))
