@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from worker.backends.base import GenerationParams, ModelLoadError
+from worker.backends.batch_decode import buckets
 from worker.backends.transformers import TransformersBackend
 from worker.prompts import REPORT, Turn
 
@@ -320,6 +321,23 @@ def test_compiled_decode_steps_with_fewer_rows_than_questions_give_plain_answers
     image = np.random.default_rng(3).integers(0, 256, (500, 420), dtype=np.uint8)
     with pytest.raises(ValueError, match="a decode row holds 4096 .*raise model.max_prompt_tokens"):
         compiled.generate(image, [Turn("user", prompts.REPORT)], GenerationParams(max_new_tokens=900))
+
+
+def test_the_decode_step_is_compiled_twice_however_many_bucket_sizes(tiny_model):
+    """One row (a chat turn) gets a graph of its own and every larger bucket shares one whose batch size
+    is symbolic: a start compiles twice, not once per bucket, and the answers are plain generate()'s."""
+    import torch
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()  # forget the graphs of earlier tests' engines (the same code: they would be reused)
+    counters.clear()
+    backend = TransformersBackend(str(tiny_model), prefix_cache_mb=512, batch_cache_mb=17,  # eight rows
+                                  max_prompt_tokens=4000, max_new_tokens=96, compile_decode=True)
+    assert backend.engine is not None and backend.engine.compiled
+    assert buckets(backend.engine.store.rows) == [1, 2, 4, 8]
+    assert counters["stats"]["unique_graphs"] == 2
+    _five_questions_answered_as_plain_generate_answers_them(backend, tiny_model)
+    assert counters["stats"]["unique_graphs"] == 2  # whatever buckets the five rows needed: no recompile
 
 
 def test_a_decode_step_that_cannot_be_compiled_is_run_uncompiled_and_said_so(tiny_model, monkeypatch, caplog):

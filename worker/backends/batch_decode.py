@@ -12,7 +12,10 @@ different lengths and different images decode side by side with nothing shifted 
 mask says which positions each row sees and every row keeps its own position ids, so each answer
 is the one plain ``generate()`` gives. Because the shapes of a decode step depend only on how many
 rows it covers (rounded up to a few bucket sizes), the step can be compiled, and on a GPU captured
-as a CUDA graph: no Python or kernel-launch overhead inside a step, whatever the model's depth.
+as a CUDA graph per bucket: no Python or kernel-launch overhead inside a step, whatever the model's
+depth. torch.compile's automatic dynamic shapes compile it twice: for one row, then once with the
+batch size symbolic, which every larger bucket shares (compiling each bucket on its own took seven
+compilations, minutes for RadVLM, at every start).
 """
 
 from __future__ import annotations
@@ -60,8 +63,8 @@ class Request:
 
 
 def buckets(rows: int) -> list[int]:
-    """The batch sizes a decode step is compiled for: powers of two, then all rows (at most seven,
-    within torch.compile's default recompile limit)."""
+    """The batch sizes a decode step runs at (each its own CUDA graph on a GPU): powers of two, then
+    all rows."""
     return sorted({size for size in (1, 2, 4, 8, 16, 32) if size < rows} | {rows})
 
 
@@ -154,8 +157,8 @@ class DecodeEngine:
 
     ``rows`` questions decode at once, each within ``row_tokens`` (its prompt and its longest
     answer). Questions that find no free row wait, urgent ones first, otherwise in order; the rows
-    of one request may enter in several goes. ``compile_steps`` compiles the decode step once per
-    bucket size (as CUDA graphs on a GPU), at start.
+    of one request may enter in several goes. ``compile_steps`` compiles the decode step at start,
+    for one row and for any larger bucket (as a CUDA graph per bucket on a GPU).
     """
 
     def __init__(self, model: Any, torch: Any, device: Any, eos: set[int], pad_id: int, *, rows: int,
@@ -168,7 +171,8 @@ class DecodeEngine:
         self._logits = torch.zeros((rows, model.config.text_config.vocab_size), dtype=model.dtype, device=device)
         self._forward = self._decode_forward
         if compile_steps:
-            compiled = torch.compile(self._decode_forward, fullgraph=True, dynamic=False,
+            # dynamic=None: the batch size turns symbolic at the second bucket, so one graph serves all
+            compiled = torch.compile(self._decode_forward, fullgraph=True, dynamic=None,
                                      mode="reduce-overhead" if device.type == "cuda" else None)
 
             def step(*args: Any) -> Any:
