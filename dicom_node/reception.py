@@ -198,9 +198,9 @@ def _commit_arrival(receiver: Receiver, arrival: Arrival, incoming: Path, synced
     """Record the arrival and place its file: the study version, or None for a duplicate (nothing
     changed). A new instance's row is committed only once its file is durable and in place.
 
-    Pooled connections are not pinged before use (a round trip per instance, see records.db); a
-    connection the database dropped (a restart) fails its first statement, which is then run once
-    more on a fresh one.
+    Pooled connections are not pinged before use (a round trip per instance, see records.db): when
+    the database has dropped the one taken (a restart), the recording fails at its first statement
+    and is run once more, on a fresh connection.
     """
     now = receiver.clock()
     with receiver.sessions() as session:

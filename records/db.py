@@ -16,9 +16,9 @@ def make_engine(url: str, *, pre_ping: bool = True) -> Engine:
     """An engine for ``url``; SQLite gets WAL, a busy timeout and foreign keys.
 
     ``pre_ping``: a server database's pooled connection is tested (one round trip) each time it is
-    taken, so that one the server dropped is replaced unseen. The DICOM node turns it off: it pays
-    that round trip per instance received, and retries the one statement that finds a dropped
-    connection instead (``dicom_node.reception``).
+    taken, so that one the server dropped is replaced unseen. The DICOM node turns it off: it would pay
+    that round trip per instance received; it records an instance once more when the connection it
+    took turns out dropped instead (``dicom_node.reception``).
     """
     if url.startswith("sqlite"):
         database = url.split("///", 1)[-1]

@@ -63,8 +63,11 @@ def test_only_star_and_question_mark_are_wildcards(match):
     assert match(qido.wildcard(Study.patient_name, "O'Neil .*", any_case=True)) == []
 
 
-def test_a_lone_star_matches_every_study_also_without_the_attribute(match):
+def test_a_lone_star_or_an_empty_value_matches_every_study_also_without_the_attribute(match):
     assert match(qido.wildcard(Study.patient_name, "**", any_case=True)) == sorted(PATIENTS)
+    assert match(qido.wildcard(Study.patient_id, "")) == sorted(PATIENTS)
+    assert match(qido.date_range(Study.study_date, "")) == sorted(PATIENTS)
+    assert match(qido.uid_list(Study.study_instance_uid, "")) == sorted(PATIENTS)
 
 
 def test_dates_and_date_ranges_include_both_ends(match):
@@ -74,7 +77,7 @@ def test_dates_and_date_ranges_include_both_ends(match):
     assert match(qido.date_range(Study.study_date, "-20251231")) == ["1.2.1", "1.2.5"]
 
 
-@pytest.mark.parametrize("value", ["2026-01-05", "-", "", "20260105-2026", "yesterday"])
+@pytest.mark.parametrize("value", ["2026-01-05", "-", "20260105-2026", "yesterday"])
 def test_what_is_no_date_or_range_is_refused_with_the_reason(value):
     with pytest.raises(ValueError, match="date"):
         qido.date_range(Study.study_date, value)
