@@ -25,6 +25,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from dicom_node.catalog import Arrival, record_arrival
 from dicom_node.storage import InstanceStore, valid_uid
 from records.audit import Outcome, record
+from records.db import error_summary
 from records.metrics import INSTANCES_RECEIVED, INSTANCES_REJECTED
 
 log = logging.getLogger(__name__)
@@ -124,7 +125,7 @@ class Receiver:
                     record(session, action, at=self.clock(), user=calling_ae, role="calling AE", client=address,
                            study_uid=study_uid, detail=detail, outcome=outcome)
         except SQLAlchemyError as exc:
-            log.error("audit events %s of %s@%s not recorded: %s", action, calling_ae, address, exc)
+            log.error("audit events %s of %s@%s not recorded: %s", action, calling_ae, address, error_summary(exc))
 
 
 def encoding_problem(path: Path, syntax: UID) -> str | None:
@@ -209,7 +210,7 @@ def _commit_arrival(receiver: Receiver, arrival: Arrival, incoming: Path, synced
         except DBAPIError as exc:
             if not exc.connection_invalidated:
                 raise
-            log.warning("database connection lost (%s): recording %s again on a new one", exc.orig,
+            log.warning("database connection lost (%s): recording %s again on a new one", error_summary(exc),
                         arrival.sop_instance_uid)
             session.rollback()
             version = record_arrival(session, arrival, now)
@@ -298,7 +299,7 @@ def receive(receiver: Receiver, incoming: Path, syntax: UID, caller: Caller,
         log.error("refused %s from %s: cannot write: %s", sop_uid, peer, exc)
         return refuse(CANNOT_STORE, "cannot write the file", study_uid)
     except SQLAlchemyError as exc:
-        log.error("refused %s from %s: database unavailable: %s", sop_uid, peer, exc)
+        log.error("refused %s from %s: database unavailable: %s", sop_uid, peer, error_summary(exc))
         return refuse(CANNOT_STORE, "database unavailable", study_uid)
     finally:
         wait([synced])  # never leave a sync running on a file pynetdicom is about to delete

@@ -7,6 +7,7 @@ from pathlib import Path
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 MIGRATIONS = Path(__file__).with_name("migrations")
@@ -19,12 +20,14 @@ def make_engine(url: str, *, pre_ping: bool = True) -> Engine:
     taken, so that one the server dropped is replaced unseen. The DICOM node turns it off: it would pay
     that round trip per instance received; it records an instance once more when the connection it
     took turns out dropped instead (``dicom_node.reception``).
+
+    Statement values are hidden from SQLAlchemy's errors and logs: they hold patients' names and IDs.
     """
     if url.startswith("sqlite"):
         database = url.split("///", 1)[-1]
         if database and database != ":memory:":
             Path(database).parent.mkdir(parents=True, exist_ok=True)
-        engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+        engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False}, hide_parameters=True)
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_connection, _record) -> None:  # type: ignore[no-untyped-def]
@@ -42,7 +45,16 @@ def make_engine(url: str, *, pre_ping: bool = True) -> Engine:
             connection.exec_driver_sql("BEGIN IMMEDIATE")
 
         return engine
-    return create_engine(url, pool_pre_ping=pre_ping, pool_size=10, max_overflow=20)
+    return create_engine(url, pool_pre_ping=pre_ping, pool_size=10, max_overflow=20, hide_parameters=True)
+
+
+def error_summary(exc: SQLAlchemyError) -> str:
+    """What a log line may say of a database error: its kind and the driver's first line. Not the rest:
+    PostgreSQL's DETAIL quotes the values of a refused row ("Failing row contains ..."), a patient's
+    name and ID among them."""
+    cause = exc.orig if isinstance(exc, DBAPIError) and exc.orig is not None else exc
+    lines = str(cause).strip().splitlines()
+    return f"{type(cause).__name__}: {lines[0] if lines else ''}"
 
 
 def make_session_factory(engine: Engine) -> sessionmaker[Session]:

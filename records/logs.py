@@ -8,16 +8,20 @@ and never logged: log lines name studies by UID only.
 from __future__ import annotations
 
 import logging
+import re
 import sys
+import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
-from typing import Literal
+from typing import Literal, TextIO
 
 from pythonjsonlogger.json import JsonFormatter
 
 LogFormat = Literal["text", "json"]
 
+DETAIL = re.compile(r"DETAIL:[^\n]*")  # to the line's end, also in a repr (Celery logs a failed task's)
+DETAIL_LEFT_OUT = "DETAIL: (left out: it may quote a patient's data)"
 _fields: ContextVar[dict[str, str]] = ContextVar("radvlm_log_fields", default={})  # noqa: B039 (never mutated)
 
 
@@ -31,6 +35,24 @@ def log_context(**fields: object) -> Iterator[None]:
         _fields.reset(token)
 
 
+class DatabaseDetailFilter(logging.Filter):
+    """Leaves PostgreSQL's DETAIL lines out of messages and tracebacks: for a refused row they quote
+    all its values ("Failing row contains ..."), a patient's name and ID among them. (SQLAlchemy's own
+    listing of a statement's values is off, see records.db.) A record whose traceback held one carries
+    the cleaned traceback in its message."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if record.exc_info:
+            trace = "".join(traceback.format_exception(*record.exc_info))
+            if DETAIL.search(trace):
+                message = f"{message}\n{trace.rstrip()}"
+                record.exc_info, record.exc_text = None, None
+        if DETAIL.search(message):
+            record.msg, record.args = DETAIL.sub(DETAIL_LEFT_OUT, message), None
+        return True
+
+
 class ContextFilter(logging.Filter):
     """Copies the bound fields onto each record; JSON lines show them as keys, text lines at the end."""
 
@@ -42,20 +64,27 @@ class ContextFilter(logging.Filter):
         return True
 
 
-def setup_logging(level: str, fmt: LogFormat = "text") -> None:
-    """One handler on the root logger, to stderr; libraries' loggers propagate to it."""
-    handler = logging.StreamHandler(sys.stderr)
+def make_handler(fmt: LogFormat = "text", stream: TextIO | None = None) -> logging.Handler:
+    """The handler every process logs through: to ``stream`` (stderr), bound fields added, database
+    details left out, as text or one JSON object per line."""
+    handler = logging.StreamHandler(stream or sys.stderr)
     handler.addFilter(ContextFilter())
+    handler.addFilter(DatabaseDetailFilter())
     if fmt == "json":
         handler.setFormatter(JsonFormatter(
             "%(levelname)s %(name)s %(message)s", rename_fields={"levelname": "level", "name": "logger"},
             reserved_attrs=[*JsonFormatter().reserved_attrs, "context"], timestamp="time"))
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s%(context)s"))
+    return handler
+
+
+def setup_logging(level: str, fmt: LogFormat = "text") -> None:
+    """One handler on the root logger, to stderr; libraries' loggers propagate to it."""
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)
-    root.addHandler(handler)
+    root.addHandler(make_handler(fmt))
     root.setLevel(level.upper())
     logging.captureWarnings(True)  # library warnings become records too, so a JSON log stays JSON
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)

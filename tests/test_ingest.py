@@ -173,6 +173,31 @@ def test_connections_the_database_dropped_cost_no_store(database_url, start_node
     assert stored == {pydicom.dcmread(f).SOPInstanceUID for f in (first, second)}
 
 
+@pytest.mark.postgres
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+def test_a_statement_the_database_refuses_is_logged_without_patient_data(database_url, start_node, tmp_path,
+                                                                         caplog):
+    """The database refuses the study's row (a constraint the test adds): the sender is told "cannot
+    store", the log line says which constraint refused it but none of the row's values (PostgreSQL's
+    error quotes them all, the patient's name and ID among them), and nothing is left in storage."""
+    running = start_node(database_url)
+    admin = create_engine(database_url)
+    with admin.begin() as connection:
+        connection.execute(text("ALTER TABLE studies ADD CONSTRAINT refuse_all CHECK (false) NOT VALID"))
+    admin.dispose()
+    ds = pydicom.dcmread(rg1_copy(tmp_path, "private.dcm", PatientName="Doe^Jane", PatientID="PID-4711"))
+    ae = AE(ae_title="STORESCU")
+    ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
+    with caplog.at_level(logging.ERROR, logger="dicom_node.reception"):
+        assoc = ae.associate("127.0.0.1", running.port, ae_title="RADVLM")
+        status = assoc.send_c_store(ds)
+        assoc.release()
+    assert status.Status == 0xA701
+    assert 'CheckViolation: new row for relation "studies" violates check constraint "refuse_all"' in caplog.text
+    assert "Doe^Jane" not in caplog.text and "PID-4711" not in caplog.text
+    assert list(running.store.root.rglob(f"{ds.SOPInstanceUID}.dcm")) == []
+
+
 def test_unknown_calling_ae_is_rejected(sqlite_url, start_node, caplog):
     from records.settings import CallerRule
 
