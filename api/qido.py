@@ -37,6 +37,12 @@ def wildcard(column: InstrumentedAttribute[str | None], value: str, *, any_case:
     return column.regexp_match(f"{'(?i)' if any_case else ''}^{pattern}$")
 
 
+def words(value: str) -> str:
+    """A search box's words as a wildcard value: the words in order, anything before, between and
+    after them, so ``smith jo`` finds ``SMITH^JOHN`` (the radiologist's study list, not QIDO-RS)."""
+    return "*" + "*".join(value.split()) + "*"
+
+
 def date_range(column: InstrumentedAttribute[str | None], value: str) -> ColumnElement[bool]:
     """A date (YYYYMMDD) or a range of them: ``A-B``, ``A-`` (from A on), ``-B`` (up to B), both ends
     included."""

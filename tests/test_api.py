@@ -75,6 +75,14 @@ def test_list_and_filters(client):
     analysed = client.get("/studies", params={"state": "analysed"}, headers=HEADERS).json()
     assert [s["study_instance_uid"] for s in analysed["data"]] == [RG1_STUDY]
     assert client.get("/studies", params={"patient_id": "nobody"}, headers=HEADERS).json()["count"] == 0
+
+    def named(words: str) -> list[str]:
+        found = client.get("/studies", params={"patient_name": words}, headers=HEADERS).json()["data"]
+        return sorted(study["study_instance_uid"] for study in found)
+
+    assert named("samples rg1") == [RG1_STUDY]  # CompressedSamples^RG1: words in order, any case
+    assert named("COMPRESSED") == named("rg?") == sorted(s["study_instance_uid"] for s in every["data"])
+    assert named("rg1 samples") == []
     bad = client.get("/studies", params={"date_from": "yesterday"}, headers=HEADERS)
     assert bad.status_code == 422 and "date_from" in bad.json()["detail"]
 

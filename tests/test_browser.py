@@ -61,6 +61,11 @@ def test_log_in_view_ask_and_sign_off(served):
         page.wait_for_selector(f"tr[data-uid='{RG1_STUDY}']")
         assert page.inner_text("#who") == "dr.house (radiologist)"
         page.screenshot(path=SHOTS / "1-studies.png")
+        for typed, rows in (("nobody here", 0), ("samples rg1", 1)):  # CompressedSamples^RG1, words in order
+            page.fill("#filter-name", typed)
+            page.click("#filters button[type=submit]")
+            page.wait_for_function(f"document.querySelectorAll('#studies tbody tr').length === {rows}")
+        assert page.get_attribute("#studies tbody tr", "data-uid") == RG1_STUDY
 
         page.click(f"tr[data-uid='{RG1_STUDY}']")
         page.wait_for_function("document.getElementById('image').width === 1841")

@@ -64,6 +64,7 @@ function logout() {
 async function listStudies() {
   const query = new URLSearchParams();
   if ($("filter-state").value) query.set("state", $("filter-state").value);
+  if ($("filter-name").value) query.set("patient_name", $("filter-name").value);
   if ($("filter-patient").value) query.set("patient_id", $("filter-patient").value);
   if ($("filter-accession").value) query.set("accession", $("filter-accession").value);
   const studies = await (await api(`/studies?${query}`)).json();

@@ -10,6 +10,7 @@ from fastapi.responses import Response
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from api import qido
 from api.access import find_study, visible
 from api.deps import AuditDep, CurrentUser, Offset, SessionDep, StoreDep
 from api.problems import Problem
@@ -41,13 +42,15 @@ def latest_result(session: Session, study: Study) -> StudyResult | None:
 def list_studies(
     session: SessionDep, user: CurrentUser, audit: AuditDep,
     state: StudyState | None = None, accession: str | None = None, patient_id: str | None = None,
+    patient_name: Annotated[str | None, Query(
+        description="words of the name in order, any case, * and ? as wildcards: 'smith jo' finds SMITH^JOHN")] = None,
     date_from: Annotated[str | None, Query(pattern=r"^\d{8}$", description="YYYYMMDD")] = None,
     date_to: Annotated[str | None, Query(pattern=r"^\d{8}$", description="YYYYMMDD")] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50, offset: Offset = 0,
 ) -> StudiesPublic:
     audit("list_studies", detail="; ".join(f"{k}={v}" for k, v in dict(
-        state=state and state.value, accession=accession, patient_id=patient_id, date_from=date_from,
-        date_to=date_to).items() if v) or None)
+        state=state and state.value, accession=accession, patient_id=patient_id, patient_name=patient_name,
+        date_from=date_from, date_to=date_to).items() if v) or None)
     query = visible(select(Study), user)
     if state is not None:
         query = query.where(Study.state == state)
@@ -55,6 +58,8 @@ def list_studies(
         query = query.where(Study.accession_number == accession)
     if patient_id:
         query = query.where(Study.patient_id == patient_id)
+    if patient_name:
+        query = query.where(qido.wildcard(Study.patient_name, qido.words(patient_name), any_case=True))
     if date_from:
         query = query.where(Study.study_date >= date_from)
     if date_to:
