@@ -42,7 +42,10 @@ class DatabaseDetailFilter(logging.Filter):
     the cleaned traceback in its message."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
+        try:
+            message = record.getMessage()
+        except Exception:  # a malformed call: the formatter fails on it too, and logging reports it
+            return True
         if record.exc_info:
             trace = "".join(traceback.format_exception(*record.exc_info))
             if DETAIL.search(trace):
