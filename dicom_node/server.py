@@ -126,6 +126,9 @@ class Node:
         # pynetdicom writes each incoming dataset to a temporary file as its fragments arrive (on a
         # thread of the spool's); the handler moves that file into storage (see handlers.handle_store).
         _config.STORE_RECV_CHUNKED_DATASET = True
+        # pynetdicom's logger is kept at WARNING (records.logs): its standard event handlers would
+        # still format a debug line for every PDU, under the association's lock, for no reader
+        _config.LOG_HANDLER_LEVEL = "none"
         store = self.receiver.store
         spooled = spool.install(store.root / INCOMING, writeback=store.fsync)
         spool.remove_leftovers(store.root / INCOMING, LEFTOVER_AGE, self.receiver.clock())
