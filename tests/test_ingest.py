@@ -303,6 +303,29 @@ def test_bad_datasets_get_their_status_and_lose_nothing(database_url, start_node
     assert _complete(running, RG1_STUDY).state is StudyState.ready
 
 
+def test_associations_beyond_the_limit_are_rejected_until_one_ends(sqlite_url, start_node):
+    """node.max_associations = 2: a third caller is rejected (transient, local limit exceeded, so a PACS
+    retries later) while two are open, and accepted once one of them has ended."""
+    running = start_node(sqlite_url, max_associations=2)
+
+    def associate() -> Association:
+        ae = AE(ae_title="STORESCU")
+        ae.add_requested_context(Verification)
+        return ae.associate("127.0.0.1", running.port, ae_title="RADVLM")
+
+    first, second = associate(), associate()
+    assert first.is_established and second.is_established
+    third = associate()
+    assert third.is_rejected
+    assert (third.acceptor.primitive.result, third.acceptor.primitive.result_source,
+            third.acceptor.primitive.diagnostic) == (0x02, 0x03, 0x02)
+    first.release()
+    fourth = wait_for(lambda: (a := associate()).is_established and a, 10)
+    assert fourth.send_c_echo().Status == 0
+    fourth.release()
+    second.release()
+
+
 def test_disk_below_reserve_refuses_with_out_of_resources(sqlite_url, start_node, caplog):
     running = start_node(sqlite_url, disk_reserve_mb=1 << 40)  # more than any disk has
     with caplog.at_level(logging.ERROR, logger="dicom_node.handlers"):
