@@ -49,9 +49,9 @@ def make_engine(url: str, *, pre_ping: bool = True) -> Engine:
 
 
 def error_summary(exc: SQLAlchemyError) -> str:
-    """What a log line may say of a database error: its kind and the driver's first line. Not the rest:
-    PostgreSQL's DETAIL quotes the values of a refused row ("Failing row contains ..."), a patient's
-    name and ID among them."""
+    """A database error in one line, for a refusal's log line: its kind and the driver's first line.
+    The rest (the statement, PostgreSQL's DETAIL quoting a refused row's values) is noise there;
+    ``records.logs`` keeps the values out of every other log line."""
     cause = exc.orig if isinstance(exc, DBAPIError) and exc.orig is not None else exc
     lines = str(cause).strip().splitlines()
     return f"{type(cause).__name__}: {lines[0] if lines else ''}"
