@@ -26,6 +26,7 @@ from pydantic_settings import (
 )
 
 from records.logs import LogFormat
+from records.schema import CHEXPERT_LABELS
 
 CONFIG_FILE_ENV = "RADVLM_CONFIG_FILE"
 SECRETS_DIR_ENV = "RADVLM_SECRETS_DIR"
@@ -224,8 +225,6 @@ class HL7Settings(Section):
     sending_facility: str = "RADVLM"
     receiving_application: str = "RIS"
     receiving_facility: str = "RIS"
-    urgent_findings: list[str] = Field(default_factory=lambda: ["Pneumothorax"],
-                                       description="CheXpert labels flagged critical (AA) when present")
 
 
 class FhirSettings(Section):
@@ -235,8 +234,6 @@ class FhirSettings(Section):
     token: SecretStr | None = Field(default=None, description="bearer token (environment or secrets folder)")
     patient_identifier_system: str = Field(default="urn:radvlm:patient-id",
                                            description="the system URI of the site's patient IDs (DICOM PatientID)")
-    urgent_findings: list[str] = Field(default_factory=lambda: ["Pneumothorax"],
-                                       description="CheXpert labels flagged critical (AA) when present")
 
 
 class ApiUser(Section):
@@ -299,8 +296,26 @@ class ApiSettings(Section):
         return "http" if self.tls_cert_file is None else "https"
 
 
+def _check_finding(value: str) -> str:
+    """A CheXpert label, in any case, given back as the model's results name it (a misspelt name would
+    otherwise flag nothing, silently)."""
+    labels = {label.lower(): label for label in CHEXPERT_LABELS if label != "No Finding"}
+    label = labels.get(value.strip().lower())
+    if label is None:
+        raise ValueError(f"{value!r} is not a CheXpert finding; one of: {', '.join(labels.values())}")
+    return label
+
+
+Finding = Annotated[str, AfterValidator(_check_finding)]
+
+
 class DeliverySettings(Section):
-    """Retries: an object waits in the outbox until its destination confirms, for as long as this."""
+    """Retries: an object waits in the outbox until its destination confirms, for as long as this;
+    and which findings every result flags as critical."""
+
+    urgent_findings: list[Finding] = Field(default_factory=lambda: ["Pneumothorax"],
+                                           description="CheXpert labels flagged critical (AA) in the HL7 and FHIR "
+                                                       "results when present")
 
     deliver_for_s: float = Field(default=7 * 24 * 3600, gt=0)
     retry_backoff_s: float = Field(default=5, gt=0)
@@ -353,6 +368,17 @@ class Settings(BaseSettings):
     api: ApiSettings = Field(default_factory=ApiSettings)
     audit: AuditSettings = Field(default_factory=AuditSettings)
     dicomweb: DicomWebSettings = Field(default_factory=DicomWebSettings)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved(cls, data: object) -> object:
+        """Say where a setting went, rather than only that the old key is unknown."""
+        if isinstance(data, dict):
+            for section in ("hl7", "fhir"):
+                if isinstance(data.get(section), dict) and "urgent_findings" in data[section]:
+                    raise ValueError(f"{section}.urgent_findings is now delivery.urgent_findings "
+                                     "(one list for the HL7 and FHIR results)")
+        return data
 
     @classmethod
     def settings_customise_sources(

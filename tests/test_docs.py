@@ -17,7 +17,7 @@ from pynetdicom.sop_class import (
 from dicom_node.pixels import read_model_image
 from dicom_node.sop import STORAGE_SOP_CLASSES, TRANSFER_SYNTAXES
 from records.schema import StudyResult
-from records.settings import HL7Settings
+from records.settings import DeliverySettings, HL7Settings
 from tests.conftest import radiograph
 from worker.backends.scripted import ScriptedBackend
 from worker.delivery.hl7 import parse_strict
@@ -56,7 +56,9 @@ def test_hl7_example_is_what_the_code_builds():
     result = StudyResult(study_instance_uid=header.StudyInstanceUID, study_version=1, model_id=backend.model_id,
                          model_revision=backend.model_revision, prompt_version="p", backend="scripted",
                          images=[image], seconds=1)
-    hl7 = HL7Settings(host="ris.example", port=2575, urgent_findings=["Pneumothorax", "Pleural Effusion"])
-    built = hl7_result(result, header, hl7, datetime(2026, 11, 23, 12, 0, tzinfo=timezone.utc)).payload.decode()
+    hl7 = HL7Settings(host="ris.example", port=2575)
+    urgent = DeliverySettings(urgent_findings=["Pneumothorax", "Pleural Effusion"]).urgent_findings
+    when = datetime(2026, 11, 23, 12, 0, tzinfo=timezone.utc)
+    built = hl7_result(result, header, hl7, urgent, when).payload.decode()
     parse_strict(built)
     assert built.replace("\r", "\n").strip() == example

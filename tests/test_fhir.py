@@ -65,10 +65,9 @@ def test_bundle_validates_and_goes_through_the_outbox_with_retries(sqlite_url, s
     assert storescu(node.port, radiograph("RG1_UNCI.dcm")).returncode == 0
     wait_for(lambda: node.ready, 15)
     [(study_id, version)] = node.ready
-    policy = DeliverySettings(retry_backoff_s=0.2, max_backoff_s=0.5, timeout_s=5)
+    policy = DeliverySettings(retry_backoff_s=0.2, max_backoff_s=0.5, timeout_s=5, urgent_findings=["pleural effusion"])
     with recording_endpoint([503, 200]) as (url, received):
-        fhir = FhirSettings(base_url=url, token="ehr secret", patient_identifier_system="urn:oid:1.2.3.4",
-                            urgent_findings=["Pleural Effusion"])
+        fhir = FhirSettings(base_url=url, token="ehr secret", patient_identifier_system="urn:oid:1.2.3.4")
         [item_id] = run_analysis(study_id, version, sessions=node.sessions, store=node.store,
                                  backend=ScriptedBackend(), options=AnalysisOptions(), clock=utcnow,
                                  outputs=Outputs(fhir=fhir, policy=policy))
@@ -110,8 +109,8 @@ def test_bundle_validates_and_goes_through_the_outbox_with_retries(sqlite_url, s
     # the radiologist's sign-off sends the final report: its own bundle, status final, no draft notice
     with node.sessions() as session:
         result = StudyResult.model_validate(session.scalars(select(Result.payload)).one())
-    final = fhir_result(result, dcmread(radiograph("RG1_UNCI.dcm"), stop_before_pixels=True), fhir, utcnow(),
-                        final=True, interpreter="House^Gregory")
+    final = fhir_result(result, dcmread(radiograph("RG1_UNCI.dcm"), stop_before_pixels=True), fhir,
+                        policy.urgent_findings, utcnow(), final=True, interpreter="House^Gregory")
     final_report = Bundle.model_validate_json(final.payload).entry[-1].resource
     assert final.sop_instance_uid != item.object_uid and final_report.status == "final"
     assert not final_report.conclusion.startswith("AI draft")

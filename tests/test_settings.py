@@ -48,6 +48,21 @@ def test_bad_values_name_the_field(tmp_path, monkeypatch):
         load_settings(config)
 
 
+def test_urgent_findings_are_chexpert_labels_in_one_place(tmp_path):
+    config = tmp_path / "radvlm.toml"
+    config.write_text('[delivery]\nurgent_findings = ["pneumothorax", " Pleural Effusion"]\n')
+    assert load_settings(config).delivery.urgent_findings == ["Pneumothorax", "Pleural Effusion"]
+    config.write_text('[delivery]\nurgent_findings = ["Pneumothorax", "Pneumothoraces"]\n')
+    with pytest.raises(ValidationError, match="'Pneumothoraces' is not a CheXpert finding; one of: Enlarged"):
+        load_settings(config)
+    config.write_text('[delivery]\nurgent_findings = ["No Finding"]\n')
+    with pytest.raises(ValidationError, match="not a CheXpert finding"):
+        load_settings(config)
+    config.write_text('[hl7]\nhost = "ris"\nport = 2575\nurgent_findings = ["Pneumothorax"]\n')
+    with pytest.raises(ValidationError, match="hl7.urgent_findings is now delivery.urgent_findings"):
+        load_settings(config)
+
+
 def test_caller_rule_matching():
     rule = CallerRule(ae_title="PACS", host="127.0.0.1")
     assert rule.matches("PACS", "127.0.0.1")

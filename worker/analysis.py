@@ -198,9 +198,9 @@ def run_analysis(study_id: int, version: int, *, sessions: sessionmaker[Session]
     objects = build_objects(result, headers, model_images, outputs.kinds(), device, now, previous)
     first = headers[result.images[0].sop_instance_uid]
     if outputs.hl7 is not None:
-        objects.append(hl7_result(result, first, outputs.hl7, now))
+        objects.append(hl7_result(result, first, outputs.hl7, outputs.policy.urgent_findings, now))
     if outputs.fhir is not None:
-        objects.append(fhir_result(result, first, outputs.fhir, now))
+        objects.append(fhir_result(result, first, outputs.fhir, outputs.policy.urgent_findings, now))
     items = finish(sessions, job_id, result, objects, outputs, now)
     log.info("study %s version %d analysed in %.1f s%s", study_uid, version, result.seconds,
              "" if items is not None else " (a result was already stored)", extra={"study_uid": study_uid})

@@ -113,11 +113,12 @@ def _sign_off(sessions: sessionmaker[Session], store: InstanceStore, study_uid: 
             objects.append(BuiltObject("sr", str(verified.SOPInstanceUID), str(verified.SOPClassUID),
                                        encode(verified), str(verified.SeriesInstanceUID)))
         final_result = draft.model_copy(update={"images": final_images})
+        urgent = outputs.policy.urgent_findings
         if outputs.hl7 is not None:
-            objects.append(hl7_result(final_result, headers[0], outputs.hl7, now, final=True,
+            objects.append(hl7_result(final_result, headers[0], outputs.hl7, urgent, now, final=True,
                                       interpreter=verifier.observer_name))
         if outputs.fhir is not None:
-            objects.append(fhir_result(final_result, headers[0], outputs.fhir, now, final=True,
+            objects.append(fhir_result(final_result, headers[0], outputs.fhir, urgent, now, final=True,
                                        interpreter=verifier.observer_name))
         items = enqueue(session, job, objects, outputs.destinations, outputs.policy, now)
         keep(session, job, objects, outputs.kept, now)

@@ -8,6 +8,7 @@ Bundle, unchanged), and posted to the configured endpoint by the outbox.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Collection
 from datetime import datetime
 
 import httpx
@@ -44,7 +45,7 @@ def _date(value: str) -> str | None:
     return f"{value[:4]}-{value[4:6]}-{value[6:8]}" if len(value) == 8 and value.isdigit() else None
 
 
-def report_bundle(result: StudyResult, header: Dataset, fhir: FhirSettings, when: datetime,
+def report_bundle(result: StudyResult, header: Dataset, fhir: FhirSettings, urgent: Collection[str], when: datetime,
                   final: bool = False, interpreter: str | None = None) -> Bundle:
     """The study's result as a transaction Bundle; ``final``: the report as a radiologist signed it off,
     ``interpreter`` (a DICOM name) named as its results interpreter."""
@@ -54,7 +55,7 @@ def report_bundle(result: StudyResult, header: Dataset, fhir: FhirSettings, when
     study_oid = f"urn:oid:{result.study_instance_uid}"
     status = "final" if final else "preliminary"
     labels = result.study_labels()
-    critical = result.critical_labels(fhir.urgent_findings)
+    critical = result.critical_labels(urgent)
     entries = [
         {"fullUrl": patient_url,
          "resource": {"resourceType": "Patient",

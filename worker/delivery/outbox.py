@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -136,22 +136,22 @@ def previous_reports(session: Session, study_id: int, before_version: int) -> li
     return [dcmread(io.BytesIO(payload)) for payload in unique.values()]
 
 
-def hl7_result(result: StudyResult, header: Dataset, hl7: HL7Settings, when: datetime,
+def hl7_result(result: StudyResult, header: Dataset, hl7: HL7Settings, urgent: Collection[str], when: datetime,
                final: bool = False, interpreter: str | None = None) -> BuiltObject:
     """The study's ORU^R01, with a control ID derived from the job (MSH-10 holds 20 characters);
     ``final``: the signed-off report, which gets a control ID of its own, and names ``interpreter``."""
     control_id = hashlib.sha1(result.identity(final).encode()).hexdigest()[:20]
     er7 = oru_message(header, result, control_id, when, sending_application=hl7.sending_application,
                       sending_facility=hl7.sending_facility, receiving_application=hl7.receiving_application,
-                      receiving_facility=hl7.receiving_facility, urgent=set(hl7.urgent_findings), final=final,
+                      receiving_facility=hl7.receiving_facility, urgent=set(urgent), final=final,
                       interpreter=interpreter)
     return BuiltObject("hl7", control_id, None, er7.encode())
 
 
-def fhir_result(result: StudyResult, header: Dataset, fhir: FhirSettings, when: datetime,
+def fhir_result(result: StudyResult, header: Dataset, fhir: FhirSettings, urgent: Collection[str], when: datetime,
                 final: bool = False, interpreter: str | None = None) -> BuiltObject:
     """The study's FHIR transaction Bundle, identified like its HL7 message by the job (and ``final``)."""
-    bundle = report_bundle(result, header, fhir, when, final=final, interpreter=interpreter)
+    bundle = report_bundle(result, header, fhir, urgent, when, final=final, interpreter=interpreter)
     return BuiltObject("fhir", hashlib.sha1(result.identity(final).encode()).hexdigest()[:40], None,
                        bundle.model_dump_json().encode())
 
