@@ -13,7 +13,10 @@ groundings, all sharing decode steps. For each: the time to the first streamed w
 chat question about a study analysed before, and the decode time per token of one question alone
 (129 forced tokens less 1, over 128). Last, saturation: ``--queued`` studies waiting, taken by
 ``--concurrency`` threads as a worker's tasks are (``worker.concurrency``), sharing the engine's
-decode steps; studies per hour from their wall time.
+decode steps; studies per hour from their wall time. And a radiologist's chat while new studies
+arrive: the pauses between the words of a streamed answer about a study analysed before, while
+``--concurrency`` new images are prefilled, with each prefix prefilled at once and in parts of
+``model.prefill_chunk_tokens`` (the default) side by side.
 
     python benchmarks/gpu_study.py [--tiny] [--folder /tmp/radvlm-7b-random] [--repeats 10] [--baseline-repeats 3]
                                    [--queued 64] [--concurrency 8] [--batch-cache-mb 16384] [--[no-]compile-decode]
@@ -97,6 +100,9 @@ def main() -> None:
                                      together)
 
     saturated = saturation(backend, args.queued, args.concurrency, device, torch)
+    parts = backend.prefill_chunk_tokens
+    chats = {label: chat_while_studies_arrive(backend, image, args.concurrency, chunk)
+             for label, chunk in (("prefix at once", 0), (f"prefix in parts of {parts}", parts))}
     names = [name for name, _, _ in TASKS]
     print("\n| task | prompt tokens | new tokens | " + " | ".join(f"{label} s (median)" for label in results)
           + " |\n|---|---|---|" + "---|" * len(results))
@@ -119,6 +125,11 @@ def main() -> None:
           f"{args.concurrency} at once) | >= 5000 |")
     if device == "cuda":
         print(f"| peak GPU memory, GB (whole run) | | | {torch.cuda.max_memory_allocated() / 1e9:.1f} | <= 70 |")
+    print(f"\n| a chat answer streamed while {args.concurrency} new studies start | "
+          + " | ".join(chats) + " |\n|---|" + "---|" * len(chats))
+    for index, figure in enumerate(("first word, ms", "longest pause between words, ms",
+                                    "median pause between words, ms")):
+        print(f"| {figure} | " + " | ".join(f"{1000 * c[index]:.0f}" for c in chats.values()) + " |")
     print(f"\nengine: {backend.engine.steps} shared decode steps in all")
     backend.engine.close()
 
@@ -147,6 +158,28 @@ def saturation(backend, queued: int, concurrency: int, device: str, torch) -> fl
     if device == "cuda":
         torch.cuda.synchronize()
     return queued / (time.perf_counter() - start) * 3600
+
+
+def chat_while_studies_arrive(backend, image: np.ndarray, studies: int,  # type: ignore[no-untyped-def]
+                              chunk: int) -> tuple[float, float, float]:
+    """A follow-up question about ``image`` (analysed before) streamed while ``studies`` new ones start,
+    their prefixes prefilled ``chunk`` tokens at a time (0: at once): (first word, longest and median
+    pause between words), seconds."""
+    backend.prefill_chunk_tokens = chunk
+    backend.generate(image, [Turn("user", prompts.REPORT)], GenerationParams(max_new_tokens=1))  # analysed before
+    images = [np.random.default_rng(5000 + chunk + n).integers(0, 256, size=(2048, 2500), dtype=np.uint8)
+              for n in range(studies)]
+    words: list[float] = []
+    with ThreadPoolExecutor(studies) as pool:
+        arriving = [pool.submit(study, backend, new) for new in images]
+        asked = time.perf_counter()
+        backend.generate(image, [Turn("user", "Is there a pleural effusion?"), Turn("assistant", "Yes, on the left."),
+                                 Turn("user", "Describe it.")], GenerationParams(max_new_tokens=64, min_new_tokens=64),
+                         on_text=lambda text: words.append(time.perf_counter()))
+        for done in arriving:
+            done.result()
+    pauses = [later - earlier for earlier, later in zip(words, words[1:])]
+    return words[0] - asked, max(pauses), statistics.median(pauses)
 
 
 def run_studies(backend, repeats: int, device: str, torch, together: bool) -> dict:  # type: ignore[no-untyped-def]

@@ -125,6 +125,10 @@ class ModelSettings(Section):
     max_prompt_tokens: int = Field(default=10240, ge=1,
                                    description="the longest prompt a decode row takes: the image's ~7,300 tokens "
                                                "and the conversation; a longer chat is refused with this name")
+    prefill_chunk_tokens: int = Field(default=1024, ge=0,
+                                      description="a new image's ~7,300 prefix tokens are prefilled this many at "
+                                                  "a time, with a decode step between, so answers being written "
+                                                  "(a radiologist's chat) never wait a whole image; 0: at once")
     compile_decode: bool | None = Field(default=None,
                                         description="compile the decode step (CUDA graphs), once per start for "
                                                     "each batch size; None: on a CUDA GPU")

@@ -202,6 +202,51 @@ def test_concurrent_studies_share_decode_steps_and_keep_their_answers(tiny_model
     assert sorted(tiles_per_call) == sorted(tiles)  # one call per image, each with that image's tiles only
 
 
+def test_a_new_image_is_prefilled_in_parts_between_the_decode_steps_of_others(tiny_model):
+    """While a radiograph's 7,300-token prefix is prefilled, the row already decoding (a chat being
+    read, say) gets a token after every part instead of waiting for the whole image; both answers
+    stay those of plain generate()."""
+    import time
+
+    from worker import prompts
+    from worker.backends.batch_decode import Row
+    from worker.backends.prefix_cache import PREFIX, image_key
+
+    backend = TransformersBackend(str(tiny_model), prefix_cache_mb=512, batch_cache_mb=64, prefill_chunk_tokens=512)
+    plain = TransformersBackend(str(tiny_model))
+    rng = np.random.default_rng(12)
+    small, radiograph = rng.integers(0, 256, (300, 300), dtype=np.uint8), rng.integers(0, 256, (2048, 2500),
+                                                                                        dtype=np.uint8)
+    turns = [Turn("user", prompts.REPORT)]
+    tail = backend.processor.tokenizer(prompts.render(turns)[len(PREFIX):], add_special_tokens=False)["input_ids"]
+    reading = GenerationParams(max_new_tokens=120, min_new_tokens=120)
+    engine = backend.engine
+    breaks_at_token: list[int] = []  # how often the prefill had stopped when each token of the first row came
+
+    def source(image):  # type: ignore[no-untyped-def]
+        return lambda: backend._prefix(image_key(image), image, None)
+
+    def length(image) -> int:  # type: ignore[no-untyped-def]
+        return int(backend.inputs(image, [], text=PREFIX)["input_ids"].shape[1])
+
+    first = Row(list(tail), reading, on_token=lambda _: breaks_at_token.append(engine.prefill_breaks))
+    decoding = engine.submit([first], length(small), source(small))
+    while engine.steps < 2:
+        time.sleep(0.005)
+    before = engine.prefill_breaks
+    second = Row(list(tail), GenerationParams(max_new_tokens=10))
+    joining = engine.submit([second], length(radiograph), source(radiograph))
+    joining.result(timeout=300)
+    breaks = engine.prefill_breaks - before
+    decoding.result(timeout=300)
+    assert breaks == -(-length(radiograph) // 512) - 1 == 14  # 15 parts, the first with the image's encoding
+    assert set(range(1, breaks + 1)) <= {done - before for done in breaks_at_token}  # a token at every break
+    expected = [plain.generate(image, turns, p) for image, p in ((small, reading), (radiograph, second.params))]
+    tokenizer = backend.processor.tokenizer
+    assert [tokenizer.decode(row.tokens, skip_special_tokens=True).strip() for row in (first, second)] == [
+        e.text for e in expected]
+
+
 def test_a_failing_request_fails_alone(tiny_model):
     """A request whose prefix cannot be built fails with its own error; the batch it joined goes on."""
     from concurrent.futures import Future

@@ -53,7 +53,8 @@ def load_backend(model: ModelSettings) -> ModelBackend:
     return TransformersBackend(model.id, revision=model.revision, device=model.device,
                                quantization=model.quantization, prefix_cache_mb=model.prefix_cache_mb,
                                batch_cache_mb=model.batch_cache_mb, max_prompt_tokens=model.max_prompt_tokens,
-                               max_new_tokens=model.max_new_tokens, compile_decode=model.compile_decode)
+                               max_new_tokens=model.max_new_tokens, compile_decode=model.compile_decode,
+                               prefill_chunk_tokens=model.prefill_chunk_tokens)
 
 
 def build_context(settings: Settings, backend: ModelBackend | None = None) -> WorkerContext:

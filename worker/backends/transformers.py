@@ -7,6 +7,7 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Generator
 from concurrent.futures import Future
 from functools import partial
 from pathlib import Path
@@ -61,8 +62,9 @@ class TransformersBackend:
 
     With a prefix cache, questions go through one ``DecodeEngine`` (callers on any thread share its
     decode steps, in rows of ``max_prompt_tokens + max_new_tokens`` allocated within ``batch_cache_mb``,
-    compiled on a GPU unless ``compile_decode`` says otherwise); without, each is one ``generate()``
-    call, one at a time.
+    compiled on a GPU unless ``compile_decode`` says otherwise; a new image's prefix prefilled
+    ``prefill_chunk_tokens`` at a time between decode steps, 0: at once); without, each is one
+    ``generate()`` call, one at a time.
     """
 
     name = "transformers"
@@ -70,7 +72,7 @@ class TransformersBackend:
     def __init__(self, model_id: str, *, revision: str | None = None, device: str = "auto",
                  quantization: str | None = None, prefix_cache_mb: int = 0, batch_cache_mb: int | None = None,
                  max_prompt_tokens: int = 10240, max_new_tokens: int = 1500,
-                 compile_decode: bool | None = None) -> None:
+                 compile_decode: bool | None = None, prefill_chunk_tokens: int = 1024) -> None:
         try:
             import torch
             from transformers import AutoConfig, AutoProcessor, LlavaOnevisionForConditionalGeneration
@@ -111,6 +113,7 @@ class TransformersBackend:
             self.model.to(self.device)
         self.model.eval()
         self.model_id = model_id
+        self.prefill_chunk_tokens = prefill_chunk_tokens
         self.model_revision = str(getattr(self.model.config, "_commit_hash", None) or revision
                                   or local_revision(Path(model_id)))
         if not hasattr(self.processor, "tokenizer") or not hasattr(self.processor, "image_processor"):
@@ -177,18 +180,47 @@ class TransformersBackend:
             return False
         return True
 
-    def _prefix(self, key: str, image: np.ndarray, inputs: Any) -> tuple[int, Any]:
+    def _prefix(self, key: str, image: np.ndarray, inputs: Any) -> Generator[None, None, tuple[int, Any]]:
         """On the engine's thread: the image's prefilled prefix, from the cache or computed now (from the
-        processor's ``inputs`` when the caller prepared them) and kept."""
+        processor's ``inputs`` when the caller prepared them), a part at each step, and kept."""
         entry = self.prefixes.get(key)
         if entry is None:
             batch = inputs if inputs is not None else self.inputs(image, [], text=PREFIX)
-            # the engine's thread: inference mode; the logits of the prefix are not needed
-            cache = self.model(**batch, use_cache=True, logits_to_keep=1).cache
+            cache = yield from self._prefill(batch)
             entry = Prefix(int(batch["input_ids"].shape[1]), cache, cache_bytes(cache))
             self.prefixes.put(key, entry)
             self._prepared_no_more(key)
         return entry.length, entry.cache
+
+    def _prefill(self, batch: Any) -> Generator[None, None, Any]:
+        """The KV cache of the prefix in ``batch``: the image encoded and put in place of its tokens, then
+        the language model over ``prefill_chunk_tokens`` at a time, a part per step (no logits: the
+        question's prefill gives the first answer token)."""
+        length = int(batch["input_ids"].shape[1])
+        if not self.prefill_chunk_tokens or length <= self.prefill_chunk_tokens:
+            return self.model(**batch, use_cache=True, logits_to_keep=1).cache
+        embedded = self._embedded(batch)
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=self.model.config.text_config)
+        for start in range(0, length, self.prefill_chunk_tokens):
+            if start:
+                yield
+            self.model(inputs_embeds=embedded[:, start:start + self.prefill_chunk_tokens], cache=cache,
+                       use_cache=True, logits_to_keep=1)
+        return cache
+
+    def _embedded(self, batch: Any) -> Any:
+        """The prefix as the language model takes it: the token embeddings with the image's features
+        in place of its image tokens, as the model's own forward builds them before its language model."""
+        model = self.model
+        ids = batch["input_ids"]
+        embedded = model.get_input_embeddings()(ids)
+        encoded = model.get_image_features(pixel_values=batch["pixel_values"], image_sizes=batch["image_sizes"],
+                                           return_dict=True)
+        features = self.torch.cat(encoded.pooler_output, dim=0).to(embedded.device, embedded.dtype)
+        image_tokens, _ = model.model.get_placeholder_mask(ids, inputs_embeds=embedded, image_features=features)
+        return embedded.masked_scatter(image_tokens, features)
 
     def _prepared(self, key: str, image: np.ndarray) -> tuple[int, Any]:
         """The image's prefix length and, unless its prefix is cached, the processor's inputs for it
