@@ -336,7 +336,8 @@ def cmd_studies_show(args: argparse.Namespace) -> int:
                          for v in study.versions],
             "instances": [{"sop_instance_uid": i.sop_instance_uid, "version": i.study_version,
                            "selected": i.selected, "reason": i.selection_reason, "pixel_error": i.pixel_error,
-                           "transfer_syntax": i.transfer_syntax_uid, "calling_ae": i.calling_ae}
+                           "transfer_syntax": i.transfer_syntax_uid, "calling_ae": i.calling_ae,
+                           "removed_at": i.removed_at.isoformat() if i.removed_at else None}
                           for i in study.instances],
             "priority": study.priority,
             "jobs": [{"version": j.study_version, "model": j.model_id, "revision": j.model_revision,

@@ -39,6 +39,7 @@ class InstancePublic(BaseModel):
     selected: bool | None
     reason: str | None
     pixel_error: str | None
+    removed_at: datetime | None = Field(description="its file was removed then (node.keep_images_days)")
 
 
 class DeliveryPublic(BaseModel):

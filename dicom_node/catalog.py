@@ -38,6 +38,8 @@ class Arrival:
 
 
 STUDY_FIELDS = ("patient_id", "patient_name", "accession_number", "study_date")
+RECEIVED = ("study_id", "study_version", "sop_class_uid", "series_instance_uid", "transfer_syntax_uid", "path",
+            "size_bytes", "calling_ae", "calling_host", "received_at")  # an instance row's values from its copy
 
 
 @cache
@@ -61,7 +63,13 @@ def _statements(dialect: str) -> tuple[Insert, Insert]:
             **{field: func.coalesce(studies.c[field], study.excluded[field]) for field in STUDY_FIELDS},
         },
     ).returning(studies.c.id, studies.c.version)
-    instance = insert(instances).on_conflict_do_nothing(index_elements=[instances.c.sop_instance_uid])
+    instance = insert(instances)
+    instance = instance.on_conflict_do_update(  # a copy whose file retention removed is stored again
+        index_elements=[instances.c.sop_instance_uid],
+        set_={**{column: instance.excluded[column] for column in RECEIVED},
+              **{column: None for column in ("removed_at", "selected", "selection_reason", "pixel_error")}},
+        where=instances.c.removed_at.is_not(None),
+    )
     return study, instance.returning(instances.c.id)
 
 
@@ -71,8 +79,9 @@ def record_arrival(session: Session, arrival: Arrival, now: datetime) -> int | N
 
     Two statements, whatever the study's state: the study row is inserted or updated in one upsert,
     which locks it until the transaction ends (as SELECT ... FOR UPDATE would), and the instance row is
-    inserted unless its UID is taken. An instance arriving for a study that had completed reopens it as
-    the next version; the first non-empty patient and study attributes received are kept.
+    inserted unless its UID is taken, or taken by a copy whose file was removed (``node.keep_images_days``),
+    which this one replaces. An instance arriving for a study that had completed reopens it as the next
+    version; the first non-empty patient and study attributes received are kept.
     """
     study, instance = _statements(session.get_bind().dialect.name)
     study_id, version = session.execute(study, {

@@ -55,7 +55,8 @@ def evaluate(store: InstanceStore, relative_path: str) -> Evaluation:
 
 def _nothing_reason(instances: list[Instance]) -> str:
     reasons = Counter(
-        f"pixel error: {i.pixel_error}" if i.pixel_error else (i.selection_reason or "unknown")
+        f"pixel error: {i.pixel_error}" if i.pixel_error else "removed after node.keep_images_days"
+        if i.removed_at else (i.selection_reason or "unknown")
         for i in instances
     )
     listed = "; ".join(f"{n} x {reason}" for reason, n in reasons.most_common())
@@ -85,7 +86,7 @@ def complete_study(
         unevaluated = [i for i in study.instances if i.selected is None]
         if unevaluated:  # arrived between the two phases; the next pass completes the study
             return None
-        usable = [i for i in study.instances if i.selected and not i.pixel_error]
+        usable = [i for i in study.instances if i.usable]
         outcome = StudyState.ready if usable else StudyState.nothing_to_analyse
         reason = (f"{len(usable)} frontal chest image(s) to analyse" if usable
                   else _nothing_reason(study.instances))
@@ -97,7 +98,7 @@ def complete_study(
         study.state, study.state_reason = outcome, reason
         session.flush()
         skipped = [skip_reason(i.selection_reason, i.pixel_error) for i in study.instances
-                   if i.study_version == study.version and not (i.selected and not i.pixel_error)]
+                   if i.study_version == study.version and not i.usable]
         log.info("study %s version %d complete: %s", study.study_instance_uid, study.version, reason,
                  extra={"study_uid": study.study_instance_uid, "study_version": study.version})
     STUDIES_COMPLETED.labels(outcome.value).inc()

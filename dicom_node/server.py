@@ -1,4 +1,5 @@
-"""The node's Application Entity: what it accepts, from whom, and the completion monitor beside it."""
+"""The node's Application Entity: what it accepts, from whom, and the completion monitor and
+retention sweep beside it."""
 
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ from dicom_node.handlers import (
     handle_store,
 )
 from dicom_node.reception import Receiver
+from dicom_node.retention import RetentionSweep
 from dicom_node.sop import STORAGE_SOP_CLASSES, TRANSFER_SYNTAXES
 from dicom_node.storage import InstanceStore
 from dicom_node.transport import serve
@@ -37,6 +39,7 @@ log = logging.getLogger(__name__)
 
 INCOMING = ".incoming"  # under the storage root: datasets being received
 LEFTOVER_AGE = timedelta(hours=1)  # a file there untouched this long was left by a stopped node
+RETENTION_SWEEP = timedelta(hours=1)  # how often studies past node.keep_images_days lose their files
 
 
 def build_ae(node: NodeSettings) -> AE:
@@ -104,6 +107,8 @@ class Node:
             sessions, store, stable_age=timedelta(seconds=node.stable_age_s),
             poll_interval=node.completion_poll_s, on_ready=on_ready, clock=clock,
         )
+        self.retention = None if not node.keep_images_days else RetentionSweep(
+            sessions, store, keep=timedelta(days=node.keep_images_days), interval=RETENTION_SWEEP, clock=clock)
         self.servers: dict[str, ThreadedAssociationServer] = {}
 
     @property
@@ -156,8 +161,12 @@ class Node:
                      self._port(name), name if context is None else
                      f"TLS, client certificate {'required' if tls and tls.require_client_cert else 'optional'}")
         self.monitor.start()
+        if self.retention is not None:
+            self.retention.start()
 
     def stop(self) -> None:
+        if self.retention is not None:
+            self.retention.stop()
         self.monitor.stop()
         for server in self.servers.values():
             server.shutdown()

@@ -77,5 +77,23 @@ class InstanceStore:
     def path(self, relative: str) -> Path:
         return self.root / relative
 
+    def remove(self, relative: str) -> int:
+        """Delete a stored file (already gone is fine) and the series and study folders it leaves
+        empty; the bytes it held."""
+        target = self.root / relative
+        try:
+            size = target.stat().st_size
+            target.unlink()
+        except FileNotFoundError:
+            size = 0
+        for folder in (target.parent, target.parent.parent):
+            if folder == self.root or not folder.is_relative_to(self.root):
+                break
+            try:
+                folder.rmdir()
+            except OSError:  # not empty (or gone): the study still has files
+                break
+        return size
+
     def free_bytes(self) -> int:
         return shutil.disk_usage(self.root).free

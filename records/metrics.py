@@ -34,6 +34,7 @@ INSTANCES_RECEIVED = Counter("radvlm_instances_received", "C-STORE requests answ
 INSTANCES_REJECTED = Counter("radvlm_instances_rejected", "C-STORE requests refused, by reason", ["reason"])
 INSTANCES_SKIPPED = Counter("radvlm_instances_skipped", "stored instances not analysed (not a frontal chest "
                             "image, or undecodable), by reason", ["reason"])
+IMAGES_REMOVED = Counter("radvlm_images_removed", "received files removed under node.keep_images_days")
 STUDIES_COMPLETED = Counter("radvlm_studies_completed", "study versions completed, by outcome", ["outcome"])
 
 ANALYSES = Counter("radvlm_analyses", "analysis attempts, by outcome", ["outcome"])  # done, retry, failed

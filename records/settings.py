@@ -94,6 +94,9 @@ class NodeSettings(Section):
     fsync: bool = Field(default=True, description="fsync each stored file before answering success")
     stable_age_s: float = Field(default=10.0, gt=0, description="quiet time after which a study is complete")
     completion_poll_s: float = Field(default=1.0, gt=0)
+    keep_images_days: float = Field(
+        default=30, ge=0, description="a finished study's received files are removed once it has been quiet this "
+                                      "long (the PACS keeps the images; results and history stay); 0: kept")
     acse_timeout_s: float = 30.0
     dimse_timeout_s: float = 60.0
     network_timeout_s: float = 120.0

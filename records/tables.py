@@ -117,8 +117,15 @@ class Instance(Base):
     selected: Mapped[bool | None] = mapped_column(doc="None until the study completes")
     selection_reason: Mapped[str | None] = mapped_column(Text)
     pixel_error: Mapped[str | None] = mapped_column(Text)
+    removed_at: Mapped[datetime | None] = mapped_column(doc="the file was removed then (node.keep_images_days); "
+                                                            "the row stays for the study's history")
 
     study: Mapped[Study] = relationship(back_populates="instances")
+
+    @property
+    def usable(self) -> bool:
+        """A frontal chest image that decodes and is still on disk: what an analysis reads."""
+        return bool(self.selected) and not self.pixel_error and self.removed_at is None
 
 
 class StudyVersion(Base):

@@ -19,6 +19,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.pixels import PixelError, read_model_image
+from dicom_node.retention import removed
 from dicom_node.storage import InstanceStore
 from records.metrics import observe_generation
 from records.tables import Exchange, ExchangeState, Instance
@@ -59,10 +60,12 @@ def _claim(session: Session, exchange_id: int) -> tuple[list[Turn], str] | Event
     if exchange.state is ExchangeState.failed:
         return {"type": "error", "status": 502, "detail": exchange.error or "the model failed"}
     conversation = exchange.conversation
-    path = session.scalar(select(Instance.path).where(Instance.sop_instance_uid == conversation.sop_instance_uid))
-    if path is None:
-        exchange.state, exchange.error = ExchangeState.failed, "the conversation's image is no longer stored"
+    instance = session.scalar(select(Instance).where(Instance.sop_instance_uid == conversation.sop_instance_uid))
+    if instance is None or instance.removed_at is not None:
+        exchange.state = ExchangeState.failed
+        exchange.error = removed(instance.removed_at) if instance else "the conversation's image is no longer stored"
         return {"type": "error", "status": 410, "detail": exchange.error}
+    path = instance.path
     exchange.state = ExchangeState.answering
     return history(conversation.exchanges, exchange.position), path
 

@@ -11,6 +11,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from dicom_node.retention import removed
 from records.tables import DeliveryState, Job, OutboxItem, Study, StudyState, StudyVersion
 
 
@@ -38,9 +39,10 @@ def reanalyse(session: Session, study_uid: str, reason: str, now: datetime) -> i
         raise Refused(f"already {study.state.value}")
     if study.state is StudyState.signed_off:
         raise Refused("signed off by a radiologist: a new draft would not replace the verified report")
-    usable = [i for i in study.instances if i.selected and not i.pixel_error]
+    usable = [i for i in study.instances if i.usable]
     if not usable:
-        raise Refused(f"nothing to analyse: {study.state_reason}")
+        gone = max((i.removed_at for i in study.instances if i.removed_at), default=None)
+        raise Refused(removed(gone) if gone else f"nothing to analyse: {study.state_reason}")
     study.version += 1
     study.state, study.state_reason = StudyState.ready, f"reanalysis requested: {reason}"
     session.add(StudyVersion(study_id=study.id, version=study.version, completed_at=now, outcome=StudyState.ready,

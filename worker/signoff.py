@@ -17,9 +17,10 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
+from dicom_node.retention import removed
 from dicom_node.storage import InstanceStore
 from records.schema import CHEXPERT_LABELS, ImageResult, StudyResult
-from records.tables import Instance, Job, JobState, SignOff, Study, StudyState
+from records.tables import Job, JobState, SignOff, Study, StudyState
 from worker.analysis import SOFTWARE_VERSION, Outputs, keep
 from worker.delivery.equipment import Device, Verifier
 from worker.delivery.outbox import BuiltObject, encode, enqueue, fhir_result, hl7_result, placement
@@ -94,14 +95,17 @@ def _sign_off(sessions: sessionmaker[Session], store: InstanceStore, study_uid: 
             raise SignOffRefused(409, "already signed off",
                                  f"signed off by {earlier.user_name} at {earlier.signed_at.isoformat()}")
         draft = StudyResult.model_validate(job.result.payload)
-        paths = dict(session.execute(select(Instance.sop_instance_uid, Instance.path)
-                                     .where(Instance.study_id == study.id)).all())
+        instances = {i.sop_instance_uid: i for i in study.instances}
+        gone = [instances[image.sop_instance_uid].removed_at for image in draft.images
+                if instances[image.sop_instance_uid].removed_at]
+        if gone:  # the verified SR copies the image's header
+            raise SignOffRefused(410, "images removed", f"study {study_uid}: {removed(max(gone))}; sign it off there")
         now = clock()
         device = Device(model_id=job.model_id, model_revision=job.model_revision, software_version=SOFTWARE_VERSION,
                         station_name=outputs.station_name)
         objects, final_images, headers = [], [], []
         for number, image in enumerate(draft.images, start=1):
-            header = dcmread(store.path(paths[image.sop_instance_uid]), stop_before_pixels=True)
+            header = dcmread(store.path(instances[image.sop_instance_uid].path), stop_before_pixels=True)
             headers.append(header)
             predecessor = measurement_report(header, image, device, placement(draft, "sr", image.sop_instance_uid,
                                                                               number, job.finished_at or now))

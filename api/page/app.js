@@ -103,8 +103,14 @@ async function openStudy(uid) {
     return;
   }
   $("report").textContent = state.result.report.text;
-  const picture = await (await api(`/studies/${encodeURIComponent(uid)}/image.png?boxes=false&sop=${
-    encodeURIComponent(state.result.sop_instance_uid)}`)).blob();
+  let picture;
+  try {
+    picture = await (await api(`/studies/${encodeURIComponent(uid)}/image.png?boxes=false&sop=${
+      encodeURIComponent(state.result.sop_instance_uid)}`)).blob();
+  } catch (error) {  // e.g. 410: the images were removed after node.keep_images_days
+    $("chat-error").textContent = error.message;
+    return;
+  }
   const bitmap = await createImageBitmap(picture);
   const canvas = $("image");
   canvas.width = bitmap.width;

@@ -18,6 +18,7 @@ from api.deps import AskerDep, AuditDep, CurrentUser, SessionDep, SettingsDep
 from api.problems import Problem
 from api.routes.studies import latest_result
 from api.schemas import ConversationIn, ConversationPublic, ExchangePublic, QuestionIn
+from dicom_node.retention import removed
 from records.clock import utcnow
 from records.settings import ApiUser
 from records.tables import Conversation, Exchange, ExchangeState, Study, StudyState
@@ -38,6 +39,13 @@ def _conversation(session: Session, user: ApiUser, uid: str,
     return study, conversation
 
 
+def _require_image(study: Study, sop: str) -> None:
+    """The model answers from the image itself: 410 once it has been removed."""
+    gone = next((i.removed_at for i in study.instances if i.sop_instance_uid == sop and i.removed_at), None)
+    if gone is not None:
+        raise Problem(410, "image removed", f"study {study.study_instance_uid}: {removed(gone)}")
+
+
 @router.post("", status_code=201, response_model=ConversationPublic)
 def create_conversation(uid: str, body: ConversationIn, session: SessionDep, user: CurrentUser,
                         audit: AuditDep) -> ConversationPublic:
@@ -52,6 +60,7 @@ def create_conversation(uid: str, body: ConversationIn, session: SessionDep, use
     sop = body.sop_instance_uid or analysed[0]
     if sop not in analysed:
         raise Problem(404, "no such image", f"image {sop} was not analysed in study {uid}")
+    _require_image(study, sop)
     conversation = Conversation(study_id=study.id, sop_instance_uid=sop, user_name=user.name, created_at=utcnow())
     session.add(conversation)
     session.commit()
@@ -81,7 +90,8 @@ def new_exchange(uid: str, conversation_id: ConversationId, body: QuestionIn, se
     """Check and store the question (before any answer starts), and say which model answers it."""
     audit("ask", uid, body.text)
     require_radiologist(user, "ask the model")
-    _, conversation = _conversation(session, user, uid, conversation_id)
+    study, conversation = _conversation(session, user, uid, conversation_id)
+    _require_image(study, conversation.sop_instance_uid)
     exchanges = conversation.exchanges
     waited_since = utcnow() - timedelta(seconds=settings.api.chat_timeout_s)
     if any(e.state in PENDING and e.asked_at > waited_since for e in exchanges):  # older ones were lost

@@ -16,6 +16,7 @@ from api.deps import AuditDep, CurrentUser, Offset, SessionDep, StoreDep
 from api.problems import Problem
 from api.schemas import DeliveryPublic, InstancePublic, SignOffPublic, StudiesPublic, StudyDetail, StudyPublic
 from dicom_node.pixels import PixelError, read_model_image
+from dicom_node.retention import removed
 from records.schema import StudyResult
 from records.tables import Job, JobState, OutboxItem, SignOff, Study, StudyState
 from worker.delivery.capture import draw_boxes
@@ -80,7 +81,7 @@ def get_study(uid: str, session: SessionDep, user: CurrentUser, audit: AuditDep)
         **_public(study).model_dump(),
         instances=[InstancePublic(sop_instance_uid=i.sop_instance_uid, series_instance_uid=i.series_instance_uid,
                                   version=i.study_version, selected=i.selected, reason=i.selection_reason,
-                                  pixel_error=i.pixel_error) for i in study.instances],
+                                  pixel_error=i.pixel_error, removed_at=i.removed_at) for i in study.instances],
         result=result.model_dump(mode="json") if result else None,
         deliveries=[DeliveryPublic(kind=d.kind, destination=d.destination, object_uid=d.object_uid,
                                    state=d.state.value, attempts=d.attempts, last_error=d.last_error,
@@ -103,6 +104,8 @@ def study_image(uid: str, session: SessionDep, store: StoreDep, user: CurrentUse
     if instance is None:
         which = f"image {sop}" if sop else "frontal image"
         raise Problem(404, "no such image", f"no analysable {which} in study {uid}")
+    if instance.removed_at is not None:
+        raise Problem(410, "image removed", f"study {uid}: {removed(instance.removed_at)}")
     try:
         model_image = read_model_image(store.path(instance.path))
     except PixelError as exc:

@@ -1,0 +1,88 @@
+"""How long received images are kept: the node is not an archive (the PACS holds the images), so a
+study's files go once it is finished and has been quiet for ``node.keep_images_days``; the disk does
+not fill with copies, and patient images are not kept longer than the work needs.
+
+Only the files go. The rows (instances, versions, results, conversations, sign-offs, audit) stay,
+each instance marked with when its file was removed, so the study list, its history and the
+results served by DICOMweb are unchanged; what needs the pixels (the image on the radiologist's
+page, chat, sign-off, reanalysis) says that they were removed. A study that receives a new image
+afterwards is analysed again with what it has on disk.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from datetime import datetime, timedelta
+
+from sqlalchemy import exists, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from dicom_node.storage import InstanceStore
+from records.clock import Clock
+from records.metrics import IMAGES_REMOVED
+from records.tables import Instance, Study, StudyState
+
+log = logging.getLogger(__name__)
+
+# no analysis, question or sign-off of the current version is waiting for these studies' pixels
+FINISHED = (StudyState.analysed, StudyState.signed_off, StudyState.nothing_to_analyse, StudyState.failed)
+
+
+def removed(when: datetime) -> str:
+    """What a reader of a removed image is told."""
+    return f"its images were removed from this node on {when:%Y-%m-%d} (node.keep_images_days); the PACS keeps them"
+
+
+def remove_old_images(sessions: sessionmaker[Session], store: InstanceStore, keep: timedelta, now: datetime) -> int:
+    """Remove the files of every finished study that has received nothing for ``keep``; the count removed."""
+    cutoff = now - keep
+    on_disk = exists().where(Instance.study_id == Study.id, Instance.removed_at.is_(None))
+    with sessions() as session:
+        study_ids = session.scalars(select(Study.id).where(Study.state.in_(FINISHED), Study.last_received_at < cutoff,
+                                                           on_disk).order_by(Study.id)).all()
+    removed = 0
+    for study_id in study_ids:
+        with sessions() as session, session.begin():
+            # the study's row lock: an instance arriving now waits, and then reopens the study
+            study = session.scalar(select(Study).where(Study.id == study_id).with_for_update())
+            if study is None or study.state not in FINISHED or study.last_received_at >= cutoff:
+                continue
+            freed = 0
+            for instance in study.instances:
+                if instance.removed_at is None:
+                    freed += store.remove(instance.path)
+                    instance.removed_at = now
+                    removed += 1
+            log.info("study %s: images removed after %g days quiet (%.1f MB)", study.study_instance_uid,
+                     keep / timedelta(days=1), freed / 1e6, extra={"study_uid": study.study_instance_uid})
+    IMAGES_REMOVED.inc(removed)
+    return removed
+
+
+class RetentionSweep:
+    """A thread that removes old images at start and then every ``interval``."""
+
+    def __init__(self, sessions: sessionmaker[Session], store: InstanceStore, *, keep: timedelta,
+                 interval: timedelta, clock: Clock) -> None:
+        self.sessions, self.store, self.keep, self.interval, self.clock = sessions, store, keep, interval, clock
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _loop(self) -> None:
+        while True:
+            try:
+                remove_old_images(self.sessions, self.store, self.keep, self.clock())
+            except Exception:  # the database may be briefly away; the next pass catches up
+                log.exception("removing old images failed; trying again in %s", self.interval)
+            if self._stop.wait(self.interval.total_seconds()):
+                return
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="retention", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
