@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import shutil
 import subprocess
 import time
@@ -24,7 +25,9 @@ from tests.orthanc import running_orthanc
 
 DOCKER = Path(__file__).resolve().parents[1] / "docker"
 COMPOSE = "/usr/bin/docker-compose"
-SERVICES = {"redis", "postgres", "migrate", "node", "api", "worker-gpu", "worker-io", "flower", "orthanc", "ohif"}
+SERVICES = {"redis", "postgres", "migrate", "node", "api", "worker-gpu", "worker-io", "flower", "prometheus", "orthanc",
+            "ohif"}
+PROMTOOL = "/usr/bin/promtool"
 
 
 def compose_config(file: str, **env: str) -> subprocess.CompletedProcess[str]:
@@ -76,6 +79,42 @@ def test_the_settings_orthanc_and_node_agree():
     assert any(r.matches(HEALTH_AE, "127.0.0.1") for r in settings.node.allowed_callers)
     assert not any(r.matches(HEALTH_AE, "172.18.0.5") for r in settings.node.allowed_callers)
     assert settings.api.bind_address == "0.0.0.0"
+
+
+def test_prometheus_scrapes_every_process_and_its_alerts_pass_their_unit_tests(sqlite_url):
+    """The compose file's Prometheus: its targets are the services on the ports the settings give them,
+    its configuration and rules pass promtool (Debian's prometheus), the alerts' own unit tests pass,
+    and every metric an alert reads is one the service exports."""
+    from prometheus_client import REGISTRY
+
+    from records.db import make_engine, make_session_factory
+    from records.metrics import StateCollector
+    from records.settings import Settings
+
+    run = compose_config("compose.yaml", POSTGRES_PASSWORD="site-secret")
+    mounted = {volume.split(":")[0] for volume in yaml.safe_load(run.stdout)["services"]["prometheus"]["volumes"]}
+    assert {str(DOCKER / "prometheus" / name) for name in ("prometheus.yml", "alerts.yml")} <= mounted
+    config = yaml.safe_load((DOCKER / "prometheus" / "prometheus.yml").read_text())
+    targets = {job["job_name"]: [*(t for c in job.get("static_configs", []) for t in c["targets"]),
+                                 *(f"{n}:{c['port']}" for c in job.get("dns_sd_configs", []) for n in c["names"])]
+               for job in config["scrape_configs"]}
+    defaults = Settings()
+    assert targets == {"node": [f"node:{defaults.node.metrics_port}"], "api": [f"api:{defaults.api.port}"],
+                       "worker-gpu": [f"worker-gpu:{defaults.worker.metrics_port}"],
+                       "worker-io": [f"worker-io:{defaults.worker.metrics_port}"]}
+    assert set(targets) < SERVICES
+    if shutil.which(PROMTOOL) is None:
+        raise RuntimeError("promtool missing: apt-get install prometheus")
+    for args in (["check", "config", "prometheus.yml"], ["test", "rules", "alerts-test.yml"]):
+        checked = subprocess.run([PROMTOOL, *args], cwd=DOCKER / "prometheus", capture_output=True, text=True,
+                                 timeout=60)
+        assert checked.returncode == 0, checked.stdout + checked.stderr
+    exported = {family.name for family in REGISTRY.collect()}  # every process's metrics are in records.metrics
+    exported |= {family.name for family in StateCollector(make_session_factory(make_engine(sqlite_url)),
+                                                         lambda: {"gpu": 0}, lambda: 1).collect()}
+    rules = (DOCKER / "prometheus" / "alerts.yml").read_text()
+    named = {re.sub(r"_(total|bucket)$", "", name) for name in re.findall(r"\bradvlm_[a-z_]+", rules)}
+    assert len(named) == 7 and named <= exported, named - exported
 
 
 def test_worker_host_file_names_what_it_needs():
