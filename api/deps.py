@@ -13,6 +13,7 @@ from sqlalchemy.orm import Session
 
 from api.askers import Asker
 from api.audit import Audit
+from api.logins import FailedLogins
 from api.problems import Problem
 from dicom_node.storage import InstanceStore
 from records.audit import Outcome, record
@@ -56,9 +57,18 @@ def authenticated(request: Request, settings: Annotated[Settings, Depends(get_se
                                          "for a new one"
     else:
         title, detail = "invalid token", "the bearer token is not known here"
+    client = _client(request)
+    limits: FailedLogins = request.app.state.failed_logins
+    failures, left_s = limits.count(client or "unknown", now)
+    if failures > limits.limit + 1:  # the burst's first was audited: the rest of its minute is not
+        raise Problem(429, "too many failed log-ins", f"{failures} failed log-ins from {client} this minute; try "
+                      f"again in {left_s:.0f} s", {**challenge, "Retry-After": str(max(1, round(left_s)))})
+    burst = failures == limits.limit + 1
     record(session, "login_failed", at=now, user=user.name if user else "unknown", role=user.role if user else "",
-           client=_client(request), detail=f"{title}: {request.method} {request.url.path}",
-           outcome=Outcome.minor_failure)
+           client=client, outcome=Outcome.minor_failure,
+           detail=f"{title}: {request.method} {request.url.path}" + (
+               f" (over {limits.limit} a minute: this address's further failures this minute are not recorded)"
+               if burst else ""))
     session.commit()
     raise Problem(401, title, detail, challenge)
 

@@ -20,6 +20,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, 
 
 from api import problems
 from api.askers import Asker
+from api.logins import FailedLogins
 from api.routes import admin, chat, dicomweb, signoff, studies
 from dicom_node.reception import Receiver
 from dicom_node.storage import InstanceStore
@@ -44,6 +45,7 @@ def create_app(settings: Settings, asker: Asker | None = None, deliver: Deliver 
         engine = make_engine(settings.effective_database_url)
         app.state.settings = settings
         app.state.clock = clock
+        app.state.failed_logins = FailedLogins(settings.api.failed_logins_per_minute)
         app.state.sessions = make_session_factory(engine)
         collector = StateCollector(app.state.sessions, queue_depths, gpu_workers)
         state_metrics.register(collector)

@@ -289,6 +289,10 @@ class ApiSettings(Section):
     organization: str = Field(default="Radiology", max_length=64,
                               description="the verifying organization named in signed-off reports")
     chat_timeout_s: float = Field(default=120, gt=0, description="a plain JSON question waits this long")
+    failed_logins_per_minute: int = Field(default=20, ge=1,
+                                          description="failed log-ins audited per client address and minute; "
+                                                      "beyond, the address's further failures get 429 (valid "
+                                                      "tokens still pass)")
     chat_max_rounds: int = Field(default=10, ge=1,
                                  description="questions per conversation (RadVLM trained on 5-10 rounds)")
 

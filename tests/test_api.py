@@ -34,7 +34,8 @@ def client(analysed_node):
     running = analysed_node.running
     settings = Settings(database_url=running.url, storage_dir=running.store.root, api={"users": [
         ApiUser(name="dr.house", token_sha256=_digest(TOKEN), expires=NOW + timedelta(seconds=1)),
-        ApiUser(name="dr.former", token_sha256=_digest(EXPIRED), expires=NOW)]})
+        ApiUser(name="dr.former", token_sha256=_digest(EXPIRED), expires=NOW)],
+        "failed_logins_per_minute": 1000})  # every route is tried with bad tokens: more than a minute's worth
     with TestClient(create_app(settings, clock=lambda: NOW)) as client:
         yield client
 

@@ -12,6 +12,7 @@ from sqlalchemy import select
 
 from api.main import create_app
 from records.audit import AUDIT_LOGGER, send_to_syslog
+from records.db import make_engine, make_session_factory
 from records.tables import AuditEvent
 from tests.conftest import RG1_STUDY, RG3_STUDY, radiograph, storescu
 from tests.test_chat import HOUSE, auth, settings_for
@@ -74,3 +75,32 @@ def test_reception_analysis_views_and_failures_are_audited(analysed_node, sqlite
     assert by_action["receive"]["event_id"] == "110104" and by_action["receive"]["event_action_code"] == "C"
     assert by_action["analyse"]["event_id"] == "110103"
     assert not any("PatientName" in (e["detail"] or "") for e in log)
+
+
+def test_a_flood_of_bad_tokens_is_audited_once_a_minute_and_never_holds_back_a_valid_one(sqlite_url, tmp_path):
+    from datetime import datetime, timedelta, timezone
+
+    from records.settings import Settings
+    from tests.test_chat import users
+
+    now = [datetime(2026, 11, 30, 12, 0, tzinfo=timezone.utc)]
+    settings = Settings(database_url=sqlite_url, storage_dir=tmp_path, api={"users": users(),
+                                                                             "failed_logins_per_minute": 3})
+    guess = {"Authorization": "Bearer guess"}
+    with TestClient(create_app(settings, clock=lambda: now[0])) as client:
+        answers = [client.get("/studies", headers=guess) for _ in range(6)]
+        assert [a.status_code for a in answers] == [401, 401, 401, 401, 429, 429]
+        assert answers[-1].headers["retry-after"] == "60" and answers[-1].json()["title"] == "too many failed log-ins"
+        assert client.get("/studies", headers=HOUSE).status_code == 200  # the same address, a valid token
+        now[0] += timedelta(seconds=45)
+        late = client.get("/studies", headers=guess)
+        assert late.status_code == 429 and late.headers["retry-after"] == "15"
+        now[0] += timedelta(seconds=15)  # a new minute
+        assert client.get("/studies", headers=guess).status_code == 401
+    with make_session_factory(make_engine(sqlite_url))() as session:
+        failed = session.scalars(select(AuditEvent.detail).where(AuditEvent.action == "login_failed")
+                                 .order_by(AuditEvent.id)).all()
+    assert len(failed) == 5  # three, the burst's start, and the first of the next minute
+    assert failed[3] == ("invalid token: GET /studies (over 3 a minute: this address's further failures this "
+                         "minute are not recorded)")
+    assert failed[4] == "invalid token: GET /studies"

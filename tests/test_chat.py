@@ -46,13 +46,14 @@ def settings_for(running, **api) -> Settings:  # type: ignore[no-untyped-def]
 
 
 @pytest.fixture
-def chat(analysed_node):
-    """(client, backend): the API with a scripted model of its own on a model thread."""
+def chat(analysed_node, request):
+    """(client, backend): the API with a scripted model of its own on a model thread (``api`` settings
+    from an indirect parameter)."""
     running = analysed_node.running
     backend = ScriptedBackend()
     with ModelThread() as thread:
         asker = LocalAsker(worker_context(running, backend), thread)
-        with TestClient(create_app(settings_for(running), asker)) as client:
+        with TestClient(create_app(settings_for(running, **getattr(request, "param", {})), asker)) as client:
             yield client, backend
 
 
