@@ -41,7 +41,7 @@ def remove_old_images(sessions: sessionmaker[Session], store: InstanceStore, kee
     with sessions() as session:
         study_ids = session.scalars(select(Study.id).where(Study.state.in_(FINISHED), Study.last_received_at < cutoff,
                                                            on_disk).order_by(Study.id)).all()
-    removed = 0
+    count = 0
     for study_id in study_ids:
         with sessions() as session, session.begin():
             # the study's row lock: an instance arriving now waits, and then reopens the study
@@ -53,11 +53,11 @@ def remove_old_images(sessions: sessionmaker[Session], store: InstanceStore, kee
                 if instance.removed_at is None:
                     freed += store.remove(instance.path)
                     instance.removed_at = now
-                    removed += 1
+                    count += 1
             log.info("study %s: images removed after %g days quiet (%.1f MB)", study.study_instance_uid,
                      keep / timedelta(days=1), freed / 1e6, extra={"study_uid": study.study_instance_uid})
-    IMAGES_REMOVED.inc(removed)
-    return removed
+    IMAGES_REMOVED.inc(count)
+    return count
 
 
 class RetentionSweep:
