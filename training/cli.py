@@ -96,6 +96,20 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export_site(args: argparse.Namespace) -> int:
+    from dicom_node.storage import InstanceStore
+    from records.db import make_engine, make_session_factory
+    from records.settings import load_settings
+    from training.sources import site
+
+    settings = load_settings(args.config)
+    sessions = make_session_factory(make_engine(settings.effective_database_url))
+    written, gone = site.export(sessions, InstanceStore(settings.effective_storage_dir, fsync=False), args.out)
+    print(f"{written:,d} signed-off studies in {args.out / site.TABLE}"
+          + (f"; {gone:,d} left out: their images were already removed (node.keep_images_days)" if gone else ""))
+    return 0
+
+
 def add_commands(sub: Any) -> None:
     train = sub.add_parser("train", help="RadVLM's instruction data, fine-tuning and evaluation").add_subparsers(
         dest="train_command", required=True)
@@ -134,6 +148,11 @@ def add_commands(sub: Any) -> None:
     tune.add_argument("--no-gradient-checkpointing", action="store_true")
     tune.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
     tune.set_defaults(func=cmd_finetune)
+
+    export = train.add_parser("export-site", help="this installation's signed-off studies (image, report and "
+                                                  "findings as signed) as a data set folder: --data site=FOLDER")
+    export.add_argument("--out", type=Path, required=True, help="the folder; run again to add newer sign-offs")
+    export.set_defaults(func=cmd_export_site)
 
     ev = train.add_parser("evaluate", help="the paper's metrics for the configured model on an instruction JSON")
     ev.add_argument("--data", type=Path, help="instruction JSON (test split)")

@@ -16,7 +16,7 @@ from training import conversations
 from training.instructions import Instruction
 from training.llm import ChatLLM
 from training.reports import Cleaner
-from training.sources import chexpert, imagenome, iu_xray, mimic, nih, phrases, rsna, vindr
+from training.sources import chexpert, imagenome, iu_xray, mimic, nih, phrases, rsna, site, vindr
 from training.sources.files import ImageSize, find, header_size
 
 
@@ -95,6 +95,9 @@ PARTS: tuple[Part, ...] = (
          lambda i, r: nih.abnormality_grounding(_f(i, "nih-chestxray14"), r, size=i.size), 0),
     Part("rsna-pneumonia/abnormality-grounding", ("rsna-pneumonia",),
          lambda i, r: rsna.opacity_grounding(_f(i, "rsna-pneumonia"), r, size=i.size), 0),
+    # This installation's own studies as its radiologists signed them off (train export-site).
+    Part("site/report", ("site",), lambda i, r: site.reports(_f(i, "site"), r, i.cleaner), 0),
+    Part("site/abnormalities", ("site",), lambda i, r: site.classification(_f(i, "site"), r), 0),
 )
 DATASETS = sorted({name for part in PARTS for name in part.needs if name != LLM})
 
