@@ -19,6 +19,7 @@ from sqlalchemy import exists, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.storage import InstanceStore
+from records.audit import PROCESS_USER, process_host, record
 from records.clock import Clock
 from records.metrics import IMAGES_REMOVED
 from records.tables import Instance, Study, StudyState
@@ -48,14 +49,17 @@ def remove_old_images(sessions: sessionmaker[Session], store: InstanceStore, kee
             study = session.scalar(select(Study).where(Study.id == study_id).with_for_update())
             if study is None or study.state not in FINISHED or study.last_received_at >= cutoff:
                 continue
+            removing = [instance for instance in study.instances if instance.removed_at is None]
             freed = 0
-            for instance in study.instances:
-                if instance.removed_at is None:
-                    freed += store.remove(instance.path)
-                    instance.removed_at = now
-                    count += 1
-            log.info("study %s: images removed after %g days quiet (%.1f MB)", study.study_instance_uid,
-                     keep / timedelta(days=1), freed / 1e6, extra={"study_uid": study.study_instance_uid})
+            for instance in removing:
+                freed += store.remove(instance.path)
+                instance.removed_at = now
+            count += len(removing)
+            days = keep / timedelta(days=1)
+            what = f"{len(removing)} file(s), {freed / 1e6:.1f} MB, removed after {days:g} quiet days"
+            record(session, "remove_images", at=now, user=PROCESS_USER, role="retention", client=process_host(),
+                   study_uid=study.study_instance_uid, detail=what)
+            log.info("study %s: %s", study.study_instance_uid, what, extra={"study_uid": study.study_instance_uid})
     IMAGES_REMOVED.inc(count)
     return count
 

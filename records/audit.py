@@ -38,6 +38,7 @@ EVENT_TYPES: dict[str, EventType] = {
     "receive": EventType(*_TRANSFERRED, "C"),  # instances of one study stored from one association
     "association_refused": EventType("110113", "Security Alert", "E"),
     "analyse": EventType(*_ACCESSED, "R"),
+    "remove_images": EventType(*_ACCESSED, "D"),  # a study's received files deleted (node.keep_images_days)
     "deliver": EventType(*_TRANSFERRED, "R"),  # a result object sent to a DICOM peer
     "export": EventType("110106", "Export", "R"),  # a result sent as HL7 to the RIS
     "login_failed": EventType("110114", "User Authentication", "E"),

@@ -17,7 +17,7 @@ from dicom_node.catalog import Arrival, record_arrival
 from dicom_node.retention import RetentionSweep, remove_old_images
 from records.clock import utcnow
 from records.db import make_engine, make_session_factory
-from records.tables import Instance, Study, StudyState
+from records.tables import AuditEvent, Instance, Study, StudyState
 from tests.conftest import RG1_STUDY, RG3_STUDY, radiograph, storescu, wait_for, worker_context
 from tests.test_chat import HOUSE, settings_for
 from worker.backends.scripted import ScriptedBackend
@@ -64,6 +64,11 @@ def test_finished_studies_lose_their_files_and_keep_their_history(analysed_node)
     assert not store.path(files[RG1_STUDY][0]).exists()
     assert {uid: removed for uid, (_, removed) in _files(running).items()} == {RG1_STUDY: later, RG3_STUDY: later}
     assert removed_total() - counted == 2
+    with sessions() as session:  # each deletion is in the audit trail (DICOM Instances Accessed, action D)
+        audited = session.execute(select(AuditEvent.study_instance_uid, AuditEvent.detail)
+                                  .where(AuditEvent.action == "remove_images").order_by(AuditEvent.id)).all()
+    assert [uid for uid, _ in audited] == [RG3_STUDY, RG1_STUDY]
+    assert audited[0][1].startswith("1 file(s), ") and audited[0][1].endswith(" MB, removed after 30 quiet days")
 
     with ModelThread() as thread, TestClient(create_app(settings_for(running), LocalAsker(
             worker_context(running, ScriptedBackend()), thread))) as client:
