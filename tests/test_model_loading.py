@@ -229,17 +229,21 @@ def test_a_new_image_is_prefilled_in_parts_between_the_decode_steps_of_others(ti
     def length(image) -> int:  # type: ignore[no-untyped-def]
         return int(backend.inputs(image, [], text=PREFIX)["input_ids"].shape[1])
 
+    # Both lengths are measured first: processing the large image takes longer than the first row's
+    # whole answer on a fast machine, which would leave nothing decoding while the radiograph joins.
+    small_length, radiograph_length = length(small), length(radiograph)
     first = Row(list(tail), reading, on_token=lambda _: breaks_at_token.append(engine.prefill_breaks))
-    decoding = engine.submit([first], length(small), source(small))
+    decoding = engine.submit([first], small_length, source(small))
     while engine.steps < 2:
         time.sleep(0.005)
     before = engine.prefill_breaks
     second = Row(list(tail), GenerationParams(max_new_tokens=10))
-    joining = engine.submit([second], length(radiograph), source(radiograph))
+    joining = engine.submit([second], radiograph_length, source(radiograph))
+    assert len(first.tokens) < 60, "the first row was nearly done before the radiograph joined"
     joining.result(timeout=300)
     breaks = engine.prefill_breaks - before
     decoding.result(timeout=300)
-    assert breaks == -(-length(radiograph) // 512) - 1 == 14  # 15 parts, the first with the image's encoding
+    assert breaks == -(-radiograph_length // 512) - 1 == 14  # 15 parts, the first with the image's encoding
     assert set(range(1, breaks + 1)) <= {done - before for done in breaks_at_token}  # a token at every break
     expected = [plain.generate(image, turns, p) for image, p in ((small, reading), (radiograph, second.params))]
     tokenizer = backend.processor.tokenizer
