@@ -41,6 +41,7 @@ EVENT_TYPES: dict[str, EventType] = {
     "remove_images": EventType(*_ACCESSED, "D"),  # a study's received files deleted (node.keep_images_days)
     "deliver": EventType(*_TRANSFERRED, "R"),  # a result object sent to a DICOM peer
     "export": EventType("110106", "Export", "R"),  # a result sent as HL7 to the RIS
+    "export_training": EventType("110106", "Export", "R"),  # a signed-off study, de-identified, to a training set
     "login_failed": EventType("110114", "User Authentication", "E"),
     "list_studies": EventType("110112", "Query", "E"),
     "read_study": EventType(*_ACCESSED, "R"),

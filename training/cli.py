@@ -97,16 +97,22 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_export_site(args: argparse.Namespace) -> int:
+    import getpass
+
     from dicom_node.storage import InstanceStore
+    from records.clock import utcnow
     from records.db import make_engine, make_session_factory
     from records.settings import load_settings
     from training.sources import site
 
     settings = load_settings(args.config)
     sessions = make_session_factory(make_engine(settings.effective_database_url))
-    written, gone = site.export(sessions, InstanceStore(settings.effective_storage_dir, fsync=False), args.out)
-    print(f"{written:,d} signed-off studies in {args.out / site.TABLE}"
-          + (f"; {gone:,d} left out: their images were already removed (node.keep_images_days)" if gone else ""))
+    done = site.export(sessions, InstanceStore(settings.effective_storage_dir, fsync=False), args.out,
+                       user=getpass.getuser(), clock=utcnow)
+    left_out = [f"{done.removed:,d} whose images were already removed (node.keep_images_days)"] * bool(done.removed)
+    left_out += [f"{done.burned_in:,d} whose images carry burned-in text"] * bool(done.burned_in)
+    print(f"{done.rows:,d} signed-off studies in {args.out / site.TABLE}, {done.added:,d} added now, de-identified"
+          + (f"; left out: {', '.join(left_out)}" if left_out else ""))
     return 0
 
 
@@ -150,7 +156,8 @@ def add_commands(sub: Any) -> None:
     tune.set_defaults(func=cmd_finetune)
 
     export = train.add_parser("export-site", help="this installation's signed-off studies (image, report and "
-                                                  "findings as signed) as a data set folder: --data site=FOLDER")
+                                                  "findings as signed), de-identified, as a data set folder: "
+                                                  "--data site=FOLDER")
     export.add_argument("--out", type=Path, required=True, help="the folder; run again to add newer sign-offs")
     export.set_defaults(func=cmd_export_site)
 

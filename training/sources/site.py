@@ -1,13 +1,15 @@
-"""This installation's own verified data: each study a radiologist signed off here, its image and the
-report and findings as they were signed, so that RadVLM can be fine-tuned on the hospital's studies
-(``radvlm-pacs train export-site``, then ``train dataset --data site=FOLDER``).
+"""This installation's own verified data, de-identified: each study a radiologist signed off here, its
+image and the report and findings as they were signed, so that RadVLM can be fine-tuned on the
+hospital's studies (``radvlm-pacs train export-site``, then ``train dataset --data site=FOLDER``).
 
-Layout written and read: ``signoffs.csv`` (one row per sign-off: ``image``, ``study_instance_uid``,
-``sop_instance_uid``, ``signed_at``, ``edited``, ``findings``, the CheXpert labels signed present
-separated by ``|``, and ``report``) and the study's first analysed image under ``images/``, the DICOM
-file as received. The export copies the files, so the set outlives the node's retention
-(``node.keep_images_days``): run it more often than that. Only what a radiologist verified goes in:
-the draft's boxes are the model's own and are left out.
+Layout written and read: ``signoffs.csv`` (one row per analysed image: ``image``, ``study``,
+``edited``, ``findings`` (the CheXpert labels signed present, separated by ``|``) and ``report``) and
+the study's first analysed image under ``images/`` as the 8-bit PNG the model is shown (the node's own
+pixel conversion, so training sees what inference will). What leaves and what does not is
+``training.deidentify``'s: no header, no UID, no date; ``study`` and the image's name are the node
+database's row numbers, so only this node can tell which study a row was. The export copies the
+pixels, so the set outlives the node's retention (``node.keep_images_days``): run it more often than
+that. Only what a radiologist verified goes in: the draft's boxes are the model's own and stay out.
 """
 
 from __future__ import annotations
@@ -15,68 +17,95 @@ from __future__ import annotations
 import csv
 import os
 import random
-import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
+from PIL import Image
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+from dicom_node.pixels import model_image, read_dataset
 from dicom_node.storage import InstanceStore
+from records.audit import process_host, record
 from records.tables import Instance, Job, SignOff, Study
 from training import answers
+from training.deidentify import Identifiers, burned_in, scrub
 from training.instructions import Instruction
 from training.reports import Cleaner
 from training.sources.files import rows
 
 SOURCE = "site"
 TABLE = "signoffs.csv"
-COLUMNS = ("image", "study_instance_uid", "sop_instance_uid", "signed_at", "edited", "findings", "report")
+COLUMNS = ("image", "study", "edited", "findings", "report")
 
 
-def export(sessions: sessionmaker[Session], store: InstanceStore, out: Path) -> tuple[int, int]:
-    """Add every sign-off not exported yet to ``out``: (sign-offs written in all, those whose image this
-    node has already removed and which are therefore left out)."""
+@dataclass(frozen=True)
+class Exported:
+    """What one export left in the folder, and what it could not take and why."""
+
+    rows: int  # in the folder now, this run's and earlier runs'
+    added: int
+    removed: int  # the node had already deleted the image (node.keep_images_days)
+    burned_in: int  # the header says the pixels carry text
+
+
+def export(sessions: sessionmaker[Session], store: InstanceStore, out: Path, *, user: str,
+           clock: Callable[[], datetime]) -> Exported:
+    """Add every sign-off whose image is not in ``out`` yet, de-identified; audit each study exported
+    (Export, by ``user``) once its row is in the folder."""
     table = out / TABLE
-    kept = {row["sop_instance_uid"]: row for row in rows(table)} if table.exists() else {}
+    kept = {row["image"]: row for row in rows(table)} if table.exists() else {}
     (out / "images").mkdir(parents=True, exist_ok=True)
-    gone = 0
+    removed = burned = 0
     with sessions() as session:
-        signed = session.execute(select(SignOff, Job, Study.study_instance_uid)
-                                 .join(Job, SignOff.job_id == Job.id).join(Study, SignOff.study_id == Study.id)
+        signed = session.execute(select(SignOff, Job).join(Job, SignOff.job_id == Job.id)
                                  .order_by(SignOff.id)).all()
-        for sign_off, job, study_uid in signed:
+        exported: list[str] = []
+        for sign_off, job in signed:
             sop = job.result.payload["images"][0]["sop_instance_uid"]
-            if sop in kept:
-                continue
             instance = session.scalars(select(Instance).where(Instance.sop_instance_uid == sop)).one()
-            if instance.removed_at is not None:
-                gone += 1
+            image = f"images/{instance.id}.png"
+            if image in kept:
                 continue
-            image = f"images/{sop}.dcm"
+            if instance.removed_at is not None:
+                removed += 1
+                continue
+            ds = read_dataset(store.path(instance.path))
+            if burned_in(ds):
+                burned += 1
+                continue
             partial = out / f"{image}.part"
-            shutil.copyfile(store.path(instance.path), partial)
+            Image.fromarray(model_image(ds).pixels, mode="L").save(partial, format="PNG")
             os.replace(partial, out / image)
-            kept[sop] = {"image": image, "study_instance_uid": study_uid, "sop_instance_uid": sop,
-                         "signed_at": sign_off.signed_at.isoformat(), "edited": str(sign_off.edited).lower(),
-                         "findings": "|".join(sorted(sign_off.findings)), "report": sign_off.report}
-    partial = out / f"{TABLE}.part"
-    with partial.open("w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, COLUMNS)
-        writer.writeheader()
-        writer.writerows(kept.values())
-    os.replace(partial, table)
-    return len(kept), gone
+            identifiers = Identifiers.of(ds, sign_off.observer_name)
+            kept[image] = {"image": image, "study": str(sign_off.study_id), "edited": str(sign_off.edited).lower(),
+                           "findings": "|".join(sorted(sign_off.findings)),
+                           "report": scrub(sign_off.report, identifiers)}
+            exported.append(session.get_one(Study, sign_off.study_id).study_instance_uid)
+        partial = out / f"{TABLE}.part"
+        with partial.open("w", newline="", encoding="utf-8") as handle:
+            writer = csv.DictWriter(handle, COLUMNS)
+            writer.writeheader()
+            writer.writerows(kept.values())
+        os.replace(partial, table)
+        now = clock()
+        for study_uid in exported:
+            record(session, "export_training", at=now, user=user, role="command line", client=process_host(),
+                   study_uid=study_uid, detail=f"de-identified image, report and findings to {out}")
+        session.commit()
+    return Exported(len(kept), len(exported), removed, burned)
 
 
 def reports(root: Path, rng: random.Random, cleaner: Cleaner) -> Iterator[Instruction]:
     """One datapoint per sign-off: the report as signed, without what it says of other studies."""
     for row in rows(root / TABLE):
-        cleaned = cleaner.clean(f"{SOURCE}-{row['study_instance_uid']}", row["report"])
+        cleaned = cleaner.clean(f"{SOURCE}-{Path(row['image']).stem}", row["report"])
         if not cleaned:
             continue
         question, answer = answers.report(rng, cleaned)
-        yield Instruction(id=f"{SOURCE}-{row['sop_instance_uid']}-report", image=str(root / row["image"]),
+        yield Instruction(id=f"{SOURCE}-{Path(row['image']).stem}-report", image=str(root / row["image"]),
                           rounds=((question, answer),), task="report", source=SOURCE)
 
 
@@ -84,5 +113,5 @@ def classification(root: Path, rng: random.Random) -> Iterator[Instruction]:
     """One datapoint per sign-off: the findings as signed (none: no finding)."""
     for row in rows(root / TABLE):
         question, answer = answers.abnormalities(rng, [label for label in row["findings"].split("|") if label])
-        yield Instruction(id=f"{SOURCE}-{row['sop_instance_uid']}-abnormalities", image=str(root / row["image"]),
+        yield Instruction(id=f"{SOURCE}-{Path(row['image']).stem}-abnormalities", image=str(root / row["image"]),
                           rounds=((question, answer),), task="abnormalities", source=SOURCE)
