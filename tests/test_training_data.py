@@ -8,6 +8,7 @@ import gzip
 import json
 import random
 import zipfile
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -68,9 +69,16 @@ def test_vindr_fuses_the_three_readers_boxes_as_checked_by_hand(vindr_root: Path
 
 def test_vindr_counts_on_the_whole_training_table_match_the_paper(vindr_root: Path) -> None:
     # The real table has no sizes and we have no images: every image is taken as 3000 x 3000.
-    inputs = recipe.Inputs(folders={"vindr-cxr": vindr_root}, cleaner=RuleCleaner(), size=lambda path: (3000, 3000))
+    reads: Counter[Path] = Counter()
+
+    def size(path: Path) -> tuple[int, int]:
+        reads[path] += 1
+        return 3000, 3000
+
+    inputs = recipe.Inputs(folders={"vindr-cxr": vindr_root}, cleaner=RuleCleaner(), size=size)
     tallies: list[recipe.Tally] = []
     items = list(recipe.build(recipe.runnable(inputs, ["vindr-cxr/detection"]), inputs, random.Random(0), tallies))
+    assert len(reads) == 15_000 and set(reads.values()) == {1}  # each header read once, not once per repeat
     assert tallies[0].built == 15_000 == tallies[0].part.paper  # every training image, as in Table 1
     assert len(items) == 30_000 and len({i.id for i in items}) == 30_000  # repeated twice, ids unique
     no_finding = sum(1 for i in items[:15_000] if not BOX_PATTERN.search(i.rounds[0][1]))
@@ -133,7 +141,8 @@ def test_rsna_groups_each_patients_opacities(tmp_path: Path) -> None:
     assert len(items) == len({r["patientId"] for r in positive})
     several = next(r["patientId"] for r in positive if sum(p["patientId"] == r["patientId"] for p in positive[:50]) > 1)
     expected = [normalise(float(r["x"]), float(r["y"]), float(r["x"]) + float(r["width"]),
-                          float(r["y"]) + float(r["height"]), 1024, 1024) for r in positive if r["patientId"] == several]
+                          float(r["y"]) + float(r["height"]), 1024, 1024)
+                for r in positive if r["patientId"] == several]
     answer = items[f"rsna-pneumonia-{several}"].rounds[0][1]
     assert "lung opacity" in answer and len(BOX_PATTERN.findall(answer)) == len(expected) >= 2
     for box in expected:

@@ -47,9 +47,11 @@ def test_grounding_ap_agrees_with_torchmetrics_coco_ap() -> None:
         coco.update([{"boxes": torch.tensor(answer, dtype=torch.float64),
                       "scores": torch.tensor([1 - i / (n + 1) for i in range(n)], dtype=torch.float64),
                       "labels": torch.zeros(n, dtype=torch.long)}],
-                    [{"boxes": torch.tensor(truth, dtype=torch.float64), "labels": torch.zeros(len(truth), dtype=torch.long)}])
+                    [{"boxes": torch.tensor(truth, dtype=torch.float64),
+                      "labels": torch.zeros(len(truth), dtype=torch.long)}])
         expected = float(coco.compute()["map"])
-        assert metrics.average_precision(answer, truth, interpolation="101-point") == pytest.approx(expected, abs=1e-6)  # float32
+        ours = metrics.average_precision(answer, truth, interpolation="101-point")
+        assert ours == pytest.approx(expected, abs=1e-6)  # torchmetrics computes in float32
 
 
 def test_grounding_ap_all_point_by_hand() -> None:

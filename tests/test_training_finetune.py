@@ -26,7 +26,8 @@ def _items(folder: Path, count: int) -> list[Instruction]:
         image = placeholder_png(folder / f"image{index}.png", 80, 96, seed=index)
         question, answer = answers.abnormalities(rng, ["Cardiomegaly"] if index % 2 else [])
         items.append(Instruction(id=f"t{index}", image=str(image), task="conversation", source="test",
-                                 rounds=((question, answer), ("Is the heart enlarged?", "Yes." if index % 2 else "No."))))
+                                 rounds=((question, answer),
+                                         ("Is the heart enlarged?", "Yes." if index % 2 else "No."))))
     return items
 
 

@@ -35,7 +35,7 @@ Output strictly a JSON array of turns, alternating {{"from": "human", "value": "
 starting with the human. No other text.
 
 {facts}
-Conversation:"""
+Conversation:"""  # noqa: E501 (the prompt's lines are the prompt's own)
 
 GROUNDING_RULE = """
 - Some observations come with boxes [x_min, y_min, x_max, y_max] (fractions of the image width and height):

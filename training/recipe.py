@@ -7,6 +7,7 @@ templates, as RadVLM's up-sampling did; a cap keeps a random subset (Chest ImaGe
 
 from __future__ import annotations
 
+import functools
 import random
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, replace
@@ -107,7 +108,8 @@ def runnable(inputs: Inputs, only: Iterable[str] = ()) -> list[Part]:
     unknown = wanted - {part.name for part in PARTS}
     if unknown:
         raise ValueError(f"unknown parts {sorted(unknown)}; known: {[p.name for p in PARTS]}")
-    return [part for part in PARTS if all(inputs.has(name) for name in part.needs) and (not wanted or part.name in wanted)]
+    return [part for part in PARTS
+            if all(inputs.has(name) for name in part.needs) and (not wanted or part.name in wanted)]
 
 
 @dataclass
@@ -118,7 +120,9 @@ class Tally:
 
 
 def build(parts: Iterable[Part], inputs: Inputs, rng: random.Random, tallies: list[Tally]) -> Iterator[Instruction]:
-    """Every datapoint of ``parts``, repeats included (ids get ``-r{n}`` from the second round)."""
+    """Every datapoint of ``parts``, repeats included (ids get ``-r{n}`` from the second round). Each image's
+    size is read once per build, however many parts and repeats use it (VinDr: 15,000 headers, five passes)."""
+    inputs = replace(inputs, size=functools.cache(inputs.size))
     for part in parts:
         tally = Tally(part)
         tallies.append(tally)
