@@ -11,6 +11,7 @@ import socket
 import sys
 import threading
 from collections.abc import Callable
+from datetime import datetime, timezone
 from pathlib import Path
 
 from records.clock import utcnow
@@ -350,6 +351,24 @@ def cmd_studies_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_agreement(args: argparse.Namespace) -> int:
+    from worker.agreement import agreement
+
+    with _sessions(_settings(args))() as session:
+        found = agreement(session, since=args.since, until=args.until)
+    if args.json:
+        print(json.dumps([entry.as_dict() for entry in found], indent=2))
+    else:
+        print("\n\n".join(entry.table() for entry in found) or "no sign-offs in that period")
+    return 0
+
+
+def _day(text: str) -> datetime:
+    """A command-line date or date and time, UTC unless it says otherwise."""
+    when = datetime.fromisoformat(text)
+    return when if when.tzinfo else when.replace(tzinfo=timezone.utc)
+
+
 def _masked(settings) -> dict:  # type: ignore[no-untyped-def]
     """The effective settings as JSON, passwords in URLs hidden (API keys are SecretStr: masked by pydantic)."""
     from sqlalchemy.engine import make_url
@@ -534,6 +553,12 @@ def _parser() -> argparse.ArgumentParser:
                                           help="recorded with the new version")
     sub.choices["resend"].add_argument("--destination", help="only to this destination (its name; the RIS is \"ris\")")
     sub.choices["resend"].add_argument("--failed-only", action="store_true", help="only objects that failed")
+    agree = sub.add_parser("agreement", help="how the drafts fare at sign-off: per finding kept, removed and added "
+                                             "by the radiologists, per model revision")
+    agree.add_argument("--since", type=_day, help="sign-offs from this date (YYYY-MM-DD, UTC) on")
+    agree.add_argument("--until", type=_day, help="and before this date")
+    agree.add_argument("--json", action="store_true", help="as JSON, as GET /agreement answers")
+    agree.set_defaults(func=cmd_agreement)
     config = sub.add_parser("config", help="configuration").add_subparsers(dest="config_command", required=True)
     config.add_parser("check", help="print the effective settings; C-ECHO each destination, reach the RIS, "
                                     "database and broker").set_defaults(func=cmd_config_check)

@@ -21,7 +21,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, 
 from api import problems
 from api.askers import Asker
 from api.logins import FailedLogins
-from api.routes import admin, chat, dicomweb, signoff, studies
+from api.routes import admin, agreement, chat, dicomweb, signoff, studies
 from dicom_node.reception import Receiver
 from dicom_node.storage import InstanceStore
 from records.clock import utcnow
@@ -65,7 +65,7 @@ def create_app(settings: Settings, asker: Asker | None = None, deliver: Deliver 
                               "questions and sign-off. Every route but /health needs a bearer token; the web "
                               "page at /ui/ holds no data and asks for one.")
     problems.install(app)
-    for module in (studies, chat, signoff, admin, dicomweb):
+    for module in (studies, chat, signoff, agreement, admin, dicomweb):
         app.include_router(module.router)
 
     @app.get("/health", tags=["health"])

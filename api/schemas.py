@@ -134,6 +134,25 @@ class UserPublic(BaseModel):
     person_name: str
 
 
+class FindingAgreementPublic(BaseModel):
+    label: str = Field(description="a CheXpert finding")
+    kept: int = Field(description="drafted and signed")
+    removed: int = Field(description="drafted, not signed")
+    added: int = Field(description="signed, not drafted")
+    absent: int = Field(description="in neither")
+    ppv: float | None = Field(description="kept / drafted; null when no draft named it")
+    sensitivity: float | None = Field(description="kept / signed; null when no sign-off had it")
+    f1: float | None
+
+
+class AgreementPublic(BaseModel):
+    model_id: str
+    model_revision: str
+    sign_offs: int
+    edited: int = Field(description="sign-offs whose report text or findings differ from the draft")
+    findings: list[FindingAgreementPublic]
+
+
 class AuditEventPublic(BaseModel):
     at: datetime
     user_name: str = Field(description="an API user, or the calling AE title / process of the node and workers")

@@ -52,6 +52,7 @@ EVENT_TYPES: dict[str, EventType] = {
     "ask": EventType(*_ACCESSED, "R"),
     "sign_off": EventType(*_ACCESSED, "C"),
     "read_audit": EventType("110101", "Audit Log Used", "R"),
+    "read_agreement": EventType("110112", "Query", "E"),  # counts over sign-offs, no study named
 }
 
 

@@ -34,6 +34,9 @@ INSTANCES_RECEIVED = Counter("radvlm_instances_received", "C-STORE requests answ
 INSTANCES_REJECTED = Counter("radvlm_instances_rejected", "C-STORE requests refused, by reason", ["reason"])
 INSTANCES_SKIPPED = Counter("radvlm_instances_skipped", "stored instances not analysed (not a frontal chest "
                             "image, or undecodable), by reason", ["reason"])
+SIGN_OFFS = Counter("radvlm_sign_offs", "drafts signed off, by whether the radiologist edited them", ["edited"])
+SIGNED_FINDINGS = Counter("radvlm_signed_findings", "each CheXpert finding at each sign-off: whether the draft "
+                          "named it and whether the radiologist signed it", ["label", "drafted", "signed"])
 IMAGES_REMOVED = Counter("radvlm_images_removed", "received files removed under node.keep_images_days")
 STUDIES_COMPLETED = Counter("radvlm_studies_completed", "study versions completed, by outcome", ["outcome"])
 

@@ -114,7 +114,7 @@ def test_prometheus_scrapes_every_process_and_its_alerts_pass_their_unit_tests(s
                                                          lambda: {"gpu": 0}, lambda: 1).collect()}
     rules = (DOCKER / "prometheus" / "alerts.yml").read_text()
     named = {re.sub(r"_(total|bucket)$", "", name) for name in re.findall(r"\bradvlm_[a-z_]+", rules)}
-    assert len(named) == 7 and named <= exported, named - exported
+    assert len(named) == 8 and named <= exported, named - exported
 
 
 def test_worker_host_file_names_what_it_needs():

@@ -89,7 +89,7 @@ class LabelScores:
     macro: dict[str, float]
 
 
-def _prf(tp: int, fp: int, fn: int) -> dict[str, float]:
+def precision_recall_f1(tp: int, fp: int, fn: int) -> dict[str, float]:
     precision = tp / (tp + fp) if tp + fp else 0.0
     recall = tp / (tp + fn) if tp + fn else 0.0
     f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
@@ -113,10 +113,10 @@ def label_scores(answers: Sequence[str], references: Sequence[str]) -> LabelScor
         p, t = predicted[:, index], truth[:, index]
         counts = np.array([np.sum(p & t), np.sum(p & ~t), np.sum(~p & t)])
         totals += counts
-        per_label[label] = {**_prf(*counts), "support": float(np.sum(t))}
+        per_label[label] = {**precision_recall_f1(*counts), "support": float(np.sum(t))}
     macro = {key: float(np.mean([scores[key] for scores in per_label.values()]))
              for key in ("precision", "recall", "f1")}
-    return LabelScores(per_label, _prf(*totals), macro)
+    return LabelScores(per_label, precision_recall_f1(*totals), macro)
 
 
 def rouge_l(answers: Sequence[str], references: Sequence[str]) -> float:

@@ -21,6 +21,7 @@ from dicom_node.retention import removed
 from dicom_node.storage import InstanceStore
 from records.schema import CHEXPERT_LABELS, ImageResult, StudyResult
 from records.tables import Job, JobState, SignOff, Study, StudyState
+from worker.agreement import count_sign_off, drafted_findings
 from worker.analysis import SOFTWARE_VERSION, Outputs, keep
 from worker.delivery.equipment import Device, Verifier
 from worker.delivery.outbox import BuiltObject, encode, enqueue, fhir_result, hl7_result, placement
@@ -56,9 +57,7 @@ def signed_image(draft: ImageResult, signed: Signed) -> ImageResult:
 
 
 def is_edited(draft: StudyResult, signed: Signed) -> bool:
-    first = draft.images[0]
-    drafted = {label for label, present in first.labels.items() if present and label != "No Finding"}
-    return signed.report.strip() != first.report.text.strip() or drafted != set(signed.findings)
+    return signed.report.strip() != draft.images[0].report.text.strip() or drafted_findings(draft) != signed.findings
 
 
 def _latest_job(session: Session, study: Study) -> Job:
@@ -78,13 +77,16 @@ def sign_off(sessions: sessionmaker[Session], store: InstanceStore, study_uid: s
     if not signed.report.strip():
         raise SignOffRefused(422, "empty report", "the signed report has no text")
     try:
-        return _sign_off(sessions, store, study_uid, user_name, verifier, signed, outputs, clock)
+        items, draft = _sign_off(sessions, store, study_uid, user_name, verifier, signed, outputs, clock)
     except IntegrityError as exc:  # a second radiologist signed the same draft at the same moment
         raise SignOffRefused(409, "already signed off", "another sign-off of this draft was just stored") from exc
+    count_sign_off(drafted_findings(draft), signed.findings, is_edited(draft, signed))
+    return items
 
 
 def _sign_off(sessions: sessionmaker[Session], store: InstanceStore, study_uid: str, user_name: str,
-              verifier: Verifier, signed: Signed, outputs: Outputs, clock: Callable[[], datetime]) -> list[int]:
+              verifier: Verifier, signed: Signed, outputs: Outputs,
+              clock: Callable[[], datetime]) -> tuple[list[int], StudyResult]:
     with sessions() as session, session.begin():
         study = session.scalar(select(Study).where(Study.study_instance_uid == study_uid).with_for_update())
         if study is None:
@@ -131,4 +133,4 @@ def _sign_off(sessions: sessionmaker[Session], store: InstanceStore, study_uid: 
                             findings=sorted(signed.findings), edited=is_edited(draft, signed),
                             sr_uid=objects[0].sop_instance_uid, signed_at=now))
         study.state, study.state_reason = StudyState.signed_off, f"signed off by {user_name}"
-        return [item.id for item in items]
+        return [item.id for item in items], draft
