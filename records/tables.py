@@ -287,6 +287,7 @@ class SignOff(Base):
     observer_name: Mapped[str] = mapped_column(String(324), doc="DICOM PN of the verifying observer")
     report: Mapped[str] = mapped_column(Text)
     findings: Mapped[list] = mapped_column(JSON, doc="CheXpert labels present, as signed")
+    drafted: Mapped[list] = mapped_column(JSON, doc="CheXpert labels present in the draft's first image, as shown")
     edited: Mapped[bool]
     sr_uid: Mapped[str] = mapped_column(String(64), unique=True)
     signed_at: Mapped[datetime]

@@ -6,15 +6,19 @@ from __future__ import annotations
 import json
 from datetime import timedelta
 
+from alembic import command
 from fastapi.testclient import TestClient
 from prometheus_client import REGISTRY
+from sqlalchemy import select
 
 from api.main import create_app
 from radvlm_pacs import main
 from records.clock import utcnow
+from records.db import alembic_config, upgrade
+from records.tables import SignOff
 from tests.conftest import RG1_STUDY
 from tests.test_chat import HOUSE, auth, settings_for
-from worker.agreement import FINDINGS
+from worker.agreement import FINDINGS, agreement
 
 SIGNED = {"report": "Findings: Enlarged cardiac silhouette. Impression: Cardiomegaly. Line in place.",
           "findings": ["Cardiomegaly", "Support Devices"]}  # the draft said Cardiomegaly and Pleural Effusion
@@ -70,3 +74,10 @@ def test_agreement_counts_what_radiologists_kept_removed_and_added(analysed_node
     assert table[3].split() == ["Cardiomegaly", "1", "0", "0", "1.00", "1.00", "1.00"]
     assert main(["agreement", "--until", "2000-01-01"]) == 0
     assert capsys.readouterr().out.strip() == "no sign-offs in that period"
+
+    command.downgrade(alembic_config(running.url), "0007")  # a database from before sign-offs kept the draft's
+    upgrade(running.url)  # findings: they are filled in from the stored drafts
+    with running.sessions() as session:
+        [signed] = session.scalars(select(SignOff)).all()
+        assert signed.drafted == ["Cardiomegaly", "Pleural Effusion"]
+        assert [entry.as_dict() for entry in agreement(session)] == [entry]

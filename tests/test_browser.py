@@ -70,6 +70,7 @@ def test_log_in_view_ask_and_sign_off(served):
         page.click(f"tr[data-uid='{RG1_STUDY}']")
         page.wait_for_function("document.getElementById('image').width === 1841")
         page.wait_for_function("document.querySelectorAll('.finding-toggle').length === 2")
+        assert page.locator("#findings .track").count() == 0  # no draft of this model signed off here yet
         assert page.inner_text("#report").startswith("Findings: Frontal view of the chest.")
         # the cardiomegaly box [0.33, 0.45, 0.78, 0.79] is drawn on its left edge, and goes when toggled off
         x, y = 0.33 * 1841, (0.45 + 0.79) / 2 * 1955
@@ -105,6 +106,11 @@ def test_log_in_view_ask_and_sign_off(served):
         page.uncheck("#signoff-findings input[value='Pleural Effusion']")
         page.click("#signoff-submit")
         page.wait_for_selector("#signoff-status:has-text('Signed off: verified report')")
+        # beside each drafted finding, how often radiologists here kept it: now this one sign-off
+        page.wait_for_function("document.querySelectorAll('#findings .track').length === 2")
+        assert page.locator("#findings li").all_inner_texts() == ["Cardiomegaly kept 1 of 1 here",
+                                                                  "Pleural Effusion kept 0 of 1 here"]
+        assert pixel(page, x, y) == FINDING_RED  # the boxes are drawn again with the list
         page.screenshot(path=SHOTS / "5-signed-off.png")
         browser.close()
     with running.sessions() as session:

@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session
 
 from records.metrics import SIGN_OFFS, SIGNED_FINDINGS
 from records.schema import CHEXPERT_LABELS, StudyResult
-from records.tables import Job, Result, SignOff
+from records.tables import Job, SignOff
 from training.metrics import precision_recall_f1
 
 FINDINGS = tuple(label for label in CHEXPERT_LABELS if label != "No Finding")
@@ -106,8 +106,8 @@ def agreement(session: Session, studies: Select | None = None, since: datetime |
               until: datetime | None = None) -> list[Agreement]:
     """One ``Agreement`` per model revision over the sign-offs from ``since`` until before ``until``, of the
     studies ``studies`` selects (a query of ``Study.id``; None: all), oldest revision first."""
-    query = (select(SignOff.findings, SignOff.edited, Job.model_id, Job.model_revision, Result.payload)
-             .join(Job, SignOff.job_id == Job.id).join(Result, Result.job_id == Job.id).order_by(SignOff.id))
+    query = (select(SignOff.drafted, SignOff.findings, SignOff.edited, Job.model_id, Job.model_revision)
+             .join(Job, SignOff.job_id == Job.id).order_by(SignOff.id))
     if studies is not None:
         query = query.where(SignOff.study_id.in_(studies))
     if since is not None:
@@ -115,8 +115,8 @@ def agreement(session: Session, studies: Select | None = None, since: datetime |
     if until is not None:
         query = query.where(SignOff.signed_at < until)
     found: dict[tuple[str, str], Agreement] = {}
-    for signed, edited, model_id, revision, payload in session.execute(query):
+    for drafted, signed, edited, model_id, revision in session.execute(query):
         entry = found.setdefault((model_id, revision), Agreement(model_id, revision))
-        entry.add(drafted_findings(StudyResult.model_validate(payload)), signed, edited)
+        entry.add(frozenset(drafted), signed, edited)
     return list(found.values())
 

@@ -130,7 +130,8 @@ def _sign_off(sessions: sessionmaker[Session], store: InstanceStore, study_uid: 
         keep(session, job, objects, outputs.kept, now)
         session.add(SignOff(study_id=study.id, job_id=job.id, user_name=user_name,
                             observer_name=verifier.observer_name, report=signed.report,
-                            findings=sorted(signed.findings), edited=is_edited(draft, signed),
+                            findings=sorted(signed.findings), drafted=sorted(drafted_findings(draft)),
+                            edited=is_edited(draft, signed),
                             sr_uid=objects[0].sop_instance_uid, signed_at=now))
         study.state, study.state_reason = StudyState.signed_off, f"signed off by {user_name}"
         return [item.id for item in items], draft

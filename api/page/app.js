@@ -10,7 +10,7 @@ const ANSWER_COLOUR = "#00e5ff";
 
 const $ = (id) => document.getElementById(id);
 const state = { token: sessionStorage.getItem("radvlm-token"), study: null, result: null, image: null,
-  base: null, zoom: 1, shown: new Set(), answerBoxes: [], conversation: null };
+  base: null, zoom: 1, shown: new Set(), answerBoxes: [], conversation: null, agreement: [] };
 
 class ApiError extends Error {
   constructor(status, problem) { super(problem.detail || problem.title || `HTTP ${status}`); this.status = status; }
@@ -44,6 +44,7 @@ async function login(token) {
     sessionStorage.setItem("radvlm-token", token);
     $("who").textContent = `${me.name} (${me.role})`;
     $("logout").hidden = false;
+    await loadAgreement();
     await listStudies();
   } catch (error) {
     state.token = null;
@@ -152,8 +153,27 @@ function renderFindings() {
       item.append(toggle, swatch);
     }
     item.append(document.createTextNode(label));
+    const track = trackRecord(label);
+    if (track) item.append(track);
     list.append(item);
   }
+}
+
+// How often radiologists here kept each finding that drafts of this model revision named (GET /agreement).
+async function loadAgreement() {
+  state.agreement = await (await api("/agreement")).json();
+}
+
+function trackRecord(label) {
+  const revision = state.study && state.study.result ? state.study.result.model_revision : null;
+  const entry = state.agreement.find((e) => e.model_revision === revision);
+  const counts = entry ? entry.findings.find((f) => f.label === label) : null;
+  if (!counts || counts.kept + counts.removed === 0) return null;
+  const track = document.createElement("span");
+  track.className = "track";
+  track.textContent = ` kept ${counts.kept} of ${counts.kept + counts.removed} here`;
+  track.title = "How often this site's radiologists kept this finding when this model revision drafted it";
+  return track;
 }
 
 function resetWindow() { $("window").value = 255; $("level").value = 128; draw(); }
@@ -305,6 +325,14 @@ async function signOff() {
     $("signoff-submit").disabled = true;
   } catch (error) {
     $("signoff-status").textContent = `Not signed off: ${error.message}`;
+    return;
+  }
+  try {  // this sign-off now counts in the figures beside each finding
+    await loadAgreement();
+    renderFindings();
+    draw();
+  } catch (error) {
+    $("signoff-status").textContent += ` (the figures beside the findings are not updated: ${error.message})`;
   }
 }
 
