@@ -82,6 +82,13 @@ def test_signed_off_studies_are_exported_de_identified_and_built_into_instructio
     assert site.export(running.sessions, running.store, tmp_path / "burned", user="ml", clock=utcnow) == \
         site.Exported(rows=0, added=0, removed=0, burned_in=1)
 
+    old = tmp_path / "old"  # a folder from before the export de-identified
+    old.mkdir()
+    (old / site.TABLE).write_text("image,study_instance_uid,sop_instance_uid,signed_at,edited,findings,report\n")
+    assert main(["train", "export-site", "--out", str(old)]) == 2
+    assert "an earlier export (which kept UIDs and DICOM headers)" in capsys.readouterr().err
+    assert not (old / "images").exists()
+
     remove_old_images(running.sessions, running.store, timedelta(days=30), utcnow() + timedelta(days=31))
     assert site.export(running.sessions, running.store, tmp_path / "too-late", user="ml", clock=utcnow) == \
         site.Exported(rows=0, added=0, removed=1, burned_in=0)

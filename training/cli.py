@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import random
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -107,8 +108,12 @@ def cmd_export_site(args: argparse.Namespace) -> int:
 
     settings = load_settings(args.config)
     sessions = make_session_factory(make_engine(settings.effective_database_url))
-    done = site.export(sessions, InstanceStore(settings.effective_storage_dir, fsync=False), args.out,
-                       user=getpass.getuser(), clock=utcnow)
+    try:
+        done = site.export(sessions, InstanceStore(settings.effective_storage_dir, fsync=False), args.out,
+                           user=getpass.getuser(), clock=utcnow)
+    except site.FolderError as exc:
+        print(f"radvlm-pacs: {exc}", file=sys.stderr)
+        return 2
     left_out = [f"{done.removed:,d} whose images were already removed (node.keep_images_days)"] * bool(done.removed)
     left_out += [f"{done.burned_in:,d} whose images carry burned-in text"] * bool(done.burned_in)
     print(f"{done.rows:,d} signed-off studies in {args.out / site.TABLE}, {done.added:,d} added now, de-identified"

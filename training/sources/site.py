@@ -41,6 +41,10 @@ TABLE = "signoffs.csv"
 COLUMNS = ("image", "study", "edited", "findings", "report")
 
 
+class FolderError(ValueError):
+    """The folder holds a table this export did not write, which it must not add to."""
+
+
 @dataclass(frozen=True)
 class Exported:
     """What one export left in the folder, and what it could not take and why."""
@@ -56,6 +60,12 @@ def export(sessions: sessionmaker[Session], store: InstanceStore, out: Path, *, 
     """Add every sign-off whose image is not in ``out`` yet, de-identified; audit each study exported
     (Export, by ``user``) once its row is in the folder."""
     table = out / TABLE
+    if table.exists():
+        with table.open(newline="", encoding="utf-8") as handle:
+            header = next(csv.reader(handle), [])
+        if tuple(header) != COLUMNS:
+            raise FolderError(f"{table} has the columns {', '.join(header)}, not {', '.join(COLUMNS)}: an earlier "
+                              "export (which kept UIDs and DICOM headers) or another table; export to a new folder")
     kept = {row["image"]: row for row in rows(table)} if table.exists() else {}
     (out / "images").mkdir(parents=True, exist_ok=True)
     removed = burned = 0
