@@ -41,8 +41,8 @@ def cmd_dataset(args: argparse.Namespace) -> int:
 
     llm = _llm(args.llm_url, args.llm_model)
     cleaner = LLMCleaner(llm, args.cache / "reports") if llm else RuleCleaner()
-    inputs = recipe.Inputs(folders=_folders(args.data), cleaner=cleaner, uncertain=args.uncertain, llm=llm,
-                           cache=args.cache)
+    inputs = recipe.Inputs(folders=_folders(args.data), cleaner=cleaner, split=args.split, uncertain=args.uncertain,
+                           llm=llm, cache=args.cache)
     parts = recipe.runnable(inputs, args.only or ())
     if not parts:
         raise SystemExit("no part of the recipe can run on the folders given (see --data)")
@@ -130,6 +130,8 @@ def add_commands(sub: Any) -> None:
                       help="a data set's folder, e.g. vindr-cxr=/data/vindr (repeat)")
     data.add_argument("--out", type=Path, required=True)
     data.add_argument("--only", action="append", help="build only this part, e.g. vindr-cxr/detection (repeat)")
+    data.add_argument("--split", choices=("train", "test"), default="train",
+                      help="train: the recipe's mix; test: each source's held-out test split, once, for evaluate")
     data.add_argument("--seed", type=int, default=0)
     data.add_argument("--uncertain", choices=("absent", "present"), default="absent",
                       help="CheXpert's uncertain labels (the paper: absent; RadVLM's code: present)")

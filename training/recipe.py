@@ -28,6 +28,7 @@ class Inputs:
     folders: Mapping[str, Path]
     cleaner: Cleaner
     size: ImageSize = header_size
+    split: str = "train"  # or "test": each source's held-out test split, for train evaluate
     uncertain: str = "absent"
     llm: ChatLLM | None = None  # writes conversations
     cache: Path = Path("llm-cache")  # the LLM's answers, so that a build resumes
@@ -47,9 +48,15 @@ class Part:
     paper: int  # datapoints in RadVLM's training set, before repeats (0: not one of RadVLM's sources)
     repeats: int = 1
     cap: int | None = None
+    test: bool = False  # the source has a held-out test split, built by --split test (no repeats, no cap)
+    paper_test: int = 0  # datapoints in the paper's test set (0: not given)
+
+    def paper_count(self, split: str) -> int:
+        return self.paper if split == "train" else self.paper_test
 
 
 LLM = "llm"  # a part that needs the conversation writer lists this among its inputs
+SPLITS = ("train", "test")
 
 
 def _f(inputs: Inputs, name: str) -> Path:
@@ -62,34 +69,42 @@ def _talk(inputs: Inputs, cases: Iterable[conversations.Case], source: str) -> I
 
 
 PARTS: tuple[Part, ...] = (
-    Part("mimic-cxr/report", ("mimic-cxr",), lambda i, r: mimic.reports(_f(i, "mimic-cxr"), r, i.cleaner), 230_980),
+    Part("mimic-cxr/report", ("mimic-cxr",),
+         lambda i, r: mimic.reports(_f(i, "mimic-cxr"), r, i.cleaner, split=i.split), 230_980, test=True),
     Part("chexpert-plus/report", ("chexpert-plus",),
          lambda i, r: chexpert.plus_reports(_f(i, "chexpert-plus"), r, i.cleaner), 186_463),
     Part("mimic-cxr/abnormalities", ("mimic-cxr",),
-         lambda i, r: mimic.classification(_f(i, "mimic-cxr"), r, uncertain=i.uncertain), 237_912),
+         lambda i, r: mimic.classification(_f(i, "mimic-cxr"), r, split=i.split, uncertain=i.uncertain), 237_912,
+         test=True),
     Part("chexpert/abnormalities", ("chexpert",),
-         lambda i, r: chexpert.classification(_f(i, "chexpert"), r, uncertain=i.uncertain), 191_027),
+         lambda i, r: chexpert.classification(_f(i, "chexpert"), r, split=i.split, uncertain=i.uncertain), 191_027,
+         test=True, paper_test=518),
     Part("chest-imagenome/anatomical-grounding", ("chest-imagenome", "mimic-cxr"),
-         lambda i, r: imagenome.anatomical_grounding(_f(i, "chest-imagenome"), _f(i, "mimic-cxr"), r, size=i.size),
-         80_000, cap=80_000),
+         lambda i, r: imagenome.anatomical_grounding(_f(i, "chest-imagenome"), _f(i, "mimic-cxr"), r, split=i.split,
+                                                     size=i.size), 80_000, cap=80_000, test=True),
     Part("vindr-cxr/abnormality-grounding", ("vindr-cxr",),
-         lambda i, r: vindr.abnormality_grounding(_f(i, "vindr-cxr"), r, size=i.size), 16_089, repeats=3),
-    Part("vindr-cxr/detection", ("vindr-cxr",), lambda i, r: vindr.detection(_f(i, "vindr-cxr"), r, size=i.size),
-         15_000, repeats=2),
+         lambda i, r: vindr.abnormality_grounding(_f(i, "vindr-cxr"), r, split=i.split, size=i.size), 16_089,
+         repeats=3, test=True),
+    Part("vindr-cxr/detection", ("vindr-cxr",),
+         lambda i, r: vindr.detection(_f(i, "vindr-cxr"), r, split=i.split, size=i.size), 15_000, repeats=2,
+         test=True),
     Part("ms-cxr/phrase-grounding", ("ms-cxr", "mimic-cxr"),
-         lambda i, r: phrases.ms_cxr(_f(i, "ms-cxr"), _f(i, "mimic-cxr"), r), 971, repeats=3),
-    Part("padchest-gr/phrase-grounding", ("padchest-gr",), lambda i, r: phrases.padchest_gr(_f(i, "padchest-gr"), r),
-         4_478, repeats=2),
+         lambda i, r: phrases.ms_cxr(_f(i, "ms-cxr"), _f(i, "mimic-cxr"), r, split=i.split), 971, repeats=3,
+         test=True),
+    Part("padchest-gr/phrase-grounding", ("padchest-gr",),
+         lambda i, r: phrases.padchest_gr(_f(i, "padchest-gr"), r, split=i.split), 4_478, repeats=2, test=True),
     Part("mimic-cxr/conversation", ("mimic-cxr", LLM),
-         lambda i, r: _talk(i, mimic.conversation_cases(_f(i, "mimic-cxr"), i.cleaner, uncertain=i.uncertain),
-                            "mimic-cxr"), 86_155),
+         lambda i, r: _talk(i, mimic.conversation_cases(_f(i, "mimic-cxr"), i.cleaner, split=i.split,
+                                                        uncertain=i.uncertain), "mimic-cxr"), 86_155, test=True),
     Part("ms-cxr/grounded-conversation", ("ms-cxr", "mimic-cxr", LLM),
-         lambda i, r: _talk(i, mimic.conversation_cases(_f(i, "mimic-cxr"), i.cleaner, uncertain=i.uncertain,
-                                                        phrases=phrases.ms_cxr_phrases(_f(i, "ms-cxr"))),
-                            "ms-cxr"), 862, repeats=4),
+         lambda i, r: _talk(i, mimic.conversation_cases(_f(i, "mimic-cxr"), i.cleaner, split=i.split,
+                                                        uncertain=i.uncertain,
+                                                        phrases=phrases.ms_cxr_phrases(_f(i, "ms-cxr"), i.split)),
+                            "ms-cxr"), 862, repeats=4, test=True),
     Part("padchest-gr/grounded-conversation", ("padchest-gr", LLM),
-         lambda i, r: _talk(i, phrases.padchest_cases(_f(i, "padchest-gr")), "padchest-gr"), 2_225, repeats=4),
-    # Not RadVLM's: public sets a hospital can add to its own data.
+         lambda i, r: _talk(i, phrases.padchest_cases(_f(i, "padchest-gr"), i.split), "padchest-gr"), 2_225,
+         repeats=4, test=True),
+    # Not RadVLM's: public sets a hospital can add to its own data (training only).
     Part("iu-xray/report", ("iu-xray",),
          lambda i, r: iu_xray.reports(_f(i, "iu-xray"), find(_f(i, "iu-xray"), *iu_xray.VIEW_TABLES), r, i.cleaner), 0),
     Part("nih-chestxray14/abnormality-grounding", ("nih-chestxray14",),
@@ -97,8 +112,10 @@ PARTS: tuple[Part, ...] = (
     Part("rsna-pneumonia/abnormality-grounding", ("rsna-pneumonia",),
          lambda i, r: rsna.opacity_grounding(_f(i, "rsna-pneumonia"), r, size=i.size), 0),
     # This installation's own studies as its radiologists signed them off (train export-site).
-    Part("site/report", ("site",), lambda i, r: site.reports(_f(i, "site"), r, i.cleaner), 0),
-    Part("site/abnormalities", ("site",), lambda i, r: site.classification(_f(i, "site"), r), 0),
+    Part("site/report", ("site",), lambda i, r: site.reports(_f(i, "site"), r, i.cleaner, split=i.split), 0,
+         test=True),
+    Part("site/abnormalities", ("site",), lambda i, r: site.classification(_f(i, "site"), r, split=i.split), 0,
+         test=True),
 )
 DATASETS = sorted({name for part in PARTS for name in part.needs if name != LLM})
 
@@ -108,27 +125,33 @@ def runnable(inputs: Inputs, only: Iterable[str] = ()) -> list[Part]:
     unknown = wanted - {part.name for part in PARTS}
     if unknown:
         raise ValueError(f"unknown parts {sorted(unknown)}; known: {[p.name for p in PARTS]}")
-    return [part for part in PARTS
-            if all(inputs.has(name) for name in part.needs) and (not wanted or part.name in wanted)]
+    if inputs.split not in SPLITS:
+        raise ValueError(f"unknown split {inputs.split!r}; known: {list(SPLITS)}")
+    return [part for part in PARTS if all(inputs.has(name) for name in part.needs)
+            and (not wanted or part.name in wanted) and (inputs.split == "train" or part.test)]
 
 
 @dataclass
 class Tally:
     part: Part
+    paper: int  # the paper's figure for this split (0: not given)
+    repeats: int  # the recipe's up-sampling in training; a test set is taken once
     built: int = 0  # distinct datapoints, before repeats
     written: int = 0  # with repeats
 
 
 def build(parts: Iterable[Part], inputs: Inputs, rng: random.Random, tallies: list[Tally]) -> Iterator[Instruction]:
-    """Every datapoint of ``parts``, repeats included (ids get ``-r{n}`` from the second round). Each image's
-    size is read once per build, however many parts and repeats use it (VinDr: 15,000 headers, five passes)."""
+    """Every datapoint of ``parts``, repeats included (ids get ``-r{n}`` from the second round); a test split
+    whole, once. Each image's size is read once per build, however many parts and repeats use it (VinDr:
+    15,000 headers, five passes)."""
     inputs = replace(inputs, size=functools.cache(inputs.size))
+    training = inputs.split == "train"
     for part in parts:
-        tally = Tally(part)
+        tally = Tally(part, part.paper_count(inputs.split), part.repeats if training else 1)
         tallies.append(tally)
-        for round_ in range(part.repeats):
+        for round_ in range(tally.repeats):
             items = list(part.build(inputs, rng))
-            if part.cap is not None and len(items) > part.cap:
+            if training and part.cap is not None and len(items) > part.cap:
                 items = rng.sample(items, part.cap)
             if round_ == 0:
                 tally.built = len(items)
@@ -141,6 +164,6 @@ def counts_table(tallies: Iterable[Tally]) -> str:
     """What was built beside the paper's figure for each part."""
     lines = [f"{'part':40} {'built':>9} {'paper':>9} {'ratio':>7} {'repeats':>7} {'written':>9}"]
     for t in tallies:
-        paper, ratio = (f"{t.part.paper:9,d}", f"{t.built / t.part.paper:7.3f}") if t.part.paper else ("-", "-")
-        lines.append(f"{t.part.name:40} {t.built:9,d} {paper:>9} {ratio:>7} {t.part.repeats:7d} {t.written:9,d}")
+        paper, ratio = (f"{t.paper:9,d}", f"{t.built / t.paper:7.3f}") if t.paper else ("-", "-")
+        lines.append(f"{t.part.name:40} {t.built:9,d} {paper:>9} {ratio:>7} {t.repeats:7d} {t.written:9,d}")
     return "\n".join(lines)

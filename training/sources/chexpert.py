@@ -2,7 +2,9 @@
 
 CheXpert: ``train.csv`` / ``valid.csv`` with ``Path`` (starting ``CheXpert-v1.0[-small]/``,
 relative to the folder above the one holding the tables), ``Frontal/Lateral``, ``AP/PA`` and the
-14 label columns; frontal images only. CheXpert-Plus: ``df_chexpert_plus_240401.csv`` with
+14 label columns; frontal images only. The test set's radiologist labels (``test_labels.csv``,
+released with CheXlocalize; the paper's 518 frontal images) may lack ``Frontal/Lateral``: the
+image's name (``view1_frontal.jpg``) says it then. CheXpert-Plus: ``df_chexpert_plus_240401.csv`` with
 ``path_to_image``, ``frontal_lateral``, ``section_findings``, ``section_impression`` and
 ``split``; images under ``PNG/`` with ``.png`` for ``.jpg``.
 """
@@ -19,7 +21,7 @@ from training.reports import Cleaner, report_text
 from training.sources.files import find, rows
 from training.sources.labels import present
 
-TABLES = {"train": "train.csv", "valid": "valid.csv"}
+TABLES = {"train": "train.csv", "valid": "valid.csv", "test": "test_labels.csv"}
 
 
 def image_path(root: Path, path: str) -> Path:
@@ -36,11 +38,17 @@ def classification(root: Path, rng: random.Random, split: str = "train",
     if split not in TABLES:
         raise ValueError(f"CheXpert split must be one of {sorted(TABLES)}")
     for row in rows(find(root, TABLES[split], TABLES[split] + ".gz")):
-        if row["Frontal/Lateral"] != "Frontal":
+        if not _frontal(row):
             continue
         question, answer = answers.abnormalities(rng, present(row, uncertain))
         yield Instruction(id=f"chexpert-{split}-{row['Path']}", image=str(image_path(root, row["Path"])),
                           rounds=((question, answer),), task="abnormalities", source="chexpert")
+
+
+def _frontal(row: dict[str, str]) -> bool:
+    if "Frontal/Lateral" in row:
+        return row["Frontal/Lateral"] == "Frontal"
+    return "frontal" in Path(row["Path"]).name.lower()
 
 
 def plus_reports(root: Path, rng: random.Random, cleaner: Cleaner, split: str = "train") -> Iterator[Instruction]:

@@ -26,19 +26,20 @@ from training.sources.files import MissingData, find, rows
 log = logging.getLogger(__name__)
 
 
-MS_CXR_SPLITS = ("train", "val", "valid", "validation")
-PADCHEST_SPLITS = ("train", "validation")
+# what each data set's split column calls the rows of a build's split (recipe.SPLITS)
+MS_CXR_SPLITS = {"train": ("train", "val", "valid", "validation"), "test": ("test",)}
+PADCHEST_SPLITS = {"train": ("train", "validation"), "test": ("test",)}
 
 
-def ms_cxr_groups(root: Path, splits: tuple[str, ...] = MS_CXR_SPLITS
-                  ) -> dict[str, tuple[str, list[tuple[str, tuple[NormBox, ...]]]]]:
-    """dicom_id -> (image path under MIMIC-CXR-JPG, [(sentence, its boxes)]) for the given splits
-    (v1.0.0 has no split column: all of it)."""
+def ms_cxr_groups(root: Path, split: str = "train") -> dict[str, tuple[str, list[tuple[str, tuple[NormBox, ...]]]]]:
+    """dicom_id -> (image path under MIMIC-CXR-JPG, [(sentence, its boxes)]) for the split (v1.0.0 has no
+    split column: all of it is training data)."""
+    splits = MS_CXR_SPLITS[split]
     table = find(root, "MS_CXR_Local_Alignment_v1.1.0.csv", "MS_CXR_Local_Alignment_v1.0.0.csv")
     grouped: dict[tuple[str, str], list[NormBox]] = defaultdict(list)
     paths: dict[str, str] = {}
     for row in rows(table):
-        if "split" in row and row["split"] not in splits:
+        if row.get("split", "train") not in splits:
             continue
         try:
             box = from_xywh(*(float(row[k]) for k in ("x", "y", "w", "h")),
@@ -54,9 +55,8 @@ def ms_cxr_groups(root: Path, splits: tuple[str, ...] = MS_CXR_SPLITS
     return out
 
 
-def ms_cxr(root: Path, mimic_root: Path, rng: random.Random, splits: tuple[str, ...] = MS_CXR_SPLITS
-           ) -> Iterator[Instruction]:
-    for dicom_id, (path, sentences) in ms_cxr_groups(root, splits).items():
+def ms_cxr(root: Path, mimic_root: Path, rng: random.Random, split: str = "train") -> Iterator[Instruction]:
+    for dicom_id, (path, sentences) in ms_cxr_groups(root, split).items():
         for index, (sentence, boxes) in enumerate(sentences, start=1):
             question, answer = answers.phrase(rng, sentence, boxes)
             yield Instruction(id=f"ms-cxr-{dicom_id}-{index}", image=str(mimic_root / path),
@@ -71,9 +71,10 @@ def padchest_table(root: Path) -> dict[str, dict[str, str]]:
     return table
 
 
-def padchest_groups(root: Path, splits: tuple[str, ...] = PADCHEST_SPLITS
+def padchest_groups(root: Path, split: str = "train"
                     ) -> Iterator[tuple[str, Path, list[tuple[str, tuple[NormBox, ...]]], dict[str, str]]]:
-    """(ImageID, image path, [(sentence, boxes)], master-table row) per image of the splits."""
+    """(ImageID, image path, [(sentence, boxes)], master-table row) per image of the split."""
+    splits = PADCHEST_SPLITS[split]
     reports = sorted(root.glob("grounded_reports_*.json"))
     if not reports:
         raise MissingData(f"{root} holds no grounded_reports_*.json")
@@ -98,24 +99,23 @@ def padchest_groups(root: Path, splits: tuple[str, ...] = PADCHEST_SPLITS
         yield image_id, folder / image_id, sentences, row
 
 
-def padchest_gr(root: Path, rng: random.Random, splits: tuple[str, ...] = PADCHEST_SPLITS) -> Iterator[Instruction]:
-    for image_id, path, sentences, _ in padchest_groups(root, splits):
+def padchest_gr(root: Path, rng: random.Random, split: str = "train") -> Iterator[Instruction]:
+    for image_id, path, sentences, _ in padchest_groups(root, split):
         for index, (sentence, boxes) in enumerate(sentences):
             question, answer = answers.phrase(rng, sentence, boxes)
             yield Instruction(id=f"padchest-gr-{image_id}-{index}", image=str(path),
                               rounds=((question, answer),), task="phrase-grounding", source="padchest-gr")
 
 
-def padchest_cases(root: Path, splits: tuple[str, ...] = PADCHEST_SPLITS) -> Iterator[Case]:
+def padchest_cases(root: Path, split: str = "train") -> Iterator[Case]:
     """Grounded-conversation cases: the image's sentences as its report, with their boxes."""
     sexes = {"F": "female", "M": "male"}
-    for image_id, path, sentences, row in padchest_groups(root, splits):
+    for image_id, path, sentences, row in padchest_groups(root, split):
         if sentences:
             yield Case(id=Path(image_id).stem, image=str(path), report=" ".join(s for s, _ in sentences),
                        view="frontal", sex=sexes.get(row.get("PatientSex_DICOM", ""), "unknown"),
                        phrases=tuple(sentences))
 
 
-def ms_cxr_phrases(root: Path, splits: tuple[str, ...] = MS_CXR_SPLITS
-                   ) -> dict[str, list[tuple[str, tuple[NormBox, ...]]]]:
-    return {dicom_id: sentences for dicom_id, (_, sentences) in ms_cxr_groups(root, splits).items()}
+def ms_cxr_phrases(root: Path, split: str = "train") -> dict[str, list[tuple[str, tuple[NormBox, ...]]]]:
+    return {dicom_id: sentences for dicom_id, (_, sentences) in ms_cxr_groups(root, split).items()}

@@ -10,11 +10,14 @@ pixel conversion, so training sees what inference will). What leaves and what do
 database's row numbers, so only this node can tell which study a row was. The export copies the
 pixels, so the set outlives the node's retention (``node.keep_images_days``): run it more often than
 that. Only what a radiologist verified goes in: the draft's boxes are the model's own and stay out.
+One study in ten, chosen by a hash of its number (the same ones in every build), is held out of
+training for ``train dataset --split test``.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import os
 import random
 from collections.abc import Callable, Iterator
@@ -39,6 +42,13 @@ from training.sources.files import rows
 SOURCE = "site"
 TABLE = "signoffs.csv"
 COLUMNS = ("image", "study", "edited", "findings", "report")
+HELD_OUT = 10  # one study in this many is test data
+
+
+def in_split(study: str, split: str) -> bool:
+    """Whether the study (its number in the table) belongs to ``split``: train, or test (held out)."""
+    held_out = int(hashlib.sha256(f"{SOURCE}-{study}".encode()).hexdigest(), 16) % HELD_OUT == 0
+    return held_out == (split == "test")
 
 
 class FolderError(ValueError):
@@ -108,9 +118,9 @@ def export(sessions: sessionmaker[Session], store: InstanceStore, out: Path, *, 
     return Exported(len(kept), len(exported), removed, burned)
 
 
-def reports(root: Path, rng: random.Random, cleaner: Cleaner) -> Iterator[Instruction]:
+def reports(root: Path, rng: random.Random, cleaner: Cleaner, split: str = "train") -> Iterator[Instruction]:
     """One datapoint per sign-off: the report as signed, without what it says of other studies."""
-    for row in rows(root / TABLE):
+    for row in _split(root, split):
         cleaned = cleaner.clean(f"{SOURCE}-{Path(row['image']).stem}", row["report"])
         if not cleaned:
             continue
@@ -119,9 +129,13 @@ def reports(root: Path, rng: random.Random, cleaner: Cleaner) -> Iterator[Instru
                           rounds=((question, answer),), task="report", source=SOURCE)
 
 
-def classification(root: Path, rng: random.Random) -> Iterator[Instruction]:
+def classification(root: Path, rng: random.Random, split: str = "train") -> Iterator[Instruction]:
     """One datapoint per sign-off: the findings as signed (none: no finding)."""
-    for row in rows(root / TABLE):
+    for row in _split(root, split):
         question, answer = answers.abnormalities(rng, [label for label in row["findings"].split("|") if label])
         yield Instruction(id=f"{SOURCE}-{Path(row['image']).stem}-abnormalities", image=str(root / row["image"]),
                           rounds=((question, answer),), task="abnormalities", source=SOURCE)
+
+
+def _split(root: Path, split: str) -> Iterator[dict[str, str]]:
+    return (row for row in rows(root / TABLE) if in_split(row["study"], split))
