@@ -11,10 +11,10 @@ import socket
 import sys
 import threading
 from collections.abc import Callable
-from datetime import datetime, timezone
+from datetime import datetime
 from pathlib import Path
 
-from records.clock import utcnow
+from records.clock import as_utc, utcnow
 from training.cli import add_commands as add_training_commands
 
 log = logging.getLogger("radvlm_pacs")
@@ -364,9 +364,7 @@ def cmd_agreement(args: argparse.Namespace) -> int:
 
 
 def _day(text: str) -> datetime:
-    """A command-line date or date and time, UTC unless it says otherwise."""
-    when = datetime.fromisoformat(text)
-    return when if when.tzinfo else when.replace(tzinfo=timezone.utc)
+    return as_utc(datetime.fromisoformat(text))
 
 
 def _masked(settings) -> dict:  # type: ignore[no-untyped-def]

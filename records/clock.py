@@ -8,3 +8,8 @@ Clock = Callable[[], datetime]
 
 def utcnow() -> datetime:
     return datetime.now(timezone.utc)
+
+
+def as_utc(when: datetime) -> datetime:
+    """A time someone typed (a command-line date, a query parameter): UTC unless it says otherwise."""
+    return when if when.tzinfo else when.replace(tzinfo=timezone.utc)

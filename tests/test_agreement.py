@@ -55,6 +55,8 @@ def test_agreement_counts_what_radiologists_kept_removed_and_added(analysed_node
         tomorrow = (utcnow() + timedelta(days=1)).isoformat()
         assert client.get("/agreement", params={"since": tomorrow}, headers=HOUSE).json() == []
         assert client.get("/agreement", params={"until": tomorrow}, headers=HOUSE).json() == [entry]
+        naive = (utcnow() - timedelta(minutes=5)).replace(tzinfo=None).isoformat()  # read as UTC
+        assert client.get("/agreement", params={"until": naive}, headers=HOUSE).json() == []
         assert client.get("/agreement", headers=auth("dr.elsewhere")).json() == []  # not a study they may see
         empty = client.get("/agreement", params={"since": tomorrow, "until": tomorrow}, headers=HOUSE)
         assert empty.status_code == 422 and empty.headers["content-type"] == "application/problem+json"
