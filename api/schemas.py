@@ -25,6 +25,10 @@ class StudyPublic(BaseModel):
     patient_name: str | None
     study_date: str | None
     last_received_at: datetime
+    findings: list[str] | None = Field(description="CheXpert findings of the newest draft (any image), or those "
+                                                   "signed once signed off; null before the first analysis")
+    urgent: list[str] = Field(description="those of the findings the site counts as urgent "
+                                          "(delivery.urgent_findings)")
 
 
 class StudiesPublic(BaseModel):

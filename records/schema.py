@@ -85,6 +85,10 @@ class StudyResult(BaseModel):
         """Each CheXpert label, in order: present on any image of the study."""
         return {label: any(image.labels.get(label) for image in self.images) for label in CHEXPERT_LABELS}
 
+    def findings(self) -> list[str]:
+        """The findings present on any image, in CheXpert's order, without "No Finding"."""
+        return [label for label, present in self.study_labels().items() if present and label != "No Finding"]
+
     def critical_labels(self, urgent: Collection[str]) -> list[str]:
         """The labels present in the study that the site counts as urgent (flagged AA in HL7 and FHIR)."""
         return sorted(label for label, present in self.study_labels().items() if present and label in urgent)

@@ -95,6 +95,8 @@ class Study(Base):
     instances: Mapped[list[Instance]] = relationship(back_populates="study", order_by="Instance.id")
     versions: Mapped[list[StudyVersion]] = relationship(back_populates="study", order_by="StudyVersion.version")
     priority: Mapped[int] = mapped_column(Integer, default=5, doc="0 = STAT (first), 5 = routine")
+    findings: Mapped[list | None] = mapped_column(JSON, doc="CheXpert findings of the newest draft (any image), "
+                                                             "or those signed once signed off; None before")
 
 
 class Instance(Base):

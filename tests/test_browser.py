@@ -15,6 +15,7 @@ from sqlalchemy import select
 
 from api.askers import LocalAsker
 from api.main import create_app
+from records.settings import DeliverySettings
 from records.tables import SignOff
 from tests.conftest import RG1_STUDY, serving, worker_context
 from tests.test_chat import TOKENS, settings_for
@@ -34,9 +35,11 @@ ANSWER_CYAN = (0, 229, 255)  # the page's colour for boxes in an answer
 def served(analysed_node):
     """The API with the page on a real port; the scripted model streams at about 15 words a second."""
     running = analysed_node.running
+    settings = settings_for(running).model_copy(update={"delivery": DeliverySettings(
+        urgent_findings=["Pleural Effusion"])})  # the site's urgent findings are bold in the worklist
     with ModelThread() as thread:
         asker = LocalAsker(worker_context(running, ScriptedBackend(delay_s=1.0)), thread)
-        with serving(create_app(settings_for(running), asker)) as base:
+        with serving(create_app(settings, asker)) as base:
             yield base, running
 
 
@@ -66,6 +69,8 @@ def test_log_in_view_ask_and_sign_off(served):
             page.click("#filters button[type=submit]")
             page.wait_for_function(f"document.querySelectorAll('#studies tbody tr').length === {rows}")
         assert page.get_attribute("#studies tbody tr", "data-uid") == RG1_STUDY
+        assert page.inner_text(f"tr[data-uid='{RG1_STUDY}'] td:nth-child(6)") == "Cardiomegaly, Pleural Effusion"
+        assert page.locator(f"tr[data-uid='{RG1_STUDY}'].urgent strong").all_inner_texts() == ["Pleural Effusion"]
 
         page.click(f"tr[data-uid='{RG1_STUDY}']")
         page.wait_for_function("document.getElementById('image').width === 1841")

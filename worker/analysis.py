@@ -136,6 +136,7 @@ def finish(sessions: sessionmaker[Session], job_id: int, result: StudyResult, ob
                 findings = sorted({label for image in result.images for label, present in image.labels.items()
                                    if present})
                 study.state, study.state_reason = StudyState.analysed, f"analysed: {', '.join(findings)}"
+                study.findings = result.findings()
             return [item.id for item in items]
     except IntegrityError:
         return None

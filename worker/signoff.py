@@ -134,4 +134,5 @@ def _sign_off(sessions: sessionmaker[Session], store: InstanceStore, study_uid: 
                             edited=is_edited(draft, signed),
                             sr_uid=objects[0].sop_instance_uid, signed_at=now))
         study.state, study.state_reason = StudyState.signed_off, f"signed off by {user_name}"
+        study.findings = [label for label in CHEXPERT_LABELS if label in signed.findings]
         return [item.id for item in items], draft

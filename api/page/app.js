@@ -68,6 +68,7 @@ async function listStudies() {
   if ($("filter-name").value) query.set("patient_name", $("filter-name").value);
   if ($("filter-patient").value) query.set("patient_id", $("filter-patient").value);
   if ($("filter-accession").value) query.set("accession", $("filter-accession").value);
+  if ($("filter-urgent").checked) query.set("urgent_first", "true");
   const studies = await (await api(`/studies?${query}`)).json();
   const body = $("studies").querySelector("tbody");
   body.replaceChildren();
@@ -75,15 +76,28 @@ async function listStudies() {
     const row = document.createElement("tr");
     row.dataset.uid = study.study_instance_uid;
     for (const value of [study.patient_name, study.patient_id, study.accession_number, study.study_date,
-      study.state, new Date(study.last_received_at).toLocaleString()]) {
+      study.state, findingsCell(study), new Date(study.last_received_at).toLocaleString()]) {
       const cell = document.createElement("td");
-      cell.textContent = value ?? "";
+      if (value instanceof Node) cell.append(value); else cell.textContent = value ?? "";
       row.append(cell);
     }
+    if (study.urgent.length) row.classList.add("urgent");
     row.addEventListener("click", () => openStudy(study.study_instance_uid));
     body.append(row);
   }
   show("list-panel");
+}
+
+// The study's findings, those the site counts as urgent in bold red.
+function findingsCell(study) {
+  const cell = document.createDocumentFragment();
+  (study.findings || []).forEach((label, index) => {
+    if (index) cell.append(", ");
+    const name = document.createElement(study.urgent.includes(label) ? "strong" : "span");
+    name.textContent = label;
+    cell.append(name);
+  });
+  return cell;
 }
 
 // --- viewer ------------------------------------------------------------------------------------

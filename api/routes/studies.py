@@ -3,33 +3,41 @@
 from __future__ import annotations
 
 import io
+from collections.abc import Collection
 from typing import Annotated
 
 from fastapi import APIRouter, Query
 from fastapi.responses import Response
-from sqlalchemy import func, select
+from sqlalchemy import ColumnElement, String, case, cast, func, or_, select
 from sqlalchemy.orm import Session
 
 from api import qido
 from api.access import find_study, visible
-from api.deps import AuditDep, CurrentUser, Offset, SessionDep, StoreDep
+from api.deps import AuditDep, CurrentUser, Offset, SessionDep, SettingsDep, StoreDep
 from api.problems import Problem
 from api.schemas import DeliveryPublic, InstancePublic, SignOffPublic, StudiesPublic, StudyDetail, StudyPublic
 from dicom_node.pixels import PixelError, read_model_image
 from dicom_node.retention import removed
-from records.schema import StudyResult
+from records.schema import CHEXPERT_LABELS, StudyResult
 from records.tables import Job, JobState, OutboxItem, SignOff, Study, StudyState
 from worker.delivery.capture import draw_boxes
 
 router = APIRouter(prefix="/studies", tags=["studies"])
 
 
-def _public(study: Study) -> StudyPublic:
+def _public(study: Study, urgent: Collection[str]) -> StudyPublic:
     return StudyPublic(study_instance_uid=study.study_instance_uid, state=study.state.value,
                        reason=study.state_reason, version=study.version, priority=study.priority,
                        accession_number=study.accession_number, patient_id=study.patient_id,
                        patient_name=study.patient_name, study_date=study.study_date,
-                       last_received_at=study.last_received_at)
+                       last_received_at=study.last_received_at, findings=study.findings,
+                       urgent=[label for label in study.findings or () if label in urgent])
+
+
+def _names(label: str) -> ColumnElement[bool]:
+    """The study's findings name ``label`` (the JSON list's text holds it quoted: portable, and labels have
+    no quotes or LIKE wildcards)."""
+    return cast(Study.findings, String).like(f'%"{label}"%')
 
 
 def latest_result(session: Session, study: Study) -> StudyResult | None:
@@ -41,18 +49,28 @@ def latest_result(session: Session, study: Study) -> StudyResult | None:
 
 @router.get("", response_model=StudiesPublic)
 def list_studies(
-    session: SessionDep, user: CurrentUser, audit: AuditDep,
+    session: SessionDep, user: CurrentUser, audit: AuditDep, settings: SettingsDep,
     state: StudyState | None = None, accession: str | None = None, patient_id: str | None = None,
     patient_name: Annotated[str | None, Query(
         description="words of the name in order, any case, * and ? as wildcards: 'smith jo' finds SMITH^JOHN")] = None,
     date_from: Annotated[str | None, Query(pattern=r"^\d{8}$", description="YYYYMMDD")] = None,
     date_to: Annotated[str | None, Query(pattern=r"^\d{8}$", description="YYYYMMDD")] = None,
+    finding: Annotated[str | None, Query(description="only studies whose draft (or sign-off) names this CheXpert "
+                                                     "finding, e.g. Pneumothorax")] = None,
+    urgent_first: Annotated[bool, Query(description="studies naming a finding the site counts as urgent "
+                                                    "(delivery.urgent_findings) first, then the newest")] = False,
     limit: Annotated[int, Query(ge=1, le=500)] = 50, offset: Offset = 0,
 ) -> StudiesPublic:
+    """The studies you may see, newest first: the worklist, with each study's findings and those of them the
+    site counts as urgent."""
     audit("list_studies", detail="; ".join(f"{k}={v}" for k, v in dict(
         state=state and state.value, accession=accession, patient_id=patient_id, patient_name=patient_name,
-        date_from=date_from, date_to=date_to).items() if v) or None)
+        date_from=date_from, date_to=date_to, finding=finding, urgent_first=urgent_first).items() if v) or None)
+    if finding is not None and (finding not in CHEXPERT_LABELS or finding == "No Finding"):
+        raise Problem(422, "unknown finding", f"not a CheXpert finding label: {finding}")
     query = visible(select(Study), user)
+    if finding is not None:
+        query = query.where(_names(finding))
     if state is not None:
         query = query.where(Study.state == state)
     if accession:
@@ -66,19 +84,24 @@ def list_studies(
     if date_to:
         query = query.where(Study.study_date <= date_to)
     count = session.scalar(select(func.count()).select_from(query.subquery())) or 0
-    rows = session.scalars(query.order_by(Study.last_received_at.desc()).limit(limit).offset(offset))
-    return StudiesPublic(data=[_public(s) for s in rows], count=count)
+    urgent = settings.delivery.urgent_findings
+    order = [Study.last_received_at.desc(), Study.id.desc()]
+    if urgent_first and urgent:
+        order.insert(0, case((or_(*(_names(label) for label in urgent)), 0), else_=1))
+    rows = session.scalars(query.order_by(*order).limit(limit).offset(offset))
+    return StudiesPublic(data=[_public(s, urgent) for s in rows], count=count)
 
 
 @router.get("/{uid}", response_model=StudyDetail)
-def get_study(uid: str, session: SessionDep, user: CurrentUser, audit: AuditDep) -> StudyDetail:
+def get_study(uid: str, session: SessionDep, user: CurrentUser, audit: AuditDep,
+              settings: SettingsDep) -> StudyDetail:
     audit("read_study", uid)  # attempts too: a denied or unknown study is logged as asked
     study = find_study(session, user, uid)
     result = latest_result(session, study)
     signed = session.scalar(select(SignOff).where(SignOff.study_id == study.id).order_by(SignOff.id.desc()))
     deliveries = session.scalars(select(OutboxItem).where(OutboxItem.study_id == study.id).order_by(OutboxItem.id))
     return StudyDetail(
-        **_public(study).model_dump(),
+        **_public(study, settings.delivery.urgent_findings).model_dump(),
         instances=[InstancePublic(sop_instance_uid=i.sop_instance_uid, series_instance_uid=i.series_instance_uid,
                                   version=i.study_version, selected=i.selected, reason=i.selection_reason,
                                   pixel_error=i.pixel_error, removed_at=i.removed_at) for i in study.instances],
