@@ -20,6 +20,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, 
 
 from api import problems
 from api.askers import Asker
+from api.headers import SecurityHeaders
 from api.logins import FailedLogins
 from api.routes import admin, agreement, chat, dicomweb, signoff, studies
 from dicom_node.reception import Receiver
@@ -65,6 +66,7 @@ def create_app(settings: Settings, asker: Asker | None = None, deliver: Deliver 
                               "questions and sign-off. Every route but /health needs a bearer token; the web "
                               "page at /ui/ holds no data and asks for one.")
     problems.install(app)
+    app.add_middleware(SecurityHeaders, https=settings.api.tls_cert_file is not None)
     for module in (studies, chat, signoff, agreement, admin, dicomweb):
         app.include_router(module.router)
 

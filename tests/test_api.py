@@ -57,6 +57,18 @@ def test_health_is_open_and_every_other_route_refuses_a_missing_wrong_or_expired
     assert client.get("/studies", headers=HEADERS).status_code == 200  # expires a second after NOW
 
 
+def test_answers_carry_the_headers_a_security_review_asks_for(client):
+    data, refused, page = (client.get("/studies", headers=HEADERS), client.get("/studies"), client.get("/ui/"))
+    assert (data.status_code, refused.status_code, page.status_code) == (200, 401, 200)
+    for answer in (data, refused, page):
+        assert (answer.headers["x-content-type-options"], answer.headers["x-frame-options"],
+                answer.headers["referrer-policy"]) == ("nosniff", "DENY", "no-referrer")
+        assert "strict-transport-security" not in answer.headers  # plain HTTP (HTTPS: test_security)
+    assert data.headers["cache-control"] == refused.headers["cache-control"] == "no-store"  # patient data
+    assert "cache-control" not in page.headers and "content-security-policy" not in data.headers
+    assert page.headers["content-security-policy"].startswith("default-src 'none'; script-src 'self';")
+
+
 def test_token_command_prints_a_token_once_and_an_entry_with_its_hash(capsys):
     assert main(["token", "dr.north", "--days", "30", "--sources", "NORTHPACS"]) == 0
     out, err = capsys.readouterr()

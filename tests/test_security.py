@@ -83,7 +83,9 @@ def test_api_over_https_and_its_health_check(pki, tmp_path):
         wait_for(lambda: _listening(port), 60)
         trusted = ssl.create_default_context(cafile=pki.ca)
         with httpx.Client(base_url=f"https://127.0.0.1:{port}", verify=trusted) as client:
-            assert client.get("/health").json() == {"status": "ok"}
+            health = client.get("/health")
+            assert health.json() == {"status": "ok"}
+            assert health.headers["strict-transport-security"] == "max-age=31536000"
             assert client.get("/studies").status_code == 401
         with pytest.raises(httpx.HTTPError):  # plain HTTP on the HTTPS port gets no answer
             httpx.get(f"http://127.0.0.1:{port}/health", timeout=5)
