@@ -16,7 +16,7 @@ from sqlalchemy import select
 from api.askers import LocalAsker
 from api.main import create_app
 from records.settings import DeliverySettings
-from records.tables import SignOff
+from records.tables import Conversation, SignOff
 from tests.conftest import RG1_STUDY, serving, worker_context
 from tests.test_chat import TOKENS, settings_for
 from worker.backends.scripted import ScriptedBackend
@@ -35,7 +35,7 @@ ANSWER_CYAN = (0, 229, 255)  # the page's colour for boxes in an answer
 def served(analysed_node):
     """The API with the page on a real port; the scripted model streams at about 15 words a second."""
     running = analysed_node.running
-    settings = settings_for(running).model_copy(update={"delivery": DeliverySettings(
+    settings = settings_for(running, chat_max_rounds=3).model_copy(update={"delivery": DeliverySettings(
         urgent_findings=["Pleural Effusion"])})  # the site's urgent findings are bold in the worklist
     with ModelThread() as thread:
         asker = LocalAsker(worker_context(running, ScriptedBackend(delay_s=1.0)), thread)
@@ -119,6 +119,19 @@ def test_log_in_view_ask_and_sign_off(served):
         assert pixel(page, 0.7 * 1841, 0.77 * 1955) == ANSWER_CYAN
         page.screenshot(path=SHOTS / "4-answer-boxes.png")
 
+        # back to the list and into the study again: your questions are there, and the next one continues them
+        page.click("#back")
+        page.click(f"tr[data-uid='{RG1_STUDY}']")
+        page.wait_for_selector(".turn:nth-child(2) .answer[data-done='true']")
+        assert page.locator(".turn .question").all_inner_texts() == ["Is there a pleural effusion?", "Where is it?"]
+        page.wait_for_function("document.getElementById('image').width === 1841")
+        # the third question fills the conversation (api.chat_max_rounds 3 here); the fourth starts another
+        for number, question in ((3, "Is there a pneumothorax?"), (4, "Is the heart enlarged?")):
+            page.fill("#question", question)
+            page.click("#ask")
+            page.wait_for_selector(f".turn:nth-child({number}) .answer[data-done='true']")
+        assert page.inner_text("#chat-error") == ""
+
         page.fill("#signoff-report", "Findings: Cardiomegaly. Small left effusion not confirmed. Impression: "
                                      "Cardiomegaly.")
         page.uncheck("#signoff-findings input[value='Pleural Effusion']")
@@ -133,6 +146,10 @@ def test_log_in_view_ask_and_sign_off(served):
         browser.close()
     with running.sessions() as session:
         [signed] = session.scalars(select(SignOff)).all()
+        asked = [[e.question for e in c.exchanges] for c in session.scalars(select(Conversation)
+                                                                                .order_by(Conversation.id))]
+    assert asked == [["Is there a pleural effusion?", "Where is it?", "Is there a pneumothorax?"],
+                     ["Is the heart enlarged?"]]
     assert (signed.user_name, signed.findings, signed.edited) == ("dr.house", ["Cardiomegaly"], True)
     assert signed.report.startswith("Findings: Cardiomegaly. Small left effusion")
     assert sorted(p.name for p in SHOTS.glob("*.png")) == [

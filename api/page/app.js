@@ -13,7 +13,11 @@ const state = { token: sessionStorage.getItem("radvlm-token"), study: null, resu
   base: null, zoom: 1, shown: new Set(), answerBoxes: [], conversation: null, agreement: [] };
 
 class ApiError extends Error {
-  constructor(status, problem) { super(problem.detail || problem.title || `HTTP ${status}`); this.status = status; }
+  constructor(status, problem) {
+    super(problem.detail || problem.title || `HTTP ${status}`);
+    this.status = status;
+    this.title = problem.title;
+  }
 }
 
 async function api(path, options = {}) {
@@ -118,6 +122,11 @@ async function openStudy(uid) {
     return;
   }
   $("report").textContent = state.result.report.text;
+  try {
+    await resumeConversation(uid);
+  } catch (error) {
+    $("chat-error").textContent = `Earlier questions not shown: ${error.message}`;
+  }
   let picture;
   try {
     picture = await (await api(`/studies/${encodeURIComponent(uid)}/image.png?boxes=false&sop=${
@@ -252,13 +261,16 @@ function windowDrag() {
 }
 
 // --- chat --------------------------------------------------------------------------------------
-async function ask(question) {
-  const uid = encodeURIComponent(state.study.study_instance_uid);
-  if (!state.conversation) {
-    const response = await api(`/studies/${uid}/conversations`, { method: "POST",
-      json: { sop_instance_uid: state.result.sop_instance_uid } });
-    state.conversation = await response.json();
-  }
+// Your newest conversation about this image: its questions show again, and the next one continues it.
+async function resumeConversation(uid) {
+  const mine = await (await api(`/studies/${encodeURIComponent(uid)}/conversations`)).json();
+  const latest = mine.filter((c) => c.sop_instance_uid === state.result.sop_instance_uid).pop();
+  if (!latest) return;
+  state.conversation = latest;
+  for (const exchange of latest.exchanges) addTurn(exchange.question, exchange.answer ?? exchange.error ?? "");
+}
+
+function addTurn(question, answered) {
   const turn = document.createElement("div");
   turn.className = "turn";
   const asked = document.createElement("div");
@@ -266,10 +278,35 @@ async function ask(question) {
   asked.textContent = question;
   const answer = document.createElement("div");
   answer.className = "answer";
+  if (answered !== undefined) {
+    answer.textContent = answered;
+    answer.dataset.done = "true";
+  }
   turn.append(asked, answer);
   $("answers").append(turn);
-  const response = await api(`/studies/${uid}/conversations/${state.conversation.id}/questions/stream`,
+  return answer;
+}
+
+async function newConversation(uid) {
+  const response = await api(`/studies/${uid}/conversations`, { method: "POST",
+    json: { sop_instance_uid: state.result.sop_instance_uid } });
+  return response.json();
+}
+
+async function ask(question) {
+  const uid = encodeURIComponent(state.study.study_instance_uid);
+  if (!state.conversation) state.conversation = await newConversation(uid);
+  const answer = addTurn(question);
+  const stream = () => api(`/studies/${uid}/conversations/${state.conversation.id}/questions/stream`,
     { method: "POST", json: { text: question }, headers: { Accept: "text/event-stream" } });
+  let response;
+  try {
+    response = await stream();
+  } catch (error) {  // a resumed conversation that has all its rounds: the question starts a new one
+    if (error.status !== 409 || error.title !== "conversation full") throw error;
+    state.conversation = await newConversation(uid);
+    response = await stream();
+  }
   for await (const event of serverSentEvents(response)) {
     if (event.event === "token") {
       answer.textContent += event.data.text;
