@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from urllib.parse import parse_qs, urlparse
 
+import pydicom
 import pytest
 from playwright.sync_api import Page, sync_playwright
 from sqlalchemy import select
@@ -16,10 +18,11 @@ from sqlalchemy import select
 from api.askers import LocalAsker
 from api.main import create_app
 from records.settings import DeliverySettings
-from records.tables import Conversation, SignOff
-from tests.conftest import RG1_STUDY, serving, worker_context
+from records.tables import Conversation, SignOff, Study, StudyState
+from tests.conftest import RG1_STUDY, radiograph, rg1_copy, serving, storescu, wait_for, worker_context
 from tests.test_chat import TOKENS, settings_for
 from worker.backends.scripted import ScriptedBackend
+from worker.dispatch import InProcessRunner
 from worker.model_thread import ModelThread
 
 CHROMIUM = "/usr/bin/chromium"
@@ -154,3 +157,48 @@ def test_log_in_view_ask_and_sign_off(served):
     assert signed.report.startswith("Findings: Cardiomegaly. Small left effusion")
     assert sorted(p.name for p in SHOTS.glob("*.png")) == [
         "1-studies.png", "2-study-with-boxes.png", "3-answer-streaming.png", "4-answer-boxes.png", "5-signed-off.png"]
+
+
+def test_a_study_with_two_frontal_images_shows_each_with_its_own_draft_and_chat(sqlite_url, start_node, tmp_path):
+    holder: dict[str, InProcessRunner] = {}
+    node = start_node(sqlite_url, on_ready=lambda s, v: holder["runner"](s, v))
+    portable = rg1_copy(tmp_path, "ap.dcm", ViewPosition="AP")  # the same study, a second frontal image
+    second = str(pydicom.dcmread(portable, stop_before_pixels=True).SOPInstanceUID)
+    with ModelThread() as thread:
+        runner = holder["runner"] = InProcessRunner(worker_context(node, ScriptedBackend()), thread)
+        runner.start()
+        assert storescu(node.port, radiograph("RG1_UNCI.dcm"), portable).returncode == 0
+
+        def state() -> StudyState | None:
+            with node.sessions() as session:
+                return session.scalar(select(Study.state))
+
+        wait_for(lambda: state() is StudyState.analysed, 30)
+        asker = LocalAsker(worker_context(node, ScriptedBackend()), thread)
+        with serving(create_app(settings_for(node), asker)) as base, sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=FLAGS)
+            page = browser.new_page(viewport={"width": 1400, "height": 950}, bypass_csp=True)
+            pictures: list[str] = []
+            page.on("request", lambda request: pictures.append(parse_qs(urlparse(request.url).query)["sop"][0])
+                    if "/image.png" in request.url else None)
+            page.goto(base)
+            page.fill("#token", TOKENS["dr.house"])
+            page.click("#login")
+            page.click(f"tr[data-uid='{RG1_STUDY}']")
+            page.wait_for_selector("#image[width='1841']")
+            assert page.locator("#image-choice button").all_inner_texts() == ["Image 1", "Image 2"]
+            assert page.get_attribute("#image-choice button:nth-child(2)", "title") == (
+                "frontal chest: ViewPosition AP")
+            page.click("#image-choice button:nth-child(2)")
+            page.wait_for_selector("#image-choice button:nth-child(2)[aria-pressed='true']")
+            page.wait_for_function(f"document.querySelector('#image-choice button[aria-pressed=true]')"
+                                   f".dataset.sop === '{second}'")
+            page.fill("#question", "Is there a pleural effusion?")
+            page.click("#ask")
+            page.wait_for_selector(".turn:nth-child(1) .answer[data-done='true']")
+            browser.close()
+        runner.close()
+    assert pictures[-1] == second and len(set(pictures)) == 2  # each image fetched for itself
+    with node.sessions() as session:
+        [conversation] = session.scalars(select(Conversation)).all()
+    assert conversation.sop_instance_uid == second  # the question was about the image shown

@@ -108,17 +108,44 @@ function findingsCell(study) {
 async function openStudy(uid) {
   const detail = await (await api(`/studies/${encodeURIComponent(uid)}`)).json();
   state.study = detail;
-  state.result = detail.result ? detail.result.images[0] : null;
+  $("study-title").textContent = `${detail.patient_name || ""} ${detail.accession_number || ""} — ${detail.state}`;
+  show("study-panel");
+  const images = detail.result ? detail.result.images : [];
+  renderImageChoice(images);
+  renderSignOff();
+  await showImage(images[0] || null);
+}
+
+// A study with several analysed frontal images: one button each; each has its own draft and chat.
+function renderImageChoice(images) {
+  const choice = $("image-choice");
+  choice.replaceChildren();
+  if (images.length < 2) return;
+  images.forEach((image, index) => {
+    const button = document.createElement("button");
+    button.type = "button";
+    button.textContent = `Image ${index + 1}`;
+    button.dataset.sop = image.sop_instance_uid;
+    const instance = state.study.instances.find((i) => i.sop_instance_uid === image.sop_instance_uid);
+    button.title = instance ? instance.reason || "" : "";
+    button.addEventListener("click", () => showImage(image));
+    choice.append(button);
+  });
+}
+
+async function showImage(image) {
+  const uid = state.study.study_instance_uid;
+  state.result = image;
   state.answerBoxes = [];
   state.conversation = null;
   $("answers").replaceChildren();
   $("chat-error").textContent = "";
-  $("study-title").textContent = `${detail.patient_name || ""} ${detail.accession_number || ""} — ${detail.state}`;
-  show("study-panel");
+  for (const button of $("image-choice").children) {
+    button.setAttribute("aria-pressed", String(Boolean(image) && button.dataset.sop === image.sop_instance_uid));
+  }
   renderFindings();
-  renderSignOff();
   if (!state.result) {
-    $("report").textContent = detail.reason || `This study is ${detail.state}: no draft yet.`;
+    $("report").textContent = state.study.reason || `This study is ${state.study.state}: no draft yet.`;
     return;
   }
   $("report").textContent = state.result.report.text;
@@ -343,12 +370,15 @@ async function* serverSentEvents(response) {
 }
 
 // --- sign-off ----------------------------------------------------------------------------------
+// The form starts from the first image's draft, whichever image is shown: the sign-off is the study's, and
+// the agreement figures count the first image's findings as drafted.
 function renderSignOff() {
   const box = $("signoff-findings");
   box.querySelectorAll("label").forEach((label) => label.remove());
   const signed = state.study.sign_off;
+  const first = state.study.result ? state.study.result.images[0] : null;
   const labels = signed ? new Set(signed.findings) : new Set(
-    state.result ? Object.entries(state.result.labels).filter(([l, on]) => on && l !== "No Finding").map(([l]) => l) : []);
+    first ? Object.entries(first.labels).filter(([l, on]) => on && l !== "No Finding").map(([l]) => l) : []);
   for (const label of LABELS) {
     const wrapper = document.createElement("label");
     const input = document.createElement("input");
@@ -358,8 +388,8 @@ function renderSignOff() {
     wrapper.append(input, document.createTextNode(` ${label}`));
     box.append(wrapper);
   }
-  $("signoff-report").value = signed ? signed.report : (state.result ? state.result.report.text : "");
-  $("signoff-submit").disabled = Boolean(signed) || !state.result;
+  $("signoff-report").value = signed ? signed.report : (first ? first.report.text : "");
+  $("signoff-submit").disabled = Boolean(signed) || !first;
   $("signoff-status").textContent = signed
     ? `Signed off by ${signed.user_name} at ${new Date(signed.signed_at).toLocaleString()}.` : "";
 }
