@@ -326,7 +326,7 @@ class DeliverySettings(Section):
 
     urgent_findings: list[Finding] = Field(default_factory=lambda: ["Pneumothorax"],
                                            description="CheXpert labels flagged critical (AA) in the HL7 and FHIR "
-                                                       "results when present")
+                                                       "results when present, and urgent in the worklist")
 
     deliver_for_s: float = Field(default=7 * 24 * 3600, gt=0)
     retry_backoff_s: float = Field(default=5, gt=0)
