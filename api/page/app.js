@@ -149,20 +149,24 @@ async function showImage(image) {
     return;
   }
   $("report").textContent = state.result.report.text;
+  const current = () => state.result === image;  // another image chosen meanwhile: leave the page to it
   try {
-    await resumeConversation(uid);
+    const earlier = await latestConversation(uid, image);
+    if (!current()) return;
+    resumeConversation(earlier);
   } catch (error) {
     $("chat-error").textContent = `Earlier questions not shown: ${error.message}`;
   }
   let picture;
   try {
     picture = await (await api(`/studies/${encodeURIComponent(uid)}/image.png?boxes=false&sop=${
-      encodeURIComponent(state.result.sop_instance_uid)}`)).blob();
+      encodeURIComponent(image.sop_instance_uid)}`)).blob();
   } catch (error) {  // e.g. 410: the images were removed after node.keep_images_days
-    $("chat-error").textContent = error.message;
+    if (current()) $("chat-error").textContent = error.message;
     return;
   }
   const bitmap = await createImageBitmap(picture);
+  if (!current()) return;
   const canvas = $("image");
   canvas.width = bitmap.width;
   canvas.height = bitmap.height;
@@ -289,12 +293,15 @@ function windowDrag() {
 
 // --- chat --------------------------------------------------------------------------------------
 // Your newest conversation about this image: its questions show again, and the next one continues it.
-async function resumeConversation(uid) {
+async function latestConversation(uid, image) {
   const mine = await (await api(`/studies/${encodeURIComponent(uid)}/conversations`)).json();
-  const latest = mine.filter((c) => c.sop_instance_uid === state.result.sop_instance_uid).pop();
-  if (!latest) return;
-  state.conversation = latest;
-  for (const exchange of latest.exchanges) addTurn(exchange.question, exchange.answer ?? exchange.error ?? "");
+  return mine.filter((c) => c.sop_instance_uid === image.sop_instance_uid).pop() || null;
+}
+
+function resumeConversation(conversation) {
+  if (!conversation) return;
+  state.conversation = conversation;
+  for (const exchange of conversation.exchanges) addTurn(exchange.question, exchange.answer ?? exchange.error ?? "");
 }
 
 function addTurn(question, answered) {
