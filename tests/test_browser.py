@@ -146,6 +146,21 @@ def test_log_in_view_ask_and_sign_off(served):
                                                                   "Pleural Effusion kept 0 of 1 here"]
         assert pixel(page, x, y) == FINDING_RED  # the boxes are drawn again with the list
         page.screenshot(path=SHOTS / "5-signed-off.png")
+        assert page.is_hidden("#show-audit")  # a radiologist has no audit log
+
+        admin = browser.new_page(viewport={"width": 1400, "height": 950})  # the privacy officer: who did what
+        admin.goto(base)
+        admin.fill("#token", TOKENS["it.admin"])
+        admin.click("#login")
+        admin.click("#show-audit")
+        admin.wait_for_selector("#audit tbody tr")
+        admin.fill("#audit-user", "dr.house")
+        admin.fill("#audit-action", "sign_off")
+        admin.click("#audit-filters button[type=submit]")
+        admin.wait_for_selector("#audit tbody tr:only-child td:nth-child(4):has-text('sign_off')")
+        cells = admin.locator("#audit tbody tr td").all_inner_texts()
+        assert cells[1:7] == ["dr.house", "radiologist", "sign_off", "110103 C", RG1_STUDY, "success"]
+        admin.screenshot(path=SHOTS / "6-audit-log.png")
         browser.close()
     with running.sessions() as session:
         [signed] = session.scalars(select(SignOff)).all()
@@ -156,7 +171,8 @@ def test_log_in_view_ask_and_sign_off(served):
     assert (signed.user_name, signed.findings, signed.edited) == ("dr.house", ["Cardiomegaly"], True)
     assert signed.report.startswith("Findings: Cardiomegaly. Small left effusion")
     assert sorted(p.name for p in SHOTS.glob("*.png")) == [
-        "1-studies.png", "2-study-with-boxes.png", "3-answer-streaming.png", "4-answer-boxes.png", "5-signed-off.png"]
+        "1-studies.png", "2-study-with-boxes.png", "3-answer-streaming.png", "4-answer-boxes.png", "5-signed-off.png",
+        "6-audit-log.png"]
 
 
 def test_a_study_with_two_frontal_images_shows_each_with_its_own_draft_and_chat(sqlite_url, start_node, tmp_path):

@@ -37,7 +37,7 @@ async function api(path, options = {}) {
 }
 
 function show(panel) {
-  for (const id of ["login-panel", "list-panel", "study-panel"]) { $(id).hidden = id !== panel; }
+  for (const id of ["login-panel", "list-panel", "study-panel", "audit-panel"]) { $(id).hidden = id !== panel; }
 }
 
 // --- log in ------------------------------------------------------------------------------------
@@ -48,6 +48,7 @@ async function login(token) {
     sessionStorage.setItem("radvlm-token", token);
     $("who").textContent = `${me.name} (${me.role})`;
     $("logout").hidden = false;
+    $("show-studies").hidden = $("show-audit").hidden = me.role !== "admin";
     await loadAgreement();
     await listStudies();
   } catch (error) {
@@ -61,7 +62,7 @@ function logout() {
   sessionStorage.removeItem("radvlm-token");
   state.token = null;
   $("who").textContent = "";
-  $("logout").hidden = true;
+  $("logout").hidden = $("show-studies").hidden = $("show-audit").hidden = true;
   show("login-panel");
 }
 
@@ -102,6 +103,38 @@ function findingsCell(study) {
     cell.append(name);
   });
   return cell;
+}
+
+// --- audit log (admins) --------------------------------------------------------------------------
+const OUTCOMES = { 0: "success", 4: "minor failure", 8: "serious failure", 12: "major failure" };
+
+async function showAudit() {
+  const query = new URLSearchParams({ limit: "200" });
+  for (const [id, key] of [["audit-user", "user_name"], ["audit-study", "study"], ["audit-action", "action"]]) {
+    if ($(id).value.trim()) query.set(key, $(id).value.trim());
+  }
+  $("audit-error").textContent = "";
+  const body = $("audit").querySelector("tbody");
+  body.replaceChildren();
+  show("audit-panel");
+  let events;
+  try {
+    events = await (await api(`/audit?${query}`)).json();
+  } catch (error) {
+    $("audit-error").textContent = error.message;
+    return;
+  }
+  for (const event of events) {
+    const row = document.createElement("tr");
+    for (const value of [new Date(event.at).toLocaleString(), event.user_name, event.role, event.action,
+      `${event.event_id} ${event.event_action_code}`, event.study_instance_uid, OUTCOMES[event.outcome] ?? event.outcome,
+      event.detail, event.client]) {
+      const cell = document.createElement("td");
+      cell.textContent = value ?? "";
+      row.append(cell);
+    }
+    body.append(row);
+  }
 }
 
 // --- viewer ------------------------------------------------------------------------------------
@@ -427,6 +460,9 @@ async function signOff() {
 // --- wiring ------------------------------------------------------------------------------------
 $("login-form").addEventListener("submit", (event) => { event.preventDefault(); login($("token").value); });
 $("logout").addEventListener("click", logout);
+$("show-studies").addEventListener("click", listStudies);
+$("show-audit").addEventListener("click", showAudit);
+$("audit-filters").addEventListener("submit", (event) => { event.preventDefault(); showAudit(); });
 $("filters").addEventListener("submit", (event) => { event.preventDefault(); listStudies(); });
 $("back").addEventListener("click", listStudies);
 $("window").addEventListener("input", draw);
