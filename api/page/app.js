@@ -49,7 +49,7 @@ async function login(token) {
     $("who").textContent = `${me.name} (${me.role})`;
     $("logout").hidden = false;
     $("show-studies").hidden = $("show-audit").hidden = me.role !== "admin";
-    await loadAgreement();
+    await loadAgreement().catch(() => { state.agreement = []; });  // the figures beside findings are extras
     await listStudies();
   } catch (error) {
     state.token = null;
