@@ -7,6 +7,7 @@ Screenshots of each step are saved to test-artifacts/browser/ (or $RADVLM_SCREEN
 from __future__ import annotations
 
 import os
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from urllib.parse import parse_qs, urlparse
 
@@ -190,6 +191,11 @@ def test_a_study_with_two_frontal_images_shows_each_with_its_own_draft_and_chat(
                 return session.scalar(select(Study.state))
 
         wait_for(lambda: state() is StudyState.analysed, 30)
+        with node.sessions() as session, session.begin():  # thirty older studies: the worklist takes pages
+            long_ago = datetime(2020, 1, 1, tzinfo=timezone.utc)
+            session.add_all(Study(study_instance_uid=f"1.2.826.0.1.3680043.10.{n}", state=StudyState.nothing_to_analyse,
+                                  first_received_at=long_ago, last_received_at=long_ago + timedelta(minutes=n))
+                            for n in range(30))
         asker = LocalAsker(worker_context(node, ScriptedBackend()), thread)
         with serving(create_app(settings_for(node), asker)) as base, sync_playwright() as playwright:
             browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=FLAGS)
@@ -200,7 +206,16 @@ def test_a_study_with_two_frontal_images_shows_each_with_its_own_draft_and_chat(
             page.goto(base)
             page.fill("#token", TOKENS["dr.house"])
             page.click("#login")
-            page.click(f"tr[data-uid='{RG1_STUDY}']")
+            page.wait_for_selector("#shown:has-text('1–31 of 31')")
+            assert page.is_disabled("#newer") and page.is_disabled("#older")
+            page.select_option("#page-size", "25")
+            page.wait_for_selector("#shown:has-text('1–25 of 31')")
+            page.click("#older")
+            page.wait_for_selector("#shown:has-text('26–31 of 31')")
+            assert page.locator("#studies tbody tr").count() == 6 and page.is_disabled("#older")
+            page.click("#newer")
+            page.wait_for_selector("#shown:has-text('1–25 of 31')")
+            page.click(f"tr[data-uid='{RG1_STUDY}']")  # the newest, on the first page
             page.wait_for_selector("#image[width='1841']")
             assert page.locator("#image-choice button").all_inner_texts() == ["Image 1", "Image 2"]
             assert page.get_attribute("#image-choice button:nth-child(2)", "title") == (

@@ -10,7 +10,7 @@ const ANSWER_COLOUR = "#00e5ff";
 
 const $ = (id) => document.getElementById(id);
 const state = { token: sessionStorage.getItem("radvlm-token"), study: null, result: null, image: null,
-  base: null, zoom: 1, shown: new Set(), answerBoxes: [], conversation: null, agreement: [] };
+  base: null, zoom: 1, shown: new Set(), answerBoxes: [], conversation: null, agreement: [], offset: 0 };
 
 class ApiError extends Error {
   constructor(status, problem) {
@@ -74,7 +74,14 @@ async function listStudies() {
   if ($("filter-patient").value) query.set("patient_id", $("filter-patient").value);
   if ($("filter-accession").value) query.set("accession", $("filter-accession").value);
   if ($("filter-urgent").checked) query.set("urgent_first", "true");
+  const size = Number($("page-size").value);
+  query.set("limit", String(size));
+  query.set("offset", String(state.offset));
   const studies = await (await api(`/studies?${query}`)).json();
+  $("shown").textContent = studies.count
+    ? `${state.offset + 1}–${state.offset + studies.data.length} of ${studies.count}` : "no studies";
+  $("newer").disabled = state.offset === 0;
+  $("older").disabled = state.offset + studies.data.length >= studies.count;
   const body = $("studies").querySelector("tbody");
   body.replaceChildren();
   for (const study of studies.data) {
@@ -463,7 +470,13 @@ $("logout").addEventListener("click", logout);
 $("show-studies").addEventListener("click", listStudies);
 $("show-audit").addEventListener("click", showAudit);
 $("audit-filters").addEventListener("submit", (event) => { event.preventDefault(); showAudit(); });
-$("filters").addEventListener("submit", (event) => { event.preventDefault(); listStudies(); });
+$("filters").addEventListener("submit", (event) => { event.preventDefault(); state.offset = 0; listStudies(); });
+$("page-size").addEventListener("change", () => { state.offset = 0; listStudies(); });
+$("newer").addEventListener("click", () => {
+  state.offset = Math.max(0, state.offset - Number($("page-size").value));
+  listStudies();
+});
+$("older").addEventListener("click", () => { state.offset += Number($("page-size").value); listStudies(); });
 $("back").addEventListener("click", listStudies);
 $("window").addEventListener("input", draw);
 $("level").addEventListener("input", draw);
