@@ -77,16 +77,17 @@ def sign_off(sessions: sessionmaker[Session], store: InstanceStore, study_uid: s
     if not signed.report.strip():
         raise SignOffRefused(422, "empty report", "the signed report has no text")
     try:
-        items, draft = _sign_off(sessions, store, study_uid, user_name, verifier, signed, outputs, clock)
+        items, drafted, edited = _sign_off(sessions, store, study_uid, user_name, verifier, signed, outputs, clock)
     except IntegrityError as exc:  # a second radiologist signed the same draft at the same moment
         raise SignOffRefused(409, "already signed off", "another sign-off of this draft was just stored") from exc
-    count_sign_off(drafted_findings(draft), signed.findings, is_edited(draft, signed))
+    count_sign_off(drafted, signed.findings, edited)  # once stored: a refused sign-off counts nowhere
     return items
 
 
 def _sign_off(sessions: sessionmaker[Session], store: InstanceStore, study_uid: str, user_name: str,
               verifier: Verifier, signed: Signed, outputs: Outputs,
-              clock: Callable[[], datetime]) -> tuple[list[int], StudyResult]:
+              clock: Callable[[], datetime]) -> tuple[list[int], frozenset[str], bool]:
+    """The new outbox items, the findings the draft named and whether the radiologist changed it."""
     with sessions() as session, session.begin():
         study = session.scalar(select(Study).where(Study.study_instance_uid == study_uid).with_for_update())
         if study is None:
@@ -128,11 +129,11 @@ def _sign_off(sessions: sessionmaker[Session], store: InstanceStore, study_uid: 
                                        interpreter=verifier.observer_name))
         items = enqueue(session, job, objects, outputs.destinations, outputs.policy, now)
         keep(session, job, objects, outputs.kept, now)
+        drafted, edited = drafted_findings(draft), is_edited(draft, signed)
         session.add(SignOff(study_id=study.id, job_id=job.id, user_name=user_name,
                             observer_name=verifier.observer_name, report=signed.report,
-                            findings=sorted(signed.findings), drafted=sorted(drafted_findings(draft)),
-                            edited=is_edited(draft, signed),
+                            findings=sorted(signed.findings), drafted=sorted(drafted), edited=edited,
                             sr_uid=objects[0].sop_instance_uid, signed_at=now))
         study.state, study.state_reason = StudyState.signed_off, f"signed off by {user_name}"
         study.findings = [label for label in CHEXPERT_LABELS if label in signed.findings]
-        return [item.id for item in items], draft
+        return [item.id for item in items], drafted, edited

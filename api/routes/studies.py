@@ -66,10 +66,10 @@ def list_studies(
     audit("list_studies", detail="; ".join(f"{k}={v}" for k, v in dict(
         state=state and state.value, accession=accession, patient_id=patient_id, patient_name=patient_name,
         date_from=date_from, date_to=date_to, finding=finding, urgent_first=urgent_first).items() if v) or None)
-    if finding is not None and (finding not in CHEXPERT_LABELS or finding == "No Finding"):
-        raise Problem(422, "unknown finding", f"not a CheXpert finding label: {finding}")
     query = visible(select(Study), user)
     if finding is not None:
+        if finding not in CHEXPERT_LABELS or finding == "No Finding":
+            raise Problem(422, "unknown finding", f"not a CheXpert finding label: {finding}")
         query = query.where(_names(finding))
     if state is not None:
         query = query.where(Study.state == state)

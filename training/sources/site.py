@@ -80,10 +80,11 @@ def export(sessions: sessionmaker[Session], store: InstanceStore, out: Path, *, 
     (out / "images").mkdir(parents=True, exist_ok=True)
     removed = burned = 0
     with sessions() as session:
-        signed = session.execute(select(SignOff, Job).join(Job, SignOff.job_id == Job.id)
+        signed = session.execute(select(SignOff, Job, Study.study_instance_uid)
+                                 .join(Job, SignOff.job_id == Job.id).join(Study, SignOff.study_id == Study.id)
                                  .order_by(SignOff.id)).all()
         exported: list[str] = []
-        for sign_off, job in signed:
+        for sign_off, job, study_uid in signed:
             sop = job.result.payload["images"][0]["sop_instance_uid"]
             instance = session.scalars(select(Instance).where(Instance.sop_instance_uid == sop)).one()
             image = f"images/{instance.id}.png"
@@ -103,7 +104,7 @@ def export(sessions: sessionmaker[Session], store: InstanceStore, out: Path, *, 
             kept[image] = {"image": image, "study": str(sign_off.study_id), "edited": str(sign_off.edited).lower(),
                            "findings": "|".join(sorted(sign_off.findings)),
                            "report": scrub(sign_off.report, identifiers)}
-            exported.append(session.get_one(Study, sign_off.study_id).study_instance_uid)
+            exported.append(study_uid)
         partial = out / f"{TABLE}.part"
         with partial.open("w", newline="", encoding="utf-8") as handle:
             writer = csv.DictWriter(handle, COLUMNS)
