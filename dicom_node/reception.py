@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import zlib
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import Executor, Future, wait
@@ -23,6 +24,7 @@ from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.catalog import Arrival, record_arrival
+from dicom_node.pixels import DEFAULT_MAX_MEGAPIXELS, one_line
 from dicom_node.storage import InstanceStore, valid_uid
 from records.audit import Outcome, record
 from records.db import error_summary
@@ -48,6 +50,8 @@ REJECTION_REASONS = {OUT_OF_RESOURCES: "out_of_resources", CANNOT_STORE: "cannot
 PIXEL_DATA = 0x7FE00010
 UNDEFINED_LENGTH = 0xFFFFFFFF
 DEFER_BYTES = 64 * 1024  # values larger than this are not read into memory by the handler
+# A deflated dataset is inflated in memory to be read: at most the largest image selection accepts, and a header
+MAX_INFLATED_BYTES = int(DEFAULT_MAX_MEGAPIXELS * 2e6) + (64 << 20)
 
 
 
@@ -114,6 +118,7 @@ class Receiver:
     reserve_bytes: int
     clock: Callable[[], datetime]
     syncer: Executor  # runs InstanceStore.sync beside the database transaction
+    max_inflated_bytes: int = MAX_INFLATED_BYTES
 
     def audit(self, action: str, calling_ae: str, address: str,
               events: list[tuple[str | None, str, Outcome]]) -> None:
@@ -146,10 +151,28 @@ def encoding_problem(path: Path, syntax: UID) -> str | None:
     return f"not encoded as the negotiated {syntax.name}"
 
 
+def inflated_problem(path: Path, limit_bytes: int) -> str | None:
+    """Why a deflated file cannot be read: it inflates past ``limit_bytes`` (a few kilobytes of zeros can
+    claim gigabytes), or its stream is broken. Inflated in pieces and counted, never held whole."""
+    start = 128 + 4 + 12 + int(read_file_meta_info(path).FileMetaInformationGroupLength)
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    total = 0
+    with path.open("rb") as fh:
+        fh.seek(start)
+        while chunk := fh.read(1 << 20):
+            while chunk:
+                total += len(inflater.decompress(chunk, 1 << 22))
+                if total > limit_bytes:
+                    return f"deflated data inflates to more than {limit_bytes >> 20} MiB"
+                chunk = inflater.unconsumed_tail
+    return None if inflater.eof else "deflated data stream is cut short"
+
+
 def pixel_data_problem(ds: Dataset, file_size: int) -> str | None:
     """Why the pixel data of ``ds`` is unusable as received, or None when it is complete.
 
-    ``ds`` is read with large values deferred: their length is checked against the file's size.
+    ``ds`` is read with large values deferred: their length is checked against the file's size. A
+    deflated file is read whole (pydicom inflates it in memory), so its values' own lengths count.
     """
     if "PixelData" not in ds:
         return "no pixel data (absent, or encapsulated data cut short)"
@@ -243,12 +266,19 @@ def receive(receiver: Receiver, incoming: Path, syntax: UID, caller: Caller,
     ds = None
     try:
         problem = encoding_problem(incoming, syntax)
+        if problem is None and syntax.is_deflated:
+            problem = inflated_problem(incoming, receiver.max_inflated_bytes)
+            if problem and "more than" in problem:
+                log.error("refused %s from %s: %s", sop_uid, peer, problem)
+                return refuse(OUT_OF_RESOURCES, problem)
         if problem is None:
-            ds = dcmread(incoming, defer_size=DEFER_BYTES)
+            # pydicom inflates a deflated file in memory and cannot leave values in it: none is deferred
+            ds = dcmread(incoming, defer_size=None if syntax.is_deflated else DEFER_BYTES)
             problem = header_problem(ds)
     except Exception as exc:  # any parse failure: the bytes are not a dataset we can read
         problem = f"{type(exc).__name__}: {exc}"
     if problem or ds is None:
+        problem = one_line(problem or "unreadable")
         log.error("refused %s from %s: cannot decode the dataset: %s", sop_uid, peer, problem)
         return refuse(UNDECODABLE, f"cannot decode dataset: {problem}")
     try:

@@ -60,14 +60,28 @@ def _view_code(ds: Dataset) -> str | None:
     return str(item.get("CodeValue") or item.get("LongCodeValue") or "") or None
 
 
-def select(ds: Dataset) -> Selection:
-    """Decide whether ``ds`` (a header; pixel data not needed) is a frontal chest radiograph."""
+def select(ds: Dataset, *, for_processing: bool = False) -> Selection:
+    """Decide whether ``ds`` (a header; pixel data not needed) is a frontal chest radiograph.
+
+    ``for_processing``: analyse "For Processing" images too (raw detector data, which RadVLM never
+    saw and no one reads); off by default (``node.analyse_for_processing``).
+    """
     modality = str(ds.get("Modality", "") or "").upper()
     if modality not in XRAY_MODALITIES:
         return Selection(False, f"not an X-ray: Modality {modality or 'missing'}")
     sop_class = str(ds.get("SOPClassUID", ""))
     if sop_class not in CHEST_SOP_CLASSES:
         return Selection(False, f"not a chest X-ray: SOP class {sop_class} (mammography or intra-oral)")
+
+    intent = str(ds.get("PresentationIntentType", "") or "").upper().strip()
+    if not for_processing and (sop_class == DigitalXRayImageStorageForProcessing or intent == "FOR PROCESSING"):
+        return Selection(False, "for processing: raw detector data, not for reading (node.analyse_for_processing)")
+    raw_type = ds.get("ImageType") or []
+    image_type = [str(v).upper() for v in ([raw_type] if isinstance(raw_type, str) else raw_type)]
+    if len(image_type) > 1 and image_type[1] == "SECONDARY":
+        joined = "\\".join(image_type)
+        return Selection(False, f"secondary image: ImageType {joined} (made from another image "
+                                "after the acquisition: a copy, reprocessing or annotation)")
 
     body_part = str(ds.get("BodyPartExamined", "") or "").upper().strip()
     descriptions = _text(ds, "SeriesDescription", "ProtocolName", "StudyDescription")

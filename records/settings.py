@@ -94,6 +94,12 @@ class NodeSettings(Section):
     fsync: bool = Field(default=True, description="fsync each stored file before answering success")
     stable_age_s: float = Field(default=10.0, gt=0, description="quiet time after which a study is complete")
     completion_poll_s: float = Field(default=1.0, gt=0)
+    max_image_megapixels: float = Field(
+        default=100.0, gt=0, description="an image larger than this (Rows x Columns x frames, at 16 bits) is skipped "
+                                         "with the reason before anything is decoded")
+    analyse_for_processing: bool = Field(
+        default=False, description="also analyse 'For Processing' images (raw detector data, which RadVLM never "
+                                   "saw); by default they are skipped with the reason 'for processing'")
     keep_images_days: float = Field(
         default=30, ge=0, description="a finished study's received files are removed once it has been quiet this "
                                       "long (the PACS keeps the images; results and history stay); 0: kept")

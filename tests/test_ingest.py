@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE, _config
 from pynetdicom.association import Association
 from pynetdicom.dsutils import encode
@@ -253,10 +253,10 @@ def _cr_file(path: Path, dataset_bytes: bytes, sop_uid: str) -> Path:
     return path
 
 
-def _send_raw(port: int, path: Path) -> int:
+def _send_raw(port: int, path: Path, syntax: str = ExplicitVRLittleEndian) -> int:
     """Send the file's dataset bytes as they are, undecoded (pynetdicom's chunked send)."""
     ae = AE(ae_title="SCU")
-    ae.add_requested_context(ComputedRadiographyImageStorage, ExplicitVRLittleEndian)
+    ae.add_requested_context(ComputedRadiographyImageStorage, syntax)
     assoc = ae.associate("127.0.0.1", port, ae_title="RADVLM")
     assert assoc.is_established
     previous = _config.STORE_SEND_CHUNKED_DATASET
@@ -473,3 +473,45 @@ spooled.close()
                             cwd=Path(__file__).parents[1])
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "raised EFBIG"
+
+
+def test_deflated_chest_is_stored_and_decodes_like_uncompressed(sqlite_url, start_node, tmp_path):
+    """Deflated Explicit VR Little Endian, as DCMTK storescu -xd sends it: stored, selected, same pixels."""
+    running = start_node(sqlite_url)
+    ds = pydicom.dcmread(radiograph("RG1_UNCI.dcm"))
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid(entropy_srcs=["deflated RG1"])
+    ds.StudyInstanceUID = generate_uid(entropy_srcs=["deflated RG1 study"])
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    deflated = tmp_path / "deflated.dcm"
+    ds.save_as(deflated, enforce_file_format=True)
+    assert deflated.stat().st_size < len(ds.PixelData)  # the file is smaller than its inflated pixel data
+    result = storescu(running.port, deflated, extra=("-xd",))
+    assert result.returncode == 0 and "Status" not in result.stderr, result.stderr
+
+    study = _complete(running, ds.StudyInstanceUID)
+    assert study.state is StudyState.ready
+    [instance] = study.instances
+    assert instance.transfer_syntax_uid == DeflatedExplicitVRLittleEndian and instance.pixel_error is None
+    stored = read_model_image(running.store.path(instance.path))
+    assert np.array_equal(stored.pixels, read_model_image(radiograph("RG1_UNCI.dcm")).pixels)
+
+
+def test_a_deflated_file_that_inflates_past_the_limit_is_refused_unread(sqlite_url, start_node, tmp_path, caplog):
+    """A few hundred kilobytes of deflated zeros that would inflate to 288 MB: refused (A700) from a count of the
+    inflated bytes, never inflated whole."""
+    running = start_node(sqlite_url)
+    ds = pydicom.dcmread(radiograph("RG1_UNCI.dcm"), stop_before_pixels=True)
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid(entropy_srcs=["deflate bomb"])
+    ds.Rows, ds.Columns = 12000, 12000
+    ds.PixelData = bytes(ds.Rows * ds.Columns * 2)
+    ds["PixelData"].VR = "OW"
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    bomb = tmp_path / "bomb.dcm"
+    ds.save_as(bomb, enforce_file_format=True)
+    del ds
+    assert bomb.stat().st_size < 1 << 20
+    with caplog.at_level(logging.ERROR, logger="dicom_node.reception"):
+        assert _send_raw(running.port, bomb, DeflatedExplicitVRLittleEndian) == 0xA700
+    assert "inflates to more than" in caplog.text
+    with running.sessions() as session:
+        assert session.scalar(select(func.count(Instance.id))) == 0

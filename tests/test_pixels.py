@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import io
+import tracemalloc
+import warnings
+
 import numpy as np
 import pydicom
 import pytest
 from pydicom import Dataset
 from pydicom.dataset import FileMetaDataset
 from pydicom.encaps import encapsulate, generate_frames
-from pydicom.uid import ExplicitVRLittleEndian
+from pydicom.pixels import apply_voi_lut
+from pydicom.uid import ExplicitVRLittleEndian, RLELossless
 
 from dicom_node.pixels import PixelError, model_image, read_model_image
 from tests.conftest import radiograph
@@ -53,7 +58,7 @@ def test_rescale_is_applied_before_the_window():
     ds = _image(RAMP, RescaleSlope=2, RescaleIntercept=-1000, RescaleType="US",
                 WindowCenter=3080, WindowWidth=8160)
     img = model_image(ds)
-    assert "modality LUT" in img.steps
+    assert "modality LUT: rescale slope 2 intercept -1000" in img.steps
     assert img.pixels[0, 0] <= 1 and img.pixels[0, -1] >= 254
 
 
@@ -107,3 +112,86 @@ def test_corrupt_jpeg2000_is_a_pixel_error(tmp_path):
         read_model_image(path)
     with pytest.raises(PixelError, match="cannot read"):
         read_model_image(tmp_path / "missing.dcm")
+
+
+def _rg1_with_voi_lut(ow: bool) -> Dataset:
+    """RG1 (15 bits stored, MONOCHROME1) with its window replaced by a VOI LUT Sequence, as vendors' DX carry it:
+    a gamma-like curve over 1000..26999 (values outside clamp), LUT Data as US values or as OW bytes (both
+    allowed by PS3.3)."""
+    ds = pydicom.dcmread(radiograph("RG1_UNCI.dcm"))
+    for keyword in ("WindowCenter", "WindowWidth", "VOILUTFunction"):
+        ds.pop(keyword, None)
+    table = np.rint(4095 * (np.arange(26000) / 25999.0) ** 0.6).astype(np.uint16)
+    item = Dataset()
+    item.LUTDescriptor = [26000, 1000, 12]
+    item.LUTExplanation = "GAMMA"
+    item.LUTData = table.tobytes() if ow else table.tolist()
+    item["LUTData"].VR = "OW" if ow else "US"
+    ds.VOILUTSequence = [item]
+    return _round_trip(ds)
+
+
+def _round_trip(ds: Dataset) -> Dataset:
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return pydicom.dcmread(io.BytesIO(buffer.getvalue()))
+
+
+def test_a_voi_lut_is_applied_to_the_stored_integers_as_pydicom_does_whatever_its_vr():
+    us, ow = _rg1_with_voi_lut(ow=False), _rg1_with_voi_lut(ow=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # "Applying a VOI LUT on a float input array" before the fix
+        from_us, from_ow = model_image(us), model_image(ow)
+    assert "VOI LUT GAMMA" in from_us.steps
+    assert np.array_equal(from_us.pixels, from_ow.pixels)
+    # pydicom's own VOI LUT on the stored values, min-max over the LUT's range, MONOCHROME1 inverted
+    lut_out = apply_voi_lut(us.pixel_array, us, prefer_lut=True).astype(np.float64)
+    table = np.asarray(us.VOILUTSequence[0].LUTData, dtype=np.float64)
+    reference = np.rint(255 * (1 - (lut_out - table.min()) / (table.max() - table.min())))
+    assert np.abs(from_us.pixels.astype(int) - reference).max() <= 1
+
+
+def test_a_lut_that_cannot_be_read_is_one_bounded_line():
+    ds = _rg1_with_voi_lut(ow=True)
+    ds.VOILUTSequence[0].LUTData = bytes(range(256)) * 32  # 8 KB for 26,000 entries
+    with pytest.raises(PixelError) as raised:
+        model_image(ds)
+    message = str(raised.value)
+    assert "LUT Data holds 8192 bytes for 26000 entries" in message
+    assert len(message) <= 300 and "\n" not in message
+
+
+def test_a_huge_header_is_refused_before_anything_is_decoded():
+    """3 KB of RLE claiming 65535 x 65535: refused from the header, without allocating the claimed 8 GiB."""
+    ds = _image(RAMP)
+    ds.file_meta.TransferSyntaxUID = RLELossless
+    ds.Rows = ds.Columns = 65535
+    ds.PixelData = encapsulate([bytes(64) + bytes(3000)])
+    tracemalloc.start()
+    try:
+        with pytest.raises(PixelError, match=r"image too large: 65535 x 65535 .* above the limit of 100"):
+            model_image(ds)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 1 << 20
+    assert model_image(_image(RAMP), max_megapixels=0.002).rows == 4  # 1,024 pixels: within a small limit
+    with pytest.raises(PixelError, match="image too large"):
+        model_image(_image(RAMP), max_megapixels=0.0005)
+
+
+def test_pixel_padding_is_black_and_sets_no_range():
+    values = RAMP.copy()
+    values[:, :16] = 4095  # padding, brighter than any tissue
+    img = model_image(_image(values, PixelPaddingValue=4095))
+    assert (img.pixels[:, :16] == 0).all()
+    assert img.pixels[:, 16:].max() == 255 and img.pixels[:, 16].min() == 0  # the imaged range spans 0..255
+
+
+def test_only_the_first_frame_of_a_multi_frame_image_is_decoded():
+    frames = np.stack([RAMP, RAMP[:, ::-1]])
+    ds = _image(RAMP, NumberOfFrames=2)
+    ds.PixelData = frames.astype("<u2").tobytes()
+    img = model_image(ds)
+    assert img.pixels[0, 0] == 0 and img.pixels[0, -1] == 255
+    assert "first frame of a multi-frame image" in img.steps

@@ -179,7 +179,7 @@ def run_analysis(study_id: int, version: int, *, sessions: sessionmaker[Session]
     for sop_uid, series_uid, path in instances:
         try:
             ds = read_dataset(store.path(path))
-            image = model_image(ds)
+            image = model_image(ds, options.max_megapixels)
         except PixelError as exc:
             errors.append(f"{sop_uid}: {exc}")
             continue

@@ -62,7 +62,8 @@ def build_context(settings: Settings, backend: ModelBackend | None = None) -> Wo
         settings=settings,
         sessions=make_session_factory(make_engine(settings.effective_database_url)),
         store=InstanceStore(settings.effective_storage_dir, fsync=settings.node.fsync),
-        options=AnalysisOptions(max_new_tokens=settings.model.max_new_tokens, regions=tuple(settings.model.regions)),
+        options=AnalysisOptions(max_new_tokens=settings.model.max_new_tokens, regions=tuple(settings.model.regions),
+                                max_megapixels=settings.node.max_image_megapixels),
         outputs=Outputs.of(settings),
         _backend=backend,
     )

@@ -6,7 +6,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from dicom_node.pixels import ModelImage
+from dicom_node.pixels import DEFAULT_MAX_MEGAPIXELS, ModelImage
 from records.metrics import observe_generation
 from records.schema import Answer, Grounding, ImageResult
 from worker import prompts
@@ -19,6 +19,7 @@ from worker.prompts import Turn
 class AnalysisOptions:
     max_new_tokens: int = 1500
     regions: tuple[str, ...] = ()
+    max_megapixels: float = DEFAULT_MAX_MEGAPIXELS  # the node's limit: an image it let through is decoded here too
 
 
 def ask(backend: ModelBackend, image: ModelImage, questions: list[tuple[str, str]],

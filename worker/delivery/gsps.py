@@ -1,26 +1,44 @@
 """A Grayscale Softcopy Presentation State with a rectangle and a label per box.
 
 For viewers that ignore SR coordinates (Weasis, OsiriX and Orthanc Stone draw GSPS). One layer,
-PIXEL units, a closed 5-point POLYLINE per box, "AI: <label>" beside it; highdicom copies the
-image's VOI settings.
+PIXEL units, a closed 5-point POLYLINE per box, "AI: <label>" beside it; the image's VOI: its
+window, which highdicom copies, or its VOI LUT, given here (highdicom reads LUT Data only as OW
+bytes, and many images carry it as US values).
 """
 
 from __future__ import annotations
 
+import numpy as np
+from highdicom import VOILUT
 from highdicom.pr import (
     AnnotationUnitsValues,
     GraphicAnnotation,
     GraphicLayer,
     GraphicObject,
     GrayscaleSoftcopyPresentationState,
+    SoftcopyVOILUTTransformation,
     TextObject,
 )
 from pydicom import Dataset
 
+from dicom_node.pixels import little_endian, read_lut
 from records.schema import ImageResult
 from worker.delivery.equipment import DRAFT_NOTICE, MANUFACTURER, Device, Placement, closed_rectangle, stamp
 
 LAYER = GraphicLayer(layer_name="AI_FINDINGS", order=1, description=DRAFT_NOTICE)
+
+
+def voi_lut_transformations(image: Dataset) -> list[SoftcopyVOILUTTransformation] | None:
+    """The image's first VOI LUT as the state's VOI transformation; None when it has none (its window is
+    copied by highdicom)."""
+    if not image.get("VOILUTSequence"):
+        return None
+    item = image.VOILUTSequence[0]
+    first, table = read_lut(item, little_endian(image))
+    data = table.astype(np.uint8 if int(item.LUTDescriptor[2]) <= 8 else np.uint16)
+    explanation = str(item.get("LUTExplanation", "") or "") or None
+    return [SoftcopyVOILUTTransformation(voi_luts=[VOILUT(first_mapped_value=first, lut_data=data,
+                                                          lut_explanation=explanation)])]
 
 
 def presentation_state(image: Dataset, result: ImageResult, device: Device, place: Placement
@@ -47,6 +65,7 @@ def presentation_state(image: Dataset, result: ImageResult, device: Device, plac
         software_versions=device.software_version, device_serial_number=device.model_revision[:64],
         content_label="AI_CXR", content_description=DRAFT_NOTICE[:64],
         graphic_annotations=annotations, graphic_layers=[LAYER] if annotations else None,
+        voi_lut_transformations=voi_lut_transformations(image),
         institution_name=device.institution_name, content_creator_name="RadVLM^",
         contributing_equipment=[device.contributing_equipment(place.content_datetime)],
         series_description=f"RadVLM boxes - {DRAFT_NOTICE}"[:64],
