@@ -85,6 +85,9 @@ class SignOffResult(SignOffPublic):
 class StudyDetail(StudyPublic):
     instances: list[InstancePublic]
     result: dict[str, Any] | None  # records.schema.StudyResult of the newest finished job
+    problems: list[str] = Field(default_factory=list,
+                                description="that job's result objects (SR, GSPS, HL7, ...) that could not be built, "
+                                            "one line each with the reason; the others were delivered")
     deliveries: list[DeliveryPublic]
     sign_off: SignOffPublic | None
 

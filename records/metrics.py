@@ -40,6 +40,8 @@ SIGNED_FINDINGS = Counter("radvlm_signed_findings", "each CheXpert finding at ea
 IMAGES_REMOVED = Counter("radvlm_images_removed", "received files removed under node.keep_images_days")
 STUDIES_COMPLETED = Counter("radvlm_studies_completed", "study versions completed, by outcome", ["outcome"])
 
+OBJECTS_NOT_BUILT = Counter("radvlm_result_objects_not_built", "result objects (SR, GSPS, SC, HL7, FHIR) that could "
+                            "not be built, by kind: the study's other objects were delivered", ["kind"])
 ANALYSES = Counter("radvlm_analyses", "analysis attempts, by outcome", ["outcome"])  # done, retry, failed
 ANALYSIS_LATENCY = Histogram("radvlm_analysis_latency_seconds", "study complete to result stored (queue included)",
                              buckets=LATENCY_BUCKETS)

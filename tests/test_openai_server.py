@@ -1,22 +1,30 @@
 """The OpenAI-compatible backend against a real model server: ``transformers serve`` running the tiny
 checkpoint on CPU. Its greedy answers equal the in-process backend's, task by task, with the same
-prompt token counts; a server that is down makes a study wait, not fail."""
+prompt token counts; a server that is down makes a study wait, not fail. Against a recording endpoint:
+studies analysed at once each send their own image, never another's."""
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
 import sys
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pytest
+from fastapi import FastAPI, Request
+from fastapi.responses import StreamingResponse
 
-from tests.conftest import free_port, wait_for
+from tests.conftest import free_port, serving, wait_for
 from worker import prompts
+from worker.backends import openai_server
 from worker.backends.base import GenerationParams, ModelUnavailable
-from worker.backends.openai_server import OpenAIServerBackend
+from worker.backends.openai_server import OpenAIServerBackend, image_url
 from worker.backends.transformers import TransformersBackend
 from worker.prompts import Turn
 
@@ -84,3 +92,105 @@ def test_a_study_waits_for_the_server_however_many_attempts(sqlite_url, start_no
     with node.sessions() as session:
         assert session.get_one(Study, study_id).state is StudyState.analysing
         assert session.scalar(select(Job.state)) is JobState.running
+
+
+def recording_server(seen: list[tuple[str, str]], on_request: Callable[[str], None] = lambda text: None) -> FastAPI:
+    """An OpenAI-compatible chat endpoint that records each request's image data URL and last question,
+    then streams the answer "ok": what the model server was really sent, image by question."""
+    app = FastAPI()
+
+    @app.post("/v1/chat/completions")
+    async def complete(request: Request) -> StreamingResponse:
+        body = await request.json()
+        text = body["messages"][-1]["content"][-1]["text"]
+        seen.append((body["messages"][0]["content"][0]["image_url"]["url"], text))
+        on_request(text)
+
+        def events() -> Iterator[str]:
+            chunk = {"id": "rec", "object": "chat.completion.chunk", "created": 0, "model": body["model"]}
+            answer = {"index": 0, "delta": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}
+            yield "data: " + json.dumps({**chunk, "choices": [answer]}) + "\n\n"
+            usage = {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}
+            yield "data: " + json.dumps({**chunk, "choices": [], "usage": usage}) + "\n\n"
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    return app
+
+
+def question(name: str, n: int = 0) -> list[Turn]:
+    return [Turn("user", f"Question {n} about image {name}")]
+
+
+def wrong_images(seen: list[tuple[str, str]], images: dict[str, np.ndarray]) -> list[str]:
+    """The questions the server received with another image than the one they name."""
+    names = {image_url(image): name for name, image in images.items()}
+    return [f"{text!r} sent with image {names.get(url, '?')}" for url, text in seen
+            if names.get(url) != text.rsplit(" ", 1)[-1]]
+
+
+def test_concurrent_studies_each_send_their_own_image_encoded_once(monkeypatch):
+    """Studies analysed at once on the worker's threads: every question goes with its own study's image."""
+    rng = np.random.default_rng(3)
+    images = {name: rng.integers(0, 256, (48, 40), dtype=np.uint8) for name in "ABCD"}
+    params = GenerationParams(max_new_tokens=4)
+    encoded: list[str] = []
+
+    def encode(image: np.ndarray) -> str:
+        encoded.append(image_url(image))
+        return encoded[-1]
+
+    monkeypatch.setattr(openai_server, "image_url", encode)
+    seen: list[tuple[str, str]] = []
+    with serving(recording_server(seen)) as base:
+        backend = OpenAIServerBackend(base + "/v1", "radvlm")
+
+        def study(name: str) -> None:  # as the pipeline asks: a study's questions together
+            backend.generate_many(images[name], [question(name, n) for n in range(6)], [params] * 6)
+
+        with ThreadPoolExecutor(max_workers=8) as pool:  # compose runs the worker with 8 threads
+            list(pool.map(study, "ABCD" * 4))
+    assert len(seen) == 16 * 6
+    assert wrong_images(seen, images) == []
+    names = {image_url(image): name for name, image in images.items()}
+    assert sorted(names[url] for url in encoded) == list("ABCD")  # each image once, however studies interleave
+
+
+def test_a_study_stalled_in_the_image_cache_still_sends_its_own_image(monkeypatch):
+    """Study A stalls while its image key is compared (the GIL handing over at the worst moment, made
+    certain) and study B runs meanwhile: A must still send A's image, not the one B left behind."""
+    rng = np.random.default_rng(5)
+    images = {name: rng.integers(0, 256, (48, 40), dtype=np.uint8) for name in "AB"}
+    params = GenerationParams(max_new_tokens=4)
+    comparing, b_sent = threading.Event(), threading.Event()
+
+    class StallingKey(str):
+        __hash__ = str.__hash__
+
+        def __eq__(self, other: object) -> bool:
+            if threading.current_thread().name.startswith("study-A") and not comparing.is_set():
+                comparing.set()
+                b_sent.wait(timeout=1)  # B runs meanwhile, unless the cache holds B back until A is done
+            return str(self) == str(other)
+
+        def __ne__(self, other: object) -> bool:
+            return not self == other
+
+    def received(text: str) -> None:
+        if text.endswith("B"):
+            b_sent.set()
+
+    seen: list[tuple[str, str]] = []
+    with serving(recording_server(seen, received)) as base, \
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="study-A") as study_a:
+        backend = OpenAIServerBackend(base + "/v1", "radvlm")
+        backend.generate(images["A"], question("A"), params)  # A's image is cached, as for a study's next question
+        monkeypatch.setattr(openai_server, "image_key",
+                            lambda image, key=openai_server.image_key: StallingKey(key(image)))
+        a_asked = study_a.submit(backend.generate, images["A"], question("A", 1), params)
+        assert comparing.wait(timeout=10), "study A never looked its image up"
+        backend.generate(images["B"], question("B", 1), params)
+        a_asked.result(timeout=10)
+    assert len(seen) == 3
+    assert wrong_images(seen, images) == []

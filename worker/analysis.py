@@ -20,7 +20,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicom_node.pixels import PixelError, model_image, read_dataset
+from dicom_node.pixels import PixelError, model_image, one_line, read_dataset
 from dicom_node.storage import InstanceStore
 from records.audit import PROCESS_USER, Outcome, process_host, record
 from records.metrics import ANALYSIS_DURATION, ANALYSIS_LATENCY
@@ -116,8 +116,12 @@ def keep(session: Session, job: Job, objects: Sequence[BuiltObject], kinds: Sequ
 
 
 def finish(sessions: sessionmaker[Session], job_id: int, result: StudyResult, objects: Sequence[BuiltObject],
-           outputs: Outputs, now: datetime) -> list[int] | None:
-    """Store the result and its outbox items; None if another runner stored one for this job first."""
+           outputs: Outputs, now: datetime, problems: Sequence[str] = ()) -> list[int] | None:
+    """Store the result and its outbox items; None if another runner stored one for this job first.
+
+    ``problems``: the objects that could not be built, one line each; the job keeps them (one per line) and
+    the study is "analysed with problems" rather than failed: what was built is delivered.
+    """
     try:
         with sessions() as session, session.begin():
             job = session.get_one(Job, job_id, with_for_update=True)
@@ -127,7 +131,7 @@ def finish(sessions: sessionmaker[Session], job_id: int, result: StudyResult, ob
                                payload=result.model_dump(mode="json"), created_at=now))
             items = enqueue(session, job, objects, outputs.destinations, outputs.policy, now)
             keep(session, job, objects, outputs.kept, now)
-            job.state, job.finished_at, job.error = JobState.done, now, None
+            job.state, job.finished_at, job.error = JobState.done, now, "\n".join(problems) or None
             study = session.get_one(Study, job.study_id)
             record(session, "analyse", at=now, user=PROCESS_USER, role="worker", client=process_host(),
                    study_uid=study.study_instance_uid,
@@ -135,7 +139,10 @@ def finish(sessions: sessionmaker[Session], job_id: int, result: StudyResult, ob
             if study.version == job.study_version:
                 findings = sorted({label for image in result.images for label, present in image.labels.items()
                                    if present})
-                study.state, study.state_reason = StudyState.analysed, f"analysed: {', '.join(findings)}"
+                reason = f"analysed: {', '.join(findings)}"
+                if problems:
+                    reason += f"; with problems: {len(problems)} object(s) not built ({problems[0]})"
+                study.state, study.state_reason = StudyState.analysed, one_line(reason)
                 study.findings = result.findings()
             return [item.id for item in items]
     except IntegrityError:
@@ -144,7 +151,8 @@ def finish(sessions: sessionmaker[Session], job_id: int, result: StudyResult, ob
 
 def fail(sessions: sessionmaker[Session], study_id: int, version: int, model_revision: str, reason: str,
          now: datetime) -> None:
-    """Leave the job and the study in a visible failed state with the reason."""
+    """Leave the job and the study in a visible failed state with the reason (one bounded line)."""
+    reason = one_line(reason)
     with sessions() as session, session.begin():
         job = session.scalar(select(Job).where(Job.study_id == study_id, Job.study_version == version,
                                                Job.model_revision == model_revision))
@@ -196,15 +204,17 @@ def run_analysis(study_id: int, version: int, *, sessions: sessionmaker[Session]
     now = clock()
     device = Device(model_id=backend.model_id, model_revision=backend.model_revision,
                     software_version=SOFTWARE_VERSION, station_name=outputs.station_name)
-    objects = build_objects(result, headers, model_images, outputs.kinds(), device, now, previous)
+    built = build_objects(result, headers, model_images, outputs.kinds(), device, now, previous)
     first = headers[result.images[0].sop_instance_uid]
+    urgent = outputs.policy.urgent_findings
     if outputs.hl7 is not None:
-        objects.append(hl7_result(result, first, outputs.hl7, outputs.policy.urgent_findings, now))
+        built.attempt("hl7", "HL7 result", hl7_result, result, first, outputs.hl7, urgent, now)
     if outputs.fhir is not None:
-        objects.append(fhir_result(result, first, outputs.fhir, outputs.policy.urgent_findings, now))
-    items = finish(sessions, job_id, result, objects, outputs, now)
-    log.info("study %s version %d analysed in %.1f s%s", study_uid, version, result.seconds,
-             "" if items is not None else " (a result was already stored)", extra={"study_uid": study_uid})
+        built.attempt("fhir", "FHIR result", fhir_result, result, first, outputs.fhir, urgent, now)
+    items = finish(sessions, job_id, result, built.objects, outputs, now, built.problems)
+    log.info("study %s version %d analysed in %.1f s%s%s", study_uid, version, result.seconds,
+             "" if items is not None else " (a result was already stored)",
+             f", {len(built.problems)} object(s) not built" if built.problems else "", extra={"study_uid": study_uid})
     if items is not None:
         ANALYSIS_DURATION.observe(result.seconds)
         ANALYSIS_LATENCY.observe(max(0.0, (now - completed_at).total_seconds()))

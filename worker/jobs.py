@@ -4,6 +4,12 @@ from __future__ import annotations
 
 import logging
 
+from kombu.exceptions import OperationalError as KombuOperationalError
+from redis.exceptions import RedisError
+from sqlalchemy.exc import DBAPIError, DisconnectionError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as SQLAlchemyTimeout
+
+from dicom_node.pixels import one_line
 from records.clock import utcnow
 from records.logs import log_context
 from records.metrics import ANALYSES
@@ -14,6 +20,21 @@ from worker.context import WorkerContext
 from worker.delivery.outbox import deliver_item, sender
 
 log = logging.getLogger(__name__)
+
+
+def transient(exc: BaseException) -> bool:
+    """Whether a failure may pass on its own (a database, broker or disk away, GPU memory short), so the study
+    is tried again with backoff; anything else (a bug, an input the code cannot handle) would fail the same way.
+    """
+    if isinstance(exc, DBAPIError):
+        return exc.connection_invalidated or isinstance(exc, (OperationalError, InterfaceError))
+    if isinstance(exc, (SQLAlchemyTimeout, DisconnectionError, RedisError, KombuOperationalError,
+                        ConnectionError, TimeoutError)):
+        return True
+    if isinstance(exc, OSError):  # the disk full or away; a file that is not there stays missing
+        return not isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError))
+    name = type(exc).__name__
+    return name == "OutOfMemoryError" or (isinstance(exc, RuntimeError) and "out of memory" in str(exc))
 
 
 def attempt(ctx: WorkerContext, study_id: int, version: int, retries_done: int) -> float | None:
@@ -38,10 +59,17 @@ def _attempt(ctx: WorkerContext, study_id: int, version: int, retries_done: int)
                     delay)
         ANALYSES.labels("waiting_for_model").inc()
         return delay
-    except Exception as exc:  # transient until the retries are spent: database, GPU memory, ...
+    except Exception as exc:  # a bug or an input the code cannot take fails at once; the world's troubles retry
         policy = ctx.settings.worker
+        if not transient(exc):
+            reason = one_line(f"{type(exc).__name__}: {exc}")
+            log.error("study %d version %d failed (not retried: the same input fails the same way): %s", study_id,
+                      version, reason, exc_info=True)
+            fail(ctx.sessions, study_id, version, ctx.backend.model_revision, reason, utcnow())
+            ANALYSES.labels("failed").inc()
+            return None
         if retries_done >= policy.max_retries:
-            reason = f"gave up after {retries_done + 1} attempts: {type(exc).__name__}: {exc}"
+            reason = one_line(f"gave up after {retries_done + 1} attempts: {type(exc).__name__}: {exc}")
             log.error("study %d version %d %s", study_id, version, reason)
             fail(ctx.sessions, study_id, version, ctx.backend.model_revision, reason, utcnow())
             ANALYSES.labels("failed").inc()

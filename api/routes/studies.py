@@ -40,10 +40,15 @@ def _names(label: str) -> ColumnElement[bool]:
     return cast(Study.findings, String).like(f'%"{label}"%')
 
 
+def latest_job(session: Session, study: Study) -> Job | None:
+    """The newest finished analysis of the study."""
+    return session.scalar(select(Job).where(Job.study_id == study.id, Job.state == JobState.done)
+                          .order_by(Job.study_version.desc(), Job.id.desc()))
+
+
 def latest_result(session: Session, study: Study) -> StudyResult | None:
     """The result of the newest finished analysis of the study."""
-    job = session.scalar(select(Job).where(Job.study_id == study.id, Job.state == JobState.done)
-                         .order_by(Job.study_version.desc(), Job.id.desc()))
+    job = latest_job(session, study)
     return StudyResult.model_validate(job.result.payload) if job is not None and job.result else None
 
 
@@ -97,7 +102,8 @@ def get_study(uid: str, session: SessionDep, user: CurrentUser, audit: AuditDep,
               settings: SettingsDep) -> StudyDetail:
     audit("read_study", uid)  # attempts too: a denied or unknown study is logged as asked
     study = find_study(session, user, uid)
-    result = latest_result(session, study)
+    job = latest_job(session, study)
+    result = StudyResult.model_validate(job.result.payload) if job is not None and job.result else None
     signed = session.scalar(select(SignOff).where(SignOff.study_id == study.id).order_by(SignOff.id.desc()))
     deliveries = session.scalars(select(OutboxItem).where(OutboxItem.study_id == study.id).order_by(OutboxItem.id))
     return StudyDetail(
@@ -106,6 +112,7 @@ def get_study(uid: str, session: SessionDep, user: CurrentUser, audit: AuditDep,
                                   version=i.study_version, selected=i.selected, reason=i.selection_reason,
                                   pixel_error=i.pixel_error, removed_at=i.removed_at) for i in study.instances],
         result=result.model_dump(mode="json") if result else None,
+        problems=job.error.splitlines() if job is not None and job.error else [],
         deliveries=[DeliveryPublic(kind=d.kind, destination=d.destination, object_uid=d.object_uid,
                                    state=d.state.value, attempts=d.attempts, last_error=d.last_error,
                                    sent_at=d.sent_at) for d in deliveries],

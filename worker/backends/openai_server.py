@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import base64
 import io
+import threading
 import time
+from collections import OrderedDict
 from typing import Any
 
 import numpy as np
@@ -21,6 +23,8 @@ from dicom_node.pixels import model_picture
 from worker.backends.base import Completion, GenerationParams, ModelUnavailable, OnText
 from worker.backends.prefix_cache import image_key
 from worker.prompts import Turn
+
+IMAGES_KEPT = 8  # data URLs kept: one per study in flight (compose runs 8 worker threads)
 
 
 def image_url(image: np.ndarray) -> str:
@@ -54,13 +58,23 @@ class OpenAIServerBackend:
         self.client = OpenAI(base_url=base_url, api_key=api_key or "none", timeout=timeout_s, max_retries=retries)
         self.base_url, self.model_id = base_url, model
         self.model_revision = revision or f"served:{model}"[:64]
-        self._image: tuple[str, str] | None = None  # the last image's key and data URL: a study asks many times
+        self._urls: OrderedDict[str, str] = OrderedDict()  # recent images' data URLs, most recent last
+        self._urls_lock = threading.Lock()
 
     def _url(self, image: np.ndarray) -> str:
+        """The data URL of ``image`` itself, encoded once for the many questions of a study. Studies run
+        at once on threads (worker concurrency): each call returns its own image's URL, never another
+        call's, so a question is never sent with another patient's image."""
         key = image_key(image)
-        if self._image is None or self._image[0] != key:
-            self._image = (key, image_url(image))
-        return self._image[1]
+        with self._urls_lock:
+            url = self._urls.get(key)
+            if url is None:
+                url = self._urls[key] = image_url(image)
+                if len(self._urls) > IMAGES_KEPT:
+                    self._urls.popitem(last=False)  # the least recently used
+            else:
+                self._urls.move_to_end(key)
+        return url
 
     def generate(self, image: np.ndarray, turns: list[Turn], params: GenerationParams,
                  on_text: OnText | None = None) -> Completion:

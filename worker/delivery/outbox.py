@@ -11,8 +11,9 @@ import hashlib
 import io
 import logging
 from collections.abc import Callable, Collection, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import Any
 
 from pydicom import Dataset, dcmread
 from pydicom.uid import generate_uid
@@ -20,9 +21,9 @@ from pynetdicom.sop_class import Comprehensive3DSRStorage, EnhancedSRStorage
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicom_node.pixels import ModelImage
+from dicom_node.pixels import ModelImage, one_line
 from records.audit import PROCESS_USER, Outcome, process_host, record
-from records.metrics import DELIVERIES, DELIVERY_LATENCY
+from records.metrics import DELIVERIES, DELIVERY_LATENCY, OBJECTS_NOT_BUILT
 from records.schema import StudyResult
 from records.settings import DeliverySettings, Destination, FhirSettings, HL7Settings
 from records.tables import DeliveryState, Job, OutboxItem, Study
@@ -81,6 +82,18 @@ def sender(destinations: Sequence[Destination], hl7: HL7Settings | None, calling
     return send
 
 
+# kind -> (image header, image result, model image, device, placement, earlier SRs of the kind) -> dataset
+BUILDERS: dict[str, Callable[..., Dataset]] = {
+    "sr": lambda header, image, _, device, place, earlier: measurement_report(header, image, device, place,
+                                                                               previous=earlier),
+    "narrative": lambda header, image, _, device, place, earlier: narrative_report(header, image, device, place,
+                                                                                   previous=earlier),
+    "gsps": lambda header, image, _, device, place, earlier: presentation_state(header, image, device, place),
+    "sc": lambda header, image, pixels, device, place, earlier: burned_in_capture(header, pixels, image, device,
+                                                                                  place),
+}
+
+
 def encode(ds: Dataset) -> bytes:
     buffer = io.BytesIO()
     ds.save_as(buffer, enforce_file_format=True)
@@ -95,28 +108,44 @@ def placement(result: StudyResult, kind: str, image_uid: str, number: int, when:
                      content_datetime=when, series_number=SERIES_NUMBERS[kind], instance_number=number)
 
 
+@dataclass
+class Built:
+    """The objects of a result that could be built, and one line per object that could not."""
+
+    objects: list[BuiltObject] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+    def attempt(self, kind: str, what: str, make: Callable[..., BuiltObject], *args: Any) -> None:
+        """Build one object, ``make(*args)``; a failure costs that object only, with its reason kept and counted."""
+        try:
+            self.objects.append(make(*args))
+        except Exception as exc:  # a bug or an input this builder cannot take: the other objects still go
+            problem = one_line(f"{what} not built: {type(exc).__name__}: {exc}")
+            log.error("%s", problem, exc_info=True)
+            OBJECTS_NOT_BUILT.labels(kind).inc()
+            self.problems.append(problem)
+
+
+def _dicom_object(kind: str, *args: Any) -> BuiltObject:
+    ds = BUILDERS[kind](*args)
+    return BuiltObject(kind, str(ds.SOPInstanceUID), str(ds.SOPClassUID), encode(ds), str(ds.SeriesInstanceUID))
+
+
 def build_objects(result: StudyResult, headers: dict[str, Dataset], model_images: dict[str, ModelImage],
                   kinds: set[str], device: Device, when: datetime,
-                  previous: Sequence[Dataset] = ()) -> list[BuiltObject]:
-    """The DICOM objects of ``result`` for ``kinds``; ``previous`` are earlier versions' SRs."""
-    built = []
+                  previous: Sequence[Dataset] = (), built: Built | None = None) -> Built:
+    """The DICOM objects of ``result`` for ``kinds``; ``previous`` are earlier versions' SRs. Each object is
+    built on its own: one that fails (highdicom refusing a GSPS) costs neither the SR nor the other images'."""
+    built = built if built is not None else Built()
     for number, image in enumerate(result.images, start=1):
         header = headers[image.sop_instance_uid]
         for kind in sorted(kinds):
+            if kind not in BUILDERS:
+                raise ValueError(f"unknown object kind {kind!r}")
             place = placement(result, kind, image.sop_instance_uid, number, when)
             earlier = [p for p in previous if p.SOPClassUID == SR_CLASSES[kind]] if kind in SR_CLASSES else []
-            if kind == "sr":
-                ds = measurement_report(header, image, device, place, previous=earlier)
-            elif kind == "narrative":
-                ds = narrative_report(header, image, device, place, previous=earlier)
-            elif kind == "gsps":
-                ds = presentation_state(header, image, device, place)
-            elif kind == "sc":
-                ds = burned_in_capture(header, model_images[image.sop_instance_uid], image, device, place)
-            else:
-                raise ValueError(f"unknown object kind {kind!r}")
-            built.append(BuiltObject(kind, place.sop_instance_uid, str(ds.SOPClassUID), encode(ds),
-                                     str(ds.SeriesInstanceUID)))
+            built.attempt(kind, f"{kind} of image {number} ({image.sop_instance_uid})", _dicom_object, kind,
+                          header, image, model_images[image.sop_instance_uid], device, place, earlier)
     return built
 
 
