@@ -23,7 +23,7 @@ from api.askers import Asker
 from api.headers import SecurityHeaders
 from api.logins import FailedLogins
 from api.routes import admin, agreement, chat, dicomweb, signoff, studies
-from dicom_node.reception import Receiver
+from dicom_node.reception import Receiver, inflated_limit
 from dicom_node.storage import InstanceStore
 from records.clock import utcnow
 from records.db import make_engine, make_session_factory
@@ -53,7 +53,8 @@ def create_app(settings: Settings, asker: Asker | None = None, deliver: Deliver 
         app.state.store = InstanceStore(settings.effective_storage_dir, fsync=settings.node.fsync)
         syncer = ThreadPoolExecutor(2, thread_name_prefix="stow-sync")
         app.state.receiver = Receiver(store=app.state.store, sessions=app.state.sessions,
-                                      reserve_bytes=settings.node.disk_reserve_mb << 20, clock=clock, syncer=syncer)
+                                      reserve_bytes=settings.node.disk_reserve_mb << 20, clock=clock, syncer=syncer,
+                                      max_inflated_bytes=inflated_limit(settings.node.max_image_megapixels))
         app.state.asker = asker
         app.state.deliver = deliver or (lambda items: None)  # the outbox sweep finds them later
         yield

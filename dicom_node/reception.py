@@ -12,7 +12,7 @@ import zlib
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import Executor, Future, wait
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
@@ -50,8 +50,13 @@ REJECTION_REASONS = {OUT_OF_RESOURCES: "out_of_resources", CANNOT_STORE: "cannot
 PIXEL_DATA = 0x7FE00010
 UNDEFINED_LENGTH = 0xFFFFFFFF
 DEFER_BYTES = 64 * 1024  # values larger than this are not read into memory by the handler
-# A deflated dataset is inflated in memory to be read: at most the largest image selection accepts, and a header
-MAX_INFLATED_BYTES = int(DEFAULT_MAX_MEGAPIXELS * 2e6) + (64 << 20)
+
+
+def inflated_limit(max_megapixels: float = DEFAULT_MAX_MEGAPIXELS) -> int:
+    """A deflated dataset is inflated in memory to be read: at most the largest image the node decodes (at 16
+    bits) and a header."""
+    return int(max_megapixels * 2e6) + (64 << 20)
+
 
 
 
@@ -118,7 +123,7 @@ class Receiver:
     reserve_bytes: int
     clock: Callable[[], datetime]
     syncer: Executor  # runs InstanceStore.sync beside the database transaction
-    max_inflated_bytes: int = MAX_INFLATED_BYTES
+    max_inflated_bytes: int = field(default_factory=inflated_limit)
 
     def audit(self, action: str, calling_ae: str, address: str,
               events: list[tuple[str | None, str, Outcome]]) -> None:

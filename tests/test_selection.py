@@ -6,11 +6,12 @@ import pydicom
 import pytest
 from pydicom import Dataset
 
-from dicom_node.selection import select
+from dicom_node.selection import Selection, select
 from dicom_node.sop import (
     ComputedRadiographyImageStorage,
     DigitalMammographyXRayImageStorageForPresentation,
     DigitalXRayImageStorageForPresentation,
+    DigitalXRayImageStorageForProcessing,
 )
 from tests.conftest import radiograph
 
@@ -75,3 +76,26 @@ def test_real_files():
     assert chest.SOPClassUID == ComputedRadiographyImageStorage
     assert select(chest).selected
     assert select(tibia).reason == "not chest: BodyPartExamined EXTREMITY"
+
+
+FOR_PROCESSING = "for processing: raw detector data, not for reading (node.analyse_for_processing)"
+
+
+@pytest.mark.parametrize("attrs, selected, reason", [
+    ({"SOPClassUID": DigitalXRayImageStorageForProcessing, "ViewPosition": "PA"}, False, FOR_PROCESSING),
+    ({"PresentationIntentType": "FOR PROCESSING", "ViewPosition": "PA"}, False, FOR_PROCESSING),
+    ({"PresentationIntentType": "FOR PRESENTATION", "ViewPosition": "PA"}, True, "frontal chest: ViewPosition PA"),
+    ({"ImageType": ["DERIVED", "SECONDARY"], "ViewPosition": "PA"}, False,
+     "secondary image: ImageType DERIVED\\SECONDARY (made from another image after the acquisition: a copy, "
+     "reprocessing or annotation)"),
+    ({"ImageType": ["DERIVED", "PRIMARY"], "ViewPosition": "PA"}, True, "frontal chest: ViewPosition PA"),
+    ({"ImageType": "ORIGINAL", "ViewPosition": "AP"}, True, "frontal chest: ViewPosition AP"),
+])
+def test_for_processing_and_secondary_images(attrs, selected, reason):
+    choice = select(_header(**attrs))
+    assert (choice.selected, choice.reason) == (selected, reason)
+
+
+def test_for_processing_images_are_analysed_when_the_site_says_so():
+    header = _header(SOPClassUID=DigitalXRayImageStorageForProcessing, ViewPosition="PA")
+    assert select(header, for_processing=True) == Selection(True, "frontal chest: ViewPosition PA")
