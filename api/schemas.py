@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import AfterValidator, BaseModel, Field
 
 from records.audit import EVENT_TYPES
 from records.schema import CHEXPERT_LABELS, Box
 from records.tables import AuditEvent, Conversation, Exchange, SignOff
+from records.text import plain_text
+
+PlainText = Annotated[str, AfterValidator(plain_text)]  # what a person types, as the database and DICOM hold it
 
 Finding = Literal[tuple(label for label in CHEXPERT_LABELS if label != "No Finding")]  # type: ignore[valid-type]
 
@@ -59,7 +62,7 @@ class DeliveryPublic(BaseModel):
 class SignOffIn(BaseModel):
     """The report as the radiologist signs it: the draft's text and findings, accepted or edited."""
 
-    report: str = Field(min_length=1, max_length=10000)
+    report: PlainText = Field(min_length=1, max_length=10000)
     findings: list[Finding] = Field(description="the CheXpert labels present; none means No Finding")
 
 
@@ -98,7 +101,7 @@ class ConversationIn(BaseModel):
 
 
 class QuestionIn(BaseModel):
-    text: str = Field(min_length=1, max_length=2000, pattern=r"\S")
+    text: PlainText = Field(min_length=1, max_length=2000, pattern=r"\S")
 
 
 class ExchangePublic(BaseModel):

@@ -19,16 +19,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 from pydicom import Dataset, dcmread
+from pydicom.multival import MultiValue
 from pydicom.pixels import convert_color_space
 
+from records.text import one_line
+
 DEFAULT_MAX_MEGAPIXELS = 100.0  # a 4280x3520 detector is 15; a 65535x65535 header claims 4,295
-REASON_CHARS = 300  # a reason is one line of at most this many characters, whatever the header held
-
-
-def one_line(text: str, limit: int = REASON_CHARS) -> str:
-    """``text`` on one line, cut to ``limit`` characters: reasons are stored, logged and shown."""
-    flat = " ".join(str(text).split())
-    return flat if len(flat) <= limit else flat[: limit - 3] + "..."
 
 
 class PixelError(ValueError):
@@ -70,7 +66,8 @@ def size_problem(ds: Dataset, max_megapixels: float = DEFAULT_MAX_MEGAPIXELS) ->
 
 
 def read_lut(item: Dataset, little_endian: bool) -> tuple[int, np.ndarray]:
-    """A LUT item's first mapped value and its table, from LUT Data as US/SS values or OW bytes."""
+    """A LUT item's first mapped value and its table (each entry within the descriptor's bits), from LUT Data
+    as US/SS values or OW bytes."""
     entries, first, bits = (int(v) for v in item.LUTDescriptor)
     entries = entries or 65536  # PS3.3 C.11.1.1: 0 means 2^16
     data = item.LUTData
@@ -129,8 +126,8 @@ def _window(values: np.ndarray, center: float, width: float, function: str) -> n
 
 def _first(value: object) -> float:
     """The first of a multi-valued DS (several windows: the modality's first choice)."""
-    if isinstance(value, (list, tuple)) or getattr(value, "VM", 1) > 1:
-        value = value[0]  # type: ignore[index]
+    if isinstance(value, (MultiValue, list, tuple)):
+        value = value[0]
     return float(value)  # type: ignore[arg-type]
 
 
@@ -170,7 +167,7 @@ def _voi(values: np.ndarray, ds: Dataset, steps: list[str], padded: np.ndarray |
         item = ds.VOILUTSequence[0]
         first, table = read_lut(item, little_endian(ds))
         out = _apply_lut(values, first, table)
-        low, high = float(table.min()), float(table.max())
+        low, high = 0.0, float((1 << int(item.LUTDescriptor[2])) - 1)  # PS3.3 C.11.2.1.1: the LUT's output range
         steps.append(f"VOI LUT {str(item.get('LUTExplanation', '') or '#1').strip()}")
     elif ds.get("WindowCenter") not in (None, "") and ds.get("WindowWidth") not in (None, ""):
         center, width = _first(ds.WindowCenter), _first(ds.WindowWidth)

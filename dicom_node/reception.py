@@ -24,11 +24,12 @@ from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.catalog import Arrival, record_arrival
-from dicom_node.pixels import DEFAULT_MAX_MEGAPIXELS, one_line
+from dicom_node.pixels import DEFAULT_MAX_MEGAPIXELS
 from dicom_node.storage import InstanceStore, valid_uid
 from records.audit import Outcome, record
 from records.db import error_summary
 from records.metrics import INSTANCES_RECEIVED, INSTANCES_REJECTED
+from records.text import one_line
 
 log = logging.getLogger(__name__)
 

@@ -20,13 +20,14 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicom_node.pixels import PixelError, model_image, one_line, read_dataset
+from dicom_node.pixels import PixelError, model_image, read_dataset
 from dicom_node.storage import InstanceStore
 from records.audit import PROCESS_USER, Outcome, process_host, record
 from records.metrics import ANALYSIS_DURATION, ANALYSIS_LATENCY
 from records.schema import StudyResult
 from records.settings import DeliverySettings, Destination, FhirSettings, HL7Settings, Settings
 from records.tables import Instance, Job, JobState, KeptObject, Result, Study, StudyState, StudyVersion
+from records.text import one_line
 from worker.backends.base import ModelBackend
 from worker.delivery.equipment import Device
 from worker.delivery.outbox import BuiltObject, build_objects, enqueue, fhir_result, hl7_result, previous_reports

@@ -23,6 +23,7 @@ from dicom_node.retention import removed
 from dicom_node.storage import InstanceStore
 from records.metrics import observe_generation
 from records.tables import Exchange, ExchangeState, Instance
+from records.text import one_line, plain_text
 from worker.backends.base import GenerationParams, ModelBackend, ModelUnavailable, PromptTooLong
 from worker.parsing import boxes_from_answer
 from worker.prompts import Turn
@@ -83,7 +84,7 @@ def answer_question(exchange_id: int, *, sessions: sessionmaker[Session], store:
     try:
         image = read_model_image(store.path(path))
         completion = backend.generate(image.pixels, turns, params,
-                                      on_text=lambda text: publish({"type": "token", "text": text}))
+                                      on_text=lambda text: publish({"type": "token", "text": plain_text(text)}))
     except PixelError as exc:
         _failed(sessions, exchange_id, f"the image cannot be decoded: {exc}", publish, 422)
         return
@@ -100,22 +101,31 @@ def answer_question(exchange_id: int, *, sessions: sessionmaker[Session], store:
         return
     observe_generation("chat", completion.new_tokens, completion.seconds)
     parsed = boxes_from_answer(completion.text, image.columns, image.rows)
-    with sessions() as session, session.begin():
-        exchange = session.get_one(Exchange, exchange_id, with_for_update=True)
-        exchange.answer, exchange.malformed = completion.text, parsed.malformed
-        exchange.boxes = [box.model_dump(mode="json") for box in parsed.boxes]
-        exchange.model_id, exchange.model_revision = backend.model_id, backend.model_revision
-        exchange.state, exchange.error, exchange.answered_at = ExchangeState.answered, None, clock()
+    try:
+        with sessions() as session, session.begin():
+            exchange = session.get_one(Exchange, exchange_id, with_for_update=True)
+            exchange.answer, exchange.malformed = completion.text, parsed.malformed
+            exchange.boxes = [box.model_dump(mode="json") for box in parsed.boxes]
+            exchange.model_id, exchange.model_revision = backend.model_id, backend.model_revision
+            exchange.state, exchange.error, exchange.answered_at = ExchangeState.answered, None, clock()
+    except Exception as exc:  # the answer cannot be stored: the question is freed and the client told now
+        log.exception("question %d: the answer could not be stored", exchange_id)
+        _failed(sessions, exchange_id, f"the answer could not be stored: {type(exc).__name__}: {exc}", publish, 502)
+        return
     log.info("question %d answered in %.1f s (%d tokens, %d boxes)", exchange_id, completion.seconds,
              completion.new_tokens, len(parsed.boxes))
     publish({"type": "done"})
 
 
 def _failed(sessions: sessionmaker[Session], exchange_id: int, reason: str, publish: Publish, status: int) -> None:
-    with sessions() as session, session.begin():
-        exchange = session.get_one(Exchange, exchange_id, with_for_update=True)
-        exchange.state, exchange.error = ExchangeState.failed, reason
-    publish({"type": "error", "status": status, "detail": reason})
+    """Mark the exchange failed and tell the waiting client, which is told even when the database is away."""
+    reason = one_line(reason)
+    try:
+        with sessions() as session, session.begin():
+            exchange = session.get_one(Exchange, exchange_id, with_for_update=True)
+            exchange.state, exchange.error = ExchangeState.failed, reason
+    finally:
+        publish({"type": "error", "status": status, "detail": reason})
 
 
 def redis_publisher(client: Any, exchange_id: int) -> Publish:

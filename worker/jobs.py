@@ -9,10 +9,10 @@ from redis.exceptions import RedisError
 from sqlalchemy.exc import DBAPIError, DisconnectionError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as SQLAlchemyTimeout
 
-from dicom_node.pixels import one_line
 from records.clock import utcnow
 from records.logs import log_context
 from records.metrics import ANALYSES
+from records.text import one_line
 from worker.analysis import PermanentFailure, fail, run_analysis
 from worker.backends.base import GenerationParams, ModelUnavailable, PromptTooLong
 from worker.chat import Publish, answer_question

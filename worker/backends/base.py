@@ -8,6 +8,7 @@ from typing import Protocol
 
 import numpy as np
 
+from records.text import plain_text
 from worker.prompts import Turn
 
 
@@ -21,10 +22,16 @@ class GenerationParams:
 
 @dataclass(frozen=True)
 class Completion:
+    """A model's answer; its text made plain text (``records.text``) whatever the backend, so that no
+    report, chat answer, SR, HL7 or FHIR object carries a NUL or another control character."""
+
     text: str
     prompt_tokens: int
     new_tokens: int
     seconds: float
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "text", plain_text(self.text))
 
 
 OnText = Callable[[str], None]

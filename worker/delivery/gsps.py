@@ -29,13 +29,17 @@ LAYER = GraphicLayer(layer_name="AI_FINDINGS", order=1, description=DRAFT_NOTICE
 
 
 def voi_lut_transformations(image: Dataset) -> list[SoftcopyVOILUTTransformation] | None:
-    """The image's first VOI LUT as the state's VOI transformation; None when it has none (its window is
-    copied by highdicom)."""
+    """The image's first VOI LUT as the state's VOI transformation (at 8 or 16 bits, as a presentation state's
+    LUT must be); None when it has none (its window is copied by highdicom)."""
     if not image.get("VOILUTSequence"):
         return None
     item = image.VOILUTSequence[0]
     first, table = read_lut(item, little_endian(image))
-    data = table.astype(np.uint8 if int(item.LUTDescriptor[2]) <= 8 else np.uint16)
+    bits = int(item.LUTDescriptor[2])
+    if bits in (8, 16):
+        data = table.astype(np.uint8 if bits == 8 else np.uint16)
+    else:  # a softcopy VOI LUT has 8 or 16 bits (PS3.3 C.11.1.1.1): the same curve over the 16-bit range
+        data = np.rint(table * (65535.0 / ((1 << bits) - 1))).astype(np.uint16)
     explanation = str(item.get("LUTExplanation", "") or "") or None
     return [SoftcopyVOILUTTransformation(voi_luts=[VOILUT(first_mapped_value=first, lut_data=data,
                                                           lut_explanation=explanation)])]

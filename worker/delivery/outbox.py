@@ -21,12 +21,13 @@ from pynetdicom.sop_class import Comprehensive3DSRStorage, EnhancedSRStorage
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicom_node.pixels import ModelImage, one_line
+from dicom_node.pixels import ModelImage
 from records.audit import PROCESS_USER, Outcome, process_host, record
 from records.metrics import DELIVERIES, DELIVERY_LATENCY, OBJECTS_NOT_BUILT
 from records.schema import StudyResult
 from records.settings import DeliverySettings, Destination, FhirSettings, HL7Settings
 from records.tables import DeliveryState, Job, OutboxItem, Study
+from records.text import one_line
 from worker.delivery.capture import burned_in_capture
 from worker.delivery.equipment import Device, Placement
 from worker.delivery.fhir import post_bundle, report_bundle
