@@ -10,6 +10,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
@@ -18,6 +19,8 @@ from records.clock import as_utc, utcnow
 from training.cli import add_commands as add_training_commands
 
 log = logging.getLogger("radvlm_pacs")
+
+STOP_GRACE_S = 5.0  # what ``serve`` gives the analysis and the delivery running at SIGTERM (docker stop waits 10 s)
 
 
 def _setup_logging(settings) -> None:  # type: ignore[no-untyped-def]
@@ -56,17 +59,39 @@ def cmd_serve(args: argparse.Namespace) -> int:
     _upgrade(settings)
     ctx = build_context(settings)
     ctx.backend  # load the model before the node accepts anything
-    with ModelThread(threads=settings.worker.concurrency) as model_thread:
-        runner = InProcessRunner(ctx, model_thread)
-        runner.start()  # also sends what a previous run left in the outbox
-        api = _api_server(settings, LocalAsker(ctx, model_thread), ctx.deliver,
-                          queue_depths=lambda: {"model": model_thread.waiting()})
-        threading.Thread(target=api.run, name="api", daemon=True).start()
-        try:
-            return run_node(settings, on_ready=runner)
-        finally:
-            api.should_exit = True
-            runner.close()
+    model_thread = ModelThread(threads=settings.worker.concurrency)
+    runner = InProcessRunner(ctx, model_thread)
+    runner.start()  # queues again what a previous run left unfinished; sends what it left in the outbox
+    api = _api_server(settings, LocalAsker(ctx, model_thread), ctx.deliver,
+                      queue_depths=lambda: {"model": model_thread.waiting()})
+    api_thread = threading.Thread(target=api.run, name="api", daemon=True)
+    api_thread.start()
+    try:
+        return run_node(settings, on_ready=runner)
+    finally:
+        _stop_serving(api, api_thread, runner, model_thread)
+
+
+def _stop_serving(api, api_thread: threading.Thread, runner, model_thread) -> None:  # type: ignore[no-untyped-def]
+    """What ``serve`` does after the node has stopped, within STOP_GRACE_S whatever the backlog: work not
+    started is dropped, not worked through (the database holds it: the runner's start takes it up again);
+    the analysis, the delivery and the requests running get the grace, then are abandoned."""
+    deadline = time.monotonic() + STOP_GRACE_S
+
+    def left() -> float:
+        return max(0.0, deadline - time.monotonic())
+
+    api.should_exit = True
+    model_thread.shutdown(wait=False, cancel_futures=True)
+    runner.close(timeout=left())
+    model_thread.shutdown(timeout=left())
+    api_thread.join(left())
+    if not model_thread.stopped or api_thread.is_alive():
+        # the interpreter would wait at exit for their helper threads (the report's, the API's workers);
+        # what they had not committed is rolled back, and the next start runs it again
+        log.warning("stopping: work still running after %.0f s is abandoned", STOP_GRACE_S)
+        logging.shutdown()
+        os._exit(0)
 
 
 def _api_server(settings, asker, deliver, **probes):  # type: ignore[no-untyped-def]

@@ -18,16 +18,25 @@ from pydicom import dcmread
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicom_node.pixels import PixelError, model_image
+from dicom_node.pixels import DEFAULT_MAX_MEGAPIXELS, PixelError, model_image, size_problem
 from dicom_node.selection import select as select_image
 from dicom_node.storage import InstanceStore
 from records.clock import Clock
 from records.metrics import INSTANCES_SKIPPED, STUDIES_COMPLETED, skip_reason
 from records.tables import Instance, Study, StudyState, StudyVersion
+from records.text import one_line
 
 log = logging.getLogger(__name__)
 
 OnReady = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class ImageRules:
+    """The node's settings that decide, beside the header rules, whether a received image is analysed."""
+
+    max_megapixels: float = DEFAULT_MAX_MEGAPIXELS
+    for_processing: bool = False
 
 
 @dataclass(frozen=True)
@@ -37,17 +46,23 @@ class Evaluation:
     pixel_error: str | None = None
 
 
-def evaluate(store: InstanceStore, relative_path: str) -> Evaluation:
-    """Select from the header; decode a selected image once so a corrupt one is known now."""
+def evaluate(store: InstanceStore, relative_path: str, rules: ImageRules = ImageRules()) -> Evaluation:
+    """Select from the header; decode a selected image once so a corrupt one is known now.
+
+    An image above the size limit is skipped from its header, before anything is decoded.
+    """
     try:
         ds = dcmread(store.path(relative_path))
-        choice = select_image(ds)
+        choice = select_image(ds, for_processing=rules.for_processing)
     except Exception as exc:  # stored before reception checked every value, or changed on disk since
-        return Evaluation(False, "unreadable file", f"{type(exc).__name__}: {exc}")
+        return Evaluation(False, "unreadable file", one_line(f"{type(exc).__name__}: {exc}"))
     if not choice.selected:
         return Evaluation(False, choice.reason)
+    too_large = size_problem(ds, rules.max_megapixels)
+    if too_large:
+        return Evaluation(False, too_large)
     try:
-        model_image(ds)
+        model_image(ds, rules.max_megapixels)
     except PixelError as exc:
         return Evaluation(True, choice.reason, str(exc))
     return Evaluation(True, choice.reason)
@@ -64,15 +79,24 @@ def _nothing_reason(instances: list[Instance]) -> str:
 
 
 def complete_study(
-    sessions: sessionmaker[Session], store: InstanceStore, study_id: int, cutoff: datetime, now: datetime
+    sessions: sessionmaker[Session], store: InstanceStore, study_id: int, cutoff: datetime, now: datetime,
+    rules: ImageRules = ImageRules(), *, stop: threading.Event | None = None,
 ) -> StudyVersion | None:
-    """Complete ``study_id`` if it has been quiet since ``cutoff``; None if it was not (or is done)."""
+    """Complete ``study_id`` if it has been quiet since ``cutoff``; None if it was not (or is done).
+
+    Once ``stop`` is set it returns None between two files, with nothing written: a study of many
+    files must not hold up a shutdown, and the next start evaluates it again from the start.
+    """
     with sessions() as session:
         pending = session.execute(
             select(Instance.id, Instance.path).where(Instance.study_id == study_id, Instance.selected.is_(None))
         ).all()
     # Header reads and decoding happen outside any transaction: they take seconds, not milliseconds.
-    evaluations = {instance_id: evaluate(store, path) for instance_id, path in pending}
+    evaluations: dict[int, Evaluation] = {}
+    for instance_id, path in pending:
+        if stop is not None and stop.is_set():
+            return None
+        evaluations[instance_id] = evaluate(store, path, rules)
 
     with sessions() as session, session.begin():
         study = session.scalar(select(Study).where(Study.id == study_id).with_for_update())
@@ -112,8 +136,12 @@ def stable_study_ids(session: Session, cutoff: datetime) -> list[int]:
     return list(session.scalars(query.order_by(Study.last_received_at)))
 
 
-def dispatch_ready(sessions: sessionmaker[Session], on_ready: OnReady, now: datetime) -> int:
-    """Hand each ready version not yet taken to ``on_ready``; mark it taken only once that returns."""
+def dispatch_ready(sessions: sessionmaker[Session], on_ready: OnReady, now: datetime, *,
+                   stop: threading.Event | None = None) -> int:
+    """Hand each ready version not yet taken to ``on_ready``; mark it taken only once that returns.
+
+    Once ``stop`` is set it returns between two versions; the rest stay untaken for the next start.
+    """
     with sessions() as session:
         waiting = session.execute(
             select(StudyVersion.id, StudyVersion.study_id, StudyVersion.version)
@@ -122,6 +150,8 @@ def dispatch_ready(sessions: sessionmaker[Session], on_ready: OnReady, now: date
         ).all()
     sent = 0
     for version_id, study_id, version in waiting:
+        if stop is not None and stop.is_set():
+            break
         try:
             on_ready(study_id, version)
         except Exception:
@@ -145,19 +175,27 @@ class CompletionMonitor:
         poll_interval: float,
         on_ready: OnReady,
         clock: Clock,
+        rules: ImageRules = ImageRules(),
     ) -> None:
         self.sessions, self.store, self.stable_age = sessions, store, stable_age
-        self.poll_interval, self.on_ready, self.clock = poll_interval, on_ready, clock
+        self.poll_interval, self.on_ready, self.clock, self.rules = poll_interval, on_ready, clock, rules
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     def run_once(self) -> list[StudyVersion]:
+        """One pass; after ``stop`` it ends between two studies (or files), leaving the rest for the next start."""
         now = self.clock()
         cutoff = now - self.stable_age
         with self.sessions() as session:
             candidates = stable_study_ids(session, cutoff)
-        completed = [v for sid in candidates if (v := complete_study(self.sessions, self.store, sid, cutoff, now))]
-        dispatch_ready(self.sessions, self.on_ready, now)
+        completed = []
+        for sid in candidates:
+            if self._stop.is_set():
+                return completed
+            version = complete_study(self.sessions, self.store, sid, cutoff, now, self.rules, stop=self._stop)
+            if version is not None:
+                completed.append(version)
+        dispatch_ready(self.sessions, self.on_ready, now, stop=self._stop)
         return completed
 
     def _loop(self) -> None:

@@ -35,8 +35,10 @@ def removed(when: datetime) -> str:
     return f"its images were removed from this node on {when:%Y-%m-%d} (node.keep_images_days); the PACS keeps them"
 
 
-def remove_old_images(sessions: sessionmaker[Session], store: InstanceStore, keep: timedelta, now: datetime) -> int:
-    """Remove the files of every finished study that has received nothing for ``keep``; the count removed."""
+def remove_old_images(sessions: sessionmaker[Session], store: InstanceStore, keep: timedelta, now: datetime, *,
+                      stop: threading.Event | None = None) -> int:
+    """Remove the files of every finished study that has received nothing for ``keep``; the count removed.
+    Once ``stop`` is set it returns between two studies: the next pass finds the rest."""
     cutoff = now - keep
     on_disk = exists().where(Instance.study_id == Study.id, Instance.removed_at.is_(None))
     with sessions() as session:
@@ -44,6 +46,8 @@ def remove_old_images(sessions: sessionmaker[Session], store: InstanceStore, kee
                                                            on_disk).order_by(Study.id)).all()
     count = 0
     for study_id in study_ids:
+        if stop is not None and stop.is_set():
+            break
         with sessions() as session, session.begin():
             # the study's row lock: an instance arriving now waits, and then reopens the study
             study = session.scalar(select(Study).where(Study.id == study_id).with_for_update())
@@ -76,7 +80,7 @@ class RetentionSweep:
     def _loop(self) -> None:
         while True:
             try:
-                remove_old_images(self.sessions, self.store, self.keep, self.clock())
+                remove_old_images(self.sessions, self.store, self.keep, self.clock(), stop=self._stop)
             except Exception:  # the database may be briefly away; the next pass catches up
                 log.exception("removing old images failed; trying again in %s", self.interval)
             if self._stop.wait(self.interval.total_seconds()):

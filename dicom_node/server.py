@@ -17,7 +17,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node import spool
-from dicom_node.completion import CompletionMonitor, OnReady
+from dicom_node.completion import CompletionMonitor, ImageRules, OnReady
 from dicom_node.handlers import (
     Transfers,
     handle_accepted,
@@ -27,7 +27,7 @@ from dicom_node.handlers import (
     handle_requested,
     handle_store,
 )
-from dicom_node.reception import Receiver
+from dicom_node.reception import Receiver, inflated_limit
 from dicom_node.retention import RetentionSweep
 from dicom_node.sop import STORAGE_SOP_CLASSES, TRANSFER_SYNTAXES
 from dicom_node.storage import InstanceStore
@@ -101,11 +101,13 @@ class Node:
         self.ae = build_ae(node)
         self.syncer = ThreadPoolExecutor(max_workers=node.max_associations, thread_name_prefix="fsync")
         self.receiver = Receiver(store=store, sessions=sessions, reserve_bytes=node.disk_reserve_mb << 20,
-                                 clock=clock, syncer=self.syncer)
+                                 clock=clock, syncer=self.syncer,
+                                 max_inflated_bytes=inflated_limit(node.max_image_megapixels))
         self.transfers = Transfers()
         self.monitor = CompletionMonitor(
             sessions, store, stable_age=timedelta(seconds=node.stable_age_s),
             poll_interval=node.completion_poll_s, on_ready=on_ready, clock=clock,
+            rules=ImageRules(max_megapixels=node.max_image_megapixels, for_processing=node.analyse_for_processing),
         )
         self.retention = None if not node.keep_images_days else RetentionSweep(
             sessions, store, keep=timedelta(days=node.keep_images_days), interval=RETENTION_SWEEP, clock=clock)
@@ -165,10 +167,14 @@ class Node:
             self.retention.start()
 
     def stop(self) -> None:
+        """Stop within seconds: an association still open is aborted (its reader thread would hold the
+        process up to network_timeout_s), and the sender sends again what was not confirmed."""
         if self.retention is not None:
             self.retention.stop()
         self.monitor.stop()
         for server in self.servers.values():
             server.shutdown()
         self.servers.clear()
+        for assoc in self.ae.active_associations:
+            assoc.abort()
         self.syncer.shutdown(wait=True)

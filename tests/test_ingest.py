@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, generate_uid
+from pydicom.encaps import encapsulate
+from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, RLELossless, generate_uid
 from pynetdicom import AE, _config
 from pynetdicom.association import Association
 from pynetdicom.dsutils import encode
@@ -515,3 +516,27 @@ def test_a_deflated_file_that_inflates_past_the_limit_is_refused_unread(sqlite_u
     assert "inflates to more than" in caplog.text
     with running.sessions() as session:
         assert session.scalar(select(func.count(Instance.id))) == 0
+
+
+def test_an_image_claiming_gigapixels_is_skipped_from_its_header_at_completion(sqlite_url, start_node, tmp_path):
+    """3 KB of RLE whose header claims 65535 x 65535: stored as received (a valid object), then skipped at
+    completion with the reason, before anything is decoded (pydicom alone needs ~8 GiB to fail on it)."""
+    running = start_node(sqlite_url)
+    ds = pydicom.dcmread(radiograph("RG1_UNCI.dcm"), stop_before_pixels=True)
+    ds.StudyInstanceUID = generate_uid(entropy_srcs=["gigapixel study"])
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid(entropy_srcs=["gigapixel"])
+    ds.Rows = ds.Columns = 65535
+    ds.PixelData = encapsulate([bytes(64) + bytes(3000)])
+    ds["PixelData"].VR = "OB"
+    ds.file_meta.TransferSyntaxUID = RLELossless
+    path = tmp_path / "gigapixel.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    assert path.stat().st_size < 8 * 1024
+    assert _send_raw(running.port, path, RLELossless) == 0x0000
+
+    study = _complete(running, ds.StudyInstanceUID)
+    assert study.state is StudyState.nothing_to_analyse
+    [instance] = study.instances
+    assert instance.selected is False and instance.pixel_error is None
+    assert instance.selection_reason.startswith("image too large: 65535 x 65535 x 1 frame(s)")
+    assert "above the limit of 100 (node.max_image_megapixels)" in instance.selection_reason

@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from dicom_node.storage import InstanceStore
 from records.clock import Clock, utcnow
 from records.settings import PriorityRule
-from records.tables import Instance, Study
+from records.tables import Instance, Study, StudyState, StudyVersion
 from worker.app import ANALYSE_TASK, GPU_QUEUE, ROUTINE_PRIORITY, STAT_PRIORITY
 from worker.context import WorkerContext
 from worker.delivery.outbox import due_items
@@ -92,11 +92,15 @@ class OutboxLoop:
     def start(self) -> None:
         self._thread.start()
 
-    def close(self) -> None:
-        """Stop after the attempt in flight; pending items stay in the outbox for the next start."""
+    def close(self, timeout: float | None = None) -> None:
+        """Stop after the attempt in flight, or leave it after ``timeout`` (a destination may take its
+        whole network timeout); pending items stay in the outbox for the next start, and an item left
+        in flight keeps its lease until then, so it is sent again rather than lost."""
         self._closed.set()
         self._wake.set()
-        self._thread.join()
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            log.warning("outbox: a delivery attempt still in flight is left; it is retried after its lease")
 
 
 class OutboxSweep:
@@ -142,6 +146,20 @@ class OutboxSweep:
         self._thread.join()
 
 
+def unfinished_analyses(sessions: sessionmaker[Session]) -> list[tuple[int, int, int]]:
+    """(study, version, priority) of each current ready version that was handed over but not analysed:
+    a stop dropped it from the model thread's queue, or left its job running. Versions not yet handed
+    over are the completion monitor's to send."""
+    query = (select(StudyVersion.study_id, StudyVersion.version, Study.priority)
+             .join(Study, Study.id == StudyVersion.study_id)
+             .where(StudyVersion.outcome == StudyState.ready, StudyVersion.dispatched_at.is_not(None),
+                    StudyVersion.version == Study.version,
+                    Study.state.in_((StudyState.ready, StudyState.analysing)))
+             .order_by(StudyVersion.id))
+    with sessions() as session:
+        return [(study_id, version, priority) for study_id, version, priority in session.execute(query)]
+
+
 class InProcessRunner:
     """``serve``'s ``on_ready``: the same attempt as the Celery task, on the model thread, by the
     study's priority; deliveries go to an ``OutboxLoop``, so a PACS that is down never holds the model."""
@@ -153,6 +171,8 @@ class InProcessRunner:
         ctx.deliver = self.outbox.deliver
 
     def _run(self, study_id: int, version: int) -> None:
+        if self._closed.is_set():  # stopping: the next start takes it up again (unfinished_analyses)
+            return
         retries = 0
         while (delay := attempt(self.ctx, study_id, version, retries)) is not None:
             if self._closed.wait(delay):
@@ -164,8 +184,17 @@ class InProcessRunner:
         self.model_thread.submit_at(priority, self._run, study_id, version)
 
     def start(self) -> None:
+        """Queue again what a previous run left unfinished, then send what it left in the outbox.
+
+        The job keeps one result per version: a job left ``running`` is claimed again, one done is not redone."""
+        unfinished = unfinished_analyses(self.ctx.sessions)
+        for study_id, version, priority in unfinished:
+            self.model_thread.submit_at(priority, self._run, study_id, version)
+        if unfinished:
+            log.info("%d analysis(es) left by the previous run queued again", len(unfinished))
         self.outbox.start()
 
-    def close(self) -> None:
+    def close(self, timeout: float | None = None) -> None:
+        """Stop taking up analyses (those queued return at once) and stop the outbox within ``timeout``."""
         self._closed.set()
-        self.outbox.close()
+        self.outbox.close(timeout)

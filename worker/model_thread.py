@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import queue
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Executor, Future
 from typing import Any
@@ -63,18 +64,28 @@ class ModelThread(Executor):
     def alive(self) -> bool:
         return all(thread.is_alive() for thread in self._threads) and not self._shutdown
 
-    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+    @property
+    def stopped(self) -> bool:
+        """Every thread has ended: after ``shutdown``, nothing it ran is still running."""
+        return not any(thread.is_alive() for thread in self._threads)
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False, timeout: float | None = None) -> None:
+        """``cancel_futures`` drops the work not started (``serve``'s stop: the database holds it);
+        ``timeout`` bounds the wait for the items running, which are abandoned after it (daemon threads)."""
         with self._lock:
             if not self._shutdown:
                 self._shutdown = True
-                if cancel_futures:
-                    while not self._queue.empty():
+                while cancel_futures:
+                    try:  # get_nowait: a thread may take the last item after a check of empty()
                         _, _, future, _ = self._queue.get_nowait()
-                        if future is not None:
-                            future.cancel()
+                    except queue.Empty:
+                        break
+                    if future is not None:
+                        future.cancel()
                 # one stop mark per thread, after everything still queued
                 for _ in self._threads:
                     self._queue.put((1 << 30, next(self._order), None, lambda: None))
         if wait:
+            deadline = None if timeout is None else time.monotonic() + timeout
             for thread in self._threads:
-                thread.join()
+                thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
