@@ -152,13 +152,17 @@ def cmd_node(args: argparse.Namespace) -> int:
 
 def cmd_worker(args: argparse.Namespace) -> int:
     """A Celery worker: on the gpu queue it loads the model once and takes analyses one at a time;
-    on the io queue it delivers results (and loads no model)."""
+    on the io queue it delivers results (and loads no model) and gives back what a dead GPU worker held."""
+    import uuid
+
     import redis
 
     from records.metrics import redis_queue_depths, serve_metrics
     from worker import tasks
-    from worker.app import GPU_QUEUE, IO_QUEUE, make_celery, send_deliveries
+    from worker.app import GPU_QUEUE, IO_QUEUE, make_celery, send_analysis, send_deliveries
+    from worker.chat import redis_publisher
     from worker.dispatch import OutboxSweep
+    from worker.lapses import LapseSweep
     from worker.presence import Presence
 
     settings = _settings(args)
@@ -172,15 +176,25 @@ def cmd_worker(args: argparse.Namespace) -> int:
     presence = None
     if GPU_QUEUE in queues.split(","):
         ctx.backend  # load the model now: a load error stops the worker before it takes work
-        presence = Presence(redis.Redis.from_url(settings.broker_url), name, ctx.backend.model_id)
-        presence.start()  # the API tells "model down" from this
-    sweep = None
-    if IO_QUEUE in queues.split(","):  # what a previous run left in the outbox, then what the broker lost
-        policy = settings.delivery
-        depths = redis_queue_depths(redis.Redis.from_url(settings.broker_url), [IO_QUEUE])
-        sweep = OutboxSweep(ctx.sessions, lambda items: send_deliveries(app, items), interval_s=policy.sweep_s,
-                            grace_s=policy.sweep_grace_s, clock=utcnow, backlog=lambda: depths()[IO_QUEUE])
-        sweep.start()
+        # this start's own name: a container restarted after a crash has the same host name and pid
+        ctx.worker = f"{name}.{uuid.uuid4().hex[:8]}"  # recorded on the jobs and questions it takes
+        presence = Presence(redis.Redis.from_url(settings.broker_url), ctx.worker, ctx.backend.model_id)
+        presence.start()  # the API tells "model down" from this, and the io workers a dead worker's work
+    sweeps: list[OutboxSweep | LapseSweep] = []
+    if IO_QUEUE in queues.split(","):
+        policy, grace = settings.delivery, settings.worker.lapse_grace_s
+        client = redis.Redis.from_url(settings.broker_url)
+        depths = redis_queue_depths(client, [IO_QUEUE])
+        sweeps = [  # what a previous run left in the outbox, then what the broker lost
+            OutboxSweep(ctx.sessions, lambda items: send_deliveries(app, items), interval_s=policy.sweep_s,
+                        grace_s=policy.sweep_grace_s, clock=utcnow, backlog=lambda: depths()[IO_QUEUE]),
+            # what a dead GPU worker held, long before Redis would hand its message on (visibility timeout)
+            LapseSweep(ctx.sessions, client, lambda *analysis: send_analysis(app, *analysis),
+                       lambda exchange_id, event: redis_publisher(client, exchange_id)(event), grace_s=grace,
+                       interval_s=min(5.0, grace / 3), clock=utcnow),
+        ]
+        for sweep in sweeps:
+            sweep.start()
     try:
         # several tasks at once run as threads sharing one loaded model (and, in-process, its decode steps)
         concurrency = settings.worker.concurrency if args.concurrency is None else args.concurrency
@@ -188,7 +202,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         app.worker_main(["--quiet", "worker", *pool, "-Q", queues, "--without-mingle", "--without-gossip",
                          "-n", name, "-l", settings.log_level])
     finally:
-        if sweep is not None:
+        for sweep in sweeps:
             sweep.stop()
         if presence is not None:
             presence.stop()
@@ -238,7 +252,11 @@ def _sessions(settings):  # type: ignore[no-untyped-def]
     return make_session_factory(make_engine(settings.effective_database_url))
 
 
+STUDY_COLUMNS = ("study_instance_uid", "version", "state", "instances", "reason")
+
+
 def cmd_studies_list(args: argparse.Namespace) -> int:
+    """The studies as a table under a header line; none: "no studies" on stderr, so stdout holds only the table."""
     from sqlalchemy import select
 
     from records.tables import Study, StudyState
@@ -247,9 +265,15 @@ def cmd_studies_list(args: argparse.Namespace) -> int:
     if args.state:
         query = query.where(Study.state == StudyState(args.state))
     with _sessions(_settings(args))() as session:
-        for study in session.scalars(query):
-            print(f"{study.study_instance_uid}  v{study.version}  {study.state.value:20s} "
-                  f"{len(study.instances):3d} inst  {study.state_reason or ''}")
+        rows = [(s.study_instance_uid, f"v{s.version}", s.state.value, f"{len(s.instances):3d} inst",
+                 s.state_reason or "") for s in session.scalars(query)]
+    if not rows:
+        print(f"no studies{f' in state {args.state}' if args.state else ''}", file=sys.stderr)
+        return 0
+    table = [STUDY_COLUMNS, *rows]
+    width = max(len(row[0]) for row in table)
+    for uid, version, state, instances, reason in table:
+        print(f"{uid:{width}s}  {version:7s}  {state:20s} {instances:9s}  {reason}".rstrip())
     return 0
 
 
@@ -367,7 +391,7 @@ def cmd_studies_show(args: argparse.Namespace) -> int:
                           for i in study.instances],
             "priority": study.priority,
             "jobs": [{"version": j.study_version, "model": j.model_id, "revision": j.model_revision,
-                      "state": j.state.value, "attempts": j.attempts, "error": j.error,
+                      "state": j.state.value, "attempts": j.attempts, "error": j.error, "worker": j.worker,
                       "result": j.result.payload if j.result else None} for j in jobs],
             "deliveries": [{"kind": o.kind, "destination": o.destination, "uid": o.object_uid,
                             "state": o.state.value, "attempts": o.attempts, "last_error": o.last_error,
@@ -393,7 +417,8 @@ def _day(text: str) -> datetime:
 
 
 def _masked(settings) -> dict:  # type: ignore[no-untyped-def]
-    """The effective settings as JSON, passwords in URLs hidden (API keys are SecretStr: masked by pydantic)."""
+    """The effective settings as JSON, passwords in URLs hidden (API keys are SecretStr: masked by pydantic), and
+    of each token hash its first 8 digits: enough to tell users apart, too few to test guesses offline."""
     from sqlalchemy.engine import make_url
 
     data = settings.model_dump(mode="json")
@@ -401,11 +426,17 @@ def _masked(settings) -> dict:  # type: ignore[no-untyped-def]
     data["storage_dir"] = str(settings.effective_storage_dir)
     if settings.broker_url:
         data["broker_url"] = make_url(settings.broker_url).render_as_string(hide_password=True)
+    for user in data["api"]["users"]:
+        user["token_sha256"] = user["token_sha256"][:8] + "…"
     return data
 
 
+VISIBILITY_FACTOR = 4  # visibility timeouts above this many task time limits are worth a warning
+
+
 def cmd_config_check(args: argparse.Namespace) -> int:
-    """Print the effective configuration, then check each peer it names; exit 1 if one does not answer."""
+    """Print the effective configuration, then check each peer it names; exit 1 if one does not answer.
+    Warnings (``warn`` lines, last) name what works now but may lose or delay work: they leave the exit 0."""
     from sqlalchemy import text
     from tqdm import tqdm
 
@@ -416,7 +447,13 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     from worker.delivery.stow import qido_reachable
 
     settings = _settings(args)
-    print(json.dumps(_masked(settings), indent=2))
+    print(json.dumps(_masked(settings), indent=2, ensure_ascii=False))
+    warnings: list[str] = []  # what works now but loses or delays work later: said, not failed
+    worker = settings.worker
+    if settings.broker_url and worker.visibility_timeout_s > VISIBILITY_FACTOR * worker.task_time_limit_s:
+        warnings.append(f"worker.visibility_timeout_s ({worker.visibility_timeout_s:g} s) is more than "
+                        f"{VISIBILITY_FACTOR}x worker.task_time_limit_s ({worker.task_time_limit_s:g} s): an analysis "
+                        "whose worker died waits that long before Redis hands it to another worker")
 
     def database() -> Attempt:
         engine = make_engine(settings.effective_database_url)
@@ -432,11 +469,20 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     def broker() -> Attempt:
         import redis
 
+        client = redis.Redis.from_url(settings.broker_url or "", socket_timeout=settings.delivery.timeout_s)
         try:
-            redis.Redis.from_url(settings.broker_url or "", socket_timeout=settings.delivery.timeout_s).ping()
-            return Attempt(True, False, "PONG")
+            client.ping()
         except redis.RedisError as exc:
             return Attempt(False, True, str(exc))
+        try:
+            appendonly = client.config_get("appendonly").get("appendonly")
+        except redis.RedisError as exc:  # a managed Redis may refuse CONFIG
+            warnings.append(f"broker: cannot tell whether Redis keeps an append-only file ({exc})")
+        else:
+            if appendonly != "yes":
+                warnings.append("broker: Redis runs without appendonly: the queued analyses and deliveries are lost "
+                                "when it restarts (run it with --appendonly yes)")
+        return Attempt(True, False, "PONG")
 
     def storage() -> Attempt:  # the folder, or the nearest parent it will be created in
         folder = settings.effective_storage_dir
@@ -466,7 +512,7 @@ def cmd_config_check(args: argparse.Namespace) -> int:
         outcome = check()
         failed += not outcome.delivered
         lines.append(f"{'ok  ' if outcome.delivered else 'FAIL'}  {name}: {outcome.detail}")
-    print("\n".join(lines))
+    print("\n".join(lines + [f"warn  {warning}" for warning in warnings]))
     return 1 if failed else 0
 
 
@@ -502,9 +548,9 @@ def cmd_health(args: argparse.Namespace) -> int:
 
             from worker.presence import PREFIX
 
-            if settings.worker.metrics_port:
-                with urllib.request.urlopen(f"http://{loopback}:{settings.worker.metrics_port}/metrics",
-                                            timeout=5) as rsp:
+            metrics_port = settings.worker.metrics_port if args.metrics_port is None else args.metrics_port
+            if metrics_port:
+                with urllib.request.urlopen(f"http://{loopback}:{metrics_port}/metrics", timeout=5) as rsp:
                     rsp.read()
             client = redis.Redis.from_url(settings.broker_url or "", socket_timeout=5)
             client.ping()
@@ -524,9 +570,16 @@ def cmd_token(args: argparse.Namespace) -> int:
 
     from records.settings import ApiUser
 
+    missing = {"radiologist": None if args.person_name else "--person-name Family^Given (DICOM PN): the verifying "
+                                                            "observer their sign-offs name",
+               "sender": None if args.ae_title else "--ae-title AE: the calling AE title its studies are recorded "
+                                                    "under"}.get(args.role)
+    if missing:
+        print(f"radvlm-pacs token: a {args.role} needs {missing}", file=sys.stderr)
+        return 2
     token = secrets.token_urlsafe(32)
-    user = ApiUser(name=args.name, role=args.role, sources=args.sources or [],
-                   token_sha256=hashlib.sha256(token.encode()).hexdigest(),
+    user = ApiUser(name=args.name, role=args.role, sources=args.sources or [], person_name=args.person_name,
+                   ae_title=args.ae_title, token_sha256=hashlib.sha256(token.encode()).hexdigest(),
                    expires=utcnow() + timedelta(days=args.days) if args.days else None)
     entry = user.model_dump(mode="json", exclude_defaults=True)
     entry.setdefault("role", user.role)
@@ -588,10 +641,19 @@ def _parser() -> argparse.ArgumentParser:
     health = sub.add_parser("health", help="container health check of this host's node, API or worker")
     health.add_argument("part", choices=["node", "api", "worker"])
     health.add_argument("--gpu", action="store_true", help="worker: also require a live GPU worker on this host")
+    health.add_argument("--metrics-port", type=int, help="worker: the Prometheus port to ask (default "
+                                                         "worker.metrics_port; 0: none), as given to its worker "
+                                                         "--metrics-port")
     health.set_defaults(func=cmd_health)
     token = sub.add_parser("token", help="make an API token: prints it once, and the api.users entry with its hash")
     token.add_argument("name", help="user name (audit log, sign-offs)")
-    token.add_argument("--role", choices=["radiologist", "admin"], default="radiologist")
+    token.add_argument("--role", choices=["radiologist", "admin", "sender"], default="radiologist",
+                       help="radiologist: read, ask, sign off; admin: every study and the audit log; sender: store "
+                            "studies by STOW-RS")
+    token.add_argument("--person-name", help="DICOM PN, e.g. House^Gregory: the verifying observer of the user's "
+                                             "sign-offs (required for a radiologist)")
+    token.add_argument("--ae-title", help="the calling AE title a sender's studies are recorded under (required "
+                                          "for a sender)")
     token.add_argument("--days", type=int, default=90, help="valid for this many days (0: until removed)")
     token.add_argument("--sources", nargs="*", metavar="AE", help="calling AE titles whose studies the user sees")
     token.set_defaults(func=cmd_token)

@@ -87,8 +87,20 @@ def current_sender(user: Annotated[ApiUser, Depends(authenticated)]) -> ApiUser:
 
 
 def get_audit(request: Request, session: Annotated[Session, Depends(get_session)],
-              user: Annotated[ApiUser, Depends(current_user)]) -> Audit:
-    return Audit(session, user, _client(request))
+              user: Annotated[ApiUser, Depends(current_user)]) -> Iterator[Audit]:
+    """The request's audit events, given their outcome once the route has ended: 0, 4 when it was refused
+    (a 4xx problem), 8 when it failed (5xx, or an error the route did not expect). In the function
+    scope (``AuditDep``), so that happens before the answer is sent."""
+    audit = Audit(session, user, _client(request), f"{request.method} {request.url.path}")
+    try:
+        yield audit
+    except Problem as exc:
+        audit.end(exc.status, exc.title)
+        raise
+    except Exception as exc:
+        audit.end(500, type(exc).__name__)
+        raise
+    audit.end(200)
 
 
 def get_asker(request: Request) -> Asker:
@@ -112,7 +124,7 @@ StoreDep = Annotated[InstanceStore, Depends(get_store)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 CurrentUser = Annotated[ApiUser, Depends(current_user)]
 CurrentSender = Annotated[ApiUser, Depends(current_sender)]
-AuditDep = Annotated[Audit, Depends(get_audit)]
+AuditDep = Annotated[Audit, Depends(get_audit, scope="function")]
 AskerDep = Annotated[Asker, Depends(get_asker)]
 DeliverDep = Annotated[Deliver, Depends(get_deliver)]
 Offset = Annotated[int, Query(ge=0, le=2**31 - 1, description="rows to skip (a database integer)")]

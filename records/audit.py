@@ -60,8 +60,8 @@ class Outcome(enum.IntEnum):
     """EventOutcomeIndicator."""
 
     success = 0
-    minor_failure = 4  # e.g. some instances of an association refused
-    serious_failure = 8  # e.g. an analysis that failed, a delivery given up
+    minor_failure = 4  # e.g. some instances of an association refused, an API request refused (4xx)
+    serious_failure = 8  # e.g. an analysis that failed, a delivery given up, an API request that failed (5xx)
     major_failure = 12
 
 
@@ -74,17 +74,27 @@ def process_host() -> str:
 
 def record(session: Session, action: str, *, at: datetime, user: str, role: str, client: str | None = None,
            study_uid: str | None = None, detail: str | None = None,
-           outcome: Outcome = Outcome.success) -> AuditEvent:
-    """Add the event to the session (the caller commits) and hand it to the syslog collector, if any."""
+           outcome: Outcome = Outcome.success, send: bool = True) -> AuditEvent:
+    """Add the event to the session (the caller commits) and hand it to the syslog collector, if any.
+
+    ``send=False``: the outcome is not known yet (an API request still running); the caller calls
+    ``send_event`` once it is, since a message sent cannot be corrected.
+    """
     if action not in EVENT_TYPES:
         raise ValueError(f"unknown audit action {action!r}")
     event = AuditEvent(at=at, user_name=user[:64], role=role, action=action, study_instance_uid=study_uid,
                        detail=detail, client=client, outcome=int(outcome))
     session.add(event)
+    if send:
+        send_event(event)
+    return event
+
+
+def send_event(event: AuditEvent) -> None:
+    """Hand the event to the syslog collector, if one is configured."""
     collector = logging.getLogger(AUDIT_LOGGER)
     if collector.handlers:
-        collector.info("%s", action, extra={"audit_event": event})
-    return event
+        collector.info("%s", event.action, extra={"audit_event": event})
 
 
 def audit_message(event: AuditEvent, source_id: str) -> str:

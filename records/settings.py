@@ -173,6 +173,11 @@ class WorkerSettings(Section):
     retry_backoff_s: float = Field(default=10, gt=0)
     visibility_timeout_s: float = Field(default=3600, gt=0,
                                         description="Redis redelivers an unacknowledged task after this long")
+    lapse_grace_s: float = Field(default=15, gt=0,
+                                 description="a GPU worker is taken for dead once its Redis announcement (renewed "
+                                             "every 5 s, kept 15 s) has been gone this long: an io worker then "
+                                             "queues its running analyses again and fails its questions, long "
+                                             "before the visibility timeout")
     stat_rules: list[PriorityRule] = Field(default_factory=lambda: [
         PriorityRule(keyword="RequestedProcedurePriority", value="STAT"),
         PriorityRule(keyword="ScheduledProcedureStepPriority", value="HIGH"),

@@ -170,6 +170,8 @@ class Job(Base):
     created_at: Mapped[datetime]
     started_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]
+    worker: Mapped[str | None] = mapped_column(String(200), doc="the GPU worker (its name in worker.presence) "
+                                                                 "that claimed it last; None in serve")
 
     result: Mapped[Result | None] = relationship(back_populates="job")
 
@@ -273,6 +275,8 @@ class Exchange(Base):
     model_revision: Mapped[str | None] = mapped_column(String(64))
     asked_at: Mapped[datetime]
     answered_at: Mapped[datetime | None]
+    worker: Mapped[str | None] = mapped_column(String(200), doc="the GPU worker answering it (worker.presence); "
+                                                                 "None in serve")
 
     conversation: Mapped[Conversation] = relationship(back_populates="exchanges")
 

@@ -69,15 +69,28 @@ def test_answers_carry_the_headers_a_security_review_asks_for(client):
     assert page.headers["content-security-policy"].startswith("default-src 'none'; script-src 'self';")
 
 
-def test_token_command_prints_a_token_once_and_an_entry_with_its_hash(capsys):
-    assert main(["token", "dr.north", "--days", "30", "--sources", "NORTHPACS"]) == 0
+def _token_entry(capsys, *args: str) -> tuple[str, ApiUser]:  # type: ignore[no-untyped-def]
+    """The token the command printed, and the user its settings entry makes."""
+    assert main(["token", *args]) == 0
     out, err = capsys.readouterr()
-    token = err.rsplit(": ", 1)[1].strip()
     entry = tomllib.loads(f"users = [ {out.strip().rstrip(',')} ]")["users"][0]
-    user = ApiUser.model_validate(entry)
-    assert token not in out and user.token_sha256 == _digest(token)
-    assert user.sources == ["NORTHPACS"] and user.role == "radiologist"
+    return err.rsplit(": ", 1)[1].strip(), ApiUser.model_validate(entry)
+
+
+def test_token_command_prints_a_token_once_and_an_entry_with_its_hash(capsys):
+    token, user = _token_entry(capsys, "dr.north", "--days", "30", "--sources", "NORTHPACS",
+                               "--person-name", "North^Anna")
+    assert user.token_sha256 == _digest(token)
+    assert user.sources == ["NORTHPACS"] and user.role == "radiologist" and user.observer_name == "North^Anna"
     assert timedelta(days=29) < user.expires - datetime.now(timezone.utc) <= timedelta(days=30)
+    _, sender = _token_entry(capsys, "cloud.archive", "--role", "sender", "--ae-title", "CLOUDPACS")
+    assert (sender.role, sender.ae_title, sender.person_name) == ("sender", "CLOUDPACS", None)
+    # what a sign-off or a STOW-RS reception needs is asked for, not left to fail later
+    assert main(["token", "dr.south"]) == 2
+    assert "a radiologist needs --person-name" in capsys.readouterr().err
+    assert main(["token", "pacs", "--role", "sender"]) == 2
+    assert capsys.readouterr() == ("", "radvlm-pacs token: a sender needs --ae-title AE: the calling AE title its "
+                                       "studies are recorded under\n")
     with pytest.raises(ValueError, match="UTC offset"):
         ApiUser(name="x", token_sha256=_digest("x"), expires=datetime(2030, 1, 1))
 

@@ -7,15 +7,19 @@ import logging
 import socket
 import xml.etree.ElementTree as ET
 
+import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import select
+from sqlalchemy import select, update
 
+from api.askers import LocalAsker
 from api.main import create_app
 from records.audit import AUDIT_LOGGER, send_to_syslog
 from records.db import make_engine, make_session_factory
-from records.tables import AuditEvent
-from tests.conftest import RG1_STUDY, RG3_STUDY, radiograph, storescu
+from records.tables import AuditEvent, Result
+from tests.conftest import RG1_STUDY, RG3_STUDY, radiograph, storescu, worker_context
 from tests.test_chat import HOUSE, auth, settings_for
+from worker.backends.scripted import ScriptedBackend
+from worker.model_thread import ModelThread
 
 
 def _events(running) -> list[tuple[str, str, str | None, int]]:  # type: ignore[no-untyped-def]
@@ -104,3 +108,75 @@ def test_a_flood_of_bad_tokens_is_audited_once_a_minute_and_never_holds_back_a_v
     assert failed[3] == ("invalid token: GET /studies (over 3 a minute: this address's further failures this "
                          "minute are not recorded)")
     assert failed[4] == "invalid token: GET /studies"
+
+
+def test_refused_requests_are_audited_as_failures_naming_what_was_asked(analysed_node):
+    """EventOutcomeIndicator 4 for a refusal, with the route, its parameters and the problem's title; the one
+    request that succeeded stays 0."""
+    admin = auth("it.admin")
+    sign_off = f"/studies/{RG1_STUDY}/sign-off"
+    with TestClient(create_app(settings_for(analysed_node.running))) as client:
+        assert client.get("/audit", params={"user_name": "it.admin"}, headers=HOUSE).status_code == 403
+        assert client.post(f"/studies/{RG1_STUDY}/conversations", json={}, headers=admin).status_code == 403
+        assert client.post(sign_off, json={"report": "x", "findings": []}, headers=admin).status_code == 403
+        assert client.post(sign_off, json={"report": "Cardiomegaly.", "findings": ["Cardiomegaly"]},
+                           headers=HOUSE).status_code == 201
+        assert client.post(sign_off, json={"report": "Again.", "findings": []}, headers=HOUSE).status_code == 409
+        assert client.get("/studies/1.2.3", headers=HOUSE).status_code == 404
+        assert client.get("/studies", params={"finding": "Tumour"}, headers=HOUSE).status_code == 422
+        log = client.get("/audit", headers=admin).json()
+    rows = [(e["action"], e["user_name"], e["outcome"], e["detail"]) for e in reversed(log)
+            if e["action"] != "read_audit" or e["user_name"] == "dr.house"]
+    assert rows[-7:] == [
+        ("read_audit", "dr.house", 4, "refused 403 admins only: GET /audit (user_name=it.admin)"),
+        ("start_conversation", "it.admin", 4,
+         f"refused 403 radiologists only: POST /studies/{RG1_STUDY}/conversations"),
+        ("sign_off", "it.admin", 4, f"refused 403 radiologists only: POST {sign_off} (findings: none)"),
+        ("sign_off", "dr.house", 0, "findings: Cardiomegaly"),
+        ("sign_off", "dr.house", 4, f"refused 409 already signed off: POST {sign_off} (findings: none)"),
+        ("read_study", "dr.house", 4, "refused 404 unknown study: GET /studies/1.2.3"),
+        ("list_studies", "dr.house", 4, "refused 422 unknown finding: GET /studies (finding=Tumour)"),
+    ]
+    assert log[0]["action"] == "read_audit" and (log[0]["outcome"], log[0]["detail"]) == (0, None)
+
+
+class _Failing(ScriptedBackend):
+    """The scripted test backend whose model fails on every question."""
+
+    def follow_up(self, turns):  # type: ignore[no-untyped-def]
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+
+def test_a_request_that_fails_is_a_serious_failure_sent_to_syslog_once_with_its_outcome(analysed_node):
+    running = analysed_node.running
+    collector = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    collector.bind(("127.0.0.1", 0))
+    collector.settimeout(5)
+    handler = send_to_syslog("127.0.0.1", collector.getsockname()[1], "RADVLM")
+    try:
+        with ModelThread() as thread, TestClient(create_app(
+                settings_for(running), LocalAsker(worker_context(running, _Failing()), thread)),
+                raise_server_exceptions=False) as client:
+            cid = client.post(f"/studies/{RG1_STUDY}/conversations", json={}, headers=HOUSE).json()["id"]
+            asked = client.post(f"/studies/{RG1_STUDY}/conversations/{cid}/questions", json={"text": "Effusion?"},
+                                headers=HOUSE)
+            with running.sessions() as session, session.begin():  # a stored result this version cannot read
+                session.execute(update(Result).values(payload={"images": "?"}))
+            broken = client.get(f"/studies/{RG1_STUDY}", headers=HOUSE)
+            sent = [ET.fromstring(collector.recv(65536).decode().split(" - ", 1)[1]) for _ in range(3)]
+            collector.settimeout(0.5)
+            with pytest.raises(TimeoutError):
+                collector.recv(65536)  # one message per event: none for the attempt, another for its outcome
+    finally:
+        logging.getLogger(AUDIT_LOGGER).removeHandler(handler)
+        handler.close()
+        collector.close()
+    assert (asked.status_code, broken.status_code) == (502, 500)
+    assert [m.find("EventIdentification").get("EventOutcomeIndicator") for m in sent] == ["0", "8", "8"]
+    with running.sessions() as session:
+        rows = session.execute(select(AuditEvent.action, AuditEvent.outcome, AuditEvent.detail)
+                               .order_by(AuditEvent.id.desc()).limit(2)).all()
+    assert [tuple(r) for r in reversed(rows)] == [
+        ("ask", 8, f"failed 502 the model could not answer: POST /studies/{RG1_STUDY}/conversations/{cid}/questions "
+                   "(Effusion?)"),
+        ("read_study", 8, f"failed 500 ValidationError: GET /studies/{RG1_STUDY}")]

@@ -112,6 +112,14 @@ def test_answers_stream_token_by_token(chat):
     assert done["boxes"][0]["px"] == pytest.approx([0.33 * 1841, 0.45 * 1955, 0.78 * 1841, 0.79 * 1955])
 
 
+def test_a_conversation_asked_without_a_body_is_about_the_first_analysed_image(chat):
+    client, _ = chat
+    bare = client.post(f"/studies/{RG1_STUDY}/conversations", headers=HOUSE)
+    assert bare.status_code == 201, bare.text
+    [first] = client.get(f"/studies/{RG1_STUDY}", headers=HOUSE).json()["result"]["images"]
+    assert bare.json()["sop_instance_uid"] == first["sop_instance_uid"]
+
+
 def test_each_problem_has_its_own_status(chat, analysed_node):
     client, _ = chat
     unknown = client.post("/studies/1.2.3/conversations", json={}, headers=HOUSE)
@@ -183,8 +191,8 @@ def test_roles_visibility_and_audit(chat):
     assert ("read_study", RG1_STUDY, None) in actions
     assert ("ask", RG1_STUDY, "Any pneumothorax?") in actions
     assert all(e["client"] == "testclient" and e["role"] == "radiologist" for e in log)
-    assert ("read_study", RG1_STUDY, None) in [
-        (e["action"], e["study_instance_uid"], e["detail"])
+    assert ("read_study", RG1_STUDY, f"refused 404 unknown study: GET /studies/{RG1_STUDY}", 4) in [
+        (e["action"], e["study_instance_uid"], e["detail"], e["outcome"])
         for e in client.get("/audit", params={"user_name": "dr.elsewhere"}, headers=admin).json()]
 
 

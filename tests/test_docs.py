@@ -25,6 +25,7 @@ from worker.delivery.outbox import SR_CLASSES, hl7_result
 from worker.pipeline import AnalysisOptions, analyse_image
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
+README = DOCS.parent / "README.md"
 
 
 def _rows_naming(text: str, uid: str) -> list[str]:
@@ -62,3 +63,26 @@ def test_hl7_example_is_what_the_code_builds():
     built = hl7_result(result, header, hl7, urgent, when).payload.decode()
     parse_strict(built)
     assert built.replace("\r", "\n").strip() == example
+
+
+def test_readme_names_each_route_that_answers_without_a_token(sqlite_url, tmp_path):
+    """Every other route answers 401 without one (test_api); these open ones are named in the README."""
+    from collections import defaultdict
+
+    from fastapi.testclient import TestClient
+    from starlette.routing import Route
+
+    from api.main import PAGE, create_app
+    from records.settings import Settings
+
+    app = create_app(Settings(database_url=sqlite_url, storage_dir=tmp_path))
+    calls = [(method, route.path) for route in app.routes if isinstance(route, Route)
+             for method in sorted(route.methods - {"HEAD"})]
+    calls += [("GET", f"/ui/{file.name}") for file in sorted(PAGE.iterdir())]
+    with TestClient(app) as client:
+        answered = {path for method, path in calls if client.request(
+            method, path.format_map(defaultdict(lambda: "1")), json={}, follow_redirects=False).status_code != 401}
+    assert {"/health", "/metrics", "/openapi.json", "/docs", "/ui/app.js"} <= answered
+    readme = README.read_text()
+    assert [path for path in sorted(answered) if f"`{path}`" not in readme and f"`{Path(path).name}`" not in readme] \
+        == []

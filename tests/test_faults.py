@@ -3,7 +3,7 @@ no study analysed twice, every result delivered once.
 
 The node killed in the middle of a C-STORE, Redis killed while studies wait in the queue, PostgreSQL
 stopped in the middle of an association. (The worker killed during an analysis is in
-test_production_layout; the destination down during the analysis, in test_delivery.)"""
+test_production_layout and test_lapses; the destination down during the analysis, in test_delivery.)"""
 
 from __future__ import annotations
 

@@ -16,6 +16,7 @@ from records.settings import Destination
 from records.tables import DeliveryState, OutboxItem, Study, StudyState, StudyVersion
 from tests.conftest import free_port, radiograph, storescu, wait_for, worker_context
 from tests.orthanc import running_orthanc
+from tests.processes import PrivateRedis
 from tests.test_production_layout import _listening
 
 RG1_STUDY = "1.3.6.1.4.1.5962.1.2.9.20040826185059.5457"
@@ -103,6 +104,20 @@ def _job_id(session, version: int) -> int | None:  # type: ignore[no-untyped-def
     return session.scalar(select(Job.id).where(Job.study_version == version))
 
 
+def test_studies_list_has_a_header_and_says_when_there_are_none(sqlite_url, start_node, monkeypatch, capsys):
+    monkeypatch.setenv("RADVLM_DATABASE_URL", sqlite_url)
+    assert main(["studies", "list"]) == 0
+    assert capsys.readouterr() == ("", "no studies\n")  # stdout holds the table only: empty
+    node = start_node(sqlite_url)
+    assert storescu(node.port, radiograph("RG1_UNCI.dcm")).returncode == 0
+    assert main(["studies", "list"]) == 0
+    header, row = capsys.readouterr().out.splitlines()
+    assert header.split() == ["study_instance_uid", "version", "state", "instances", "reason"]
+    assert row.split()[:2] == [RG1_STUDY, "v1"] and row.index(" v1 ") + 1 == header.index("version")
+    assert main(["studies", "list", "--state", "failed"]) == 0
+    assert capsys.readouterr() == ("", "no studies in state failed\n")
+
+
 def test_config_check_echoes_every_destination_and_hides_secrets(sqlite_url, tmp_path, monkeypatch, capsys):
     closed = free_port()
     hl7_port = free_port()
@@ -133,6 +148,51 @@ def test_config_check_echoes_every_destination_and_hides_secrets(sqlite_url, tmp
                for line in lines)
     assert any(line.startswith(f"ok    RIS 127.0.0.1:{hl7_port}") for line in lines)
     assert any(line.startswith("FAIL  broker") and "Connection refused" in line for line in lines)
+
+
+def test_config_check_shows_a_token_hash_in_part_and_warns_of_what_may_lose_work(sqlite_url, tmp_path, monkeypatch,
+                                                                                 capsys):
+    import hashlib
+
+    import redis
+
+    digest = hashlib.sha256(b"a token").hexdigest()
+    broker = PrivateRedis(tmp_path / "redis", free_port())  # with its append-only file, as production runs it
+    broker.start()
+    try:
+        wait_for(lambda: _listening(broker.port), 20)
+        monkeypatch.setenv("RADVLM_DATABASE_URL", sqlite_url)
+        monkeypatch.setenv("RADVLM_BROKER_URL", broker.url)
+        monkeypatch.setenv("RADVLM_API__USERS", json.dumps([{"name": "dr.house", "token_sha256": digest}]))
+        assert main(["config", "check"]) == 0
+        durable = capsys.readouterr().out
+        redis.Redis.from_url(broker.url).config_set("appendonly", "no")
+        monkeypatch.setenv("RADVLM_WORKER__VISIBILITY_TIMEOUT_S", "3700")  # just over 4x the 900 s time limit
+        assert main(["config", "check"]) == 0  # warnings leave the exit status alone
+        volatile = capsys.readouterr().out
+    finally:
+        broker.kill()
+    assert digest not in durable and f'"token_sha256": "{digest[:8]}…"' in durable
+    assert "ok    broker: PONG" in durable and "warn" not in durable
+    assert [line for line in volatile.splitlines() if line.startswith("warn")] == [
+        "warn  worker.visibility_timeout_s (3700 s) is more than 4x worker.task_time_limit_s (900 s): an analysis "
+        "whose worker died waits that long before Redis hands it to another worker",
+        "warn  broker: Redis runs without appendonly: the queued analyses and deliveries are lost when it restarts "
+        "(run it with --appendonly yes)"]
+
+
+def test_health_of_a_second_worker_asks_its_own_metrics_port(monkeypatch, capsys):
+    from prometheus_client import start_http_server
+
+    server, _ = start_http_server(0, addr="127.0.0.1")  # the second worker's `--metrics-port`
+    monkeypatch.setenv("RADVLM_BROKER_URL", "redis://127.0.0.1:6379/0")  # a PING, nothing written
+    monkeypatch.setenv("RADVLM_WORKER__METRICS_PORT", str(free_port()))  # the first worker's: not running
+    try:
+        assert main(["health", "worker"]) == 1
+        assert "Connection refused" in capsys.readouterr().err
+        assert main(["health", "worker", "--metrics-port", str(server.server_port)]) == 0
+    finally:
+        server.shutdown()
 
 
 @pytest.mark.parametrize("allowed", [[], ["RADVLM-HEALTH"]])

@@ -64,8 +64,9 @@ def _job(session: Session, study_id: int, version: int, backend: ModelBackend, n
 
 
 def claim(sessions: sessionmaker[Session], study_id: int, version: int, backend: ModelBackend,
-          now: datetime) -> int | None:
-    """Mark the job running and return its id; None when there is nothing (left) to do."""
+          now: datetime, worker: str | None = None) -> int | None:
+    """Mark the job running (by ``worker``, the GPU worker's announced name) and return its id; None when
+    there is nothing (left) to do."""
     with sessions() as session, session.begin():
         study = session.scalar(select(Study).where(Study.id == study_id).with_for_update())
         if study is None:
@@ -77,7 +78,7 @@ def claim(sessions: sessionmaker[Session], study_id: int, version: int, backend:
         if study.version != version:
             job.state, job.error, job.finished_at = JobState.superseded, f"study is at version {study.version}", now
             return None
-        job.state, job.attempts, job.started_at = JobState.running, job.attempts + 1, now
+        job.state, job.attempts, job.started_at, job.worker = JobState.running, job.attempts + 1, now, worker
         study.state, study.state_reason = StudyState.analysing, f"analysing with {backend.model_id}"
         return job.id
 
@@ -170,10 +171,10 @@ def fail(sessions: sessionmaker[Session], study_id: int, version: int, model_rev
 
 def run_analysis(study_id: int, version: int, *, sessions: sessionmaker[Session], store: InstanceStore,
                  backend: ModelBackend, options: AnalysisOptions, clock: Clock,
-                 outputs: Outputs | None = None) -> list[int]:
+                 outputs: Outputs | None = None, worker: str | None = None) -> list[int]:
     """Analyse one study version end to end; idempotent. Returns the new outbox items to deliver."""
     outputs = outputs or Outputs()
-    job_id = claim(sessions, study_id, version, backend, clock())
+    job_id = claim(sessions, study_id, version, backend, clock(), worker)
     if job_id is None:
         return []
     start = time.perf_counter()

@@ -3,7 +3,8 @@
 At-least-once with idempotent results: tasks are acknowledged late, each of a worker's threads
 (``worker.concurrency``) takes one task at a time, and Redis redelivers what a dead worker never
 acknowledged (after ``visibility_timeout``, set above the task time limit, and swept for every few
-seconds). Results are unique per (study, version, model revision).
+seconds); a dead GPU worker's work is given back sooner by an io worker (worker.lapses). Results are unique
+per (study, version, model revision).
 """
 
 from __future__ import annotations
@@ -45,6 +46,11 @@ def make_celery(settings: Settings) -> Celery:
     )
     app.radvlm_settings = settings  # read by worker.tasks to build the process's context once
     return app
+
+
+def send_analysis(app: Celery, study_id: int, version: int, priority: int) -> None:
+    """One gpu-queue message for a study version, at the study's priority (STAT first)."""
+    app.send_task(ANALYSE_TASK, args=[study_id, version], queue=GPU_QUEUE, priority=priority)
 
 
 def send_deliveries(app: Celery, items: list[int]) -> None:

@@ -51,7 +51,7 @@ def history(exchanges: list[Exchange], position: int) -> list[Turn]:
     return turns
 
 
-def _claim(session: Session, exchange_id: int) -> tuple[list[Turn], str] | Event:
+def _claim(session: Session, exchange_id: int, worker: str | None) -> tuple[list[Turn], str] | Event:
     """The turns and image path to answer with, or the terminal event of an exchange already settled."""
     exchange = session.get(Exchange, exchange_id, with_for_update=True)
     if exchange is None:
@@ -67,16 +67,17 @@ def _claim(session: Session, exchange_id: int) -> tuple[list[Turn], str] | Event
         exchange.error = removed(instance.removed_at) if instance else "the conversation's image is no longer stored"
         return {"type": "error", "status": 410, "detail": exchange.error}
     path = instance.path
-    exchange.state = ExchangeState.answering
+    exchange.state, exchange.worker = ExchangeState.answering, worker
     return history(conversation.exchanges, exchange.position), path
 
 
 def answer_question(exchange_id: int, *, sessions: sessionmaker[Session], store: InstanceStore,
                     backend: ModelBackend, params: GenerationParams, clock: Callable[[], datetime],
-                    publish: Publish) -> None:
-    """Answer one exchange and store the answer; every outcome ends with a ``done`` or ``error`` event."""
+                    publish: Publish, worker: str | None = None) -> None:
+    """Answer one exchange and store the answer; every outcome ends with a ``done`` or ``error`` event.
+    ``worker``: the GPU worker's announced name, kept on the exchange while it answers (worker.lapses)."""
     with sessions() as session, session.begin():
-        claimed = _claim(session, exchange_id)
+        claimed = _claim(session, exchange_id, worker)
     if isinstance(claimed, dict):
         publish(claimed)
         return

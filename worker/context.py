@@ -27,6 +27,9 @@ class WorkerContext:
     options: AnalysisOptions
     outputs: Outputs
     deliver: Deliver = lambda items: None  # noqa: E731 (replaced by the composition root)
+    # the name a GPU worker announces in Redis (worker.presence), recorded on the jobs and questions it takes
+    # so that an io worker's sweep can give them back if it dies (worker.lapses); None in serve
+    worker: str | None = None
     _backend: ModelBackend | None = None
 
     @property

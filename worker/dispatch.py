@@ -15,7 +15,7 @@ from dicom_node.storage import InstanceStore
 from records.clock import Clock, utcnow
 from records.settings import PriorityRule
 from records.tables import Instance, Study, StudyState, StudyVersion
-from worker.app import ANALYSE_TASK, GPU_QUEUE, ROUTINE_PRIORITY, STAT_PRIORITY
+from worker.app import ROUTINE_PRIORITY, STAT_PRIORITY, send_analysis
 from worker.context import WorkerContext
 from worker.delivery.outbox import due_items
 from worker.jobs import attempt, deliver_once
@@ -58,7 +58,7 @@ class CeleryDispatcher:
 
     def __call__(self, study_id: int, version: int) -> None:
         priority = study_priority(self.sessions, self.store, study_id, self.rules)
-        self.app.send_task(ANALYSE_TASK, args=[study_id, version], queue=GPU_QUEUE, priority=priority)
+        send_analysis(self.app, study_id, version, priority)
         log.info("study %d version %d queued for analysis (priority %d)", study_id, version, priority)
 
 

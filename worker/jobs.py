@@ -46,7 +46,7 @@ def attempt(ctx: WorkerContext, study_id: int, version: int, retries_done: int) 
 def _attempt(ctx: WorkerContext, study_id: int, version: int, retries_done: int) -> float | None:
     try:
         items = run_analysis(study_id, version, sessions=ctx.sessions, store=ctx.store, backend=ctx.backend,
-                             options=ctx.options, clock=utcnow, outputs=ctx.outputs)
+                             options=ctx.options, clock=utcnow, outputs=ctx.outputs, worker=ctx.worker)
     except (PermanentFailure, PromptTooLong) as exc:  # no retry makes the prompt shorter
         log.error("study %d version %d failed: %s", study_id, version, exc)
         fail(ctx.sessions, study_id, version, ctx.backend.model_revision, str(exc), utcnow())
@@ -100,4 +100,4 @@ def answer(ctx: WorkerContext, exchange_id: int, publish: Publish) -> None:
     """Answer one chat question with the context's model, streaming to ``publish``."""
     answer_question(exchange_id, sessions=ctx.sessions, store=ctx.store, backend=ctx.backend,
                     params=GenerationParams(max_new_tokens=ctx.options.max_new_tokens), clock=utcnow,
-                    publish=publish)
+                    publish=publish, worker=ctx.worker)

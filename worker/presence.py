@@ -1,4 +1,5 @@
-"""GPU workers announce themselves in Redis, so the API can tell "the model is down" at once.
+"""GPU workers announce themselves in Redis, so the API can tell "the model is down" at once, and an io
+worker can give back what a dead one held (worker.lapses).
 
 A Celery ``ping`` would not do: a worker answers control messages only when its consumer gets to
 them, so a worker busy with studies could look dead. A thread beside the task refreshes a key with a
@@ -39,6 +40,11 @@ class Presence:
         self._stop.set()
         self._thread.join()
         self.client.delete(self.key)
+
+
+def announced(client: Any, name: str) -> bool:
+    """Whether the GPU worker ``name`` announced itself within its time to live (``client``: redis.Redis)."""
+    return bool(client.exists(PREFIX + name))
 
 
 def gpu_workers(client: Any) -> list[str]:

@@ -27,7 +27,8 @@ def audit_log(session: SessionDep, user: CurrentUser, audit: AuditDep, user_name
               limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> list[AuditEventPublic]:
     """The newest audit events first: who received, analysed, sent, read or asked what about which study, when,
     and how it ended (this read included)."""
-    audit("read_audit", study, f"user_name={user_name} action={action}")
+    filters = {"user_name": user_name, "action": action}
+    audit("read_audit", study, "; ".join(f"{k}={v}" for k, v in filters.items() if v) or None)
     if user.role != "admin":
         raise Problem(403, "admins only", f"only an admin may read the audit log; {user.name} is {user.role}")
     query = select(AuditEvent).order_by(AuditEvent.id.desc()).limit(limit)

@@ -47,17 +47,19 @@ def _require_image(study: Study, sop: str) -> None:
 
 
 @router.post("", status_code=201, response_model=ConversationPublic)
-def create_conversation(uid: str, body: ConversationIn, session: SessionDep, user: CurrentUser,
-                        audit: AuditDep) -> ConversationPublic:
-    """Start a conversation about one analysed image of the study (the first one unless named)."""
-    audit("start_conversation", uid, body.sop_instance_uid)
+def create_conversation(uid: str, session: SessionDep, user: CurrentUser, audit: AuditDep,
+                        body: ConversationIn | None = None) -> ConversationPublic:
+    """Start a conversation about one analysed image of the study (the first one unless named; no body: the
+    first one)."""
+    named = body.sop_instance_uid if body else None
+    audit("start_conversation", uid, named)
     require_radiologist(user, "ask the model")
     study = find_study(session, user, uid)
     result = latest_result(session, study)
     if study.state not in CHATTABLE or result is None:
         raise Problem(409, "study not analysed", f"study {uid} is {study.state.value}: ask once it is analysed")
     analysed = [image.sop_instance_uid for image in result.images]
-    sop = body.sop_instance_uid or analysed[0]
+    sop = named or analysed[0]
     if sop not in analysed:
         raise Problem(404, "no such image", f"image {sop} was not analysed in study {uid}")
     _require_image(study, sop)
