@@ -248,11 +248,13 @@ def analysed_node(sqlite_url: str, start_node) -> Iterator[AnalysedNode]:  # typ
         runner.start()
         assert storescu(node.port, radiograph("RG1_UNCI.dcm"), radiograph("RG3_UNCI.dcm")).returncode == 0
 
-        def state() -> StudyState | None:
+        def state(uid: str) -> StudyState | None:
             with node.sessions() as session:
-                return session.scalar(select(Study.state).where(Study.study_instance_uid == RG1_STUDY))
+                return session.scalar(select(Study.state).where(Study.study_instance_uid == uid))
 
-        wait_for(lambda: state() is StudyState.analysed, 30)
+        # both settled: the tibia too, or a test that asks about it could find it still receiving under load
+        wait_for(lambda: state(RG1_STUDY) is StudyState.analysed and state(RG3_STUDY) is StudyState.nothing_to_analyse,
+                 30)
         yield AnalysedNode(node, runner, model_thread)
         runner.close()
 
