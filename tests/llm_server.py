@@ -1,7 +1,8 @@
 """ScriptedLLM: an OpenAI-compatible chat endpoint for tests, answering by which prompt it gets.
 
 It is the named test double for the LLM that cleans reports, writes conversations and judges;
-it records every prompt, so a test sees what the real endpoint would have been asked.
+it records every prompt, so a test sees what the real endpoint would have been asked. With
+``api_key`` it answers 401 to any other key, as OpenAI does.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from dataclasses import dataclass, field
 
 import uvicorn
 from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
 
 from tests.conftest import free_port
 
@@ -28,6 +30,7 @@ CONVERSATION = [
 class ScriptedLLM:
     prompts: list[str] = field(default_factory=list)
     port: int = field(default_factory=free_port)
+    api_key: str | None = None  # None: any key will do
 
     def reply(self, prompt: str) -> str:
         if prompt.rstrip().endswith("Rewritten findings:"):
@@ -43,8 +46,11 @@ class ScriptedLLM:
     def app(self) -> FastAPI:
         app = FastAPI()
 
-        @app.post("/v1/chat/completions")
-        async def complete(request: Request) -> dict:
+        @app.post("/v1/chat/completions", response_model=None)
+        async def complete(request: Request) -> dict | JSONResponse:
+            if self.api_key is not None and request.headers.get("authorization") != f"Bearer {self.api_key}":
+                return JSONResponse({"error": {"message": "Incorrect API key provided", "type": "invalid_request_error",
+                                               "code": "invalid_api_key"}}, status_code=401)
             body = await request.json()
             prompt = body["messages"][-1]["content"]
             self.prompts.append(prompt)

@@ -164,6 +164,39 @@ def test_iu_xray_reports_take_the_frontal_image_and_drop_comparisons(tmp_path: P
         "Heart size is normal."
 
 
+def test_iu_xray_answers_lose_the_de_identification_marks_and_the_build_counts_them(tmp_path: Path, capsys) -> None:
+    """The whole archive: 1,103 of its 3,243 report answers carried XXXX (its de-identification): a model
+    trained on them writes XXXX. After the build none does, and the table says how many reports changed."""
+    from radvlm_pacs import main
+
+    link(txv_data("NLMCXR_reports.tgz"), tmp_path)
+    link(txv_data("nlmcxr_tsne_pa.csv.gz"), tmp_path)
+    picture = placeholder_png(tmp_path / "picture.png", 8, 8)
+    with gzip.open(tmp_path / "nlmcxr_tsne_pa.csv.gz", "rt") as handle:
+        frontal = [row["imageid"] for row in csv.DictReader(handle) if row["tsne-view"] == "PA"]
+    (tmp_path / "NLMCXR_png").mkdir()
+    for image in frontal:  # every frontal image in place (one small picture), so that the build checks them all
+        (tmp_path / "NLMCXR_png" / f"{image}.png").symlink_to(picture)
+    out = tmp_path / "iu.json"
+    assert main(["train", "dataset", "--data", f"iu-xray={tmp_path}", "--out", str(out)]) == 0
+    built = {entry["id"]: entry["conversations"][1]["value"] for entry in json.loads(out.read_text())}
+    assert sum("XXXX" in answer for answer in built.values()) == 0  # before: 1,103
+    assert 3200 < len(built) < 3243  # a few reports say nothing once their marked sentences went
+    printed = capsys.readouterr().out
+    [row] = [line.split() for line in printed.splitlines() if line.startswith("iu-xray/report ")]
+    assert row[-2:] == ["1,103", "0"]  # de-id: reports whose marks were taken out; no-image: none missing
+    assert ("iu-xray/report: 1,103 reports had de-identification marks (XXXX, ___): 1,313 sentences dropped, "
+            "107 rewritten without the mark") in printed
+    # report 1395 as written: "Lungs are clear. No parenchymal infiltrates. No pulmonary edema. No XXXX of pleural
+    # effusions. No XXXX of acute cardiopulmonary disease. normal": the sentences say the same without the mark
+    assert built["iu-xray-1395"] == ("Lungs are clear. No parenchymal infiltrates. No pulmonary edema. No pleural "
+                                     "effusions. No acute cardiopulmonary disease. normal")
+    # report 1135: "Heart XXXX, mediastinum, XXXX, bony structures and lung XXXX are unremarkable. Stable small
+    # calcified granuloma left base. No XXXX acute findings/opacities/infiltrates noted.": the first needs the
+    # missing words (dropped), the second compares (dropped), the third reads without the mark
+    assert built["iu-xray-1135"] == "No acute findings/opacities/infiltrates noted."
+
+
 def test_mimic_report_sections() -> None:
     text = (" FINAL REPORT\n EXAMINATION:  CHEST (PA AND LAT)\n \n INDICATION:  ___ with cough\n \n"
             " FINDINGS: \n \n The lungs are clear.  No effusion.\n \n IMPRESSION: \n \n No acute process.\n")

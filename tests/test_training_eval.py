@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -18,7 +19,7 @@ from torchmetrics.detection import MeanAveragePrecision
 from tests.conftest import free_port
 from tests.llm_server import CONVERSATION, ScriptedLLM
 from tests.training_data import placeholder_png
-from training import conversations, instructions, metrics
+from training import answers, conversations, evaluate, instructions, metrics
 from training.conversations import Case
 from training.instructions import Instruction
 from training.llm import ChatLLM, Endpoint
@@ -61,6 +62,7 @@ def test_grounding_ap_all_point_by_hand() -> None:
     assert metrics.average_precision([a, miss, b], [a, b]) == pytest.approx(0.5 + 1 / 3)
     assert metrics.average_precision([a, a], [a]) == 1.0  # the second copy cannot take the same box
     assert metrics.average_precision([], [a]) == 0.0 and metrics.average_precision([a], []) == 0.0
+    assert metrics.average_precision([], []) == 1.0  # no finding, no box drawn: a true negative
     assert metrics.mean_average_precision([("At [0.1, 0.1, 0.3, 0.3].", "At [0.1, 0.1, 0.3, 0.3]."),
                                            ("At [0.6, 0.6, 0.9, 0.9].", "At [0.1, 0.1, 0.3, 0.3].")]) == 0.5
 
@@ -96,16 +98,21 @@ def test_rouge_l() -> None:
     assert metrics.rouge_l(["the heart is normal"], ["the heart is mildly enlarged"]) == pytest.approx(2 / 3)
 
 
-def test_bertscore_with_a_local_model(tmp_path: Path) -> None:
+def _tiny_bert(folder: Path) -> str:
+    """A 2-layer BERT with random weights and a 14-word vocabulary, for BERTScore."""
     from transformers import BertConfig, BertModel, BertTokenizerFast
 
     words = "the heart is enlarged normal lungs are clear there no effusion".split()
     vocab = {word: index for index, word in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words])}
-    BertTokenizerFast(vocab=vocab, model_max_length=64).save_pretrained(tmp_path / "bert")
+    BertTokenizerFast(vocab=vocab, model_max_length=64).save_pretrained(folder)
     torch.manual_seed(0)
     BertModel(BertConfig(vocab_size=5 + len(words), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                         intermediate_size=64)).save_pretrained(tmp_path / "bert")
-    model = str(tmp_path / "bert")
+                         intermediate_size=64)).save_pretrained(folder)
+    return str(folder)
+
+
+def test_bertscore_with_a_local_model(tmp_path: Path) -> None:
+    model = _tiny_bert(tmp_path / "bert")
     same = metrics.bert_score_f1(["the heart is enlarged"], ["the heart is enlarged"], model, num_layers=2)
     other = metrics.bert_score_f1(["the lungs are clear"], ["the heart is enlarged"], model, num_layers=2)
     assert same == pytest.approx(1.0, abs=1e-5) and other < same
@@ -179,3 +186,57 @@ def test_evaluate_command_end_to_end(llm: ScriptedLLM, tmp_path: Path) -> None:
     assert len(predictions) == 4 and all(p["answers"] for p in predictions)
     judge_prompt = llm.prompts[-1]
     assert "Expected answer: The heart appears enlarged." in judge_prompt and "enlarged heart" in judge_prompt
+
+
+class ExactJudge(ScriptedLLM):
+    """A judge that gives 10/10 when every generated answer is the expected one, else 0/10."""
+
+    def reply(self, prompt: str) -> str:
+        expected = re.findall(r"^Expected answer: (.*)$", prompt, re.MULTILINE)
+        generated = re.findall(r"^Generated answer: (.*)$", prompt, re.MULTILINE)
+        return f"Overall score: {10 if expected and generated == expected else 0}/10"
+
+
+def test_the_references_score_perfectly_on_every_task(tmp_path: Path) -> None:
+    """Each task ``train evaluate`` scores, with the reference answers as the model's: every metric perfect,
+    images without findings included (detection's "no lesion", "No abnormalities")."""
+    rng = random.Random(5)
+    a, b, c = (0.1, 0.2, 0.4, 0.5), (0.55, 0.3, 0.9, 0.7), (0.3, 0.1, 0.7, 0.35)
+    rounds = {
+        "report": [answers.report(rng, "The heart is enlarged. No effusion."),
+                   answers.report(rng, "The lungs are clear.")],
+        # every label named somewhere: macro F1 averages all 13 (RadVLM's definition)
+        "abnormalities": [answers.abnormalities(rng, list(PATHOLOGIES[:7])),
+                          answers.abnormalities(rng, list(PATHOLOGIES[7:])),
+                          answers.abnormalities(rng, ["Pneumothorax"]), answers.abnormalities(rng, [])],
+        "abnormality-grounding": [answers.location(rng, "Cardiomegaly", [a]),
+                                  answers.location(rng, "Nodule/Mass", [a, b])],
+        "anatomical-grounding": [answers.location(rng, "right lung", [b])],
+        "phrase-grounding": [answers.phrase(rng, "small left effusion", [c, a])],
+        "detection": [answers.detection(rng, {"Cardiomegaly": [a], "Pleural effusion": [b, c]}),
+                      answers.detection(rng, {}), answers.detection(rng, {})],  # two images without findings
+        "conversation": [(CONVERSATION[0]["value"], CONVERSATION[1]["value"])],
+        "grounded-conversation": [(CONVERSATION[2]["value"], CONVERSATION[3]["value"])],
+    }
+    assert set(rounds) == set(instructions.TASKS)  # a new task needs its reference test
+    predictions = [evaluate.Prediction(id=f"{task}{index}", task=task, source="t", questions=[question],
+                                       references=[answer], answers=[answer])
+                   for task, pairs in rounds.items() for index, (question, answer) in enumerate(pairs)]
+    judge = ExactJudge()
+    server = judge.start()
+    try:
+        scores = evaluate.score(predictions, evaluate.Scoring(
+            bertscore_model=_tiny_bert(tmp_path / "bert"), bertscore_layers=2,
+            judge=ChatLLM(Endpoint(url=judge.url, model="scripted"))))
+    finally:
+        server.should_exit = True
+
+    assert set(scores) == set(instructions.TASKS)
+    assert scores["report"]["rouge_l"] == 1.0 and scores["report"]["bertscore_f1"] == pytest.approx(1.0, abs=1e-5)
+    for average in ("micro", "macro"):
+        assert scores["abnormalities"][average] == {"precision": 1.0, "recall": 1.0, "f1": 1.0}
+    assert all(entry["f1"] == 1.0 for entry in scores["abnormalities"]["per_label"].values())
+    for task in evaluate.GROUNDING_TASKS:
+        assert scores[task]["map50"] == 1.0, task
+    for task in evaluate.CONVERSATION_TASKS:
+        assert scores[task]["judge_score"] == 10.0 and scores[task]["judged"] == 1, task

@@ -97,3 +97,39 @@ def test_an_instruction_longer_than_the_limit_is_refused(tiny_model: Path, tmp_p
     processor = AutoProcessor.from_pretrained(tiny_model)
     with pytest.raises(BadInstruction, match="over the maximum length 64"):
         Collator(processor, max_length=64)(_items(tmp_path, 1))
+
+
+def test_a_lora_run_is_a_checkpoint_that_evaluate_loads(tiny_model: Path, tmp_path: Path) -> None:
+    """``--lora`` leaves a merged checkpoint (the adapter beside it), trained at LoRA's own learning rate."""
+    import subprocess
+    import sys
+
+    from radvlm_pacs import main
+    from training import instructions
+
+    data, out = tmp_path / "train.json", tmp_path / "lora"
+    instructions.write(_items(tmp_path, 2), data)
+    assert main(["train", "finetune", "--model", str(tiny_model), "--data", str(data), "--out", str(out), "--lora",
+                 "--epochs", "2", "--batch-size", "2", "--grad-accum", "1", "--logging-steps", "1",
+                 "--workers", "0"]) == 0
+    merged = LlavaOnevisionForConditionalGeneration.from_pretrained(out).state_dict()
+    base = LlavaOnevisionForConditionalGeneration.from_pretrained(tiny_model).state_dict()
+    assert merged.keys() == base.keys()  # no LoRA layers left
+    changed = {name for name in base if not torch.equal(merged[name], base[name])}
+    assert changed and all("language_model" in name and "proj" in name for name in changed)
+    env = {"RADVLM_MODEL__ID": str(out), "RADVLM_MODEL__DEVICE": "cpu", "RADVLM_MODEL__MAX_NEW_TOKENS": "4",
+           "RADVLM_MODEL__PREFIX_CACHE_MB": "0", "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin",
+           "HOME": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-m", "radvlm_pacs", "train", "evaluate", "--data", str(data),
+                           "--out", str(tmp_path / "eval"), "--limit", "1"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    [prediction] = [json.loads(line) for line in (tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()]
+    assert prediction["id"] == "t0" and len(prediction["answers"]) == 2
+    assert (tmp_path / "eval" / "metrics.json").exists()
+    assert (out / "adapter" / "adapter_config.json").exists()
+
+    # LoRA's learning rate when none is given (--lr); the full fine-tune keeps RadVLM's
+    assert json.loads((out / "recipe.json").read_text())["learning_rate"] == 2e-4
+    assert Recipe(lora=True).learning_rate == 2e-4 and Recipe().learning_rate == 1e-5
+    assert Recipe(lora=True, learning_rate=5e-5).learning_rate == 5e-5

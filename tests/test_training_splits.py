@@ -10,10 +10,10 @@ import random
 from pathlib import Path
 
 from radvlm_pacs import main
-from tests.training_data import placeholder_dicom, txv_data
+from tests.training_data import placeholder_dicom, placeholder_png, txv_data
 from training import recipe
 from training.reports import RuleCleaner
-from training.sources import site
+from training.sources import chexpert, site
 
 VINDR_IMAGE = "9a5094b2563a1ef3ff50dc5c7ff71345"  # three readers in VinBigData's table
 
@@ -52,6 +52,8 @@ def test_chexpert_and_vindr_test_splits_are_taken_once(tmp_path, capsys):
     _write(chexpert_root / "test_labels.csv", labels, rows)
     frontal = sum("frontal" in row["Path"] for row in rows)
     assert 0 < frontal < len(rows)
+    for row in rows:  # the images, which the build checks
+        placeholder_png(chexpert.image_path(chexpert_root, row["Path"]), 12, 10)
     # VinDr's test annotations: real boxes of one image, under the name PhysioNet gives the test table
     columns, rows = _real_rows("vinbigdata-train.csv.gz", lambda row: row["image_id"] == VINDR_IMAGE)
     vindr_root = tmp_path / "vindr"
@@ -63,10 +65,13 @@ def test_chexpert_and_vindr_test_splits_are_taken_once(tmp_path, capsys):
                  "--data", f"vindr-cxr={vindr_root}", "--out", str(out)]) == 0
     table = {line.split()[0]: line.split()[1:] for line in capsys.readouterr().out.splitlines()[1:-1]}
     labelled = {row["class_name"] for row in rows} - {"No finding"}
-    # part: built, paper, ratio, repeats, written: once each, and the paper's 518 for the whole CheXpert test set
-    assert table["chexpert/abnormalities"] == [str(frontal), "518", f"{frontal / 518:.3f}", "1", str(frontal)]
-    assert table["vindr-cxr/abnormality-grounding"] == [str(len(labelled)), "-", "-", "1", str(len(labelled))]
-    assert table["vindr-cxr/detection"] == ["1", "-", "-", "1", "1"]
+    # part: built, paper, ratio, repeats, written: once each, and the paper's 518 for the whole CheXpert test set;
+    # de-id, no-image: no report, every image in place
+    assert table["chexpert/abnormalities"] == [str(frontal), "518", f"{frontal / 518:.3f}", "1", str(frontal), "0",
+                                               "0"]
+    assert table["vindr-cxr/abnormality-grounding"] == [str(len(labelled)), "-", "-", "1", str(len(labelled)), "0",
+                                                        "0"]
+    assert table["vindr-cxr/detection"] == ["1", "-", "-", "1", "1", "0", "0"]
     built = json.loads(out.read_text())
     assert len(built) == frontal + len(labelled) + 1 and len({entry["id"] for entry in built}) == len(built)
     assert all("-test-" in entry["id"] for entry in built)

@@ -6,7 +6,9 @@ GPU, gradient checkpointing, batch 1 per device with 2 accumulation steps; loss 
 assistant's tokens only (``training.examples``). Several GPUs or nodes: launch with
 ``accelerate launch`` (or ``torchrun``) and pass ``--deepspeed training/zero3.json``: the
 Trainer hands the model to DeepSpeed ZeRO-3 and this optimizer's two learning rates go with it.
-One GPU: ``--lora`` trains low-rank adapters on the language model (peft) instead.
+One GPU: ``--lora`` trains low-rank adapters on the language model (peft) instead, at its own
+learning rate (2e-4 unless one is given), and merges them into the model at the end: the output
+folder is then a full checkpoint like any other, with the adapter alone in its ``adapter/`` folder.
 
 Checkpoints land in the output folder every ``save_steps``; ``resume`` picks up the last one.
 Each log step is appended to ``metrics.jsonl`` there, with samples per second and peak GPU memory.
@@ -15,6 +17,7 @@ Each log step is appended to ``metrics.jsonl`` there, with samples per second an
 from __future__ import annotations
 
 import json
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -32,16 +35,23 @@ from transformers import (
 
 from training.examples import Collator
 from training.instructions import Instruction
+from training.lengths import within
 
 VISION = "vision_tower"
 LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+FULL_LEARNING_RATE = 1e-5  # RadVLM's, for the language model and projector
+LORA_LEARNING_RATE = 2e-4  # the usual LoRA rate (LLaVA-1.5's finetune_lora.sh, QLoRA): 1e-5 barely moves adapters
+ADAPTER = "adapter"  # a LoRA run's adapter alone, in this folder of the output
 
 
 @dataclass
 class Recipe:
-    """RadVLM's settings (``finetune_radio_7b.sh``) as defaults."""
+    """RadVLM's settings (``finetune_radio_7b.sh``) as defaults.
 
-    learning_rate: float = 1e-5
+    ``learning_rate`` None: ``FULL_LEARNING_RATE``, or ``LORA_LEARNING_RATE`` with ``lora``.
+    """
+
+    learning_rate: float | None = None
     vision_learning_rate: float = 2e-6
     epochs: float = 1.0
     warmup_ratio: float = 0.03
@@ -61,6 +71,10 @@ class Recipe:
     lora_alpha: int = 16
     dataloader_workers: int = 4
     extra: dict[str, Any] = field(default_factory=dict)  # any other TrainingArguments field
+
+    def __post_init__(self) -> None:
+        if self.learning_rate is None:
+            self.learning_rate = LORA_LEARNING_RATE if self.lora else FULL_LEARNING_RATE
 
 
 class Instructions(Dataset):
@@ -152,11 +166,21 @@ def load_model(checkpoint: str, recipe: Recipe) -> Any:
 
 
 def finetune(checkpoint: str, items: list[Instruction], output: Path, recipe: Recipe,
-             image_folder: Path | None = None, resume: bool = False) -> dict[str, Any]:
-    """Train on ``items`` and save model and processor to ``output``; returns the final metrics."""
+             image_folder: Path | None = None, resume: bool = False, too_long: str = "refuse") -> dict[str, Any]:
+    """Train on ``items`` and save model and processor to ``output``; returns the final metrics.
+
+    A LoRA run saves its adapter to ``output / ADAPTER`` and the model with the adapter merged to
+    ``output``, so that ``output`` loads as any checkpoint does (``train evaluate``, ``serve``).
+    Before ``output`` is made, every datapoint's length is counted (``training.lengths``): one over
+    ``recipe.max_length`` is ``TooLong`` (``too_long="refuse"``) or left out, counted on stderr ("skip").
+    """
+    processor = AutoProcessor.from_pretrained(checkpoint)
+    fitting = within(items, processor, recipe.max_length, image_folder, skip=too_long == "skip")
+    if fitting.too_long:
+        print(f"left out: {fitting.summary(recipe.max_length)}", file=sys.stderr)
+    items = fitting.kept
     output.mkdir(parents=True, exist_ok=True)
     (output / "recipe.json").write_text(json.dumps(asdict(recipe), default=str, indent=2))
-    processor = AutoProcessor.from_pretrained(checkpoint)
     args = training_arguments(recipe, output)
     trainer = RadVLMTrainer(
         model=load_model(checkpoint, recipe), args=args, train_dataset=Instructions(items),
@@ -165,7 +189,9 @@ def finetune(checkpoint: str, items: list[Instruction], output: Path, recipe: Re
                               recipe.batch_size * recipe.gradient_accumulation * args.world_size)],
         vision_learning_rate=recipe.vision_learning_rate)
     result = trainer.train(resume_from_checkpoint=resume or None)
-    trainer.save_model(str(output))
+    trainer.save_model(str(output / ADAPTER if recipe.lora else output))
     if trainer.is_world_process_zero():
+        if recipe.lora:
+            trainer.model.merge_and_unload().save_pretrained(str(output))
         processor.save_pretrained(str(output))
     return dict(result.metrics)

@@ -8,6 +8,7 @@ in RadVLM's data; ``task`` and ``source`` let the evaluation and the counts grou
 from __future__ import annotations
 
 import json
+import os
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -75,16 +76,23 @@ class Instruction:
 
 
 def write(instructions: Iterable[Instruction], path: Path) -> Counter[tuple[str, str]]:
-    """Write the LLaVA JSON list; returns how many datapoints each (source, task) gave."""
+    """Write the LLaVA JSON list; returns how many datapoints each (source, task) gave. The list goes
+    to ``{path}.part`` and takes ``path``'s name once whole: a build that fails leaves no file there."""
     counts: Counter[tuple[str, str]] = Counter()
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w") as out:
-        out.write("[")
-        for index, item in enumerate(instructions):
-            out.write(",\n" if index else "\n")
-            json.dump(item.llava(), out, ensure_ascii=False)
-            counts[(item.source, item.task)] += 1
-        out.write("\n]\n")
+    partial = path.with_name(path.name + ".part")
+    try:
+        with partial.open("w") as out:
+            out.write("[")
+            for index, item in enumerate(instructions):
+                out.write(",\n" if index else "\n")
+                json.dump(item.llava(), out, ensure_ascii=False)
+                counts[(item.source, item.task)] += 1
+            out.write("\n]\n")
+        os.replace(partial, path)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
     return counts
 
 

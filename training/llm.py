@@ -5,11 +5,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from openai import OpenAI, OpenAIError
+from openai import AuthenticationError, NotFoundError, OpenAI, OpenAIError, PermissionDeniedError
+
+from training.errors import Refused
 
 
 class LLMError(RuntimeError):
     """The endpoint failed or gave nothing; the message says which endpoint and why."""
+
+
+class LLMRefused(Refused):
+    """The endpoint refuses every request alike (401 or 403: the key; 404: the URL or the model name):
+    no fallback, the command stops. Not an ``LLMError``, so no caller takes it for one report's failure."""
 
 
 @dataclass(frozen=True)
@@ -19,6 +26,9 @@ class Endpoint:
     api_key: str = "unused"
     timeout_s: float = 120.0
     max_retries: int = 3
+
+
+KEY_ENV = "RADVLM_LLM_API_KEY"  # where the commands read the endpoint's key
 
 
 class ChatLLM:
@@ -34,9 +44,17 @@ class ChatLLM:
             reply = self._client.chat.completions.create(
                 model=self.endpoint.model, messages=[{"role": "user", "content": prompt}],
                 temperature=0.0, max_tokens=max_tokens)
+        except (AuthenticationError, PermissionDeniedError, NotFoundError) as exc:
+            raise LLMRefused(f"{self.endpoint.url} ({self.endpoint.model}) refuses the request: {_first_line(exc)}; "
+                             f"check the key (${KEY_ENV}), the URL and the model name") from exc
         except OpenAIError as exc:
             raise LLMError(f"{self.endpoint.url} ({self.endpoint.model}): {type(exc).__name__}: {exc}") from exc
         text = (reply.choices[0].message.content or "").strip() if reply.choices else ""
         if not text:
             raise LLMError(f"{self.endpoint.url} ({self.endpoint.model}) answered nothing")
         return text
+
+
+def _first_line(exc: Exception) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0][:300] if lines else type(exc).__name__

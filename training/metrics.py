@@ -2,11 +2,17 @@
 
 - Abnormalities: the 13 label names matched as lower-case substrings of the answer and of the
   reference (``worker.parsing.labels_as_radvlm_evaluates``), then precision, recall and F1 per
-  label, micro and macro.
-- Grounding: every ``[x1, y1, x2, y2]`` of the answer, in the order written, matched greedily to
-  the unmatched reference box it overlaps most, at IoU >= 0.5; the average precision of each
-  datapoint (VOC's all-point interpolation; 0 when either side has no box), and their mean.
-  ``interpolation="101-point"`` gives COCO's, which the tests compare with torchmetrics.
+  label, micro and macro. Macro averages all 13 labels as RadVLM's code does: a label that neither
+  side names scores 0, so macro reaches 1 only on a test set whose references name every label.
+- Grounding and detection: every ``[x1, y1, x2, y2]`` of the answer, in the order written, matched
+  greedily to the unmatched reference box it overlaps most, at IoU >= 0.5; the average precision of
+  each datapoint (VOC's all-point interpolation), and their mean. A datapoint whose reference has
+  boxes scores 0 when the answer has none. One whose reference has none (detection on an image
+  without findings) scores 1 when the answer has none either (a true negative) and 0 when it draws
+  any. RadVLM's code scores every datapoint with an empty side 0, a correct "no lesion" included;
+  the grounding tasks' references always have boxes, so their mAP (the paper's figures) is the
+  same either way. ``interpolation="101-point"`` gives COCO's, which the tests compare with
+  torchmetrics.
 - Reports: ROUGE-L (Google's ``rouge-score``) and BERTScore (``bert-score``, any local or hub model).
 """
 
@@ -57,9 +63,16 @@ def matches(predicted: Sequence[NormBox], reference: Sequence[NormBox], threshol
 
 def average_precision(predicted: Sequence[NormBox], reference: Sequence[NormBox], threshold: float = 0.5,
                       interpolation: str = "all-point") -> float:
+    """AP of ``predicted`` (in the order written) against ``reference`` at IoU >= ``threshold``.
+
+    No reference box: 1.0 when nothing is predicted either (a true negative), else 0.0. Reference
+    boxes but none predicted: 0.0.
+    """
     if interpolation not in INTERPOLATIONS:
         raise ValueError(f"interpolation must be one of {INTERPOLATIONS}")
-    if not predicted or not reference:
+    if not reference:
+        return 0.0 if predicted else 1.0
+    if not predicted:
         return 0.0
     hits = np.array(matches(predicted, reference, threshold), dtype=float)
     true_positives = np.cumsum(hits)

@@ -2,23 +2,40 @@
 
 A part runs when the folders it reads are given. Repeating a part draws new question and answer
 templates, as RadVLM's up-sampling did; a cap keeps a random subset (Chest ImaGenome: 80,000).
-``counts_table`` sets what was built beside the paper's figure for the same part.
+``counts_table`` sets what was built beside the paper's figure for the same part, with what
+de-identification marks cost its reports and the images it could not use.
+
+A build that checks images (``Inputs.images``: refuse or skip) reads each image once, on a few
+threads: a DICOM header with Rows and Columns, or a file PIL opens and verifies; the sizes the
+boxes need come from the same read. Refusing stops at the first part with an image missing or
+unreadable, naming how many and the first; skipping leaves their datapoints out and counts them.
 """
 
 from __future__ import annotations
 
+import difflib
 import functools
 import random
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass, replace
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from training import conversations
+from training.errors import Refused
 from training.instructions import Instruction
 from training.llm import ChatLLM
-from training.reports import Cleaner
+from training.progress import progress
+from training.reports import Cleaner, Marks
 from training.sources import chexpert, imagenome, iu_xray, mimic, nih, phrases, rsna, site, vindr
-from training.sources.files import ImageSize, find, header_size
+from training.sources.files import ImageSize, Layout, UnusableImage, checked_size, find, header_size
+
+IMAGE_CHECKS = ("unchecked", "refuse", "skip")
+CHECK_THREADS = 16  # image reads at once: file systems, not CPUs, set the pace
+
+
+class BuildError(Refused, ValueError):
+    """A build that cannot start or go on; the message says what to give or change."""
 
 
 @dataclass(frozen=True)
@@ -32,6 +49,7 @@ class Inputs:
     uncertain: str = "absent"
     llm: ChatLLM | None = None  # writes conversations
     cache: Path = Path("llm-cache")  # the LLM's answers, so that a build resumes
+    images: str = "unchecked"  # or "refuse" / "skip" an image that is missing or does not open
 
     def has(self, name: str) -> bool:
         return self.llm is not None if name == LLM else name in self.folders
@@ -118,17 +136,51 @@ PARTS: tuple[Part, ...] = (
          test=True),
 )
 DATASETS = sorted({name for part in PARTS for name in part.needs if name != LLM})
+#: what each data set's folder holds for the builders (``train dataset --help``, docs/training.md)
+LAYOUTS: dict[str, Layout] = {
+    "chest-imagenome": imagenome.LAYOUT, "chexpert": chexpert.LAYOUT, "chexpert-plus": chexpert.PLUS_LAYOUT,
+    "iu-xray": iu_xray.LAYOUT, "mimic-cxr": mimic.LAYOUT, "ms-cxr": phrases.MS_CXR_LAYOUT,
+    "nih-chestxray14": nih.LAYOUT, "padchest-gr": phrases.PADCHEST_LAYOUT, "rsna-pneumonia": rsna.LAYOUT,
+    "site": site.LAYOUT, "vindr-cxr": vindr.LAYOUT,
+}
 
 
 def runnable(inputs: Inputs, only: Iterable[str] = ()) -> list[Part]:
     wanted = set(only)
-    unknown = wanted - {part.name for part in PARTS}
-    if unknown:
-        raise ValueError(f"unknown parts {sorted(unknown)}; known: {[p.name for p in PARTS]}")
+    names = [part.name for part in PARTS]
+    for name in sorted(wanted - set(names)):
+        close = difflib.get_close_matches(name, names, n=1)
+        raise BuildError(f"--only {name}: no such part" + (f" (did you mean {close[0]}?)" if close else "")
+                         + f"; parts: {', '.join(names)}")
     if inputs.split not in SPLITS:
-        raise ValueError(f"unknown split {inputs.split!r}; known: {list(SPLITS)}")
+        raise BuildError(f"unknown split {inputs.split!r}; known: {list(SPLITS)}")
     return [part for part in PARTS if all(inputs.has(name) for name in part.needs)
             and (not wanted or part.name in wanted) and (inputs.split == "train" or part.test)]
+
+
+def select(inputs: Inputs, only: Iterable[str] = ()) -> list[Part]:
+    """``runnable``'s parts; none is a ``BuildError`` that says why (a folder or the LLM missing, or no
+    test split in the sources given)."""
+    only = list(only)
+    parts = runnable(inputs, only)
+    if parts:
+        return parts
+    if not inputs.folders:
+        raise BuildError(f"nothing to build: no --data NAME=FOLDER given (NAME one of {', '.join(DATASETS)})")
+    wanted = [p for p in PARTS if p.name in only] if only else [p for p in PARTS if set(p.needs) & set(inputs.folders)]
+    reasons, untested = [], []
+    for part in wanted:
+        missing = [name for name in part.needs if not inputs.has(name)]
+        if missing:
+            reasons.append(f"{part.name} needs " + " and ".join("--llm-url and --llm-model" if name == LLM
+                                                                  else f"--data {name}=FOLDER" for name in missing))
+        elif not part.test:
+            untested.append(part.name)
+    if untested:
+        tested = sorted({name for p in PARTS if p.test for name in p.needs if name != LLM})
+        reasons.insert(0, f"--split test, and {', '.join(untested)} {'has' if len(untested) == 1 else 'have'} no "
+                          f"test split (the sources with one: {', '.join(tested)})")
+    raise BuildError("nothing to build: " + "; ".join(reasons))
 
 
 @dataclass
@@ -138,32 +190,125 @@ class Tally:
     repeats: int  # the recipe's up-sampling in training; a test set is taken once
     built: int = 0  # distinct datapoints, before repeats
     written: int = 0  # with repeats
+    marks: Marks = field(default_factory=Marks)  # what de-identification marks cost its reports (first round)
+    bad_images: dict[str, str] = field(default_factory=dict)  # image -> why it cannot be used
+    skipped: int = 0  # datapoints left out for their image, every round
+
+
+class BadImages(BuildError):
+    """Images a build refuses to go on without."""
+
+    def __init__(self, part: str, bad: Mapping[str, str], images: int) -> None:
+        path, reason = next(iter(bad.items()))
+        super().__init__(f"{part}: {len(bad):,d} of {images:,d} images missing or unreadable, the first {path} "
+                         f"({reason}); put them in place, or --missing-images skip to leave their datapoints out")
+
+
+class ImageCheck:
+    """Every image of a build read once: its size, or why it cannot be used (``files.checked_size``).
+
+    ``size`` is what the builders that need sizes call: an image that cannot be used raises
+    ``UnusableImage``, which they take as a reason to skip it, and is noted for the part being built;
+    ``check`` does the others' images, on ``threads`` threads, and gives the part's verdicts.
+    """
+
+    def __init__(self, size: ImageSize = header_size, threads: int = CHECK_THREADS) -> None:
+        self.verdicts: dict[str, tuple[int, int] | UnusableImage] = {}
+        self.other_size = None if size is header_size else functools.cache(size)  # a caller's own (tests)
+        self.threads = threads
+        self.refused: dict[str, str] = {}  # by ``size``, since the last ``check``
+
+    def size(self, path: Path) -> tuple[int, int]:
+        verdict = self._verdict(str(path))
+        if isinstance(verdict, UnusableImage):
+            self.refused[str(path)] = verdict.reason
+            raise UnusableImage(path, verdict.reason)
+        return verdict if self.other_size is None else self.other_size(path)
+
+    def _verdict(self, image: str) -> tuple[int, int] | UnusableImage:
+        if image not in self.verdicts:
+            self.verdicts[image] = _read(image)
+        return self.verdicts[image]
+
+    def check(self, items: Iterable[Instruction], what: str) -> tuple[dict[str, str], int]:
+        """The images of ``items`` and those ``size`` refused since the last call: (image -> why, for
+        those that cannot be used; how many images in all)."""
+        images = list(dict.fromkeys(item.image for item in items))
+        todo = [image for image in images if image not in self.verdicts]
+        with ThreadPoolExecutor(self.threads) as pool:
+            for image, verdict in progress(zip(todo, pool.map(_read, todo)), f"{what}: images", total=len(todo),
+                                           unit="image"):
+                self.verdicts[image] = verdict
+        bad, self.refused = dict(self.refused), {}
+        for image in images:
+            verdict = self.verdicts[image]
+            if isinstance(verdict, UnusableImage):
+                bad[image] = verdict.reason
+        return bad, len(set(images) | set(bad))
+
+
+def _read(image: str) -> tuple[int, int] | UnusableImage:
+    try:
+        return checked_size(Path(image))
+    except UnusableImage as exc:
+        return exc
 
 
 def build(parts: Iterable[Part], inputs: Inputs, rng: random.Random, tallies: list[Tally]) -> Iterator[Instruction]:
     """Every datapoint of ``parts``, repeats included (ids get ``-r{n}`` from the second round); a test split
     whole, once. Each image's size is read once per build, however many parts and repeats use it (VinDr:
-    15,000 headers, five passes)."""
-    inputs = replace(inputs, size=functools.cache(inputs.size))
+    15,000 headers, five passes); so is each image's check (``inputs.images``)."""
+    if inputs.images not in IMAGE_CHECKS:
+        raise BuildError(f"images must be one of {IMAGE_CHECKS}, not {inputs.images!r}")
+    check = ImageCheck(inputs.size) if inputs.images != "unchecked" else None
+    inputs = replace(inputs, size=check.size if check else functools.cache(inputs.size))
     training = inputs.split == "train"
     for part in parts:
         tally = Tally(part, part.paper_count(inputs.split), part.repeats if training else 1)
         tallies.append(tally)
         for round_ in range(tally.repeats):
-            items = list(part.build(inputs, rng))
+            marks = replace(inputs.cleaner.marks)
+            rounds = f" (round {round_ + 1} of {tally.repeats})" if tally.repeats > 1 else ""
+            items = list(progress(part.build(inputs, rng), part.name + rounds))
             if training and part.cap is not None and len(items) > part.cap:
                 items = rng.sample(items, part.cap)
             if round_ == 0:
                 tally.built = len(items)
+                tally.marks = inputs.cleaner.marks - marks
+            if check is not None:
+                bad, images = check.check(items, part.name)
+                if bad and inputs.images == "refuse":
+                    raise BadImages(part.name, bad, images)
+                tally.bad_images.update(bad)
+                kept = [item for item in items if item.image not in bad]
+                tally.skipped += len(items) - len(kept)
+                items = kept
             for item in items:
                 tally.written += 1
                 yield item if round_ == 0 else replace(item, id=f"{item.id}-r{round_}")
 
 
 def counts_table(tallies: Iterable[Tally]) -> str:
-    """What was built beside the paper's figure for each part."""
-    lines = [f"{'part':40} {'built':>9} {'paper':>9} {'ratio':>7} {'repeats':>7} {'written':>9}"]
+    """What was built beside the paper's figure for each part; ``de-id``: its reports that had
+    de-identification marks taken out; ``no-image``: its images missing or unreadable, left out."""
+    lines = [f"{'part':40} {'built':>9} {'paper':>9} {'ratio':>7} {'repeats':>7} {'written':>9} {'de-id':>7} "
+             f"{'no-image':>8}"]
     for t in tallies:
         paper, ratio = (f"{t.paper:9,d}", f"{t.built / t.paper:7.3f}") if t.paper else ("-", "-")
-        lines.append(f"{t.part.name:40} {t.built:9,d} {paper:>9} {ratio:>7} {t.repeats:7d} {t.written:9,d}")
+        lines.append(f"{t.part.name:40} {t.built:9,d} {paper:>9} {ratio:>7} {t.repeats:7d} {t.written:9,d} "
+                     f"{t.marks.reports:7,d} {len(t.bad_images):8,d}")
     return "\n".join(lines)
+
+
+def notes(tallies: Iterable[Tally]) -> list[str]:
+    """What the table's last two columns stand for, part by part, where they are not 0."""
+    out = []
+    for t in tallies:
+        if t.marks.reports:
+            out.append(f"{t.part.name}: {t.marks.reports:,d} reports had de-identification marks (XXXX, ___): "
+                       f"{t.marks.dropped:,d} sentences dropped, {t.marks.rewritten:,d} rewritten without the mark")
+        if t.bad_images:
+            path, reason = next(iter(t.bad_images.items()))
+            out.append(f"{t.part.name}: {len(t.bad_images):,d} images missing or unreadable, left out with their "
+                       f"datapoints (the first {path}: {reason})")
+    return out

@@ -18,10 +18,17 @@ from pathlib import Path
 from training import answers
 from training.instructions import Instruction
 from training.reports import Cleaner, report_text
-from training.sources.files import find, rows
+from training.sources.files import Layout, Table, find, rows
 from training.sources.labels import present
 
 TABLES = {"train": "train.csv", "valid": "valid.csv", "test": "test_labels.csv"}
+LAYOUT = Layout((Table(("train.csv[.gz] (--split train)", "test_labels.csv[.gz] (--split test)"), ("Path",),
+                       optional=("Frontal/Lateral", "the 14 label columns: No Finding, Atelectasis, ...")),),
+                "Path without its first folder (CheXpert-v1.0[-small]/), under the folder holding the tables")
+PLUS_TABLE = "df_chexpert_plus_240401.csv"
+PLUS_COLUMNS = ("path_to_image", "frontal_lateral", "split")
+PLUS_LAYOUT = Layout((Table((PLUS_TABLE,), PLUS_COLUMNS, optional=("section_findings", "section_impression")),),
+                     "PNG/{path_to_image with .png}")
 
 
 def image_path(root: Path, path: str) -> Path:
@@ -37,7 +44,7 @@ def classification(root: Path, rng: random.Random, split: str = "train",
     """One datapoint per frontal image: the labels present, or that there is no abnormality."""
     if split not in TABLES:
         raise ValueError(f"CheXpert split must be one of {sorted(TABLES)}")
-    for row in rows(find(root, TABLES[split], TABLES[split] + ".gz")):
+    for row in rows(find(root, TABLES[split], TABLES[split] + ".gz"), ("Path",)):
         if not _frontal(row):
             continue
         question, answer = answers.abnormalities(rng, present(row, uncertain))
@@ -53,7 +60,7 @@ def _frontal(row: dict[str, str]) -> bool:
 
 def plus_reports(root: Path, rng: random.Random, cleaner: Cleaner, split: str = "train") -> Iterator[Instruction]:
     """One datapoint per frontal image with a report that still says something once cleaned."""
-    for row in rows(find(root, "df_chexpert_plus_240401.csv")):
+    for row in rows(find(root, PLUS_TABLE), PLUS_COLUMNS):
         if row["split"] != split or row["frontal_lateral"] != "Frontal":
             continue
         text = report_text(row.get("section_findings"), row.get("section_impression"))

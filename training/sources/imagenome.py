@@ -18,10 +18,15 @@ from pathlib import Path
 from training import answers
 from training.boxes import BadBox, normalise
 from training.instructions import Instruction
-from training.sources.files import ImageSize, find, header_size, rows
+from training.sources.files import ImageSize, Layout, MissingData, Table, UnusableImage, find, header_size, rows
 
 SOURCE = "chest-imagenome"
 FRONTAL = ("PA", "AP")
+COLUMNS = ("dicom_id", "path", "ViewPosition")
+CORNERS = tuple(f"original_{k}" for k in ("x1", "y1", "x2", "y2"))
+LAYOUT = Layout((Table(("silver_dataset/splits/{split}.csv",), COLUMNS),
+                 Table(("silver_dataset/scene_graph/{dicom_id}_SceneGraph.json",), ("objects: bbox_name", *CORNERS))),
+                "MIMIC-CXR-JPG's, at path with .jpg (--data mimic-cxr)")
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +42,7 @@ def _scene_graph(root: Path, dicom_id: str) -> Path | None:
 def anatomical_grounding(root: Path, mimic_root: Path, rng: random.Random, split: str = "train",
                          size: ImageSize = header_size) -> Iterator[Instruction]:
     table = find(root, f"silver_dataset/splits/{split}.csv")
-    for row in rows(table):
+    for row in rows(table, COLUMNS):
         if row["ViewPosition"] not in FRONTAL:
             continue
         graph_path = _scene_graph(root, row["dicom_id"])
@@ -45,11 +50,16 @@ def anatomical_grounding(root: Path, mimic_root: Path, rng: random.Random, split
             log.warning("Chest ImaGenome %s: no scene graph, skipped", row["dicom_id"])
             continue
         image = mimic_root / Path(row["path"]).with_suffix(".jpg")
-        width, height = size(image)
+        try:
+            width, height = size(image)
+        except UnusableImage:  # a build that checks images counts it
+            continue
         regions = []
         for item in json.loads(graph_path.read_text()).get("objects", []):
+            if "bbox_name" not in item:
+                raise MissingData(f"{graph_path}: an object without 'bbox_name'")
             try:
-                box = normalise(*(float(item[f"original_{k}"]) for k in ("x1", "y1", "x2", "y2")), width, height)
+                box = normalise(*(float(item[k]) for k in CORNERS), width, height)
             except (KeyError, TypeError, ValueError, BadBox):
                 continue
             regions.append((item["bbox_name"], box))

@@ -19,18 +19,21 @@ from pathlib import Path
 from training import answers
 from training.instructions import Instruction
 from training.reports import Cleaner, report_text
-from training.sources.files import MissingData, rows
+from training.sources.files import Layout, MissingData, Table, rows
 
 SOURCE = "iu-xray"
 FRONTAL = ("PA", "AP")
 VIEW_COLUMNS = ("tsne-view", "View Position")
 #: view tables looked for in the folder (torchxrayvision ships both)
 VIEW_TABLES = ("nlmcxr_tsne_pa.csv.gz", "nlmcxr_dicom_metadata.csv.gz", "nlmcxr_dicom_metadata.csv")
+LAYOUT = Layout((Table(("ecgen-radiology/*.xml", "NLMCXR_reports.tgz"), ("AbstractText FINDINGS, IMPRESSION",
+                                                                          "parentImage id")),
+                 Table(VIEW_TABLES, ("imageid", " or ".join(VIEW_COLUMNS)))), "NLMCXR_png/{parentImage id}.png")
 
 
 def frontal_ids(views: Path) -> set[str]:
     found = set()
-    for row in rows(views):
+    for row in rows(views, ("imageid",), one_of=VIEW_COLUMNS):
         view = next((row[c] for c in VIEW_COLUMNS if row.get(c)), "")
         if view.strip().upper() in FRONTAL:
             found.add(row["imageid"])

@@ -19,11 +19,19 @@ from training.boxes import NormBox
 from training.conversations import Case
 from training.instructions import Instruction
 from training.reports import Cleaner, report_text, sections
-from training.sources.files import find, rows
+from training.sources.files import Layout, Table, find, rows
 from training.sources.labels import present
 
 FRONTAL = ("PA", "AP")
 SOURCE = "mimic-cxr"
+METADATA = ("dicom_id", "subject_id", "study_id", "ViewPosition")
+SPLIT = ("dicom_id", "split")
+LABELS = ("study_id",)
+LAYOUT = Layout((Table(("mimic-cxr-2.0.0-metadata.csv[.gz]",), METADATA),
+                 Table(("mimic-cxr-2.0.0-split.csv[.gz]",), SPLIT),
+                 Table(("mimic-cxr-2.0.0-chexpert.csv[.gz]",), LABELS, optional=("the 14 label columns",)),
+                 Table(("files/p{subject[:2]}/p{subject}/s{study}.txt (reports: FINDINGS, else IMPRESSION)",), ())),
+                "files/p{subject[:2]}/p{subject}/s{study}/{dicom_id}.jpg (MIMIC-CXR-JPG)")
 
 
 @dataclass(frozen=True)
@@ -49,8 +57,8 @@ def _table(root: Path, name: str) -> Path:
 
 def frontal_images(root: Path, split: str) -> Iterator[MimicImage]:
     """Frontal (PA/AP) images of ``split`` (train, validate or test), in metadata order."""
-    splits = {row["dicom_id"]: row["split"] for row in rows(_table(root, "mimic-cxr-2.0.0-split.csv"))}
-    for row in rows(_table(root, "mimic-cxr-2.0.0-metadata.csv")):
+    splits = {row["dicom_id"]: row["split"] for row in rows(_table(root, "mimic-cxr-2.0.0-split.csv"), SPLIT)}
+    for row in rows(_table(root, "mimic-cxr-2.0.0-metadata.csv"), METADATA):
         if row["ViewPosition"] in FRONTAL and splits.get(row["dicom_id"]) == split:
             yield MimicImage(row["dicom_id"], row["subject_id"], row["study_id"], row["ViewPosition"])
 
@@ -77,7 +85,8 @@ def reports(root: Path, rng: random.Random, cleaner: Cleaner, split: str = "trai
 
 def study_labels(root: Path, uncertain: str = "absent") -> dict[str, list[str]]:
     """Labels present per study id, from the CheXpert labeler's table."""
-    return {row["study_id"]: present(row, uncertain) for row in rows(_table(root, "mimic-cxr-2.0.0-chexpert.csv"))}
+    table = _table(root, "mimic-cxr-2.0.0-chexpert.csv")
+    return {row["study_id"]: present(row, uncertain) for row in rows(table, LABELS)}
 
 
 def classification(root: Path, rng: random.Random, split: str = "train",

@@ -16,9 +16,11 @@ from pathlib import Path
 from training import answers
 from training.boxes import NormBox, from_xywh
 from training.instructions import Instruction
-from training.sources.files import ImageSize, MissingData, find, header_size, raw_rows
+from training.sources.files import ImageSize, Layout, Table, UnusableImage, find, header_size, raw_rows
 
 SOURCE = "nih-chestxray14"
+LAYOUT = Layout((Table(("BBox_List_2017.csv[.gz]",), ("Image Index", "Finding Label", "Bbox [x,y,w,h]: by position")),),
+                "*.png anywhere under the folder (images_001/images/...), found by name")
 
 #: NIH's names as the finding is usually written in a report
 NAMES = {"Effusion": "Pleural effusion", "Infiltrate": "Infiltration"}
@@ -34,10 +36,12 @@ def abnormality_grounding(root: Path, rng: random.Random, size: ImageSize = head
         boxes[(row[0], label)].append(tuple(float(v) for v in row[2:6]))  # type: ignore[arg-type]
     files = {path.name: path for path in root.rglob("*.png")}
     for (name, label), pixel_boxes in boxes.items():
-        if name not in files:
-            raise MissingData(f"{root}: no image {name} for its {label} box")
-        width, height = size(files[name])
+        path = files.get(name, root / name)  # not found: named where it was looked for
+        try:
+            width, height = size(path)
+        except UnusableImage:  # a build that checks images counts it
+            continue
         normalised: list[NormBox] = [from_xywh(*b, width, height) for b in pixel_boxes]
         question, answer = answers.location(rng, label, normalised)
-        yield Instruction(id=f"{SOURCE}-{name}-{label}", image=str(files[name]), rounds=((question, answer),),
+        yield Instruction(id=f"{SOURCE}-{name}-{label}", image=str(path), rounds=((question, answer),),
                           task="abnormality-grounding", source=SOURCE)

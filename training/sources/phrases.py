@@ -21,7 +21,7 @@ from training import answers
 from training.boxes import BadBox, NormBox, from_xywh, normalise
 from training.conversations import Case
 from training.instructions import Instruction
-from training.sources.files import MissingData, find, rows
+from training.sources.files import Layout, MissingData, Table, find, rows
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +29,16 @@ log = logging.getLogger(__name__)
 # what each data set's split column calls the rows of a build's split (recipe.SPLITS)
 MS_CXR_SPLITS = {"train": ("train", "val", "valid", "validation"), "test": ("test",)}
 PADCHEST_SPLITS = {"train": ("train", "validation"), "test": ("test",)}
+MS_CXR_COLUMNS = ("dicom_id", "label_text", "path", "x", "y", "w", "h", "image_width", "image_height")
+MS_CXR_LAYOUT = Layout((Table(("MS_CXR_Local_Alignment_v1.1.0.csv", "MS_CXR_Local_Alignment_v1.0.0.csv"),
+                              MS_CXR_COLUMNS, optional=("split",)),),
+                       "MIMIC-CXR-JPG's, at path with .jpg (--data mimic-cxr)")
+PADCHEST_COLUMNS = ("ImageID", "split")
+PADCHEST_LAYOUT = Layout((Table(("grounded_reports_*.json (the last by name)",),
+                                ("ImageID", "findings: sentence_en, boxes [x1, y1, x2, y2] in [0, 1]")),
+                          Table(("master_table.csv", "master_table.csv.zip"), PADCHEST_COLUMNS,
+                                optional=("PatientSex_DICOM",))),
+                         "images_grounding/{ImageID} (or PadChest_GR/)")
 
 
 def ms_cxr_groups(root: Path, split: str = "train") -> dict[str, tuple[str, list[tuple[str, tuple[NormBox, ...]]]]]:
@@ -38,7 +48,7 @@ def ms_cxr_groups(root: Path, split: str = "train") -> dict[str, tuple[str, list
     table = find(root, "MS_CXR_Local_Alignment_v1.1.0.csv", "MS_CXR_Local_Alignment_v1.0.0.csv")
     grouped: dict[tuple[str, str], list[NormBox]] = defaultdict(list)
     paths: dict[str, str] = {}
-    for row in rows(table):
+    for row in rows(table, MS_CXR_COLUMNS):
         if row.get("split", "train") not in splits:
             continue
         try:
@@ -66,7 +76,7 @@ def ms_cxr(root: Path, mimic_root: Path, rng: random.Random, split: str = "train
 def padchest_table(root: Path) -> dict[str, dict[str, str]]:
     """ImageID -> its first master-table row (split, PatientSex_DICOM, ...)."""
     table: dict[str, dict[str, str]] = {}
-    for row in rows(find(root, "master_table.csv", "master_table.csv.zip")):
+    for row in rows(find(root, "master_table.csv", "master_table.csv.zip"), PADCHEST_COLUMNS):
         table.setdefault(row["ImageID"], row)
     return table
 
@@ -81,6 +91,8 @@ def padchest_groups(root: Path, split: str = "train"
     table = padchest_table(root)
     folder = next((root / name for name in ("images_grounding", "PadChest_GR") if (root / name).is_dir()), root)
     for study in json.loads(reports[-1].read_text()):
+        if "ImageID" not in study:
+            raise MissingData(f"{reports[-1]}: a study without 'ImageID'")
         image_id = study["ImageID"]
         row = table.get(image_id)
         if row is None or row["split"] not in splits:

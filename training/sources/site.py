@@ -25,24 +25,30 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
 from PIL import Image
-from sqlalchemy import select
+from sqlalchemy import create_engine, select
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.pixels import model_image, read_dataset
 from dicom_node.storage import InstanceStore
 from records.audit import process_host, record
+from records.db import alembic_config, error_summary
 from records.tables import Instance, Job, SignOff, Study
 from training import answers
 from training.deidentify import Identifiers, burned_in, scrub
+from training.errors import Refused
 from training.instructions import Instruction
 from training.reports import Cleaner
-from training.sources.files import rows
+from training.sources.files import Layout, Table, find, rows
 
 SOURCE = "site"
 TABLE = "signoffs.csv"
 COLUMNS = ("image", "study", "edited", "findings", "report")
 HELD_OUT = 10  # one study in this many is test data
+LAYOUT = Layout((Table((TABLE,), COLUMNS),), "images/{n}.png (train export-site writes both)")
 
 
 def in_split(study: str, split: str) -> bool:
@@ -51,8 +57,36 @@ def in_split(study: str, split: str) -> bool:
     return held_out == (split == "test")
 
 
-class FolderError(ValueError):
+class FolderError(Refused, ValueError):
     """The folder holds a table this export did not write, which it must not add to."""
+
+
+class NotMigrated(Refused):
+    """The node's database is absent, or not at the schema this code reads: the export creates and
+    changes nothing then."""
+
+
+def check_database(url: str) -> None:
+    """Refuse a database that does not exist (SQLite) or is not at the migrations' head, before anything
+    connects with the node's engine (which would create an empty SQLite file)."""
+    shown = url.split("@")[-1]
+    if url.startswith("sqlite"):
+        database = url.split("///", 1)[-1]
+        if not database or database == ":memory:" or not Path(database).is_file():
+            raise NotMigrated(f"no database at {shown}: export-site reads the node's own (RADVLM_DATABASE_URL, or "
+                              "data_dir); run the node (radvlm-pacs serve, or db upgrade) and sign studies off first")
+    engine = create_engine(url)
+    try:
+        with engine.connect() as connection:
+            current = MigrationContext.configure(connection).get_current_revision()
+    except SQLAlchemyError as exc:
+        raise NotMigrated(f"cannot read the database at {shown}: {error_summary(exc)}") from exc
+    finally:
+        engine.dispose()
+    head = ScriptDirectory.from_config(alembic_config(url)).get_current_head()
+    if current != head:
+        raise NotMigrated(f"the database at {shown} is at revision {current or 'none (never migrated)'}, not "
+                          f"{head}: run radvlm-pacs db upgrade first")
 
 
 @dataclass(frozen=True)
@@ -77,7 +111,6 @@ def export(sessions: sessionmaker[Session], store: InstanceStore, out: Path, *, 
             raise FolderError(f"{table} has the columns {', '.join(header)}, not {', '.join(COLUMNS)}: an earlier "
                               "export (which kept UIDs and DICOM headers) or another table; export to a new folder")
     kept = {row["image"]: row for row in rows(table)} if table.exists() else {}
-    (out / "images").mkdir(parents=True, exist_ok=True)
     removed = burned = 0
     with sessions() as session:
         signed = session.execute(select(SignOff, Job, Study.study_instance_uid)
@@ -98,6 +131,7 @@ def export(sessions: sessionmaker[Session], store: InstanceStore, out: Path, *, 
                 burned += 1
                 continue
             partial = out / f"{image}.part"
+            partial.parent.mkdir(parents=True, exist_ok=True)
             Image.fromarray(model_image(ds).pixels, mode="L").save(partial, format="PNG")
             os.replace(partial, out / image)
             identifiers = Identifiers.of(ds, sign_off.observer_name)
@@ -106,6 +140,7 @@ def export(sessions: sessionmaker[Session], store: InstanceStore, out: Path, *, 
                            "report": scrub(sign_off.report, identifiers)}
             exported.append(study_uid)
         partial = out / f"{TABLE}.part"
+        out.mkdir(parents=True, exist_ok=True)
         with partial.open("w", newline="", encoding="utf-8") as handle:
             writer = csv.DictWriter(handle, COLUMNS)
             writer.writeheader()
@@ -139,4 +174,4 @@ def classification(root: Path, rng: random.Random, split: str = "train") -> Iter
 
 
 def _split(root: Path, split: str) -> Iterator[dict[str, str]]:
-    return (row for row in rows(root / TABLE) if in_split(row["study"], split))
+    return (row for row in rows(find(root, TABLE), COLUMNS) if in_split(row["study"], split))
