@@ -59,8 +59,6 @@ def inflated_limit(max_megapixels: float = DEFAULT_MAX_MEGAPIXELS) -> int:
     return int(max_megapixels * 2e6) + (64 << 20)
 
 
-
-
 @dataclass(frozen=True)
 class Caller:
     """Who sent the instance: a calling AE title and its address (for STOW-RS, the token's AE title)."""
@@ -157,9 +155,10 @@ def encoding_problem(path: Path, syntax: UID) -> str | None:
     return f"not encoded as the negotiated {syntax.name}"
 
 
-def inflated_problem(path: Path, limit_bytes: int) -> str | None:
-    """Why a deflated file cannot be read: it inflates past ``limit_bytes`` (a few kilobytes of zeros can
-    claim gigabytes), or its stream is broken. Inflated in pieces and counted, never held whole."""
+def inflated_problem(path: Path, limit_bytes: int) -> tuple[int, str] | None:
+    """Why a deflated file cannot be read, with its status: it inflates past ``limit_bytes`` (out of resources:
+    a few kilobytes of zeros can claim gigabytes), or its stream is broken (undecodable). Inflated in pieces
+    and counted, never held whole."""
     start = 128 + 4 + 12 + int(read_file_meta_info(path).FileMetaInformationGroupLength)
     inflater = zlib.decompressobj(-zlib.MAX_WBITS)
     total = 0
@@ -169,9 +168,9 @@ def inflated_problem(path: Path, limit_bytes: int) -> str | None:
             while chunk:
                 total += len(inflater.decompress(chunk, 1 << 22))
                 if total > limit_bytes:
-                    return f"deflated data inflates to more than {limit_bytes >> 20} MiB"
+                    return OUT_OF_RESOURCES, f"deflated data inflates to more than {limit_bytes >> 20} MiB"
                 chunk = inflater.unconsumed_tail
-    return None if inflater.eof else "deflated data stream is cut short"
+    return None if inflater.eof else (UNDECODABLE, "deflated data stream is cut short")
 
 
 def pixel_data_problem(ds: Dataset, file_size: int) -> str | None:
@@ -272,11 +271,11 @@ def receive(receiver: Receiver, incoming: Path, syntax: UID, caller: Caller,
     ds = None
     try:
         problem = encoding_problem(incoming, syntax)
-        if problem is None and syntax.is_deflated:
-            problem = inflated_problem(incoming, receiver.max_inflated_bytes)
-            if problem and "more than" in problem:
-                log.error("refused %s from %s: %s", sop_uid, peer, problem)
-                return refuse(OUT_OF_RESOURCES, problem)
+        inflated = inflated_problem(incoming, receiver.max_inflated_bytes) if syntax.is_deflated else None
+        if inflated is not None and inflated[0] == OUT_OF_RESOURCES:
+            log.error("refused %s from %s: %s", sop_uid, peer, inflated[1])
+            return refuse(*inflated)
+        problem = problem or (inflated[1] if inflated else None)
         if problem is None:
             # pydicom inflates a deflated file in memory and cannot leave values in it: none is deferred
             ds = dcmread(incoming, defer_size=None if syntax.is_deflated else DEFER_BYTES)
