@@ -134,10 +134,10 @@ def _dicom_object(kind: str, *args: Any) -> BuiltObject:
 
 def build_objects(result: StudyResult, headers: dict[str, Dataset], model_images: dict[str, ModelImage],
                   kinds: set[str], device: Device, when: datetime,
-                  previous: Sequence[Dataset] = (), built: Built | None = None) -> Built:
+                  previous: Sequence[Dataset] = ()) -> Built:
     """The DICOM objects of ``result`` for ``kinds``; ``previous`` are earlier versions' SRs. Each object is
     built on its own: one that fails (highdicom refusing a GSPS) costs neither the SR nor the other images'."""
-    built = built if built is not None else Built()
+    built = Built()
     for number, image in enumerate(result.images, start=1):
         header = headers[image.sop_instance_uid]
         for kind in sorted(kinds):
