@@ -7,8 +7,10 @@ import csv
 import gzip
 import json
 import random
+import tarfile
 import zipfile
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +23,7 @@ from training import answers, instructions, recipe
 from training.boxes import normalise
 from training.images import gray_pixels
 from training.instructions import Instruction
-from training.reports import RuleCleaner, sections
+from training.reports import RuleCleaner, sections, sentences
 from training.sources import chexpert, iu_xray, nih, rsna, vindr
 from worker.parsing import BOX_PATTERN, boxes_from_answer
 
@@ -68,12 +70,13 @@ def test_vindr_fuses_the_three_readers_boxes_as_checked_by_hand(vindr_root: Path
 
 
 def test_vindr_counts_on_the_whole_training_table_match_the_paper(vindr_root: Path) -> None:
-    # The real table has no sizes and we have no images: every image is taken as 3000 x 3000.
+    # The real table has no sizes and we have no images: every image is taken as 3500 x 3500, larger than any
+    # box (they reach x 3131 and y 3384: on 3000 x 3000 some would fall outside, and the build refuse).
     reads: Counter[Path] = Counter()
 
     def size(path: Path) -> tuple[int, int]:
         reads[path] += 1
-        return 3000, 3000
+        return 3500, 3500
 
     inputs = recipe.Inputs(folders={"vindr-cxr": vindr_root}, cleaner=RuleCleaner(), size=size)
     tallies: list[recipe.Tally] = []
@@ -149,6 +152,103 @@ def test_rsna_groups_each_patients_opacities(tmp_path: Path) -> None:
         assert "[" + ", ".join(repr(round(v, 2)) for v in box) + "]" in answer
 
 
+def test_nih_and_rsna_boxes_on_downsampled_images_are_refused(tmp_path: Path, capsys) -> None:
+    """NIH's boxes are in pixels of its 1,024-pixel PNGs, RSNA's of its 1,024-pixel DICOMs: on the 256-pixel
+    re-exports many fall outside the image, and the rest land in the wrong place."""
+    from radvlm_pacs import main
+
+    nih_root = tmp_path / "nih"
+    with gzip.open(txv_data("BBox_List_2017.csv.gz"), "rt") as handle:
+        lines = handle.read().splitlines()[:6]  # header + 5 boxes, on 5 images
+    nih_root.mkdir()
+    (nih_root / "BBox_List_2017.csv").write_text("\n".join(lines) + "\n")
+    names = [line.split(",")[0] for line in lines[1:]]
+    for index, name in enumerate(names):  # the 2nd and 4th downsampled
+        side = 256 if index in (1, 3) else 1024
+        placeholder_png(nih_root / "images_001/images" / name, side, side)
+    out = tmp_path / "nih.json"
+    args = ["train", "dataset", "--data", f"nih-chestxray14={nih_root}", "--out", str(out)]
+    assert main(args) == 2
+    # 00014716_007.png's Atelectasis: x 686.10 y 131.54 w 185.49 h 313.49
+    assert capsys.readouterr().err.strip() == (
+        "radvlm-pacs: nih-chestxray14/abnormality-grounding: 2 of 5 boxes fall outside their image (the first: "
+        f"{names[1]}, box (686.102, 131.543, 871.593, 445.035), image 256x256): the images are not the originals; "
+        "put the originals in place, or --missing-images skip to leave those images out")
+    assert not out.exists()
+    assert main([*args, "--missing-images", "skip"]) == 0
+    assert sorted(entry["image"].rsplit("/", 1)[1] for entry in json.loads(out.read_text())) == sorted(
+        names[i] for i in (0, 2, 4))
+
+    rsna_root = tmp_path / "rsna"
+    link(txv_data("kaggle_stage_2_train_labels.csv.zip"), rsna_root, "stage_2_train_labels.csv.zip")
+    inputs = recipe.Inputs(folders={"rsna-pneumonia": rsna_root}, cleaner=RuleCleaner(), size=lambda path: (256, 256))
+    with pytest.raises(recipe.BoxesOutside, match=r"^rsna-pneumonia/abnormality-grounding: [\d,]+ of 9,555 boxes fall "
+                       r"outside their image \(the first: 00436515-870c-4b36-a041-de91049b9ab4, box \(264, 152, 477, "
+                       r"531\), image 256x256\): the images are not the originals"):
+        list(recipe.build(recipe.runnable(inputs), inputs, random.Random(0), []))
+
+
+def test_imagenome_ms_cxr_and_padchest_leave_out_an_image_with_a_box_not_on_it(tmp_path: Path) -> None:
+    # Chest ImaGenome: regions in pixels of the full-size MIMIC-CXR image; "a" is a 128-pixel copy, and its
+    # second region lies wholly outside it (one that spills over the edge is clipped, by design)
+    mimic = tmp_path / "mimic-cxr"
+    imagenome = tmp_path / "chest-imagenome"
+    graphs = imagenome / "silver_dataset" / "scene_graph"
+    graphs.mkdir(parents=True)
+    rows = []
+    for dicom_id, side in (("a", 128), ("b", 500)):
+        placeholder_png(mimic / "files" / f"{dicom_id}.jpg", side, side)
+        rows.append({"dicom_id": dicom_id, "path": f"files/{dicom_id}.dcm", "ViewPosition": "PA"})
+        objects = [{"bbox_name": "right lung", "original_x1": 10, "original_y1": 10, "original_x2": 100,
+                    "original_y2": 140},
+                   {"bbox_name": "left lung", "original_x1": 200, "original_y1": 200, "original_x2": 400,
+                    "original_y2": 400}]
+        (graphs / f"{dicom_id}_SceneGraph.json").write_text(json.dumps({"objects": objects}))
+    (imagenome / "silver_dataset" / "splits").mkdir()
+    with (imagenome / "silver_dataset" / "splits" / "train.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, ["dicom_id", "path", "ViewPosition"])
+        writer.writeheader()
+        writer.writerows(rows)
+    inputs = recipe.Inputs(folders={"chest-imagenome": imagenome, "mimic-cxr": mimic}, cleaner=RuleCleaner(),
+                           images="refuse")
+    part = recipe.runnable(inputs, ["chest-imagenome/anatomical-grounding"])
+    with pytest.raises(recipe.BoxesOutside, match=r"^chest-imagenome/anatomical-grounding: 1 of 4 boxes falls outside "
+                       r"its image \(the first: a, box \(200, 200, 400, 400\), image 128x128\)"):
+        list(recipe.build(part, inputs, random.Random(0), []))
+    inputs = replace(inputs, images="skip")
+    assert [i.image for i in recipe.build(part, inputs, random.Random(0), [])] == [str(mimic / "files" / "b.jpg")]
+
+    # MS-CXR and PadChest-GR give their boxes' frame themselves: a box outside it is a slip of the table, and
+    # the image goes with all its sentences (not one sentence with fewer boxes), said once however many repeats
+    ms_cxr = tmp_path / "ms-cxr"
+    ms_cxr.mkdir()
+    with (ms_cxr / "MS_CXR_Local_Alignment_v1.1.0.csv").open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["dicom_id", "label_text", "path", "x", "y", "w", "h", "image_width", "image_height", "split"])
+        writer.writerow(["c", "Left pleural effusion", "files/c.dcm", 600, 700, 300, 200, 1000, 1000, "train"])
+        writer.writerow(["c", "Left pleural effusion", "files/c.dcm", 1200, 700, 300, 200, 1000, 1000, "train"])
+        writer.writerow(["d", "Cardiomegaly", "files/d.dcm", 300, 500, 400, 300, 1000, 1000, "train"])
+    padchest = tmp_path / "padchest-gr"
+    padchest.mkdir()
+    (padchest / "master_table.csv").write_text("ImageID,split\ne.png,train\nf.png,train\n")
+    (padchest / "grounded_reports_20240819.json").write_text(json.dumps([
+        {"ImageID": "e.png", "findings": [{"sentence_en": "Cardiomegaly.", "boxes": [[0.3, 0.5, 0.7, 0.8]]},
+                                          {"sentence_en": "Right effusion.", "boxes": [[0.1, 0.7, 0.3]]}]},
+        {"ImageID": "f.png", "findings": [{"sentence_en": "Hiatal hernia.", "boxes": [[0.4, 0.6, 0.6, 0.7]]}]}]))
+    inputs = recipe.Inputs(folders={"ms-cxr": ms_cxr, "mimic-cxr": mimic, "padchest-gr": padchest},
+                           cleaner=RuleCleaner())
+    tallies: list[recipe.Tally] = []
+    parts = recipe.runnable(inputs, ["ms-cxr/phrase-grounding", "padchest-gr/phrase-grounding"])
+    items = list(recipe.build(parts, inputs, random.Random(0), tallies))
+    assert [i.id for i in items] == ["ms-cxr-d-1", "ms-cxr-d-1-r1", "ms-cxr-d-1-r2", "padchest-gr-f.png-0",
+                                     "padchest-gr-f.png-0-r1"]
+    assert recipe.notes(tallies) == [
+        "ms-cxr/phrase-grounding: 1 image left out with its datapoints, for a box that cannot be placed on it (1 of 3 "
+        "boxes; the first c: box (1200, 700, 1500, 900) falls outside the 1000x1000 image)",
+        "padchest-gr/phrase-grounding: 1 image left out with its datapoints, for a box that cannot be placed on it "
+        "(1 of 3 boxes; the first e.png: box [0.1, 0.7, 0.3] is not four numbers)"]
+
+
 def test_iu_xray_reports_take_the_frontal_image_and_drop_comparisons(tmp_path: Path) -> None:
     link(txv_data("NLMCXR_reports.tgz"), tmp_path)
     link(txv_data("nlmcxr_tsne_pa.csv.gz"), tmp_path)
@@ -162,6 +262,25 @@ def test_iu_xray_reports_take_the_frontal_image_and_drop_comparisons(tmp_path: P
     assert not any(RuleCleaner().clean("x", i.rounds[0][1]) != i.rounds[0][1] for i in items[:200])
     assert RuleCleaner().clean("x", "Heart size is normal. Unchanged left effusion since the prior study.") == \
         "Heart size is normal."
+
+
+def test_iu_xray_a_full_stop_typed_without_its_space_ends_the_sentence(tmp_path: Path) -> None:
+    """Report 4 as the archive has it: "...a cavitary lesion in the left lung apex.There are streaky opacities in
+    the right upper lobe, XXXX scarring.": two sentences, of which only the second needs the missing word."""
+    (tmp_path / "ecgen-radiology").mkdir()
+    with tarfile.open(txv_data("NLMCXR_reports.tgz")) as tar:
+        (tmp_path / "ecgen-radiology" / "4.xml").write_bytes(tar.extractfile("ecgen-radiology/4.xml").read())
+    cleaner = RuleCleaner()
+    [item] = iu_xray.reports(tmp_path, txv_data("nlmcxr_tsne_pa.csv.gz"), random.Random(0), cleaner)
+    assert item.rounds[0][1] == (
+        "There are diffuse bilateral interstitial and alveolar opacities consistent with chronic obstructive lung "
+        "disease and bullous emphysema. There are irregular opacities in the left lung apex, that could represent a "
+        "cavitary lesion in the left lung apex. The cardiomediastinal silhouette is normal in size and contour. There "
+        "is no pneumothorax or large pleural effusion.")
+    assert (cleaner.marks.reports, cleaner.marks.dropped) == (1, 1)
+    # what such a split must leave whole
+    assert sentences("Heart size normal.No 1.5 cm nodule.Dr.Smith agrees, at 3 p.m.today.") == [
+        "Heart size normal.", "No 1.5 cm nodule.", "Dr.Smith agrees, at 3 p.m.today."]
 
 
 def test_iu_xray_answers_lose_the_de_identification_marks_and_the_build_counts_them(tmp_path: Path, capsys) -> None:
@@ -184,8 +303,8 @@ def test_iu_xray_answers_lose_the_de_identification_marks_and_the_build_counts_t
     assert 3200 < len(built) < 3243  # a few reports say nothing once their marked sentences went
     printed = capsys.readouterr().out
     [row] = [line.split() for line in printed.splitlines() if line.startswith("iu-xray/report ")]
-    assert row[-2:] == ["1,103", "0"]  # de-id: reports whose marks were taken out; no-image: none missing
-    assert ("iu-xray/report: 1,103 reports had de-identification marks (XXXX, ___): 1,313 sentences dropped, "
+    assert row[-3:] == ["1,104", "0", "0"]  # de-id: reports whose marks were taken out; no-image, bad-box: none
+    assert ("iu-xray/report: 1,104 reports had de-identification marks (XXXX, ___): 1,314 sentences dropped, "
             "107 rewritten without the mark") in printed
     # report 1395 as written: "Lungs are clear. No parenchymal infiltrates. No pulmonary edema. No XXXX of pleural
     # effusions. No XXXX of acute cardiopulmonary disease. normal": the sentences say the same without the mark

@@ -86,15 +86,15 @@ def test_a_build_without_its_images_is_refused_naming_the_count_and_the_first(tm
 def test_skipped_images_are_left_out_and_counted(tmp_path, capsys):
     folder = _iu_folder(tmp_path / "iu")
     out = tmp_path / "iu.json"
-    assert main(["train", "dataset", "--data", f"iu-xray={folder}", "--out", str(out), "--missing-images",
-                 "skip"]) == 0
-    table = capsys.readouterr().out
-    [row] = [line.split() for line in table.splitlines() if line.startswith("iu-xray/report ")]
-    built = int(row[1])
-    assert built > 10 and row[5] == "0" and row[-1] == str(built)  # written 0; no-image: every one
-    assert json.loads(out.read_text()) == []
-
     images = [Path(image) for image in _images_of(folder)]
+    built = len(images)
+    assert main(["train", "dataset", "--data", f"iu-xray={folder}", "--out", str(out), "--missing-images",
+                 "skip"]) == 2  # not "wrote 0 datapoints" and a "[]" file
+    assert _stderr_line(capsys) == (
+        f"radvlm-pacs: no datapoint to write: iu-xray/report: {built} datapoints built, all left out ({built} images "
+        f"missing or unreadable, the first {images[0]}: no such file)")
+    assert _nothing_at(out)
+
     for image in images[:3]:
         placeholder_png(image, 32, 40)
     images[3].write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)  # a PNG signature and nothing after it
@@ -102,7 +102,7 @@ def test_skipped_images_are_left_out_and_counted(tmp_path, capsys):
                  "skip"]) == 0
     printed = capsys.readouterr().out
     [row] = [line.split() for line in printed.splitlines() if line.startswith("iu-xray/report ")]
-    assert row[5] == "3" and row[-1] == str(built - 3)
+    assert row[5] == "3" and row[-2] == str(built - 3)  # written; no-image
     assert [entry["image"] for entry in json.loads(out.read_text())] == [str(image) for image in images[:3]]
     assert (f"iu-xray/report: {built - 3} images missing or unreadable, left out with their datapoints (the first "
             f"{images[3]}: does not open (") in printed
@@ -112,6 +112,17 @@ def test_skipped_images_are_left_out_and_counted(tmp_path, capsys):
     assert _stderr_line(capsys).startswith(f"radvlm-pacs: iu-xray/report: {built - 3} of {built} images missing or "
                                            f"unreadable, the first {images[3]} (does not open (")
     assert _nothing_at(refused)
+
+
+def test_the_notes_say_one_in_the_singular(tmp_path, capsys):
+    folder = _iu_folder(tmp_path / "iu", range(4, 5))  # one XXXX sentence, dropped
+    for image in _images_of(folder):
+        placeholder_png(Path(image), 32, 40)
+    out = tmp_path / "iu.json"
+    assert main(["train", "dataset", "--data", f"iu-xray={folder}", "--out", str(out)]) == 0
+    assert capsys.readouterr().out.splitlines()[-2:] == [
+        "iu-xray/report: 1 report had de-identification marks (XXXX, ___): 1 sentence dropped, 0 rewritten without "
+        "the mark", f"wrote 1 datapoint to {out}"]
 
 
 def _images_of(folder: Path) -> list[str]:
@@ -136,6 +147,40 @@ def test_dicom_images_are_checked_by_their_header(tmp_path, capsys):
     assert main([*args, "--missing-images", "skip"]) == 0
     built = json.loads(out.read_text())  # detection is taken twice (RadVLM's up-sampling): the good image, twice
     assert [entry["image"] for entry in built] == [str(folder / "train" / f"{VINDR_IMAGES[0]}.dicom")] * 2
+
+
+def test_boxes_outside_their_image_are_refused_and_never_make_a_normal_image(tmp_path, capsys):
+    """A downsampled copy (1,024 pixels square) of an image its readers drew on at full size: its boxes fall
+    outside it. The build refuses; told to skip, it leaves that image out of every part, rather than writing a
+    detection datapoint that calls an image with cardiomegaly and an aortic enlargement normal."""
+    folder = _vindr_folder(tmp_path / "vindr")
+    full, small = VINDR_IMAGES
+    placeholder_dicom(folder / "train" / f"{full}.dicom", columns=2000, rows=2500)
+    placeholder_dicom(folder / "train" / f"{small}.dicom", columns=1024, rows=1024)
+    out = tmp_path / "vindr.json"
+    args = ["train", "dataset", "--data", f"vindr-cxr={folder}", "--out", str(out)]
+    assert main(args) == 2
+    # the small image's 7 boxes (R8, R9, R10), of the 13 drawn on the two; its first row: x_min 1264 > 1024
+    assert _stderr_line(capsys) == (
+        f"radvlm-pacs: vindr-cxr/abnormality-grounding: 7 of 13 boxes fall outside their image (the first: {small}, "
+        "box (1264, 743, 1611, 1019), image 1024x1024): the images are not the originals; put the originals "
+        "in place, or --missing-images skip to leave those images out")
+    assert _nothing_at(out)
+
+    assert main([*args, "--missing-images", "skip"]) == 0
+    captured = capsys.readouterr()
+    built = json.loads(out.read_text())
+    assert {entry["image"] for entry in built} == {str(folder / "train" / f"{full}.dicom")}
+    assert [entry["task"] for entry in built].count("detection") == 2  # the full-size image, twice
+    assert not any("No lesion" in entry["conversations"][1]["value"] for entry in built)
+    rows = {line.split()[0]: line.split()[1:] for line in captured.out.splitlines()[1:3]}
+    assert rows["vindr-cxr/detection"][-1] == rows["vindr-cxr/abnormality-grounding"][-1] == "1"  # bad-box
+    # said once per part, not once per repeat (the pilot: 67 boxes, 335 warnings)
+    assert captured.err == ""
+    assert [line for line in captured.out.splitlines() if small in line] == [
+        f"{part}: 1 image left out with its datapoints, for a box that cannot be placed on it (7 of 13 boxes; the "
+        f"first {small}: box (1264, 743, 1611, 1019) falls outside the 1024x1024 image)"
+        for part in ("vindr-cxr/abnormality-grounding", "vindr-cxr/detection")]
 
 
 # --- lengths: counted before the first step -------------------------------------------------------------

@@ -66,12 +66,12 @@ def test_chexpert_and_vindr_test_splits_are_taken_once(tmp_path, capsys):
     table = {line.split()[0]: line.split()[1:] for line in capsys.readouterr().out.splitlines()[1:-1]}
     labelled = {row["class_name"] for row in rows} - {"No finding"}
     # part: built, paper, ratio, repeats, written: once each, and the paper's 518 for the whole CheXpert test set;
-    # de-id, no-image: no report, every image in place
+    # de-id, no-image, bad-box: no report, every image in place, every box on its image
     assert table["chexpert/abnormalities"] == [str(frontal), "518", f"{frontal / 518:.3f}", "1", str(frontal), "0",
-                                               "0"]
+                                               "0", "0"]
     assert table["vindr-cxr/abnormality-grounding"] == [str(len(labelled)), "-", "-", "1", str(len(labelled)), "0",
-                                                        "0"]
-    assert table["vindr-cxr/detection"] == ["1", "-", "-", "1", "1", "0", "0"]
+                                                        "0", "0"]
+    assert table["vindr-cxr/detection"] == ["1", "-", "-", "1", "1", "0", "0", "0"]
     built = json.loads(out.read_text())
     assert len(built) == frontal + len(labelled) + 1 and len({entry["id"] for entry in built}) == len(built)
     assert all("-test-" in entry["id"] for entry in built)

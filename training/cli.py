@@ -96,7 +96,7 @@ def cmd_dataset(args: argparse.Namespace) -> int:
     print(recipe.counts_table(tallies))
     for note in recipe.notes(tallies):
         print(note)
-    print(f"wrote {sum(t.written for t in tallies):,d} datapoints to {args.out}")
+    print(f"wrote {recipe.count(sum(t.written for t in tallies), 'datapoint')} to {args.out}")
     return 0
 
 
@@ -219,8 +219,9 @@ def add_commands(sub: Any) -> None:
     data.add_argument("--cache", type=Path, default=Path("llm-cache"), help="the LLM's answers, for resuming")
     data.add_argument("--missing-images", choices=("refuse", "skip"), default="refuse",
                       help="an image that is missing or does not open (every one is checked: a DICOM header, or "
-                           "a file PIL verifies): refuse the build (exit 2, nothing written), or leave its "
-                           "datapoints out and count them")
+                           "a file PIL verifies), or that boxes fall outside of (a downsampled copy, not the "
+                           "original): refuse the build (exit 2, nothing written), or leave its datapoints out and "
+                           "count them")
     data.set_defaults(func=cmd_dataset)
 
     tune = train.add_parser("finetune", help="fine-tune a LLaVA-OneVision checkpoint with RadVLM's recipe")

@@ -3,12 +3,17 @@
 A part runs when the folders it reads are given. Repeating a part draws new question and answer
 templates, as RadVLM's up-sampling did; a cap keeps a random subset (Chest ImaGenome: 80,000).
 ``counts_table`` sets what was built beside the paper's figure for the same part, with what
-de-identification marks cost its reports and the images it could not use.
+de-identification marks cost its reports, the images it could not use and those left out for a
+box that is not on them.
 
 A build that checks images (``Inputs.images``: refuse or skip) reads each image once, on a few
 threads: a DICOM header with Rows and Columns, or a file PIL opens and verifies; the sizes the
 boxes need come from the same read. Refusing stops at the first part with an image missing or
 unreadable, naming how many and the first; skipping leaves their datapoints out and counts them.
+Boxes go the same way: a box that falls outside the image it was drawn on means the images are not
+the originals (a downsampled copy), and the build refuses unless told to skip; the builders leave
+such an image out either way, with any image that has a box without area (``boxes.Placement``).
+A build left with no datapoint to write is refused too.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from training import conversations
+from training.boxes import BoxOutside, Dropped, Placement
 from training.errors import Refused
 from training.instructions import Instruction
 from training.llm import ChatLLM
@@ -50,6 +56,7 @@ class Inputs:
     llm: ChatLLM | None = None  # writes conversations
     cache: Path = Path("llm-cache")  # the LLM's answers, so that a build resumes
     images: str = "unchecked"  # or "refuse" / "skip" an image that is missing or does not open
+    boxes: Placement = field(default_factory=Placement)  # what the builders placed and dropped (one pass)
 
     def has(self, name: str) -> bool:
         return self.llm is not None if name == LLM else name in self.folders
@@ -99,36 +106,38 @@ PARTS: tuple[Part, ...] = (
          test=True, paper_test=518),
     Part("chest-imagenome/anatomical-grounding", ("chest-imagenome", "mimic-cxr"),
          lambda i, r: imagenome.anatomical_grounding(_f(i, "chest-imagenome"), _f(i, "mimic-cxr"), r, split=i.split,
-                                                     size=i.size), 80_000, cap=80_000, test=True),
+                                                     size=i.size, boxes=i.boxes), 80_000, cap=80_000, test=True),
     Part("vindr-cxr/abnormality-grounding", ("vindr-cxr",),
-         lambda i, r: vindr.abnormality_grounding(_f(i, "vindr-cxr"), r, split=i.split, size=i.size), 16_089,
-         repeats=3, test=True),
+         lambda i, r: vindr.abnormality_grounding(_f(i, "vindr-cxr"), r, split=i.split, size=i.size, boxes=i.boxes),
+         16_089, repeats=3, test=True),
     Part("vindr-cxr/detection", ("vindr-cxr",),
-         lambda i, r: vindr.detection(_f(i, "vindr-cxr"), r, split=i.split, size=i.size), 15_000, repeats=2,
-         test=True),
+         lambda i, r: vindr.detection(_f(i, "vindr-cxr"), r, split=i.split, size=i.size, boxes=i.boxes), 15_000,
+         repeats=2, test=True),
     Part("ms-cxr/phrase-grounding", ("ms-cxr", "mimic-cxr"),
-         lambda i, r: phrases.ms_cxr(_f(i, "ms-cxr"), _f(i, "mimic-cxr"), r, split=i.split), 971, repeats=3,
-         test=True),
+         lambda i, r: phrases.ms_cxr(_f(i, "ms-cxr"), _f(i, "mimic-cxr"), r, split=i.split, boxes=i.boxes), 971,
+         repeats=3, test=True),
     Part("padchest-gr/phrase-grounding", ("padchest-gr",),
-         lambda i, r: phrases.padchest_gr(_f(i, "padchest-gr"), r, split=i.split), 4_478, repeats=2, test=True),
+         lambda i, r: phrases.padchest_gr(_f(i, "padchest-gr"), r, split=i.split, boxes=i.boxes), 4_478, repeats=2,
+         test=True),
     Part("mimic-cxr/conversation", ("mimic-cxr", LLM),
          lambda i, r: _talk(i, mimic.conversation_cases(_f(i, "mimic-cxr"), i.cleaner, split=i.split,
                                                         uncertain=i.uncertain), "mimic-cxr"), 86_155, test=True),
     Part("ms-cxr/grounded-conversation", ("ms-cxr", "mimic-cxr", LLM),
          lambda i, r: _talk(i, mimic.conversation_cases(_f(i, "mimic-cxr"), i.cleaner, split=i.split,
                                                         uncertain=i.uncertain,
-                                                        phrases=phrases.ms_cxr_phrases(_f(i, "ms-cxr"), i.split)),
+                                                        phrases=phrases.ms_cxr_phrases(_f(i, "ms-cxr"), i.split,
+                                                                                       i.boxes)),
                             "ms-cxr"), 862, repeats=4, test=True),
     Part("padchest-gr/grounded-conversation", ("padchest-gr", LLM),
-         lambda i, r: _talk(i, phrases.padchest_cases(_f(i, "padchest-gr"), i.split), "padchest-gr"), 2_225,
+         lambda i, r: _talk(i, phrases.padchest_cases(_f(i, "padchest-gr"), i.split, i.boxes), "padchest-gr"), 2_225,
          repeats=4, test=True),
     # Not RadVLM's: public sets a hospital can add to its own data (training only).
     Part("iu-xray/report", ("iu-xray",),
          lambda i, r: iu_xray.reports(_f(i, "iu-xray"), find(_f(i, "iu-xray"), *iu_xray.VIEW_TABLES), r, i.cleaner), 0),
     Part("nih-chestxray14/abnormality-grounding", ("nih-chestxray14",),
-         lambda i, r: nih.abnormality_grounding(_f(i, "nih-chestxray14"), r, size=i.size), 0),
+         lambda i, r: nih.abnormality_grounding(_f(i, "nih-chestxray14"), r, size=i.size, boxes=i.boxes), 0),
     Part("rsna-pneumonia/abnormality-grounding", ("rsna-pneumonia",),
-         lambda i, r: rsna.opacity_grounding(_f(i, "rsna-pneumonia"), r, size=i.size), 0),
+         lambda i, r: rsna.opacity_grounding(_f(i, "rsna-pneumonia"), r, size=i.size, boxes=i.boxes), 0),
     # This installation's own studies as its radiologists signed them off (train export-site).
     Part("site/report", ("site",), lambda i, r: site.reports(_f(i, "site"), r, i.cleaner, split=i.split), 0,
          test=True),
@@ -193,6 +202,7 @@ class Tally:
     marks: Marks = field(default_factory=Marks)  # what de-identification marks cost its reports (first round)
     bad_images: dict[str, str] = field(default_factory=dict)  # image -> why it cannot be used
     skipped: int = 0  # datapoints left out for their image, every round
+    boxes: Placement = field(default_factory=Placement)  # boxes placed and dropped (first round)
 
 
 class BadImages(BuildError):
@@ -202,6 +212,28 @@ class BadImages(BuildError):
         path, reason = next(iter(bad.items()))
         super().__init__(f"{part}: {len(bad):,d} of {images:,d} images missing or unreadable, the first {path} "
                          f"({reason}); put them in place, or --missing-images skip to leave their datapoints out")
+
+
+class BoxesOutside(BuildError):
+    """Boxes that fall outside the images they were drawn on: the images are smaller than the originals."""
+
+    def __init__(self, part: str, outside: list[Dropped], boxes: int) -> None:
+        first = outside[0].error
+        assert isinstance(first, BoxOutside)
+        one = len(outside) == 1
+        super().__init__(f"{part}: {len(outside):,d} of {count(boxes, 'box', 'boxes')} {'falls' if one else 'fall'} "
+                         f"outside {'its' if one else 'their'} image (the first: {outside[0].image}, box {first.box}, "
+                         f"image {first.size}): the images are not the originals; put the originals in place, or "
+                         "--missing-images skip to leave those images out")
+
+
+def count(number: int, noun: str, plural: str | None = None) -> str:
+    """``number`` and ``noun``, in the plural unless there is one: "1 sentence", "1,313 sentences"."""
+    return f"{number:,d} {noun if number == 1 else plural or noun + 's'}"
+
+
+def _their(number: int) -> str:
+    return "its" if number == 1 else "their"
 
 
 class ImageCheck:
@@ -263,18 +295,24 @@ def build(parts: Iterable[Part], inputs: Inputs, rng: random.Random, tallies: li
     check = ImageCheck(inputs.size) if inputs.images != "unchecked" else None
     inputs = replace(inputs, size=check.size if check else functools.cache(inputs.size))
     training = inputs.split == "train"
+    built: list[Tally] = []
     for part in parts:
         tally = Tally(part, part.paper_count(inputs.split), part.repeats if training else 1)
         tallies.append(tally)
+        built.append(tally)
         for round_ in range(tally.repeats):
             marks = replace(inputs.cleaner.marks)
             rounds = f" (round {round_ + 1} of {tally.repeats})" if tally.repeats > 1 else ""
-            items = list(progress(part.build(inputs, rng), part.name + rounds))
+            placement = Placement()
+            items = list(progress(part.build(replace(inputs, boxes=placement), rng), part.name + rounds))
+            if placement.outside and inputs.images != "skip":
+                raise BoxesOutside(part.name, placement.outside, placement.boxes)
             if training and part.cap is not None and len(items) > part.cap:
                 items = rng.sample(items, part.cap)
             if round_ == 0:
                 tally.built = len(items)
                 tally.marks = inputs.cleaner.marks - marks
+                tally.boxes = placement
             if check is not None:
                 bad, images = check.check(items, part.name)
                 if bad and inputs.images == "refuse":
@@ -286,29 +324,56 @@ def build(parts: Iterable[Part], inputs: Inputs, rng: random.Random, tallies: li
             for item in items:
                 tally.written += 1
                 yield item if round_ == 0 else replace(item, id=f"{item.id}-r{round_}")
+    if not any(t.written for t in built):
+        raise BuildError("no datapoint to write: " + "; ".join(_why_none(t) for t in built))
+
+
+def _why_none(tally: Tally) -> str:
+    """Why a part wrote no datapoint, with the first image or box it left out."""
+    left_out = []
+    if tally.bad_images:
+        path, reason = next(iter(tally.bad_images.items()))
+        left_out.append(f"{count(len(tally.bad_images), 'image')} missing or unreadable, the first {path}: {reason}")
+    if tally.boxes.dropped:
+        first = tally.boxes.dropped[0]
+        images = len(tally.boxes.images)
+        left_out.append(f"{count(images, 'image')} with a box not on {'it' if images == 1 else 'them'}, the first "
+                        f"{first.image}: {first.error}")
+    why = f" ({'; '.join(left_out)})" if left_out else ""
+    if not tally.built:
+        return f"{tally.part.name} built none{why}"
+    return f"{tally.part.name}: {count(tally.built, 'datapoint')} built, all left out{why}"
 
 
 def counts_table(tallies: Iterable[Tally]) -> str:
     """What was built beside the paper's figure for each part; ``de-id``: its reports that had
-    de-identification marks taken out; ``no-image``: its images missing or unreadable, left out."""
+    de-identification marks taken out; ``no-image``: its images missing or unreadable, left out;
+    ``bad-box``: its images left out for a box that cannot be placed on them."""
     lines = [f"{'part':40} {'built':>9} {'paper':>9} {'ratio':>7} {'repeats':>7} {'written':>9} {'de-id':>7} "
-             f"{'no-image':>8}"]
+             f"{'no-image':>8} {'bad-box':>7}"]
     for t in tallies:
         paper, ratio = (f"{t.paper:9,d}", f"{t.built / t.paper:7.3f}") if t.paper else ("-", "-")
         lines.append(f"{t.part.name:40} {t.built:9,d} {paper:>9} {ratio:>7} {t.repeats:7d} {t.written:9,d} "
-                     f"{t.marks.reports:7,d} {len(t.bad_images):8,d}")
+                     f"{t.marks.reports:7,d} {len(t.bad_images):8,d} {len(t.boxes.images):7,d}")
     return "\n".join(lines)
 
 
 def notes(tallies: Iterable[Tally]) -> list[str]:
-    """What the table's last two columns stand for, part by part, where they are not 0."""
+    """What the table's last three columns stand for, part by part, where they are not 0: one line each,
+    however many repeats the part had."""
     out = []
     for t in tallies:
         if t.marks.reports:
-            out.append(f"{t.part.name}: {t.marks.reports:,d} reports had de-identification marks (XXXX, ___): "
-                       f"{t.marks.dropped:,d} sentences dropped, {t.marks.rewritten:,d} rewritten without the mark")
+            out.append(f"{t.part.name}: {count(t.marks.reports, 'report')} had de-identification marks (XXXX, ___): "
+                       f"{count(t.marks.dropped, 'sentence')} dropped, {t.marks.rewritten:,d} rewritten without the "
+                       "mark")
         if t.bad_images:
             path, reason = next(iter(t.bad_images.items()))
-            out.append(f"{t.part.name}: {len(t.bad_images):,d} images missing or unreadable, left out with their "
-                       f"datapoints (the first {path}: {reason})")
+            out.append(f"{t.part.name}: {count(len(t.bad_images), 'image')} missing or unreadable, left out with "
+                       f"{_their(len(t.bad_images))} datapoints (the first {path}: {reason})")
+        if t.boxes.dropped:
+            first, images = t.boxes.dropped[0], len(t.boxes.images)
+            out.append(f"{t.part.name}: {count(images, 'image')} left out with {_their(images)} datapoints, for a box "
+                       f"that cannot be placed on {'it' if images == 1 else 'them'} ({len(t.boxes.dropped):,d} of "
+                       f"{count(t.boxes.boxes, 'box', 'boxes')}; the first {first.image}: {first.error})")
     return out

@@ -33,6 +33,11 @@ PRIOR = re.compile(
     r"resolved|new|newly|persistent|persists|remains|redemonstrat\w*|re-demonstrat\w*|removed|"
     r"recent|earlier|before)\b", re.IGNORECASE)
 
+#: where a sentence ends: after ".", "!" or "?" and a space; or at a full stop typed without its space, closing
+#: a word of two letters or more before a capitalised word (IU X-ray report 4: "...the left lung apex.There are
+#: ..."); "1.5 cm", "p.m.", "Dr.Smith" and "U.S.A." stay whole
+SENTENCE_END = re.compile(r"(?<=[.!?])\s+|(?<=[A-Za-z]{2}\.)(?<!\b(?:Dr|Mr|Ms|St|vs)\.)(?<!\bMrs\.)(?=[A-Z][a-z])")
+
 #: a de-identification mark: IU X-ray's XXXX (also inside "X-XXXX"), MIMIC-CXR's and our export's ___
 MARK = re.compile(r"X{4,}|_{3,}")
 #: marks that stand for a word the sentence says the same without: "no XXXX focal consolidation"
@@ -105,7 +110,7 @@ def report_text(findings: str | None, impression: str | None) -> str:
 
 
 def sentences(text: str) -> list[str]:
-    return [s.strip() for s in re.split(r"(?<=[.!?])\s+", text) if s.strip()]
+    return [s.strip() for s in SENTENCE_END.split(text) if s.strip()]
 
 
 def unmark(sentence: str) -> str | None:

@@ -3,7 +3,8 @@
 Layout: ``silver_dataset/splits/{split}.csv`` (``dicom_id, subject_id, study_id, path,
 ViewPosition``) and ``silver_dataset/scene_graph/{dicom_id}_SceneGraph.json``, whose ``objects``
 carry ``bbox_name`` and ``original_x1 .. original_y2`` in pixels of the full-size MIMIC-CXR
-image (they can spill outside it and are clipped). Images are MIMIC-CXR-JPG's, at ``path`` with
+image (they can spill outside it and are clipped; a region wholly outside it means the image is
+not the full-size one, and the image is left out, noted in ``boxes``). Images are MIMIC-CXR-JPG's, at ``path`` with
 ``.jpg`` for ``.dcm`` under the MIMIC-CXR-JPG folder.
 """
 
@@ -16,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from training import answers
-from training.boxes import BadBox, normalise
+from training.boxes import Placement
 from training.instructions import Instruction
 from training.sources.files import ImageSize, Layout, MissingData, Table, UnusableImage, find, header_size, rows
 
@@ -40,7 +41,8 @@ def _scene_graph(root: Path, dicom_id: str) -> Path | None:
 
 
 def anatomical_grounding(root: Path, mimic_root: Path, rng: random.Random, split: str = "train",
-                         size: ImageSize = header_size) -> Iterator[Instruction]:
+                         size: ImageSize = header_size, boxes: Placement | None = None) -> Iterator[Instruction]:
+    placement = boxes if boxes is not None else Placement()
     table = find(root, f"silver_dataset/splits/{split}.csv")
     for row in rows(table, COLUMNS):
         if row["ViewPosition"] not in FRONTAL:
@@ -54,16 +56,20 @@ def anatomical_grounding(root: Path, mimic_root: Path, rng: random.Random, split
             width, height = size(image)
         except UnusableImage:  # a build that checks images counts it
             continue
-        regions = []
+        regions, outside = [], False
         for item in json.loads(graph_path.read_text()).get("objects", []):
             if "bbox_name" not in item:
                 raise MissingData(f"{graph_path}: an object without 'bbox_name'")
             try:
-                box = normalise(*(float(item[k]) for k in CORNERS), width, height)
-            except (KeyError, TypeError, ValueError, BadBox):
+                x1, y1, x2, y2 = corners = tuple(float(item[k]) for k in CORNERS)
+            except (KeyError, TypeError, ValueError):
                 continue
+            if x1 == x2 or y1 == y2:  # a region without area: the scene graph's, not the image's
+                continue
+            box = placement.normalise(row["dicom_id"], corners, width, height, spill=True)
+            outside = outside or box is None
             regions.append((item["bbox_name"], box))
-        if not regions:
+        if not regions or outside:
             continue
         name, box = rng.choice(regions)
         question, answer = answers.location(rng, name, [box])

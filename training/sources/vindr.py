@@ -5,12 +5,13 @@ class_name, x_min, y_min, x_max, y_max``; images ``{split}/{image_id}.dicom``) a
 VinBigData (``train.csv``, the same columns plus ``class_id``). Neither ships image sizes: they
 come from the DICOM headers. Each training image was read by three radiologists; their boxes
 are fused per label by weighted box fusion with RadVLM's settings (IoU 0.1, no score cut). The
-test set is a consensus with no ``rad_id`` and is taken as one reader.
+test set is a consensus with no ``rad_id`` and is taken as one reader. An image with a box that
+cannot be placed on it (no area, or outside it: a downsampled copy) is left out, noted in ``boxes``:
+its detection datapoint would otherwise list less than its readers saw, or call it normal.
 """
 
 from __future__ import annotations
 
-import logging
 import random
 from collections import defaultdict
 from collections.abc import Iterator
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from training import answers
-from training.boxes import BadBox, NormBox, fuse_readers, normalise
+from training.boxes import NormBox, Placement, fuse_readers
 from training.instructions import Instruction
 from training.sources.files import ImageSize, Layout, Table, UnusableImage, find, header_size, number, rows
 
@@ -30,8 +31,6 @@ LAYOUT = Layout((Table(("annotations/annotations_{split}.csv[.gz]", "annotations
 NO_FINDING = "No finding"
 IOU_THR = 0.1
 SKIP_BOX_THR = 0.0
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -48,9 +47,11 @@ def annotation_file(root: Path, split: str) -> Path:
     return find(root, *names, *(name + ".gz" for name in names))
 
 
-def images(root: Path, split: str = "train", size: ImageSize = header_size,
-           table: Path | None = None) -> Iterator[VinDrImage]:
-    """Every annotated image with its readers' boxes fused, in the table's order of first mention."""
+def images(root: Path, split: str = "train", size: ImageSize = header_size, table: Path | None = None,
+           boxes: Placement | None = None) -> Iterator[VinDrImage]:
+    """Every annotated image whose boxes all fit it, with its readers' boxes fused, in the table's order of
+    first mention; the boxes placed and dropped are noted in ``boxes``."""
+    placement = boxes if boxes is not None else Placement()
     by_image: dict[str, dict[str, list[tuple[tuple[float, ...], str]]]] = defaultdict(lambda: defaultdict(list))
     for row in rows(table or annotation_file(root, split), COLUMNS):
         readers = by_image[row["image_id"]]
@@ -67,33 +68,28 @@ def images(root: Path, split: str = "train", size: ImageSize = header_size,
             width, height = size(path)
         except UnusableImage:  # a build that checks images counts it
             continue
-        normalised = []
-        for boxes in readers.values():
-            kept = []
-            for corners, label in boxes:
-                try:
-                    kept.append((normalise(*corners, width, height), label))
-                except BadBox as exc:
-                    log.warning("VinDr-CXR %s: %s box skipped: %s", image_id, label, exc)
-            if kept:
-                normalised.append(kept)
-        yield VinDrImage(image_id, path, fuse_readers(normalised, iou_thr=IOU_THR, skip_box_thr=SKIP_BOX_THR))
+        normalised = [[(placement.normalise(image_id, corners, width, height, spill=False), label)
+                       for corners, label in reader] for reader in readers.values()]
+        if any(box is None for reader in normalised for box, _ in reader):
+            continue
+        yield VinDrImage(image_id, path, fuse_readers([reader for reader in normalised if reader],  # type: ignore[misc]
+                                                      iou_thr=IOU_THR, skip_box_thr=SKIP_BOX_THR))
 
 
-def abnormality_grounding(root: Path, rng: random.Random, split: str = "train",
-                          size: ImageSize = header_size) -> Iterator[Instruction]:
+def abnormality_grounding(root: Path, rng: random.Random, split: str = "train", size: ImageSize = header_size,
+                          boxes: Placement | None = None) -> Iterator[Instruction]:
     """One datapoint per (image, label present), with all that label's fused boxes."""
-    for image in images(root, split, size):
+    for image in images(root, split, size, boxes=boxes):
         for label in sorted(image.findings):
             question, answer = answers.location(rng, label, image.findings[label])
             yield Instruction(id=f"{SOURCE}-{split}-{image.image_id}-{label}", image=str(image.path),
                               rounds=((question, answer),), task="abnormality-grounding", source=SOURCE)
 
 
-def detection(root: Path, rng: random.Random, split: str = "train",
-              size: ImageSize = header_size) -> Iterator[Instruction]:
-    """One datapoint per image: every label with its boxes, or that there is no lesion."""
-    for image in images(root, split, size):
+def detection(root: Path, rng: random.Random, split: str = "train", size: ImageSize = header_size,
+              boxes: Placement | None = None) -> Iterator[Instruction]:
+    """One datapoint per image: every label with its boxes, or that there is no lesion (its readers drew none)."""
+    for image in images(root, split, size, boxes=boxes):
         question, answer = answers.detection(rng, image.findings)
         yield Instruction(id=f"{SOURCE}-{split}-{image.image_id}", image=str(image.path),
                           rounds=((question, answer),), task="detection", source=SOURCE)
