@@ -21,6 +21,26 @@ from training.cli import add_commands as add_training_commands
 log = logging.getLogger("radvlm_pacs")
 
 STOP_GRACE_S = 5.0  # what ``serve`` gives the analysis and the delivery running at SIGTERM (docker stop waits 10 s)
+MALLOC_ARENAS = 2  # glibc's default is 8 per core; see _limit_malloc_arenas
+M_ARENA_MAX = -8  # glibc malloc.h
+
+
+def _limit_malloc_arenas() -> None:
+    """At most MALLOC_ARENAS glibc malloc arenas, unless MALLOC_ARENA_MAX (or GLIBC_TUNABLES) sets the number.
+
+    Each thread that frees a large buffer (a 4 MiB PDU, a decoded image) raises glibc's mmap threshold, so
+    later buffers of that size come from the thread's arena, and each arena keeps up to twice the largest
+    freed buffer: with associations, spool writers, fsyncs and model threads coming and going on their own
+    threads, ``serve`` held 850 MiB instead of 450 after 120 studies sent 6 at once (benchmarks/soak.py).
+    Called first, before any thread starts; elsewhere than glibc it does nothing."""
+    if "MALLOC_ARENA_MAX" in os.environ or "arena_max" in os.environ.get("GLIBC_TUNABLES", ""):
+        return
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).mallopt(M_ARENA_MAX, MALLOC_ARENAS)
+    except (OSError, AttributeError):  # no C library with mallopt (not glibc): nothing to limit
+        pass
 
 
 def _setup_logging(settings) -> None:  # type: ignore[no-untyped-def]
@@ -551,7 +571,11 @@ def cmd_health(args: argparse.Namespace) -> int:
             metrics_port = settings.worker.metrics_port if args.metrics_port is None else args.metrics_port
             if metrics_port:
                 with urllib.request.urlopen(f"http://{loopback}:{metrics_port}/metrics", timeout=5) as rsp:
-                    rsp.read()
+                    page = rsp.read().decode("utf-8", "replace")
+                if args.gpu and any(line.split()[1:2] == ["0.0"] for line in page.splitlines()
+                                    if line.startswith("radvlm_engine_compiled ")):
+                    raise RuntimeError("the model engine decodes uncompiled, several times slower "
+                                       "(radvlm_engine_compiled 0): the worker's log says why")
             client = redis.Redis.from_url(settings.broker_url or "", socket_timeout=5)
             client.ping()
             if args.gpu and not list(client.scan_iter(f"{PREFIX}*@{socket.gethostname()}-*")):
@@ -666,6 +690,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from worker.backends.base import ModelLoadError
 
+    _limit_malloc_arenas()
     args = _parser().parse_args(argv)
     try:
         return int(args.func(args))

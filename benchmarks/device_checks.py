@@ -1,9 +1,11 @@
 """The GPU checks that CPU tests cannot make, short enough for one device call each.
 
 ``engine``: the in-process engine on CUDA with the tiny checkpoint, before the 7B benchmark
-(``benchmarks/gpu_study.py``) spends minutes on it: the decode step compiled and captured as CUDA
-graphs, each answer compared with plain ``generate()``'s, and ``radvlm_gpu_memory_bytes`` as a
-worker's metrics page shows it after an analysis (issue 8).
+(``benchmarks/gpu_study.py``) spends minutes on it: the decode step compiled (its graphs, the memory
+a step takes), the key positions each decode step reads, each answer compared with plain
+``generate()``'s, the first token of a question, no compilation while serving, and
+``radvlm_engine_compiled`` and ``radvlm_gpu_memory_bytes`` as a worker's metrics page shows them
+after an analysis (issues 8, 27).
 
 ``training``: a short fine-tuning run of a LLaVA-OneVision-0.5B-shaped checkpoint (random weights)
 on placeholder images, full and with ``--lora``: the loss, samples per second and peak GPU memory
@@ -32,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 def engine(tiny_folder: Path, device: str) -> None:
     import torch
     from prometheus_client import generate_latest
+    from torch._dynamo.utils import counters
 
     from dicom_node.pixels import ModelImage
     from worker import prompts
@@ -43,27 +46,53 @@ def engine(tiny_folder: Path, device: str) -> None:
 
     make_test_model(tiny_folder)
     start = time.perf_counter()
-    backend = TransformersBackend(str(tiny_folder), device=device, prefix_cache_mb=512, batch_cache_mb=32,
-                                  max_prompt_tokens=8192, max_new_tokens=64, compile_decode=True)
+    backend = TransformersBackend(str(tiny_folder), device=device, prefix_cache_mb=512, batch_cache_mb=64,
+                                  max_prompt_tokens=10240, max_new_tokens=64, compile_decode=True)
     loaded = time.perf_counter() - start
     plain = TransformersBackend(str(tiny_folder), device=device)
-    image = np.random.default_rng(3).integers(0, 256, (2048, 2500), dtype=np.uint8)
+    engine_ = backend.engine
+    assert engine_ is not None
+    store = engine_.store
+    workspace = f"{engine_.step_workspace_bytes / 1e6:.1f} MB" if device == "cuda" else "(measured on CUDA)"
+    print(f"engine: {store.slots} slots of {store.prefix_tokens} tokens, {store.rows} rows of {store.tail_tokens}; "
+          f"decode step {'compiled' if engine_.compiled else 'NOT compiled: ' + str(engine_.compile_error)}; "
+          f"{counters['stats']['unique_graphs']} graphs; loaded in {loaded:.1f} s, the compilation included; "
+          f"a step of the largest shapes takes {workspace} beside the store")
+    # what each decode step reads, taken where the engine hands the spans to the (compiled) step: a hook
+    # inside the compiled attention would turn its dynamic sizes into constants
+    reads: set[tuple[int, int, int, int]] = set()
+    step_with = engine_._step_with
+
+    def recording(forward, layout, prefix_span, tail_span, **kwargs):  # type: ignore[no-untyped-def]
+        reads.add((len(layout.order), layout.slots, prefix_span, tail_span))
+        return step_with(forward, layout, prefix_span, tail_span, **kwargs)
+
+    image = np.random.default_rng(3).integers(0, 256, (2500, 2048), dtype=np.uint8)  # rows x columns
     questions = [prompts.REPORT, prompts.ABNORMALITIES, prompts.grounding_question("Cardiomegaly")]
     params = [GenerationParams(max_new_tokens=n) for n in (48, 16, 24)]
-    got = backend.generate_many(image, [[Turn("user", q)] for q in questions], params)
-    assert backend.engine is not None
-    print(f"engine: {backend.engine.store.rows} rows, decode step "
-          f"{'compiled' if backend.engine.compiled else 'NOT compiled (see the log above)'}; "
-          f"loaded in {loaded:.1f} s, the compilation included")
+    engine_._step_with = recording
+    try:
+        got = backend.generate_many(image, [[Turn("user", q)] for q in questions], params)
+    finally:
+        engine_._step_with = step_with
+    print("key positions read by each attention call of a decode step (rows, slots, prefix span, tail span; the "
+          f"capacity is {store.prefix_tokens} + {store.tail_tokens}): {sorted(reads)}")
     for question, p, answer in zip(questions, params, got, strict=True):
         expected = plain.generate(image, [Turn("user", question)], p)
         same = (answer.text, answer.new_tokens) == (expected.text, expected.new_tokens)
         print(f"  {question[:40]!r}: {'same as' if same else 'DIFFERS from'} plain generate() "
               f"({answer.new_tokens} tokens)")
+    first: list[float] = []
+    asked = time.perf_counter()
+    backend.generate(image, [Turn("user", "Where is it?")], GenerationParams(max_new_tokens=4),
+                     on_token=lambda token: first.append(time.perf_counter()))
+    print(f"first token of a question about a cached image: {1000 * (first[0] - asked):.0f} ms")
+    graphs = counters["stats"]["unique_graphs"]
     analyse_image(backend, ModelImage(image, 2048, 2500), "1.2.3", "1.2", AnalysisOptions(max_new_tokens=64))
+    print(f"graphs compiled while serving: {counters['stats']['unique_graphs'] - graphs} (0 expected)")
     print("metrics page after one analysis:")
     for line in generate_latest().decode().splitlines():
-        if line.startswith(("radvlm_gpu_memory_bytes", "radvlm_model_tokens_per_second")):
+        if line.startswith(("radvlm_gpu_memory_bytes", "radvlm_model_tokens_per_second", "radvlm_engine_compiled")):
             print("  " + line)
     if device == "cuda":
         print(f"  (torch: {torch.cuda.memory_allocated()} bytes allocated)")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import threading
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
@@ -145,3 +146,18 @@ def serve_metrics(port: int, address: str = "0.0.0.0") -> None:
     except OSError as exc:
         raise OSError(f"metrics port {port}: {exc.strerror}; set another port (0 turns the metrics off)") from exc
     log.info("metrics on http://%s:%d/metrics", address, port)
+
+
+_ENGINE_COMPILED: list[Gauge] = []
+_ENGINE_COMPILED_LOCK = threading.Lock()
+
+
+def observe_engine(compiled: bool) -> None:
+    """Whether the in-process engine's decode step runs compiled (1) or not (0: several times slower, the
+    worker's log says why). The gauge exists only in a process that built such an engine."""
+    with _ENGINE_COMPILED_LOCK:
+        if not _ENGINE_COMPILED:
+            _ENGINE_COMPILED.append(Gauge("radvlm_engine_compiled", "1 when the in-process model engine's decode step "
+                                          "runs compiled, 0 when it runs uncompiled (several times slower; see "
+                                          "the worker's log)"))
+    _ENGINE_COMPILED[0].set(1 if compiled else 0)

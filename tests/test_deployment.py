@@ -26,7 +26,7 @@ from tests.orthanc import running_orthanc
 DOCKER = Path(__file__).resolve().parents[1] / "docker"
 COMPOSE = "/usr/bin/docker-compose"
 SERVICES = {"redis", "postgres", "migrate", "node", "api", "worker-gpu", "worker-io", "flower", "prometheus", "orthanc",
-            "ohif"}
+            "ohif", "vllm", "worker-vllm"}  # the last two in the profile vllm only
 PROMTOOL = "/usr/bin/promtool"
 
 
@@ -67,6 +67,39 @@ def test_compose_file_validates_and_runs_real_commands_with_health_checks():
     assert gpu["command"] == ["worker", "--concurrency", "8"] and gpu["restart"] == "unless-stopped"
     assert services["worker-io"]["command"] == ["worker", "--queues", "io"]
     assert "Dockerfile.gpu" not in str(services["worker-io"]["build"])
+
+
+def test_the_vllm_profile_serves_radvlm_with_its_template_and_the_worker_keeps_its_batch_full():
+    """``--profile vllm``: vLLM serves the model (RadVLM's chat template, prefix caching, the request's greedy
+    parameters) on the GPU, and a model worker without a GPU sends it its questions, 32 studies at once."""
+    from records.settings import ModelSettings
+
+    services = yaml.safe_load(compose_config("compose.yaml", POSTGRES_PASSWORD="site-secret").stdout)["services"]
+    default = {name for name, service in services.items() if not service.get("profiles")}
+    assert default == SERVICES - {"vllm", "worker-vllm"}  # `up` without the profile: as before
+    vllm, worker = services["vllm"], services["worker-vllm"]
+    assert vllm["profiles"] == worker["profiles"] == ["vllm"]
+    assert vllm["image"].startswith("vllm/vllm-openai:v")  # the upstream image, a pinned release
+    command = vllm["command"]
+    flags = {flag: command[i + 1] if i + 1 < len(command) and not command[i + 1].startswith("--") else True
+             for i, flag in enumerate(command) if flag.startswith("--")}
+    template = flags["--chat-template"]
+    assert any(volume.startswith(str(DOCKER.parent / "worker" / "radvlm_chat_template.jinja") + ":" + template)
+               for volume in vllm["volumes"])
+    assert flags["--enable-prefix-caching"] is True and flags["--generation-config"] == "vllm"
+    assert json.loads(flags["--limit-mm-per-prompt"]) == {"image": 1}
+    [device] = vllm["deploy"]["resources"]["reservations"]["devices"]
+    assert device["capabilities"] == ["gpu"] and device["count"] == 1
+    assert vllm["healthcheck"]["test"][0] == "CMD" and "/health" in vllm["healthcheck"]["test"][-1]
+    environment = worker["environment"]
+    model = ModelSettings(backend=environment["RADVLM_MODEL__BACKEND"],
+                          server_url=environment["RADVLM_MODEL__SERVER_URL"],
+                          server_model=environment["RADVLM_MODEL__SERVER_MODEL"])
+    assert model.server_url == f"http://vllm:{flags['--port']}/v1"
+    assert model.server_model == flags["--served-model-name"]
+    assert worker["depends_on"]["vllm"]["condition"] == "service_healthy" and "deploy" not in worker
+    assert worker["command"] == ["worker", "--concurrency", "32"]
+    assert environment["RADVLM_DATABASE_URL"] == services["worker-gpu"]["environment"]["RADVLM_DATABASE_URL"]
 
 
 def test_the_settings_orthanc_and_node_agree():

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from records.text import plain_text
 from worker.backends.base import GenerationParams, ModelLoadError
-from worker.backends.batch_decode import buckets
 from worker.backends.transformers import TransformersBackend
 from worker.prompts import REPORT, Turn
 
@@ -50,8 +50,11 @@ def test_quantization_needs_a_gpu(tiny_model):
 
 
 def test_decode_rows_that_do_not_fit_say_what_to_do(tiny_model):
-    with pytest.raises(ModelLoadError, match=r"1 MiB of decode rows \(model.batch_cache_mb\) hold none of 11740 "
-                                             r"tokens \(6 MiB\): lower model.max_prompt_tokens"):
+    # a slot holds the largest prefix the processor gives (8,765 tokens, 69 blocks); a row the rest of
+    # max_prompt_tokens (10,240) and max_new_tokens (1,500): 2,908 tokens, 23 blocks
+    with pytest.raises(ModelLoadError, match=r"1 MiB of decode memory \(model.batch_cache_mb\) hold no image slot of "
+                                             r"8832 tokens \(4 MiB\) beside a question row of 2944 tokens \(2 MiB\): "
+                                             r"lower model.max_prompt_tokens"):
         TransformersBackend(str(tiny_model), prefix_cache_mb=512, batch_cache_mb=1)
 
 
@@ -83,7 +86,8 @@ def test_the_image_prefix_is_prefilled_once_and_answers_stay_the_same(tiny_model
                                                                   expected.prompt_tokens)
     assert (cached.prefixes.misses, cached.prefixes.hits) == (1, 3)
     assert streamed_on == {threading.get_ident()}  # the text is decoded and handed on by the caller, not the engine
-    assert "".join(streamed).replace(" ", "") == "".join(
+    # the stream as the chat relays it (records.text.plain_text, as every completion's text)
+    assert plain_text("".join(streamed)).replace(" ", "") == "".join(
         plain.generate(image, t, params).text for t in conversations).replace(" ", "")
     other = np.random.default_rng(8).integers(0, 256, (700, 600), dtype=np.uint8)
     assert cached.generate(other, conversations[0], params).text == plain.generate(other, conversations[0],
@@ -152,7 +156,8 @@ def test_questions_about_one_image_asked_at_once_prepare_and_prefill_it_once(tin
         got = list(pool.map(ask, [prompts.REPORT, prompts.ABNORMALITIES]))
     assert got == [plain.generate(image, [Turn("user", q)], params).text for q in (prompts.REPORT,
                                                                                    prompts.ABNORMALITIES)]
-    assert prepared == [PREFIX] and (backend.prefixes.misses, backend.prefixes.hits) == (1, 1)
+    # the second question reads the first one's slot while it decodes (no prefix to look up), or the cache
+    assert prepared == [PREFIX] and backend.prefixes.misses == 1 and backend.prefixes.hits <= 1
     assert not backend._preparing  # nothing kept once the prefix is cached
 
 
@@ -247,7 +252,7 @@ def test_a_new_image_is_prefilled_in_parts_between_the_decode_steps_of_others(ti
     assert set(range(1, breaks + 1)) <= {done - before for done in breaks_at_token}  # a token at every break
     expected = [plain.generate(image, turns, p) for image, p in ((small, reading), (radiograph, second.params))]
     tokenizer = backend.processor.tokenizer
-    assert [tokenizer.decode(row.tokens, skip_special_tokens=True).strip() for row in (first, second)] == [
+    assert [plain_text(tokenizer.decode(row.tokens, skip_special_tokens=True).strip()) for row in (first, second)] == [
         e.text for e in expected]
 
 
@@ -360,37 +365,49 @@ def test_compiled_decode_steps_with_fewer_rows_than_questions_give_plain_answers
     of five questions entering a store of two rows as rows free up: every answer is plain generate()'s."""
     from worker import prompts
 
-    compiled = TransformersBackend(str(tiny_model), prefix_cache_mb=512, batch_cache_mb=4,  # two rows of 2 MiB
+    compiled = TransformersBackend(str(tiny_model), prefix_cache_mb=512, batch_cache_mb=4,  # a 2 MiB slot, two rows
                                    max_prompt_tokens=4000, max_new_tokens=96, compile_decode=True)
-    assert compiled.engine is not None and compiled.engine.store.rows == 2
+    assert compiled.engine is not None and (compiled.engine.store.slots, compiled.engine.store.rows) == (1, 2)
     assert compiled.engine.compiled and compiled.engine.ready.is_set()  # loaded means compiled, before any question
     got, _ = _five_questions_answered_as_plain_generate_answers_them(compiled, tiny_model)
     # never more than two rows at a step (a row's first token comes from its prefill, not from a step)
     assert compiled.engine.steps >= sum(g.new_tokens - 1 for g in got) / 2 > max(g.new_tokens for g in got)
     image = np.random.default_rng(3).integers(0, 256, (500, 420), dtype=np.uint8)
-    with pytest.raises(ValueError, match="a decode row holds 4096 .*raise model.max_prompt_tokens"):
+    with pytest.raises(ValueError, match="a decode row holds 640 .*raise model.max_prompt_tokens"):
         compiled.generate(image, [Turn("user", prompts.REPORT)], GenerationParams(max_new_tokens=900))
 
 
-def test_the_decode_step_is_compiled_twice_however_many_bucket_sizes(tiny_model):
-    """One row (a chat turn) gets a graph of its own and every larger bucket shares one whose batch size
-    is symbolic: a start compiles twice, not once per bucket, and the answers are plain generate()'s."""
+def test_the_decode_step_is_compiled_at_start_for_every_shape_it_will_take(tiny_model):
+    """Rows, slots, rows per slot and both spans are dynamic: the graphs compiled while loading (one row;
+    rows of one image; rows of several images; each at the shortest and the longest spans, as the
+    compiler may pick kernels by size) serve every step after, whatever the lengths."""
     import torch
     from torch._dynamo.utils import counters
 
+    from worker import prompts
+
     torch._dynamo.reset()  # forget the graphs of earlier tests' engines (the same code: they would be reused)
     counters.clear()
-    backend = TransformersBackend(str(tiny_model), prefix_cache_mb=512, batch_cache_mb=17,  # eight rows
+    backend = TransformersBackend(str(tiny_model), prefix_cache_mb=512, batch_cache_mb=9,  # 3 slots of 2 MiB, 6 rows
                                   max_prompt_tokens=4000, max_new_tokens=96, compile_decode=True)
-    assert backend.engine is not None and backend.engine.compiled
-    assert buckets(backend.engine.store.rows) == [1, 2, 4, 8]
-    assert counters["stats"]["unique_graphs"] == 2
+    engine = backend.engine
+    assert engine is not None and engine.compiled and (engine.store.slots, engine.store.rows) == (3, 6)
+    graphs = counters["stats"]["unique_graphs"]
+    assert graphs <= 6
     _five_questions_answered_as_plain_generate_answers_them(backend, tiny_model)
-    assert counters["stats"]["unique_graphs"] == 2  # whatever buckets the five rows needed: no recompile
+    plain = TransformersBackend(str(tiny_model))
+    images = [np.random.default_rng(n).integers(0, 256, shape, dtype=np.uint8)
+              for n, shape in ((20, (300, 300)), (21, (420, 640)))]
+    params = GenerationParams(max_new_tokens=40, min_new_tokens=40)  # tails past a block: the span grows
+    got = [backend.generate_many(image, [[Turn("user", prompts.REPORT)]], [params])[0] for image in images]
+    assert [g.text for g in got] == [plain.generate(image, [Turn("user", prompts.REPORT)], params).text
+                                     for image in images]
+    assert counters["stats"]["unique_graphs"] == graphs  # whatever rows, slots and spans the questions needed
 
 
 def test_a_decode_step_that_cannot_be_compiled_is_run_uncompiled_and_said_so(tiny_model, monkeypatch, caplog):
-    """No C compiler for Triton, say: the worker logs why and answers all the same, uncompiled."""
+    """No C compiler for Triton, say: the worker logs it as an error, exposes it (radvlm_engine_compiled 0)
+    and answers all the same, uncompiled."""
     import torch
 
     from worker import prompts
@@ -409,4 +426,8 @@ def test_a_decode_step_that_cannot_be_compiled_is_run_uncompiled_and_said_so(tin
     assert backend.generate(image, [Turn("user", prompts.REPORT)], params).text == plain.generate(
         image, [Turn("user", prompts.REPORT)], params).text
     assert backend.engine is not None and not backend.engine.compiled
-    assert "cannot be compiled, decoding uncompiled" in caplog.text and "Failed to find C compiler" in caplog.text
+    assert "cannot be compiled, decoding UNCOMPILED" in caplog.text and "Failed to find C compiler" in caplog.text
+    assert "Failed to find C compiler" in backend.engine.compile_error
+    from prometheus_client import REGISTRY
+
+    assert REGISTRY.get_sample_value("radvlm_engine_compiled") == 0  # the worker's health check fails on it

@@ -3,19 +3,30 @@ several studies, chat turns) share each decode step, and a request joins the bat
 step (continuous batching), so throughput grows with load.
 
 transformers' ``generate()`` cannot continue a batch whose rows have different lengths after a
-prefix, and its continuous batching does not take LLaVA-OneVision; this engine works on its cache
-classes directly. One thread owns the model. A request is the prefilled prefix of one image (its
-KV cache) and the questions about it. Each question is prefilled from a copy of the prefix and
-then moved into a row of a static cache allocated once (``RowStore``): a row holds one question's
-tokens from position 0, and every row writes its next token at its own position, so rows of
-different lengths and different images decode side by side with nothing shifted or padded. The
-mask says which positions each row sees and every row keeps its own position ids, so each answer
-is the one plain ``generate()`` gives. Because the shapes of a decode step depend only on how many
-rows it covers (rounded up to a few bucket sizes), the step can be compiled, and on a GPU captured
-as a CUDA graph per bucket: no Python or kernel-launch overhead inside a step, whatever the model's
-depth. torch.compile's automatic dynamic shapes compile it twice: for one row, then once with the
-batch size symbolic, which every larger bucket shares (compiling each bucket on its own took seven
-compilations, minutes for RadVLM, at every start).
+prefix, and its continuous batching does not take LLaVA-OneVision; this engine keeps the keys and
+values itself (``KVStore``) and gives the model an attention function of its own, registered
+through transformers' attention interface (``ROW_ATTENTION``): the model code is not touched.
+
+Storage: one *slot* per image in flight holds the keys and values of the image's prefix (~7,300
+tokens), written once; every question about the image (the five tasks of a study, a chat turn
+asked while they decode) is a *row* of its own that holds only its question and answer tokens (the
+*tail*), with positions continuing after the prefix. A row reads its slot's prefix where it lies:
+nothing is copied per question. Capacities are whole blocks of ``BLOCK`` positions.
+
+Attention (``RowBatch.attend``): the query heads are grouped by key/value head (Qwen2-7B: 28 query
+heads on 4 KV heads), so nothing is repeated. The prefix part is one batched matmul over the slots
+of the step, each slot's rows side by side (so a slot's prefix is read once per step, however many
+of its questions decode), over the slots' longest prefix rounded up to a block; the tail part reads
+each row's tail over the step's longest tail rounded up to a block; one softmax over both, in
+float32, and positions past a row's own length count as minus infinity. A step reads the live
+tokens (to the next block), never the capacity.
+
+A decode step covers exactly the rows decoding and runs without the host: the tokens fed, the
+positions, where each key goes, the end-of-turn suppression for ``min_new_tokens`` and the choice
+of the next token all stay on the device; the host reads the chosen tokens once per step (to
+stream them, and to let finished rows go). Compiled (``compile_steps``), its batch size, slot
+count, rows per slot and the two spans are dynamic dimensions: a few graphs (one row; one image;
+several images), compiled at start, serve every step.
 
 A new image's prefix (~7,300 tokens, 0.27 s of an H100) is prefilled a chunk at a time, with a
 decode step between chunks: the rows decoding (a radiologist's streamed answer among them) never
@@ -38,9 +49,45 @@ from worker.backends.base import GenerationParams, OnText, PromptTooLong
 
 log = logging.getLogger(__name__)
 
-# More rows gain little: every row attends over its whole length, so 64 RadVLM rows already read
-# ~43 GB of KV cache a step, well over the 16 GB of weights that a step of any size reads.
+# Positions per block: every capacity of the store and every span a step reads is a multiple of it
+# (aligned strides and lengths for the matmuls; a span grows a block at a time).
+BLOCK = 128
+# More rows gain little: the weights (16 GB for RadVLM) dominate a step's reads until the KV cache
+# read by its rows (0.42 GB per image, 6-170 MB per row) comes near them.
 MAX_ROWS = 64
+# Rows of one image decoding at once (a study asks five questions; more wait for one to finish):
+# bounds the slot layout of the prefix part of attention (slots x members).
+MAX_MEMBERS = 8
+ROWS_PER_SLOT = 2  # a budget is split into slots and rows at this ratio (a study's image has 2-4 rows)
+MIN_QUESTION_TOKENS = 512  # a row's tail holds at least this many question tokens besides the answer
+ROW_ATTENTION = "radvlm_rows"  # the attention implementation the engine registers and sets on the language model
+NO_MASK = {"full_attention": None}  # the row attention builds its own: transformers builds none
+
+
+def round_up(tokens: int, block: int = BLOCK) -> int:
+    return -(-tokens // block) * block
+
+
+def split_budget(budget: int, slot_bytes: int, row_bytes: int) -> tuple[int, int]:
+    """(slots, rows) in ``budget`` bytes: ``ROWS_PER_SLOT`` rows a slot up to ``MAX_ROWS`` rows, what is
+    left in more slots (never more slots than rows); (0, 0) when not one of each fits."""
+    if budget < slot_bytes + row_bytes:
+        return 0, 0
+    pairs = max(1, budget // (slot_bytes + ROWS_PER_SLOT * row_bytes))
+    rows = min(MAX_ROWS, ROWS_PER_SLOT * pairs, (budget - slot_bytes) // row_bytes)
+    return min(rows, (budget - rows * row_bytes) // slot_bytes), rows
+
+
+def step_workspace(text_config: Any, prefix_tokens: int, tail_tokens: int, itemsize: int) -> tuple[int, int]:
+    """Bytes a decode step of the largest shapes takes beside the store, for each slot and each row it
+    covers (one layer's attention at a time: the slot layout's scores and weights, each row's scores in
+    float32, its gathered tail, its logits); the warm-up measures the real figure."""
+    heads = text_config.num_attention_heads
+    head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // heads
+    per_slot = 3 * MAX_MEMBERS * heads * prefix_tokens * itemsize
+    per_row = (3 * heads * (prefix_tokens + tail_tokens) * 4 + 2 * text_config.vocab_size * itemsize
+               + 2 * 2 * text_config.num_key_value_heads * tail_tokens * head_dim * itemsize)
+    return per_slot, per_row
 
 
 @dataclass
@@ -58,6 +105,17 @@ PrefixSource = Callable[[], Generator[None, None, tuple[int, Any]]]
 
 
 @dataclass(eq=False)
+class Slot:
+    """An image in flight: where its prefix lies in the store, and who reads it."""
+
+    index: int
+    key: str | None  # the image's key: requests about the same image share the slot
+    length: int  # prefix tokens
+    holders: int = 0  # requests reading it (until their last row finishes)
+    live: int = 0  # rows decoding from it now
+
+
+@dataclass(eq=False)
 class Request:
     rows: list[Row]
     prefix: PrefixSource
@@ -65,131 +123,223 @@ class Request:
     waiting: list[Row]  # rows not yet given a place in the store
     left: int = 0  # rows not finished
     urgent: bool = False  # someone is reading the answer as it comes: admitted before the others waiting
+    key: str | None = None  # the image's key (None: shares no slot)
     started: bool = False
     filling: Generator[None, None, tuple[int, Any]] | None = None  # its prefix, part prefilled
-    prefixed: tuple[int, Any] | None = None  # its prefix, prefilled: (length, KV cache)
+    prefixed: tuple[int, Any] | None = None  # its prefix, prefilled, not yet in a slot: (length, KV cache)
+    slot: Slot | None = None
 
 
-def buckets(rows: int) -> list[int]:
-    """The batch sizes a decode step runs at (each its own CUDA graph on a GPU): powers of two, then
-    all rows."""
-    return sorted({size for size in (1, 2, 4, 8, 16, 32) if size < rows} | {rows})
+@dataclass(eq=False)
+class Live:
+    """A row decoding: its request, its question and answer, its slot, and its tail's length (a host
+    copy of the store's, so that a step's spans are chosen without reading the device)."""
+
+    request: Request
+    row: Row
+    slot: Slot
+    written: int
 
 
-@functools.cache
-def _row_layer_class() -> type:
-    from transformers.cache_utils import StaticLayer
-
-    class RowLayer(StaticLayer):
-        """One decoder layer's view of the store: each row writes its new key and value at its own
-        position. Queries count as the last position: the causal limit is each row's mask."""
-
-        def __init__(self, torch: Any, keys: Any, values: Any, index: Any, position: Any) -> None:
-            super().__init__(max_cache_len=keys.shape[2])
-            self.keys, self.values, self.index, self.position = keys, values, index, position
-            self.device = keys.device
-            self.batch_size, self.num_heads, _, self.k_head_dim = keys.shape
-            self.v_head_dim = values.shape[-1]
-            self.is_initialized = True
-            for tensor in (keys, values, index, position):
-                torch._dynamo.mark_static_address(tensor)
-
-        def update(self, key_states: Any, value_states: Any, *args: Any, **kwargs: Any) -> tuple[Any, Any]:
-            self.keys[self.index, :, self.position] = key_states[:, :, -1]
-            self.values[self.index, :, self.position] = value_states[:, :, -1]
-            return self.keys, self.values
-
-        def get_seq_length(self) -> int:
-            return self.max_cache_len - 1
-
-    return RowLayer
-
-
-class RowStore:
-    """The KV cache of the rows decoding: ``rows`` rows of ``row_tokens`` positions in every layer,
-    allocated once (so compiled steps and CUDA graphs see the same addresses every time), and each
-    row's mask, next position and next token.
-
-    A free row sees only its position 0 and writes there: it computes nothing anyone reads, but
-    nothing that is not a number either (a masked position holding NaN would poison the rows after).
+class KVStore:
+    """The keys and values of the images and questions decoding, every layer, allocated once: ``slots``
+    image prefixes of ``prefix_tokens`` positions and ``rows`` tails (question and answer) of
+    ``tail_tokens``; and each row's state on the device (its prefix length, its tail length, the
+    token it feeds next, whether the end of turn is still barred).
     """
 
-    def __init__(self, torch: Any, text_config: Any, rows: int, row_tokens: int, dtype: Any, device: Any) -> None:
-        from transformers.cache_utils import Cache
-
-        self.rows, self.row_tokens = rows, row_tokens
+    def __init__(self, torch: Any, text_config: Any, *, slots: int, prefix_tokens: int, rows: int,
+                 tail_tokens: int, dtype: Any, device: Any) -> None:
+        for name, tokens in (("prefix_tokens", prefix_tokens), ("tail_tokens", tail_tokens)):
+            if tokens <= 0 or tokens % BLOCK:
+                raise ValueError(f"{name} must be a positive multiple of {BLOCK}, not {tokens}")
+        if slots < 1 or rows < 1:
+            raise ValueError(f"a store needs a slot and a row, not {slots} and {rows}")
+        self.slots, self.prefix_tokens, self.rows, self.tail_tokens = slots, prefix_tokens, rows, tail_tokens
         heads = text_config.num_key_value_heads
         head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
-        shape = (rows, heads, row_tokens, head_dim)
-        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(text_config.num_hidden_layers)]
-        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(text_config.num_hidden_layers)]
-        self.mask = torch.zeros((rows, row_tokens), dtype=torch.long, device=device)
-        self.mask[:, 0] = 1
-        self.position = torch.zeros(rows, dtype=torch.long, device=device)  # where each row writes next
-        self.live = torch.zeros(rows, dtype=torch.long, device=device)
-        self.ids = torch.zeros((rows, 1), dtype=torch.long, device=device)
-        self.index = torch.arange(rows, device=device)
-        layer = _row_layer_class()
-        self.caches = {size: Cache(layers=[layer(torch, keys[:size], values[:size], self.index[:size],
-                                                 self.position[:size])
-                                           for keys, values in zip(self.keys, self.values, strict=True)])
-                       for size in buckets(rows)}
+        layers = range(text_config.num_hidden_layers)
+
+        def zeros(shape: tuple[int, ...]) -> Any:
+            return torch.zeros(shape, dtype=dtype, device=device)
+
+        # one block more than a slot or a row holds: no span a step reads is then a whole dimension of the
+        # store, which compiled code would take for a constant (and compile again for every other span)
+        self.prefix_keys = [zeros((slots, heads, prefix_tokens + BLOCK, head_dim)) for _ in layers]
+        self.prefix_values = [zeros((slots, heads, prefix_tokens + BLOCK, head_dim)) for _ in layers]
+        self.tail_keys = [zeros((rows, heads, tail_tokens + BLOCK, head_dim)) for _ in layers]
+        self.tail_values = [zeros((rows, heads, tail_tokens + BLOCK, head_dim)) for _ in layers]
+        self.prefix_length = torch.zeros(slots, dtype=torch.long, device=device)  # each slot's prefix
+        self.row_prefix = torch.zeros(rows, dtype=torch.long, device=device)  # each row's prefix length
+        self.tail_length = torch.zeros(rows, dtype=torch.long, device=device)  # each row's tail written
+        self.next_token = torch.zeros(rows, dtype=torch.long, device=device)  # what each row feeds next
+        self.no_end = torch.zeros(rows, dtype=torch.bool, device=device)  # min_new_tokens not reached yet
+        # sliced to a span, a block or a member count: its length is the dimension (never 0 or 1)
+        self.positions = torch.arange(max(prefix_tokens, tail_tokens, MAX_MEMBERS) + BLOCK, device=device)
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
+        return sum(t.numel() * t.element_size()
+                   for t in (*self.prefix_keys, *self.prefix_values, *self.tail_keys, *self.tail_values))
 
-    def place(self, row: int, layers: list[tuple[Any, Any]], source: int, spans: list[tuple[int, int]]) -> None:
-        """Copy the keys and values of ``source`` (a row of a prefilled batch) at ``spans`` into ``row``,
-        end to end from position 0, and let the row see them."""
-        length = 0
-        for start, end in spans:
-            for index, (keys, values) in enumerate(layers):
-                self.keys[index][row, :, length:length + end - start] = keys[source, :, start:end]
-                self.values[index][row, :, length:length + end - start] = values[source, :, start:end]
-            length += end - start
-        self.mask[row] = 0
-        self.mask[row, :length] = 1
-        self.position[row] = length
-        self.live[row] = 1
+    def fill(self, slot: int, layers: list[tuple[Any, Any]], length: int) -> None:
+        """Write an image's prefix (one batch row of keys and values per layer) into ``slot``."""
+        for index, (keys, values) in enumerate(layers):
+            self.prefix_keys[index][slot, :, :length] = keys[0, :, :length]
+            self.prefix_values[index][slot, :, :length] = values[0, :, :length]
+        self.prefix_length[slot] = length
 
-    def free(self, row: int) -> None:
-        self.mask[row] = 0
-        self.mask[row, 0] = 1
-        self.position[row] = 0
-        self.live[row] = 0
+    def move(self, source: int, target: int, length: int) -> None:
+        """Move a slot's prefix (its ``length`` positions) to another slot."""
+        for stored in (self.prefix_keys, self.prefix_values):
+            for layer in stored:
+                layer[target, :, :length] = layer[source, :, :length]
+        self.prefix_length[target] = length
+
+
+@dataclass
+class RowBatch:
+    """One forward pass over some rows, as the row attention reads it (passed to the model as the
+    ``decode_rows`` keyword argument, which transformers hands to every attention call).
+
+    Row ``i`` is member ``member_of[i] % G`` of slot ``slot_start + member_of[i] // G``, where ``G``
+    is ``len(members)``; it writes its query tokens' keys and values at ``write_at[i]`` of its tail
+    row ``tail_rows[i]``, and each query token sees its slot's first ``slot_length`` positions and
+    its tail up to its own position. Spans and counts are the lengths of ``prefix_span``,
+    ``tail_span``, ``members`` and ``slot_length``.
+    """
+
+    store: KVStore
+    slot_start: int
+    slot_length: Any  # (slots,) prefix tokens of each slot of the batch
+    members: Any  # (G,) the places of a slot's rows in the slot layout
+    member_of: Any  # (rows,) slot * G + member
+    tail_rows: Any  # (rows,)
+    write_at: Any  # (rows, query tokens)
+    prefix_span: Any  # (P,) positions 0..P-1 of the prefixes read
+    tail_span: Any  # (T,) positions 0..T-1 of the tails read
+
+    def prefix(self, layer: int) -> tuple[Any, Any]:
+        """The keys and values of the prefixes this batch reads: views of the store, no copy."""
+        slots, span = self.slot_length.shape[0], self.prefix_span.shape[0]
+        return tuple(stored[layer].narrow(0, self.slot_start, slots).narrow(2, 0, span)
+                     for stored in (self.store.prefix_keys, self.store.prefix_values))
+
+    def tail(self, layer: int) -> tuple[Any, Any]:
+        """The keys and values of the rows' tails over the tail span (gathered by row)."""
+        span = self.tail_span.shape[0]
+        return tuple(stored[layer].narrow(2, 0, span).index_select(0, self.tail_rows)
+                     for stored in (self.store.tail_keys, self.store.tail_values))
+
+    def attend(self, torch: Any, layer: int, query: Any, key: Any, value: Any, scaling: float) -> Any:
+        rows, heads, length, dim = query.shape
+        kv_heads = key.shape[1]
+        per_head = heads // kv_heads * length  # the queries of one KV head: its query heads x tokens
+        places = self.store.tail_keys[layer], self.store.tail_values[layer]
+        at = (self.tail_rows[:, None].expand(rows, length), self.write_at)
+        places[0][at[0], :, at[1]] = key.transpose(1, 2)  # (rows, tokens, KV heads, dim)
+        places[1][at[0], :, at[1]] = value.transpose(1, 2)
+        grouped = query.reshape(rows, kv_heads, per_head, dim)  # no KV head is repeated
+
+        slots, members = self.slot_length.shape[0], self.members.shape[0]
+        layout = slots * members
+
+        def to_slots(per_row: Any) -> Any:  # (rows, KV heads, q, x) -> (slots, KV heads, members * q, x)
+            placed = per_row.new_zeros((layout, *per_row.shape[1:])).index_copy(0, self.member_of, per_row)
+            return placed.view(slots, members, *per_row.shape[1:]).transpose(1, 2).reshape(
+                slots, kv_heads, members * per_row.shape[2], per_row.shape[3])
+
+        def to_rows(per_slot: Any) -> Any:  # the inverse
+            last = per_slot.shape[-1]
+            return per_slot.view(slots, kv_heads, members, per_head, last).transpose(1, 2).reshape(
+                layout, kv_heads, per_head, last).index_select(0, self.member_of)
+
+        prefix_keys, prefix_values = self.prefix(layer)
+        tail_keys, tail_values = self.tail(layer)
+        from_prefix = torch.matmul(to_slots(grouped), prefix_keys.transpose(2, 3)) * scaling
+        unseen = self.prefix_span[None, :] >= self.slot_length[:, None]  # (slots, P)
+        from_prefix = to_rows(from_prefix.masked_fill(unseen[:, None, None, :], float("-inf")))
+        from_tail = torch.matmul(grouped, tail_keys.transpose(2, 3)) * scaling
+        ahead = self.tail_span[None, None, :] > self.write_at[:, :, None]  # (rows, tokens, T)
+        from_tail = from_tail.view(rows, kv_heads, heads // kv_heads, length, -1).masked_fill(
+            ahead[:, None, None], float("-inf")).view(rows, kv_heads, per_head, -1)
+        weights = torch.softmax(torch.cat([from_prefix, from_tail], dim=-1), dim=-1, dtype=torch.float32)
+        weights = weights.to(query.dtype)
+        on_prefix, on_tail = weights.split([self.prefix_span.shape[0], self.tail_span.shape[0]], dim=-1)
+        output = to_rows(torch.matmul(to_slots(on_prefix), prefix_values)) + torch.matmul(on_tail, tail_values)
+        return output.view(rows, heads, length, dim).transpose(1, 2)  # (rows, tokens, heads, dim), as sdpa's
+
+
+def row_attention(module: Any, query: Any, key: Any, value: Any, attention_mask: Any, scaling: float | None = None,
+                  dropout: float = 0.0, decode_rows: RowBatch | None = None, **kwargs: Any) -> tuple[Any, None]:
+    """The attention function the engine registers: the engine's rows through ``RowBatch.attend``;
+    anything else (an image's prefill, ``generate()``) through transformers' own SDPA function."""
+    import torch
+
+    if decode_rows is None:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
+                                      **kwargs)
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    return decode_rows.attend(torch, module.layer_idx, query, key, value, scale), None
+
+
+@functools.cache
+def register_row_attention() -> str:
+    """Register ``row_attention`` (and SDPA's masks for its non-row calls) under ``ROW_ATTENTION``."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(ROW_ATTENTION, row_attention)
+    AttentionMaskInterface.register(ROW_ATTENTION, sdpa_mask)
+    return ROW_ATTENTION
+
+
+@dataclass
+class Layout:
+    """The rows of a decode step in slot order, as device tensors (rebuilt when rows come or go)."""
+
+    order: list[int]  # tail rows, slot by slot
+    tail_rows: Any
+    member_of: Any
+    members: int
+    slots: int
 
 
 class DecodeEngine:
     """The model's decode loop on a thread of its own; ``submit`` from any thread.
 
-    ``rows`` questions decode at once, each within ``row_tokens`` (its prompt and its longest
-    answer). Questions that find no free row wait, urgent ones first, otherwise in order; the rows
-    of one request may enter in several goes. ``compile_steps`` compiles the decode step at start,
-    for one row and for any larger bucket (as a CUDA graph per bucket on a GPU).
+    Up to ``rows`` questions decode at once, their images' prefixes in ``slots`` slots of
+    ``prefix_tokens`` positions and each question's tokens and answer in a tail of ``tail_tokens``.
+    Questions that find no free row wait, urgent ones first, otherwise in order; the rows of one
+    request may enter in several goes. ``compile_steps`` compiles the decode step at start.
     """
 
     def __init__(self, model: Any, torch: Any, device: Any, eos: set[int], pad_id: int, *, rows: int,
-                 row_tokens: int, compile_steps: bool = False) -> None:
+                 tail_tokens: int, slots: int, prefix_tokens: int, compile_steps: bool = False) -> None:
         self.model, self.torch, self.device = model, torch, device
         self.eos, self.pad_id = sorted(eos), pad_id
-        self.store = RowStore(torch, model.config.text_config, rows, row_tokens, model.dtype, device)
+        model.set_attn_implementation({"text_config": register_row_attention()})
+        self._language_model = model.model.language_model
+        self._lm_head = model.get_output_embeddings()
+        text = model.config.text_config
+        self.store = KVStore(torch, text, slots=slots, prefix_tokens=prefix_tokens, rows=rows,
+                             tail_tokens=tail_tokens, dtype=model.dtype, device=device)
+        self._is_end = torch.zeros(text.vocab_size, dtype=torch.bool, device=device)
+        self._is_end[self.eos] = True
         self.steps = 0  # forward passes of one token per row, shared by every row decoding
         self.prefill_breaks = 0  # times an image's prefill stopped for a decode step (its parts less one)
-        self._slots: list[tuple[Request, Row] | None] = [None] * rows
-        self._logits = torch.zeros((rows, model.config.text_config.vocab_size), dtype=model.dtype, device=device)
+        self.slot_moves = 0  # prefixes moved to keep the slots in use first
+        self._rows: list[Live | None] = [None] * rows
+        self._slots: list[Slot | None] = [None] * slots
+        self._layout: Layout | None = None
         self._forward = self._decode_forward
-        if compile_steps:
-            # dynamic=None: the batch size turns symbolic at the second bucket, so one graph serves all
-            compiled = torch.compile(self._decode_forward, fullgraph=True, dynamic=None,
-                                     mode="reduce-overhead" if device.type == "cuda" else None)
-
-            def step(*args: Any) -> Any:
-                torch.compiler.cudagraph_mark_step_begin()  # the last step's logits were copied out
-                return compiled(*args)
-
-            self._forward = step
-        self.compiled = compile_steps
+        self.compile_steps = compile_steps
+        self.compiled = False  # the decode step runs compiled (set once the warm-up succeeded)
+        self.compile_error: str | None = None  # why it does not, when it was asked to
+        self.step_workspace_bytes = 0  # device memory a step of the largest shapes takes beyond the store (CUDA)
+        self._graphs = 0  # compiled graphs after the warm-up (a later recompilation is logged)
         self._pending: deque[Request] = deque()
         self._started: list[Request] = []  # started and not finished (the engine thread's)
         self._wake = threading.Condition()
@@ -198,15 +348,22 @@ class DecodeEngine:
         self._thread = threading.Thread(target=self._run, name="decode", daemon=True)
         self._thread.start()
 
-    def submit(self, rows: list[Row], prefix_length: int, prefix: PrefixSource, *,
+    def submit(self, rows: list[Row], prefix_length: int, prefix: PrefixSource, *, key: str | None = None,
                urgent: bool = False) -> Future[list[Row]]:
+        """Decode ``rows`` after the image prefix of ``prefix_length`` tokens that ``prefix`` gives;
+        requests with the same ``key`` (the same image) share its slot."""
+        store = self.store
+        if prefix_length > store.prefix_tokens:
+            raise PromptTooLong(f"an image of {prefix_length} prefix tokens does not fit a slot of "
+                                f"{store.prefix_tokens} (raise model.max_prompt_tokens)")
         for row in rows:
-            need = prefix_length + len(row.tail) + row.params.max_new_tokens
-            if need > self.store.row_tokens:
-                raise PromptTooLong(f"a question of {prefix_length + len(row.tail)} prompt tokens and up to "
-                                    f"{row.params.max_new_tokens} new ones needs {need} positions; a decode row "
-                                    f"holds {self.store.row_tokens} (raise model.max_prompt_tokens)")
-        request = Request(rows, prefix, Future(), list(rows), len(rows), urgent)
+            need = len(row.tail) + row.params.max_new_tokens
+            if need > store.tail_tokens:
+                raise PromptTooLong(f"a question of {prefix_length + len(row.tail)} prompt tokens "
+                                    f"({len(row.tail)} after the image) and up to {row.params.max_new_tokens} new ones "
+                                    f"needs {need} positions after the image; a decode row holds {store.tail_tokens} "
+                                    "(raise model.max_prompt_tokens)")
+        request = Request(rows, prefix, Future(), list(rows), len(rows), urgent, key)
         with self._wake:
             if self._closed:
                 raise RuntimeError("the decode engine has stopped")
@@ -221,14 +378,13 @@ class DecodeEngine:
             self._wake.notify()
         self._thread.join()
 
-    def _occupied(self) -> list[tuple[int, Request, Row]]:
-        """The rows decoding: (row of the store, its request, its question), in store order."""
-        return [(index, *slot) for index, slot in enumerate(self._slots) if slot is not None]
+    def _live(self) -> list[int]:
+        return [index for index, live in enumerate(self._rows) if live is not None]
 
     def _run(self) -> None:
         try:
             with self.torch.inference_mode():  # this thread only ever runs the model
-                if self.compiled:
+                if self.compile_steps:
                     self._warm_up()
                 self.ready.set()
                 self._loop()
@@ -243,36 +399,84 @@ class DecodeEngine:
                     request.future.set_exception(RuntimeError(f"the decode engine stopped: {exc}"))
             raise
 
+    # -- compilation -------------------------------------------------------------------------------
+
+    def _warm_shapes(self) -> list[tuple[int, int, int, int, int]]:
+        """(rows, slots, members, prefix span, tail span) of the steps the warm-up runs: each kind of step
+        the store allows (one row; rows of one image; rows of several images) at the shortest spans and at
+        the longest (the compiler may choose its kernels by size: both sides of any threshold are then
+        compiled), the largest step last (its memory is measured)."""
+        store = self.store
+        rows, slots = store.rows, store.slots
+        kinds = [(1, 1, 2)]  # row i of a step is member i // slots of slot i % slots
+        if rows >= 2:
+            kinds.append((min(rows, 3), 1, 3))
+        if rows >= 2 and slots >= 2:
+            kinds.append((min(rows, 5), 2, 3))
+            members = min(MAX_MEMBERS, max(2, -(-rows // slots)))
+            kinds.append((min(rows, slots * members), slots, members))
+        else:
+            kinds.append((min(rows, MAX_MEMBERS), 1, max(2, min(rows, MAX_MEMBERS))))
+        return ([(*kind, BLOCK, BLOCK) for kind in kinds[:-1]] + [(*kind, store.prefix_tokens, store.tail_tokens)
+                                                                   for kind in kinds])
+
     def _warm_up(self) -> None:
-        """Compile (and on a GPU capture) the decode step of every bucket size before any question
-        waits for it; the rows are all free, so nothing is written that anyone reads."""
-        sizes = buckets(self.store.rows)
-        log.info("compiling the decode step for batches of %s rows (once per start)", sizes)
+        """Compile the decode step for every graph it will need before any question waits for it; the
+        rows are all free, so nothing is written that anyone reads. A failure is an error the worker
+        reports (``radvlm_engine_compiled`` 0), never a silent fallback."""
+        torch = self.torch
+        from torch._dynamo.utils import counters
+
+        compiled = self._compiled_step()
+        shapes = self._warm_shapes()
+        log.info("compiling the decode step (once per start) for (rows, slots, members, prefix span, tail span) %s",
+                 shapes)
         start = time.perf_counter()
+        cuda = self.device.type == "cuda"
         try:
-            for size in sizes:
-                for _ in range(3):  # CUDA graph trees record on the second and third call
-                    self._forward(self.store.ids[:size], self.store.mask[:size], self.store.position[:size, None],
-                                  self.store.caches[size])
-        except Exception as exc:  # still right, only slower: the worker goes on and says why
-            log.error("the decode step cannot be compiled, decoding uncompiled (several times slower): %s: %s; "
-                      "set model.compile_decode = false to skip the attempt", type(exc).__name__, exc)
-            self._forward, self.compiled = self._decode_forward, False
+            for rows, slots, members, prefix_span, tail_span in shapes:
+                if cuda:
+                    torch.cuda.synchronize(self.device)
+                    before = torch.cuda.memory_allocated(self.device)
+                    torch.cuda.reset_peak_memory_stats(self.device)
+                order = list(range(rows))
+                member_of = [index % slots * members + index // slots for index in order]
+                layout = Layout(order, torch.tensor(order, device=self.device),
+                                torch.tensor(member_of, device=self.device), members, slots)
+                self._step_with(compiled, layout, prefix_span, tail_span, dynamic=True)
+                if cuda:
+                    torch.cuda.synchronize(self.device)
+                    self.step_workspace_bytes = max(self.step_workspace_bytes,
+                                                    torch.cuda.max_memory_allocated(self.device) - before)
+        except Exception as exc:  # still right, only slower: the worker says so loudly
+            self.compile_error = f"{type(exc).__name__}: {exc}"[:2000]
+            log.error("the decode step cannot be compiled, decoding UNCOMPILED (several times slower; "
+                      "radvlm_engine_compiled is 0): %s; set model.compile_decode = false to skip the attempt",
+                      self.compile_error)
             return
-        log.info("decode step compiled in %.0f s", time.perf_counter() - start)
+        finally:
+            self.store.tail_length.zero_()
+        self._forward, self.compiled = compiled, True
+        self._graphs = counters["stats"]["unique_graphs"]
+        log.info("decode step compiled in %.0f s (%d graphs in this process); a step of the largest shapes "
+                 "takes %.2f GB beside the store", time.perf_counter() - start, self._graphs,
+                 self.step_workspace_bytes / 1e9)
+
+    # -- the loop ----------------------------------------------------------------------------------
 
     def _loop(self) -> None:
         """Each turn: give free rows to waiting questions, urgent requests first, then the others, each
-        in order; prefill at most one part of a new image's prefix; then one decode step for every row."""
+        in order; prefill at most one part of a new image's prefix; read the tokens the rows chose, let
+        finished rows go, and run one decode step for the others."""
         while True:
             with self._wake:
-                while not self._pending and not self._occupied() and not self._closed:
+                while not self._pending and not any(self._rows) and not self._closed:
                     self._wake.wait()
-                if not self._pending and not self._occupied():
+                if not self._pending and not any(self._rows):
                     return  # closed, and everything submitted is answered
                 waiting = sorted(self._pending, key=lambda request: not request.urgent)
             self._started = [request for request in self._started if not request.future.done()]
-            free = self._slots.count(None)
+            free = self._rows.count(None)
             for request in waiting:
                 if free == 0:
                     break
@@ -280,26 +484,34 @@ class DecodeEngine:
                     self._forget(request)
                     continue
                 try:  # this request's own failure (its image, its memory) fails it alone: the batch goes on
-                    if request.prefixed is None:
-                        self._prefill_part(request)
-                        if request.prefixed is None:
-                            break  # the rest of its prefix after the next step
-                    rows, request.waiting = request.waiting[:free], request.waiting[free:]
+                    if request.slot is None:
+                        if request.prefixed is None and not self._share(request):
+                            self._prefill_part(request)
+                            if request.prefixed is None:
+                                break  # the rest of its prefix after the next step
+                        if request.slot is None and not self._place(request):
+                            continue  # every slot is taken: it waits for one
+                    assert request.slot is not None
+                    room = min(free, MAX_MEMBERS - request.slot.live)
+                    if room <= 0:
+                        continue
+                    rows, request.waiting = request.waiting[:room], request.waiting[room:]
                     free -= len(rows)
                     self._join(request, rows)
-                    if not request.waiting:  # its rows hold copies of the prefix now
-                        request.prefixed = None
+                    if not request.waiting:
                         self._forget(request)
                 except Exception as exc:
                     self._fail(request, exc)
-            occupied = self._occupied()
-            if not occupied:
+            if not any(self._rows):
+                continue
+            going_on = self._read()
+            if not going_on:
                 continue
             try:
-                self._step(occupied)
+                self._step(going_on)
             except Exception as exc:  # a failed step leaves no usable cache: every request in it fails
-                log.error("decode step failed for %d row(s): %s", len(occupied), exc)
-                for request in {request for _, request, _ in occupied}:
+                log.error("decode step failed for %d row(s): %s", len(going_on), exc)
+                for request in {self._rows[index].request for index in going_on if self._rows[index]}:
                     self._fail(request, exc)
 
     def _start(self, request: Request) -> bool:
@@ -325,57 +537,109 @@ class DecodeEngine:
         except StopIteration as filled:
             request.prefixed, request.filling = filled.value, None
 
+    def _share(self, request: Request) -> bool:
+        """Give ``request`` the slot of its image if the image is decoding already (nothing prefilled,
+        nothing copied)."""
+        if request.key is None:
+            return False
+        for slot in self._slots:
+            if slot is not None and slot.key == request.key:
+                slot.holders += 1
+                request.slot = slot
+                return True
+        return False
+
+    def _place(self, request: Request) -> bool:
+        """Write the request's prefilled prefix into a free slot (once per image in flight)."""
+        if self._share(request):
+            request.prefixed = None
+            return True
+        if None not in self._slots:
+            return False
+        assert request.prefixed is not None
+        length, cache = request.prefixed
+        index = self._slots.index(None)
+        self.store.fill(index, [(layer.keys, layer.values) for layer in cache.layers], length)
+        request.slot = self._slots[index] = Slot(index, request.key, length, holders=1)
+        request.prefixed = None
+        return True
+
+    def _release(self, request: Request) -> None:
+        """``request`` reads its slot no more; a slot nobody reads is freed, and the last slot in use
+        moves into its place, so that the slots in use are always the first ones."""
+        slot, request.slot = request.slot, None
+        if slot is None:
+            return
+        slot.holders -= 1
+        if slot.holders > 0:
+            return
+        last = max(index for index, other in enumerate(self._slots) if other is not None)
+        self._slots[slot.index] = None
+        if last != slot.index:
+            moved = self._slots[last]
+            assert moved is not None
+            self.store.move(last, slot.index, moved.length)
+            self._slots[last], self._slots[slot.index] = None, moved
+            moved.index = slot.index
+            self.slot_moves += 1
+        self._layout = None
+
     def _fail(self, request: Request, exc: BaseException) -> None:
-        for index, slot in enumerate(self._slots):
-            if slot is not None and slot[0] is request:
-                self._slots[index] = None
-                self.store.free(index)
+        for index, live in enumerate(self._rows):
+            if live is not None and live.request is request:
+                self._rows[index] = None
+                live.slot.live -= 1
+        self._layout = None
+        self._release(request)
         request.filling = request.prefixed = None
         self._forget(request)
         if not request.future.done():
             request.future.set_exception(exc)
 
     def _join(self, request: Request, rows: list[Row]) -> None:
-        """Prefill ``rows``' questions from a copy of the image prefix, put them in free rows of the
-        store with the logits of their first answer token."""
-        torch, device = self.torch, self.device
-        assert request.prefixed is not None
-        length, prefix_cache = request.prefixed
+        """Prefill ``rows``' questions into free tails, reading the image's prefix in its slot, and
+        choose each one's first answer token."""
+        torch, device, store = self.torch, self.device, self.store
+        slot = request.slot
+        assert slot is not None
+        free = [index for index, live in enumerate(self._rows) if live is None][:len(rows)]
         width = max(len(row.tail) for row in rows)
-        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long, device=device)
-        mask = torch.zeros((len(rows), length + width), dtype=torch.long, device=device)
-        mask[:, :length] = 1
-        positions = torch.zeros((len(rows), width), dtype=torch.long, device=device)
-        for index, row in enumerate(rows):  # questions of different lengths end together: padded on the left
-            start = width - len(row.tail)
-            ids[index, start:] = torch.tensor(row.tail, device=device)
-            mask[index, length + start:] = 1
-            positions[index, start:] = torch.arange(length, length + len(row.tail), device=device)
-        from transformers import DynamicCache
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        for index, row in enumerate(rows):  # padded on the right: a row's padding is never seen by it
+            ids[index, :len(row.tail)] = torch.tensor(row.tail, dtype=torch.long)
+        tails = torch.tensor(free, device=device)
+        lengths = torch.tensor([len(row.tail) for row in rows], device=device)
+        write_at = torch.arange(width, device=device).expand(len(rows), width)
+        batch = RowBatch(store, slot.index, store.prefix_length[slot.index:slot.index + 1],
+                         store.positions[:max(2, len(rows))], torch.arange(len(rows), device=device), tails,
+                         write_at, store.positions[:round_up(slot.length)], store.positions[:round_up(width)])
+        hidden = self._language_model(input_ids=ids.to(device), position_ids=write_at + slot.length,
+                                      attention_mask=NO_MASK, use_cache=False, decode_rows=batch).last_hidden_state
+        logits = self._lm_head(hidden[torch.arange(len(rows), device=device), lengths - 1])
+        store.row_prefix[tails] = slot.length
+        store.tail_length[tails] = lengths
+        store.no_end[tails] = torch.tensor([row.params.min_new_tokens > 0 for row in rows], device=device)
+        self._choose(tails, logits)
+        for index, row in zip(free, rows, strict=True):
+            self._rows[index] = Live(request, row, slot, len(row.tail))
+        slot.live += len(rows)
+        self._layout = None
 
-        cache = DynamicCache()
-        for index, layer in enumerate(prefix_cache.layers):
-            cache.update(layer.keys.repeat(len(rows), 1, 1, 1), layer.values.repeat(len(rows), 1, 1, 1), index)
-        logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache,
-                            use_cache=True, logits_to_keep=1).logits[:, -1]
-        layers = [(layer.keys, layer.values) for layer in cache.layers]
-        free = [index for index, slot in enumerate(self._slots) if slot is None]
-        for source, (row, index) in enumerate(zip(rows, free[:len(rows)], strict=True)):
-            self.store.place(index, layers, source, [(0, length), (length + width - len(row.tail), length + width)])
-            self._logits[index] = logits[source]
-            self._slots[index] = (request, row)
+    def _choose(self, tails: Any, logits: Any) -> None:
+        """Each row's next token, greedy, the end of turn barred where ``min_new_tokens`` says (on the device)."""
+        barred = self.store.no_end[tails][:, None] & self._is_end[None, :]
+        self.store.next_token[tails] = logits.masked_fill(barred, float("-inf")).argmax(-1)
 
-    def _step(self, occupied: list[tuple[int, Request, Row]]) -> None:
-        """Choose every row's next token, let finished rows go, and run one forward pass for the rest."""
-        store = self.store
-        live = [index for index, _, _ in occupied]
-        logits = self._logits[live]
-        for position, (_, _, row) in enumerate(occupied):
-            if len(row.tokens) < row.params.min_new_tokens:
-                logits[position, self.eos] = float("-inf")
-        chosen = logits.argmax(-1)
+    def _read(self) -> list[int]:
+        """The tokens the rows chose (the step's one read of the device): each row takes its token, the
+        finished ones go; the rows that go on."""
+        live = self._live()
+        chosen = self.store.next_token[self.torch.tensor(live, device=self.device)].tolist()
         going_on = []
-        for (index, request, row), token in zip(occupied, chosen.tolist(), strict=True):
+        for index, token in zip(live, chosen, strict=True):
+            entry = self._rows[index]
+            assert entry is not None
+            row, request = entry.row, entry.request
             if token in self.eos:
                 row.ended = True
             else:
@@ -383,27 +647,99 @@ class DecodeEngine:
                 if row.on_token is not None:
                     row.on_token(token)
                 if len(row.tokens) < row.params.max_new_tokens:
+                    if len(row.tokens) == row.params.min_new_tokens:  # the end of turn is allowed from now
+                        self.store.no_end[index] = False
                     going_on.append(index)
                     continue
-            self._slots[index] = None
-            store.free(index)
+            self._rows[index] = None
+            entry.slot.live -= 1
+            self._layout = None
             request.left -= 1
             if request.left == 0:
+                self._release(request)
                 request.future.set_result(request.rows)
-        if not going_on:
-            return
-        store.ids[live, 0] = chosen
-        size = next(size for size in buckets(store.rows) if size > going_on[-1])
-        store.mask[store.index[:size], store.position[:size]] = 1
-        logits = self._forward(store.ids[:size], store.mask[:size], store.position[:size, None], store.caches[size])
-        self._logits[:size] = logits
-        store.position[:size] += store.live[:size]
-        self.steps += 1
+        return going_on
 
-    def _decode_forward(self, ids: Any, mask: Any, positions: Any, cache: Any) -> Any:
-        """One token for each of the first rows of the store (what is compiled)."""
-        return self.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache,
-                          use_cache=True).logits[:, -1]
+    def _arrange(self, going_on: list[int]) -> Layout:
+        """The rows of a step slot by slot, each slot's rows side by side (at least two places a slot:
+        a graph for one member per slot is not needed)."""
+        by_slot: dict[int, list[int]] = {}
+        for index in going_on:
+            entry = self._rows[index]
+            assert entry is not None
+            by_slot.setdefault(entry.slot.index, []).append(index)
+        members = max(2, max(len(group) for group in by_slot.values()))
+        order, member_of = [], []
+        for slot in sorted(by_slot):
+            for member, index in enumerate(by_slot[slot]):
+                order.append(index)
+                member_of.append(slot * members + member)
+        torch, device = self.torch, self.device
+        return Layout(order, torch.tensor(order, device=device), torch.tensor(member_of, device=device), members,
+                      max(by_slot) + 1)
+
+    def _step(self, going_on: list[int]) -> None:
+        """One token for every row going on: spans to the next block of the longest prefix of the step's
+        slots and of its longest tail (with the token written now)."""
+        if self._layout is None:
+            self._layout = self._arrange(going_on)
+        layout = self._layout
+        longest_prefix = max(slot.length for slot in self._slots[:layout.slots] if slot is not None)
+        longest_tail = 0
+        for index in layout.order:
+            entry = self._rows[index]
+            assert entry is not None
+            longest_tail = max(longest_tail, entry.written + 1)
+            entry.written += 1
+        self._step_with(self._forward, layout, round_up(longest_prefix), round_up(longest_tail), dynamic=self.compiled)
+        self.steps += 1
+        if self.compiled:
+            from torch._dynamo.utils import counters
+
+            graphs = counters["stats"]["unique_graphs"]
+            if graphs > self._graphs:
+                self._graphs = graphs
+                log.error("the decode step was compiled again while serving (%d rows, %d slots): every new shape "
+                          "stalls the batch for the compilation", len(layout.order), layout.slots)
+
+    def _compiled_step(self) -> Callable[..., None]:
+        """The decode step compiled (no CUDA graphs: their shapes would be fixed, and a step's spans
+        grow a block at a time): every dimension the step varies is dynamic, and two that happen to be
+        equal at compilation are not taken for one (no duck shaping)."""
+        torch = self.torch
+        from torch.fx.experimental import _config as shapes
+
+        compiled = torch.compile(self._decode_forward, fullgraph=True, dynamic=None)
+
+        def step(*args: Any) -> None:
+            with shapes.patch(use_duck_shape=False):
+                compiled(*args)
+
+        return step
+
+    def _step_with(self, forward: Callable[..., Any], layout: Layout, prefix_span: int, tail_span: int, *,
+                   dynamic: bool = False) -> None:
+        store = self.store
+        args = (layout.tail_rows, layout.member_of, store.positions[:layout.members],
+                store.prefix_length[:layout.slots], store.positions[:prefix_span], store.positions[:tail_span])
+        if dynamic:  # rows, members, slots and spans: one graph whatever their sizes (one row is its own)
+            for tensor in args:
+                if tensor.shape[0] > 1:
+                    self.torch._dynamo.mark_dynamic(tensor, 0)
+        forward(*args)
+
+    def _decode_forward(self, tail_rows: Any, member_of: Any, members: Any, slot_length: Any, prefix_span: Any,
+                        tail_span: Any) -> None:
+        """One token for each row of ``tail_rows`` (what is compiled): fed, attended, chosen, counted."""
+        store = self.store
+        written = store.tail_length[tail_rows]
+        batch = RowBatch(store, 0, slot_length, members, member_of, tail_rows, written[:, None], prefix_span,
+                         tail_span)
+        hidden = self._language_model(input_ids=store.next_token[tail_rows][:, None],
+                                      position_ids=(store.row_prefix[tail_rows] + written)[:, None],
+                                      attention_mask=NO_MASK, use_cache=False, decode_rows=batch).last_hidden_state
+        self._choose(tail_rows, self._lm_head(hidden[:, -1]))
+        store.tail_length[tail_rows] = written + 1
 
 
 def stream_relay(tokenizer: Any, on_text: OnText | None, skip_prompt: bool = False) -> Any:

@@ -24,7 +24,7 @@ from worker.backends.base import Completion, GenerationParams, ModelUnavailable,
 from worker.backends.prefix_cache import image_key
 from worker.prompts import Turn
 
-IMAGES_KEPT = 8  # data URLs kept: one per study in flight (compose runs 8 worker threads)
+IMAGES_KEPT = 32  # data URLs kept: one per study in flight (compose: worker-vllm runs 32 threads)
 
 
 def image_url(image: np.ndarray) -> str:

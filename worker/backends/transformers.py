@@ -7,7 +7,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from concurrent.futures import Future
 from functools import partial
 from pathlib import Path
@@ -16,9 +16,19 @@ from typing import Any
 import numpy as np
 
 from dicom_node.pixels import model_picture
+from records.metrics import observe_engine
 from worker import prompts
 from worker.backends.base import Completion, GenerationParams, ModelLoadError, OnText
-from worker.backends.batch_decode import MAX_ROWS, DecodeEngine, Row, stream_relay
+from worker.backends.batch_decode import (
+    BLOCK,
+    MIN_QUESTION_TOKENS,
+    DecodeEngine,
+    Row,
+    round_up,
+    split_budget,
+    step_workspace,
+    stream_relay,
+)
 from worker.backends.prefix_cache import PREFIX, Prefix, PrefixCache, cache_bytes, image_key
 from worker.prompts import Turn
 
@@ -57,11 +67,57 @@ def _load_error(model_id: str, exc: BaseException) -> ModelLoadError:
     return ModelLoadError(f"cannot load {model_id}: {hint} ({text[:500]})")
 
 
+class TokenRelay:
+    """A ``generate()`` streamer that hands each new token id to ``on_token`` (and everything to ``then``)."""
+
+    def __init__(self, on_token: Callable[[int], None], then: Any = None) -> None:
+        self.on_token, self.then, self.prompt_seen = on_token, then, False
+
+    def put(self, value: Any) -> None:
+        if self.prompt_seen:  # generate() hands the prompt over first
+            for token in value.reshape(-1).tolist():
+                self.on_token(int(token))
+        self.prompt_seen = True
+        if self.then is not None:
+            self.then.put(value)
+
+    def end(self) -> None:
+        if self.then is not None:
+            self.then.end()
+
+
+_LARGEST_IMAGE: dict[tuple[Any, ...], int] = {}
+
+
+def largest_prefix(processor: Any) -> int | None:
+    """The most tokens an image's prefix takes with ``processor`` (its image tokens over images the
+    size and shape of each grid pinpoint, scaled from half to three times and a little wider or
+    narrower, and the prefix's text); None if the processor cannot count them. A larger prefix is
+    refused with PromptTooLong when it comes."""
+    count = getattr(processor, "_get_num_multimodal_tokens", None)
+    pinpoints = getattr(processor.image_processor, "image_grid_pinpoints", None)
+    if count is None or not pinpoints:
+        return None
+    pinpoints = tuple((int(height), int(width)) for height, width in pinpoints)
+    key = (type(processor), pinpoints, getattr(processor, "num_image_tokens", None),
+           getattr(processor, "vision_aspect_ratio", None), getattr(processor, "vision_feature_select_strategy", None))
+    if key not in _LARGEST_IMAGE:
+        sizes = [(round(height * scale / 10), round(width * scale * aspect / 200))
+                 for height, width in pinpoints for scale in range(5, 31) for aspect in (18, 19, 20, 21, 22)]
+        try:
+            _LARGEST_IMAGE[key] = max(count(image_sizes=sizes).num_image_tokens)
+        except Exception as exc:  # another processor's arithmetic: the prompt limit sizes the slots then
+            log.warning("cannot count this processor's image tokens (%s): image slots hold model.max_prompt_tokens",
+                        exc)
+            return None
+    return _LARGEST_IMAGE[key] + len(processor.tokenizer(PREFIX, add_special_tokens=False)["input_ids"]) - 1
+
+
 class TransformersBackend:
     """LlavaOnevisionForConditionalGeneration + AutoProcessor; bf16 on GPU, float32 on CPU.
 
     With a prefix cache, questions go through one ``DecodeEngine`` (callers on any thread share its
-    decode steps, in rows of ``max_prompt_tokens + max_new_tokens`` allocated within ``batch_cache_mb``,
+    decode steps; image slots and question rows allocated within ``batch_cache_mb``, see ``_engine``;
     compiled on a GPU unless ``compile_decode`` says otherwise; a new image's prefix prefilled
     ``prefill_chunk_tokens`` at a time between decode steps, 0: at once); without, each is one
     ``generate()`` call, one at a time.
@@ -130,28 +186,58 @@ class TransformersBackend:
         self.kv_bytes_per_token = 2 * text.num_hidden_layers * text.num_key_value_heads * head_dim * dtype.itemsize
         self.engine: DecodeEngine | None = None
         if self.prefixes.budget_bytes:
-            row_tokens = max_prompt_tokens + max_new_tokens
-            budget = self._batch_cache_bytes(batch_cache_mb)
-            rows = min(MAX_ROWS, budget // (row_tokens * self.kv_bytes_per_token))
-            if rows < 1:
-                raise ModelLoadError(
-                    f"cannot load {model_id}: {budget / 2**20:.0f} MiB of decode rows "
-                    f"({'what the GPU has left' if batch_cache_mb is None else 'model.batch_cache_mb'}) hold none of "
-                    f"{row_tokens} tokens ({row_tokens * self.kv_bytes_per_token / 2**20:.0f} MiB): lower "
-                    "model.max_prompt_tokens or model.max_new_tokens, use quantization, or a larger GPU")
-            self.engine = DecodeEngine(self.model, torch, self.device, eos_ids,
-                                       pad if pad is not None else self.end_of_turn, rows=rows, row_tokens=row_tokens,
-                                       compile_steps=self.device.type == "cuda" if compile_decode is None
-                                       else compile_decode)
-            self.engine.ready.wait()  # loaded means ready: no question waits minutes behind the compilation
+            self.engine = self._engine(model_id, eos_ids, pad if pad is not None else self.end_of_turn,
+                                       max_prompt_tokens, max_new_tokens, batch_cache_mb, compile_decode)
         self._one_at_a_time = threading.Lock()  # the plain path: one generate() on the model at once
         # the processor's inputs of images whose prefix is not cached yet, prepared once for every caller
         self._preparing: dict[str, Future[Any]] = {}
         self._preparing_lock = threading.Lock()
         log.info("loaded %s (revision %s) on %s in %s", model_id, self.model_revision, self.device, dtype)
 
+    def _engine(self, model_id: str, eos_ids: set[int], pad_id: int, max_prompt_tokens: int, max_new_tokens: int,
+                batch_cache_mb: int | None, compile_decode: bool | None) -> DecodeEngine:
+        """The decode engine: a slot holds the largest image prefix the processor gives (at most
+        ``max_prompt_tokens``), a row's tail the rest of the prompt (at least ``MIN_QUESTION_TOKENS``) and
+        ``max_new_tokens``; as many of both as ``batch_cache_mb`` holds, counting on a GPU what a step of
+        the largest shapes takes beside them."""
+        prefix_tokens = round_up(min(max_prompt_tokens, largest_prefix(self.processor) or max_prompt_tokens))
+        tail_tokens = round_up(max(MIN_QUESTION_TOKENS, max_prompt_tokens - prefix_tokens) + max_new_tokens)
+        # each with one block more than it holds (see KVStore)
+        slot_bytes = (prefix_tokens + BLOCK) * self.kv_bytes_per_token
+        row_bytes = (tail_tokens + BLOCK) * self.kv_bytes_per_token
+        if self.device.type == "cuda":  # the step's own memory: scores, weights, logits, gathered tails
+            slot_extra, row_extra = step_workspace(self.model.config.text_config, prefix_tokens, tail_tokens,
+                                                   self.model.dtype.itemsize)
+            slot_bytes, row_bytes = slot_bytes + slot_extra, row_bytes + row_extra
+        budget = self._batch_cache_bytes(batch_cache_mb)
+        slots, rows = split_budget(budget, slot_bytes, row_bytes)
+        if rows < 1:
+            raise ModelLoadError(
+                f"cannot load {model_id}: {budget / 2**20:.0f} MiB of decode memory "
+                f"({'what the GPU has left' if batch_cache_mb is None else 'model.batch_cache_mb'}) hold no image "
+                f"slot of {prefix_tokens} tokens ({slot_bytes / 2**20:.0f} MiB) beside a question row of "
+                f"{tail_tokens} tokens ({row_bytes / 2**20:.0f} MiB): lower model.max_prompt_tokens or "
+                "model.max_new_tokens, use quantization, or a larger GPU")
+        compile_steps = self.device.type == "cuda" if compile_decode is None else compile_decode
+        engine = DecodeEngine(self.model, self.torch, self.device, eos_ids, pad_id, rows=rows, tail_tokens=tail_tokens,
+                              slots=slots, prefix_tokens=prefix_tokens, compile_steps=compile_steps)
+        engine.ready.wait()  # loaded means ready: no question waits minutes behind the compilation
+        observe_engine(engine.compiled)  # 0 is an error a site must see (the worker's health check fails)
+        if compile_steps and not engine.compiled:
+            log.error("the in-process engine decodes UNCOMPILED: %s", engine.compile_error)
+        if self.device.type == "cuda":
+            free, _ = self.torch.cuda.mem_get_info(self.device)
+            log.info("decode engine: %d slots of %d tokens, %d rows of %d tokens (%.1f GB), a step of the largest "
+                     "shapes %.2f GB (measured); %.1f GB of the GPU left", slots, prefix_tokens, rows, tail_tokens,
+                     engine.store.nbytes / 1e9, engine.step_workspace_bytes / 1e9, free / 1e9)
+            if batch_cache_mb is None and free < self.prefixes.budget_bytes + PREFILL_RESERVE // 2:
+                log.error("after the decode engine's compilation %.1f GB of the GPU is left for the prefix cache "
+                          "(%.1f GB) and an image's prefill: set model.batch_cache_mb lower", free / 1e9,
+                          self.prefixes.budget_bytes / 1e9)
+        return engine
+
     def _batch_cache_bytes(self, batch_cache_mb: int | None) -> int:
-        """The decode rows' memory: as configured, else up to 16 GiB of what the GPU has left beside the
+        """The decode engine's memory: as configured, else up to 16 GiB of what the GPU has left beside the
         prefix cache and room for prefilling an image (2 GiB on a CPU)."""
         if batch_cache_mb is not None:
             return batch_cache_mb * 2**20
@@ -249,18 +335,21 @@ class TransformersBackend:
             self._preparing.pop(key, None)
 
     def _plain(self, image: np.ndarray, turns: list[Turn], params: GenerationParams,
-               on_text: OnText | None) -> tuple[int, list[int]]:
+               on_text: OnText | None, on_token: Callable[[int], None] | None = None) -> tuple[int, list[int]]:
         """transformers' own ``generate()`` on the whole prompt (no prefix cache)."""
         batch = self.inputs(image, turns)
         prompt_tokens = int(batch["input_ids"].shape[1])
+        streamer = stream_relay(self.processor.tokenizer, on_text, skip_prompt=True)
+        if on_token is not None:
+            streamer = TokenRelay(on_token, streamer)
         with self._one_at_a_time, self.torch.inference_mode():
             output = self.model.generate(**batch, do_sample=False, max_new_tokens=params.max_new_tokens,
-                                         min_new_tokens=params.min_new_tokens or None,
-                                         streamer=stream_relay(self.processor.tokenizer, on_text, skip_prompt=True))
+                                         min_new_tokens=params.min_new_tokens or None, streamer=streamer)
         return prompt_tokens, output[0, prompt_tokens:].tolist()
 
     def _from_prefix(self, image: np.ndarray, conversations: list[list[Turn]], params: list[GenerationParams],
-                     on_text: OnText | None = None) -> list[tuple[int, list[int]]]:
+                     on_text: OnText | None = None,
+                     on_token: Callable[[int], None] | None = None) -> list[tuple[int, list[int]]]:
         """Every conversation decoded by the engine from the image's prefix, alongside whatever else it
         is decoding; ``on_text`` streams the answer of a single conversation, and someone reading along
         (a radiologist's question) goes before the analyses waiting for room in the batch."""
@@ -271,12 +360,14 @@ class TransformersBackend:
         tokenizer = self.processor.tokenizer
         # the engine's thread only hands streamed tokens over; the text is decoded and passed on here
         streamed: queue.SimpleQueue[int | None] | None = queue.SimpleQueue() if on_text is not None else None
+        relay = streamed.put if streamed is not None else None
+        if on_token is not None:  # on the engine's thread, as the token is read
+            relay = on_token if relay is None else (lambda token, put=relay: (on_token(token), put(token)))
         rows = [Row(tokenizer(prompts.render(turns)[len(PREFIX):], add_special_tokens=False)["input_ids"], p,
-                    on_token=streamed.put if streamed is not None else None)
-                for turns, p in zip(conversations, params, strict=True)]
+                    on_token=relay) for turns, p in zip(conversations, params, strict=True)]
         assert self.engine is not None  # there is one whenever there is a prefix cache
         try:
-            done = self.engine.submit(rows, prefix_length, partial(self._prefix, key, image, inputs),
+            done = self.engine.submit(rows, prefix_length, partial(self._prefix, key, image, inputs), key=key,
                                       urgent=on_text is not None)
             if streamed is not None:
                 done.add_done_callback(lambda _: streamed.put(None))  # after the last token, however it ends
@@ -302,12 +393,13 @@ class TransformersBackend:
         return [self._completion(prompt_tokens, new, seconds) for prompt_tokens, new in decoded]
 
     def generate(self, image: np.ndarray, turns: list[Turn], params: GenerationParams,
-                 on_text: OnText | None = None) -> Completion:
+                 on_text: OnText | None = None, *, on_token: Callable[[int], None] | None = None) -> Completion:
+        """``on_token`` (benchmarks): each new token id as it is generated, decodable or not."""
         start = time.perf_counter()
         if self.prefixes.budget_bytes:
-            [(prompt_tokens, new)] = self._from_prefix(image, [turns], [params], on_text)
+            [(prompt_tokens, new)] = self._from_prefix(image, [turns], [params], on_text, on_token)
         else:
-            prompt_tokens, new = self._plain(image, turns, params, on_text)
+            prompt_tokens, new = self._plain(image, turns, params, on_text, on_token)
         return self._completion(prompt_tokens, new, time.perf_counter() - start)
 
     def _completion(self, prompt_tokens: int, new: list[int], seconds: float) -> Completion:
