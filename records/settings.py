@@ -126,21 +126,22 @@ class ModelSettings(Section):
                                  description="keep each image's prefilled prefix (KV cache) for the study's other "
                                              "questions and its chat, within this budget; 0: off")
     batch_cache_mb: int | None = Field(default=None, ge=1,
-                                       description="KV cache of the questions decoding together (all studies and "
-                                                   "chats), allocated at start in rows of max_prompt_tokens + "
-                                                   "max_new_tokens (~0.64 GB each for RadVLM), at most 64 rows; "
+                                       description="KV cache of the images and questions decoding together (all "
+                                                   "studies and chats), allocated at start as one prefix slot per "
+                                                   "image in flight and one row per question, at most 64 rows; "
                                                    "None: up to 16 GiB of what the GPU has left after the weights, "
                                                    "the prefix cache and 6 GiB for prefill (2 GiB on a CPU)")
     max_prompt_tokens: int = Field(default=10240, ge=1,
-                                   description="the longest prompt a decode row takes: the image's ~7,300 tokens "
+                                   description="the longest prompt a question takes: the image's ~7,300 tokens "
                                                "and the conversation; a longer chat is refused with this name")
     prefill_chunk_tokens: int = Field(default=1024, ge=0,
                                       description="a new image's ~7,300 prefix tokens are prefilled this many at "
                                                   "a time, with a decode step between, so answers being written "
                                                   "(a radiologist's chat) never wait a whole image; 0: at once")
     compile_decode: bool | None = Field(default=None,
-                                        description="compile the decode step (CUDA graphs), once per start for "
-                                                    "each batch size; None: on a CUDA GPU")
+                                        description="compile the decode step once per start (dynamic batch and "
+                                                    "span sizes); a failure is an error and radvlm_engine_compiled "
+                                                    "0; None: on a CUDA GPU")
     regions: list[str] = Field(default_factory=list,
                                description="anatomical regions to ground on every image, e.g. 'right lung'")
     server_url: str | None = Field(default=None, description="openai-server: e.g. http://vllm:8000/v1")
