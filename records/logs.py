@@ -82,6 +82,10 @@ def make_handler(fmt: LogFormat = "text", stream: TextIO | None = None) -> loggi
     return handler
 
 
+# Libraries that log routine steps at INFO: kept at WARNING unless the service logs at DEBUG
+CHATTY_LIBRARIES = ("pynetdicom", "highdicom", "httpx", "urllib3", "multipart", "PIL")
+
+
 def setup_logging(level: str, fmt: LogFormat = "text") -> None:
     """One handler on the root logger, to stderr; libraries' loggers propagate to it."""
     root = logging.getLogger()
@@ -90,4 +94,5 @@ def setup_logging(level: str, fmt: LogFormat = "text") -> None:
     root.addHandler(make_handler(fmt))
     root.setLevel(level.upper())
     logging.captureWarnings(True)  # library warnings become records too, so a JSON log stays JSON
-    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    for name in CHATTY_LIBRARIES:  # their INFO lines would bury the service's own (highdicom: eight per object)
+        logging.getLogger(name).setLevel(logging.NOTSET if level.upper() == "DEBUG" else logging.WARNING)

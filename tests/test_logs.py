@@ -50,3 +50,28 @@ def test_a_refused_row_is_logged_without_its_values(database_url, fmt):
                else out.split(" ERROR tests.refused_row: ")[1:])
     assert len(records) == 2 and all("DETAIL: (left out" in record for record in records)
     assert "Traceback (most recent call last)" in records[0] and 'check constraint "refuse_all"' in records[0]
+
+
+def test_libraries_routine_lines_stay_out_at_info_but_not_at_debug(capsys):
+    """highdicom logs a line per module it copies (eight per object): at INFO only the service's own lines show."""
+    from records.logs import CHATTY_LIBRARIES, setup_logging
+
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    levels = {name: logging.getLogger(name).level for name in CHATTY_LIBRARIES}
+    try:
+        setup_logging("INFO")
+        logging.getLogger("highdicom.sr.sop").info("copying module patient")
+        logging.getLogger("highdicom.pr").warning("a real warning")
+        logging.getLogger("worker.analysis").info("study analysed")
+        info = capsys.readouterr().err
+        setup_logging("DEBUG")
+        logging.getLogger("highdicom.sr.sop").info("copying module study")
+        debug = capsys.readouterr().err
+    finally:  # the session's logging as it was: this test's handler writes to a capture that is about to close
+        root.handlers[:] = handlers
+        root.setLevel(level)
+        for name, old in levels.items():
+            logging.getLogger(name).setLevel(old)
+    assert "study analysed" in info and "a real warning" in info and "copying module patient" not in info
+    assert "copying module study" in debug
