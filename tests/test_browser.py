@@ -87,6 +87,9 @@ def test_log_in_view_ask_and_sign_off(served):
             page.wait_for_function(f"document.querySelectorAll('#studies tbody tr').length === {rows}")
         assert page.get_attribute("#studies tbody tr", "data-uid") == RG1_STUDY
         assert page.inner_text(f"tr[data-uid='{RG1_STUDY}'] td:nth-child(6)") == "Cardiomegaly, Pleural Effusion"
+        # people's names and dates as people write them (the API's JSON keeps CompressedSamples^RG1, 20040826)
+        assert page.inner_text(f"tr[data-uid='{RG1_STUDY}'] td:nth-child(1)") == "CompressedSamples, RG1"
+        assert page.inner_text(f"tr[data-uid='{RG1_STUDY}'] td:nth-child(4)") == "2004-08-26"
         assert page.locator(f"tr[data-uid='{RG1_STUDY}'].urgent strong").all_inner_texts() == ["Pleural Effusion"]
 
         page.click(f"tr[data-uid='{RG1_STUDY}']")

@@ -12,6 +12,19 @@ const $ = (id) => document.getElementById(id);
 const state = { token: sessionStorage.getItem("radvlm-token"), study: null, result: null, image: null,
   base: null, zoom: 1, shown: new Set(), answerBoxes: [], conversation: null, agreement: [], offset: 0 };
 
+// A DICOM person name (PN: Family^Given^Middle^Prefix^Suffix, its first component group) as people write it
+function personName(pn) {
+  if (!pn) return "";
+  const [family = "", given = "", middle = "", prefix = "", suffix = ""] = pn.split("=")[0].split("^");
+  const first = [prefix, given, middle].filter(Boolean).join(" ");
+  return [family, [first, suffix].filter(Boolean).join(" ")].filter(Boolean).join(", ");
+}
+
+// A DICOM date (DA: YYYYMMDD) as ISO 8601; anything else as it came
+function dicomDate(da) {
+  return /^\d{8}$/.test(da || "") ? `${da.slice(0, 4)}-${da.slice(4, 6)}-${da.slice(6, 8)}` : (da || "");
+}
+
 class ApiError extends Error {
   constructor(status, problem) {
     super(problem.detail || problem.title || `HTTP ${status}`);
@@ -87,7 +100,8 @@ async function listStudies() {
   for (const study of studies.data) {
     const row = document.createElement("tr");
     row.dataset.uid = study.study_instance_uid;
-    for (const value of [study.patient_name, study.patient_id, study.accession_number, study.study_date,
+    for (const value of [personName(study.patient_name), study.patient_id, study.accession_number,
+      dicomDate(study.study_date),
       study.state, findingsCell(study), new Date(study.last_received_at).toLocaleString()]) {
       const cell = document.createElement("td");
       if (value instanceof Node) cell.append(value); else cell.textContent = value ?? "";
@@ -148,7 +162,7 @@ async function showAudit() {
 async function openStudy(uid) {
   const detail = await (await api(`/studies/${encodeURIComponent(uid)}`)).json();
   state.study = detail;
-  $("study-title").textContent = `${detail.patient_name || ""} ${detail.accession_number || ""} — ${detail.state}`;
+  $("study-title").textContent = `${personName(detail.patient_name)} ${detail.accession_number || ""} — ${detail.state}`;
   show("study-panel");
   const images = detail.result ? detail.result.images : [];
   renderImageChoice(images);
