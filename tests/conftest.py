@@ -79,6 +79,18 @@ def storescu(port: int, *files: Path, calling: str = "STORESCU", called: str = "
     return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
 
 
+def flushed_redis(db: int) -> str:
+    """The URL of database ``db`` on the machine's Redis, emptied: each test module that needs a broker has its own."""
+    import redis
+
+    url = f"redis://127.0.0.1:6379/{db}"
+    try:
+        redis.Redis.from_url(url).flushdb()
+    except redis.ConnectionError:
+        pytest.fail("Redis is not running on 127.0.0.1:6379 (scripts/test.sh starts it)")
+    return url
+
+
 def _postgres_available() -> bool:
     try:
         with socket.create_connection(("127.0.0.1", 5432), timeout=1):

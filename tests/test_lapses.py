@@ -20,7 +20,7 @@ from sqlalchemy import func, inspect, select
 
 from records.db import alembic_config, make_engine, make_session_factory, upgrade
 from records.tables import Conversation, Exchange, ExchangeState, Job, JobState, Result, Study, StudyState
-from tests.conftest import free_port, radiograph, rg1_copy, storescu, wait_for
+from tests.conftest import flushed_redis, free_port, radiograph, rg1_copy, storescu, wait_for
 from tests.processes import kill_hard, service
 from tests.test_chat import HOUSE, users
 from tests.test_production_layout import RG1_STUDY, _env, _listening, _study
@@ -37,12 +37,7 @@ T0 = datetime(2026, 12, 2, 9, 0, tzinfo=timezone.utc)
 
 @pytest.fixture
 def lapse_broker() -> str:
-    url = f"redis://127.0.0.1:6379/{REDIS_DB}"
-    try:
-        redis.Redis.from_url(url).flushdb()
-    except redis.ConnectionError:
-        pytest.fail("Redis is not running on 127.0.0.1:6379 (scripts/test.sh starts it)")
-    return url
+    return flushed_redis(REDIS_DB)
 
 
 def _held(session, uid: str, worker: str) -> tuple[Job, Exchange]:  # type: ignore[no-untyped-def]

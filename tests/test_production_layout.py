@@ -12,14 +12,13 @@ from pathlib import Path
 import httpx
 import pydicom
 import pytest
-import redis
 from prometheus_client.parser import text_string_to_metric_families
 from pydicom.uid import generate_uid
 from sqlalchemy import func, select
 
 from records.db import make_engine, make_session_factory
 from records.tables import DeliveryState, Job, JobState, OutboxItem, Result, Study, StudyState, StudyVersion
-from tests.conftest import free_port, radiograph, rg1_copy, storescu, wait_for
+from tests.conftest import flushed_redis, free_port, radiograph, rg1_copy, storescu, wait_for
 from tests.orthanc import running_orthanc
 from tests.processes import ENTRY, kill_hard, service
 from tests.test_chat import HOUSE, sse, users
@@ -31,12 +30,7 @@ RG1_STUDY = "1.3.6.1.4.1.5962.1.2.9.20040826185059.5457"
 
 @pytest.fixture
 def broker_url() -> str:
-    url = f"redis://127.0.0.1:6379/{REDIS_DB}"
-    try:
-        redis.Redis.from_url(url).flushdb()
-    except redis.ConnectionError:
-        pytest.fail("Redis is not running on 127.0.0.1:6379 (scripts/test.sh starts it)")
-    return url
+    return flushed_redis(REDIS_DB)
 
 
 def _env(tmp_path: Path, database_url: str, broker_url: str, port: int, **extra: str) -> dict[str, str]:
