@@ -1,1 +1,1 @@
-"""The radiologist's API: studies, their results and images (chat and sign-off to come)."""
+"""The radiologist's API: the worklist, a study's result and images, chat, sign-off, and DICOMweb."""

@@ -26,5 +26,7 @@ def find_study(session: Session, user: ApiUser, uid: str) -> Study:
 
 
 def require_radiologist(user: ApiUser, what: str) -> None:
+    """403 for anyone but a radiologist (an admin reads, but neither asks the model nor signs off); ``what`` is the act
+    refused, as the problem's detail names it."""
     if user.role != "radiologist":
         raise Problem(403, "radiologists only", f"only a radiologist may {what}; {user.name} is {user.role}")

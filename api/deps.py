@@ -15,24 +15,28 @@ from api.askers import Asker
 from api.audit import Audit
 from api.logins import FailedLogins
 from api.problems import Problem
-from dicom_node.storage import InstanceStore
 from records.audit import Outcome, record
 from records.settings import ApiUser, Settings
-from worker.context import Deliver
+from records.storage import InstanceStore
+from results.outbox import Deliver
 
 bearer = HTTPBearer(auto_error=False, description="a token whose SHA-256 is configured in api.users")
 
 
 def get_settings(request: Request) -> Settings:
+    """The settings the app was created with (``create_app``): a changed settings file takes a restart."""
     return request.app.state.settings
 
 
 def get_session(request: Request) -> Iterator[Session]:
+    """A session for the request, closed when it ends; nothing is committed unless the route commits."""
     with request.app.state.sessions() as session:
         yield session
 
 
 def get_store(request: Request) -> InstanceStore:
+    """The instance files, in the storage folder the DICOM node writes to: images are read from it and STOW-RS stores
+    into it."""
     return request.app.state.store
 
 
@@ -81,6 +85,7 @@ def current_user(user: Annotated[ApiUser, Depends(authenticated)]) -> ApiUser:
 
 
 def current_sender(user: Annotated[ApiUser, Depends(authenticated)]) -> ApiUser:
+    """The user of a sender's token, which may only store studies (STOW-RS); any other role is 403."""
     if user.role != "sender":
         raise Problem(403, "senders only", f"storing studies needs a sender's token; {user.name} is {user.role}")
     return user
@@ -116,6 +121,8 @@ def get_asker(request: Request) -> Asker:
 
 
 def get_deliver(request: Request) -> Deliver:
+    """Hands new outbox item ids to whatever sends them now; without a sender given to the app they wait for the outbox
+    sweep."""
     return request.app.state.deliver
 
 

@@ -15,6 +15,9 @@ WINDOW = timedelta(minutes=1)
 
 
 class FailedLogins:
+    """Failed log-ins per client address in the current minute, shared by all requests (thread-safe); the first
+    ``limit`` of a minute are audited one by one."""
+
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self._windows: dict[str, tuple[datetime, int]] = {}  # address -> (its minute's start, failures in it)

@@ -10,7 +10,6 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from datetime import datetime
 from pathlib import Path
 
 from fastapi import FastAPI
@@ -23,20 +22,20 @@ from api.askers import Asker
 from api.headers import SecurityHeaders
 from api.logins import FailedLogins
 from api.routes import admin, agreement, chat, dicomweb, signoff, studies
-from dicom_node.reception import Receiver, inflated_limit
-from dicom_node.storage import InstanceStore
-from records.clock import utcnow
+from reception.receiver import Receiver, inflated_limit
+from records.clock import Clock, utcnow
 from records.db import make_engine, make_session_factory
 from records.metrics import QueueDepths, StateCollector
 from records.settings import Settings
-from worker.context import Deliver
+from records.storage import InstanceStore
+from results.outbox import Deliver
 
 PAGE = Path(__file__).with_name("page")
 
 
 def create_app(settings: Settings, asker: Asker | None = None, deliver: Deliver | None = None,
                queue_depths: QueueDepths | None = None, gpu_workers: Callable[[], int] | None = None,
-               clock: Callable[[], datetime] = utcnow) -> FastAPI:
+               clock: Clock = utcnow) -> FastAPI:
     """``queue_depths`` and ``gpu_workers`` feed the scrape-time gauges at ``/metrics``; ``clock`` decides
     token expiry."""
     state_metrics = CollectorRegistry(auto_describe=False)

@@ -11,6 +11,9 @@ PROBLEM = "application/problem+json"
 
 
 class Problem(Exception):
+    """An error a route answers with: the HTTP ``status``, a short ``title`` and the ``detail`` saying why, sent as
+    problem+json (``install``); ``headers`` go with it (WWW-Authenticate, Retry-After)."""
+
     def __init__(self, status: int, title: str, detail: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(detail)
         self.status, self.title, self.detail, self.headers = status, title, detail, headers
@@ -22,6 +25,8 @@ def _response(status: int, title: str, detail: str, instance: str, headers: dict
 
 
 def install(app: FastAPI) -> None:
+    """Answer ``Problem``, the HTTP errors of FastAPI and Starlette, and invalid requests (422, every reason on one
+    line) as problem+json naming the path."""
     @app.exception_handler(Problem)
     async def _problem(request: Request, exc: Problem):  # type: ignore[no-untyped-def]
         return _response(exc.status, exc.title, exc.detail, request.url.path, exc.headers)

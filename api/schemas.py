@@ -8,16 +8,20 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, Field
 
 from records.audit import EVENT_TYPES
-from records.schema import CHEXPERT_LABELS, Box
+from records.findings import FINDINGS
+from records.schema import Box
 from records.tables import AuditEvent, Conversation, Exchange, SignOff
 from records.text import plain_text
 
 PlainText = Annotated[str, AfterValidator(plain_text)]  # what a person types, as the database and DICOM hold it
 
-Finding = Literal[tuple(label for label in CHEXPERT_LABELS if label != "No Finding")]  # type: ignore[valid-type]
+Finding = Literal[FINDINGS]  # type: ignore[valid-type]
 
 
 class StudyPublic(BaseModel):
+    """A study on the worklist: its state and why (reason), its patient and accession as the images name them, its
+    priority (0 STAT, 5 routine) and its version (a new one when images arrive after completion, or on reanalysis)."""
+
     study_instance_uid: str
     state: str
     reason: str | None
@@ -35,11 +39,16 @@ class StudyPublic(BaseModel):
 
 
 class StudiesPublic(BaseModel):
+    """A page of the studies you may see; count is how many match the filters in all, whatever the limit and offset."""
+
     data: list[StudyPublic]
     count: int
 
 
 class InstancePublic(BaseModel):
+    """One received image of the study: the study version it arrived in, whether it was chosen for analysis (null until
+    the study is complete) and why, and why its pixels could not be read, if so."""
+
     sop_instance_uid: str
     series_instance_uid: str
     version: int
@@ -50,6 +59,9 @@ class InstancePublic(BaseModel):
 
 
 class DeliveryPublic(BaseModel):
+    """One produced object (kind sr, narrative, gsps, sc, hl7 or fhir) for one destination: pending until the
+    destination confirms it (sent); failed once refused for good or not delivered in time."""
+
     kind: str
     destination: str
     object_uid: str
@@ -67,6 +79,9 @@ class SignOffIn(BaseModel):
 
 
 class SignOffPublic(BaseModel):
+    """A radiologist's sign-off of the draft: the report and findings as signed, whether they differ from the draft
+    (edited), and the UID of the verified SR sent out."""
+
     user_name: str
     observer_name: str
     report: str
@@ -82,10 +97,15 @@ class SignOffPublic(BaseModel):
 
 
 class SignOffResult(SignOffPublic):
+    """The sign-off just recorded, with how many objects it queued for delivery."""
+
     deliveries: int = Field(description="objects queued for the destinations and the RIS")
 
 
 class StudyDetail(StudyPublic):
+    """A study with its images, the result of its newest finished analysis (null before one), where the delivery of each
+    object stands, and its sign-off (null until signed)."""
+
     instances: list[InstancePublic]
     result: dict[str, Any] | None  # records.schema.StudyResult of the newest finished job
     problems: list[str] = Field(default_factory=list,
@@ -96,15 +116,23 @@ class StudyDetail(StudyPublic):
 
 
 class ConversationIn(BaseModel):
+    """Which analysed image of the study a new conversation is about."""
+
     sop_instance_uid: str | None = Field(default=None, max_length=64,
                                          description="the image to talk about; default: the first analysed one")
 
 
 class QuestionIn(BaseModel):
+    """A question about the conversation's image (control characters dropped); the model answers it with the
+    conversation's earlier questions and answers as history."""
+
     text: PlainText = Field(min_length=1, max_length=2000, pattern=r"\S")
 
 
 class ExchangePublic(BaseModel):
+    """One question and the model's answer: state queued, answering, answered or failed (error says why); malformed says
+    what in the answer was bracketed but is not a valid box."""
+
     id: int
     position: int
     question: str
@@ -124,6 +152,9 @@ class ExchangePublic(BaseModel):
 
 
 class ConversationPublic(BaseModel):
+    """A radiologist's conversation with the model about one image of a study, its questions and answers in the order
+    asked."""
+
     id: int
     study_instance_uid: str
     sop_instance_uid: str
@@ -139,12 +170,18 @@ class ConversationPublic(BaseModel):
 
 
 class UserPublic(BaseModel):
+    """The user a token belongs to: role radiologist, admin or sender, and person_name the DICOM name (Family^Given)
+    that the reports they sign off carry."""
+
     name: str
     role: str
     person_name: str
 
 
 class FindingAgreementPublic(BaseModel):
+    """How the drafts fared at sign-off for one CheXpert finding: each sign-off counted once, by whether the draft and
+    the signed report named the finding."""
+
     label: str = Field(description="a CheXpert finding")
     kept: int = Field(description="drafted and signed")
     removed: int = Field(description="drafted, not signed")
@@ -156,6 +193,8 @@ class FindingAgreementPublic(BaseModel):
 
 
 class AgreementPublic(BaseModel):
+    """How one model revision's drafts fared at sign-off: how many were signed off and edited, and for each finding."""
+
     model_id: str
     model_revision: str
     sign_offs: int
@@ -164,6 +203,8 @@ class AgreementPublic(BaseModel):
 
 
 class AuditEventPublic(BaseModel):
+    """One audit event (IHE ATNA): who did what to which study, when, from which address (client), and how it ended."""
+
     at: datetime
     user_name: str = Field(description="an API user, or the calling AE title / process of the node and workers")
     role: str

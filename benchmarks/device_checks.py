@@ -36,13 +36,13 @@ def engine(tiny_folder: Path, device: str) -> None:
     from prometheus_client import generate_latest
     from torch._dynamo.utils import counters
 
-    from dicom_node.pixels import ModelImage
-    from worker import prompts
-    from worker.backends.base import GenerationParams
-    from worker.backends.transformers import TransformersBackend
+    from radvlm import prompts
+    from radvlm.backends.base import GenerationParams
+    from radvlm.backends.transformers import TransformersBackend
+    from radvlm.prompts import Turn
+    from radvlm.tiny_checkpoint import make_test_model
+    from records.pixels import ModelImage
     from worker.pipeline import AnalysisOptions, analyse_image
-    from worker.prompts import Turn
-    from worker.test_model import make_test_model
 
     make_test_model(tiny_folder)
     start = time.perf_counter()
@@ -102,10 +102,10 @@ def training(folder: Path, output: Path, shape: str, device: str, samples: int) 
     import torch
     from PIL import Image
 
+    from radvlm.tiny_checkpoint import make_test_model
     from training import answers
     from training.finetune import Recipe, finetune
     from training.instructions import Instruction
-    from worker.test_model import make_test_model
 
     start = time.perf_counter()
     make_test_model(folder, shape=shape, device=device)

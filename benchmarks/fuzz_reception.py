@@ -38,10 +38,10 @@ from pydicom.dataset import Dataset  # noqa: E402
 from pydicom.tag import Tag  # noqa: E402
 
 from dicom_node.completion import evaluate  # noqa: E402
-from dicom_node.reception import REJECTION_REASONS, Caller, Receiver, receive  # noqa: E402
-from dicom_node.storage import InstanceStore  # noqa: E402
+from reception.receiver import REJECTION_REASONS, Caller, Receiver, receive  # noqa: E402
 from records.clock import utcnow  # noqa: E402
 from records.db import make_engine, make_session_factory, upgrade  # noqa: E402
+from records.storage import InstanceStore  # noqa: E402
 from records.tables import Instance  # noqa: E402
 
 SEEDS = ("RG1_UNCI.dcm", "RG1_UNCR.dcm", "RG3_UNCI.dcm", "RG3_UNCR.dcm")

@@ -36,10 +36,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from worker import prompts  # noqa: E402
-from worker.backends.base import GenerationParams  # noqa: E402
-from worker.backends.prefix_cache import PrefixCache  # noqa: E402
-from worker.prompts import Turn  # noqa: E402
+from radvlm import prompts  # noqa: E402
+from radvlm.backends.base import GenerationParams  # noqa: E402
+from radvlm.backends.prefix_cache import PrefixCache  # noqa: E402
+from radvlm.prompts import Turn  # noqa: E402
 
 TASKS = [
     ("report", prompts.REPORT, 150),
@@ -91,8 +91,8 @@ def main() -> None:
 
     import torch
 
-    from worker.backends.transformers import TransformersBackend
-    from worker.test_model import make_test_model
+    from radvlm.backends.transformers import TransformersBackend
+    from radvlm.tiny_checkpoint import make_test_model
 
     shape = "tiny" if args.tiny else "radvlm-7b"
     folder = args.folder.with_name(args.folder.name + "-tiny") if args.tiny else args.folder

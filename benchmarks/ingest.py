@@ -212,9 +212,9 @@ def bare_server(port: int, keep_in: Path | None) -> None:
 
     from dicom_node import spool
     from dicom_node.server import INCOMING, build_ae
-    from dicom_node.storage import InstanceStore
     from dicom_node.transport import serve
     from records.settings import NodeSettings
+    from records.storage import InstanceStore
 
     def handle_store(event) -> int:  # type: ignore[no-untyped-def]
         if keep_in is not None:

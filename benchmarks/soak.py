@@ -86,7 +86,7 @@ def trace():
         part.replace(out)
 
 import alembic.command, api.askers, api.main, dicom_node.server, radvlm_pacs, records.settings, uvicorn  # noqa
-import worker.backends.scripted, worker.delivery.outbox, worker.dispatch, worker.jobs, worker.model_thread  # noqa
+import radvlm.backends.scripted, results.outbox, worker.dispatch, worker.attempts, worker.model_thread  # noqa
 tracemalloc.start(frames)  # after the imports: traced, they take minutes
 threading.Thread(target=trace, name="tracemalloc", daemon=True).start()
 sys.exit(radvlm_pacs.main(["serve"]))

@@ -18,11 +18,12 @@ from pydicom import dcmread
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicom_node.pixels import DEFAULT_MAX_MEGAPIXELS, PixelError, model_image, size_problem
 from dicom_node.selection import select as select_image
-from dicom_node.storage import InstanceStore
 from records.clock import Clock
 from records.metrics import INSTANCES_SKIPPED, STUDIES_COMPLETED, skip_reason
+from records.periodic import Periodic
+from records.pixels import DEFAULT_MAX_MEGAPIXELS, PixelError, model_image, size_problem
+from records.storage import InstanceStore
 from records.tables import Instance, Study, StudyState, StudyVersion
 from records.text import one_line
 
@@ -180,7 +181,8 @@ class CompletionMonitor:
         self.sessions, self.store, self.stable_age = sessions, store, stable_age
         self.poll_interval, self.on_ready, self.clock, self.rules = poll_interval, on_ready, clock, rules
         self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._loop = Periodic("completion-monitor", poll_interval, self.run_once, first_now=False,
+                              on_error=self._failed, stop_event=self._stop)
 
     def run_once(self) -> list[StudyVersion]:
         """One pass; after ``stop`` it ends between two studies (or files), leaving the rest for the next start."""
@@ -198,18 +200,13 @@ class CompletionMonitor:
         dispatch_ready(self.sessions, self.on_ready, now, stop=self._stop)
         return completed
 
-    def _loop(self) -> None:
-        while not self._stop.wait(self.poll_interval):
-            try:
-                self.run_once()
-            except Exception:  # the database may be briefly away; the next pass retries
-                log.exception("completion pass failed; retrying in %.1f s", self.poll_interval)
+    def _failed(self, exc: Exception) -> None:  # the database may be briefly away; the next pass retries
+        log.exception("completion pass failed; retrying in %.1f s", self.poll_interval)
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._loop, name="completion-monitor", daemon=True)
-        self._thread.start()
+        """The first pass one interval after this, then one every interval."""
+        self._loop.start()
 
     def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
+        """End the pass in progress between two studies (or files), and wait for it."""
+        self._loop.stop()

@@ -15,7 +15,7 @@ from pathlib import Path
 from pydicom import Dataset
 
 from dicom_node import spool
-from dicom_node.reception import (
+from reception.receiver import (
     CANNOT_STORE,
     OUT_OF_RESOURCES,
     SUCCESS,

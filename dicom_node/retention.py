@@ -18,10 +18,11 @@ from datetime import datetime, timedelta
 from sqlalchemy import exists, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicom_node.storage import InstanceStore
 from records.audit import PROCESS_USER, process_host, record
 from records.clock import Clock
 from records.metrics import IMAGES_REMOVED
+from records.periodic import Periodic
+from records.storage import InstanceStore
 from records.tables import Instance, Study, StudyState
 
 log = logging.getLogger(__name__)
@@ -30,9 +31,6 @@ log = logging.getLogger(__name__)
 FINISHED = (StudyState.analysed, StudyState.signed_off, StudyState.nothing_to_analyse, StudyState.failed)
 
 
-def removed(when: datetime) -> str:
-    """What a reader of a removed image is told."""
-    return f"its images were removed from this node on {when:%Y-%m-%d} (node.keep_images_days); the PACS keeps them"
 
 
 def remove_old_images(sessions: sessionmaker[Session], store: InstanceStore, keep: timedelta, now: datetime, *,
@@ -75,22 +73,17 @@ class RetentionSweep:
                  interval: timedelta, clock: Clock) -> None:
         self.sessions, self.store, self.keep, self.interval, self.clock = sessions, store, keep, interval, clock
         self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._loop = Periodic("retention", interval, self._sweep, on_error=self._failed, stop_event=self._stop)
 
-    def _loop(self) -> None:
-        while True:
-            try:
-                remove_old_images(self.sessions, self.store, self.keep, self.clock(), stop=self._stop)
-            except Exception:  # the database may be briefly away; the next pass catches up
-                log.exception("removing old images failed; trying again in %s", self.interval)
-            if self._stop.wait(self.interval.total_seconds()):
-                return
+    def _sweep(self) -> None:
+        remove_old_images(self.sessions, self.store, self.keep, self.clock(), stop=self._stop)
+
+    def _failed(self, exc: Exception) -> None:  # the database may be briefly away; the next pass catches up
+        log.exception("removing old images failed; trying again in %s", self.interval)
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._loop, name="retention", daemon=True)
-        self._thread.start()
+        self._loop.start()
 
     def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
+        """End the sweep in progress between two studies, and wait for it."""
+        self._loop.stop()

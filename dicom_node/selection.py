@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from pydicom import Dataset
 
-from dicom_node.sop import (
+from reception.sop import (
     ComputedRadiographyImageStorage,
     DigitalXRayImageStorageForPresentation,
     DigitalXRayImageStorageForProcessing,

@@ -6,9 +6,8 @@ from __future__ import annotations
 import logging
 import ssl
 import tempfile
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 
 from pynetdicom import AE, _config, evt
@@ -27,13 +26,14 @@ from dicom_node.handlers import (
     handle_requested,
     handle_store,
 )
-from dicom_node.reception import Receiver, inflated_limit
 from dicom_node.retention import RetentionSweep
-from dicom_node.sop import STORAGE_SOP_CLASSES, TRANSFER_SYNTAXES
-from dicom_node.storage import InstanceStore
 from dicom_node.transport import serve
+from reception.receiver import Receiver, inflated_limit
+from reception.sop import STORAGE_SOP_CLASSES, TRANSFER_SYNTAXES
+from records.clock import Clock
 from records.metrics import ASSOCIATIONS_ACTIVE
 from records.settings import NodeSettings, NodeTLS
+from records.storage import InstanceStore
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ class Node:
         store: InstanceStore,
         *,
         on_ready: OnReady,
-        clock: Callable[[], datetime],
+        clock: Clock,
     ) -> None:
         self.settings = node
         self.ae = build_ae(node)

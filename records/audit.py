@@ -69,6 +69,8 @@ PROCESS_USER = "radvlm-pacs"  # the ActiveParticipant of what the service does o
 
 
 def process_host() -> str:
+    """This machine's host name: the client recorded for what the service does on its own (analyses, deliveries, image
+    removal, training exports)."""
     return socket.gethostname()
 
 

@@ -7,6 +7,7 @@ Clock = Callable[[], datetime]
 
 
 def utcnow() -> datetime:
+    """Now, as an aware UTC datetime: what the tables store (they refuse a naive one)."""
     return datetime.now(timezone.utc)
 
 

@@ -19,7 +19,7 @@ def make_engine(url: str, *, pre_ping: bool = True) -> Engine:
     ``pre_ping``: a server database's pooled connection is tested (one round trip) each time it is
     taken, so that one the server dropped is replaced unseen. The DICOM node turns it off: it would pay
     that round trip per instance received; it records an instance once more when the connection it
-    took turns out dropped instead (``dicom_node.reception``).
+    took turns out dropped instead (``reception.receiver``).
 
     Statement values are hidden from SQLAlchemy's errors and logs: they hold patients' names and IDs.
     """
@@ -58,10 +58,14 @@ def error_summary(exc: SQLAlchemyError) -> str:
 
 
 def make_session_factory(engine: Engine) -> sessionmaker[Session]:
+    """Sessions whose objects stay readable after commit (``expire_on_commit=False``): a caller returns what it
+    committed without another query."""
     return sessionmaker(engine, expire_on_commit=False)
 
 
 def alembic_config(url: str) -> Config:
+    """Alembic's configuration for ``url`` with the migrations shipped in ``records/migrations``: no alembic.ini needed;
+    a ``%`` in the URL is escaped for Alembic's config parser."""
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS))
     config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))

@@ -10,14 +10,10 @@ from collections.abc import Collection
 
 from pydantic import BaseModel, Field, model_validator
 
+from records.findings import CHEXPERT_LABELS
+
 SCHEMA_VERSION = 1
 
-#: The 14 CheXpert labels, in CheXpert's order; "No Finding" is implied when no other is present.
-CHEXPERT_LABELS: tuple[str, ...] = (
-    "No Finding", "Enlarged Cardiomediastinum", "Cardiomegaly", "Lung Opacity", "Lung Lesion", "Edema",
-    "Consolidation", "Pneumonia", "Atelectasis", "Pneumothorax", "Pleural Effusion", "Pleural Other",
-    "Fracture", "Support Devices",
-)
 
 
 class Box(BaseModel):
@@ -71,6 +67,9 @@ class ImageResult(BaseModel):
 
 
 class StudyResult(BaseModel):
+    """What one analysis (one study version, one model revision) said about the study's frontal images, and the
+    ``seconds`` it took; stored as JSON, ``schema_version`` says how to read it."""
+
     schema_version: int = SCHEMA_VERSION
     study_instance_uid: str
     study_version: int

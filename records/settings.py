@@ -25,8 +25,8 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from records.findings import FINDINGS
 from records.logs import LogFormat
-from records.schema import CHEXPERT_LABELS
 
 CONFIG_FILE_ENV = "RADVLM_CONFIG_FILE"
 SECRETS_DIR_ENV = "RADVLM_SECRETS_DIR"
@@ -292,6 +292,9 @@ class ApiUser(Section):
 
 
 class ApiSettings(Section):
+    """The REST API: where it listens (HTTPS once given a certificate and its key), who may use it, and the limits on
+    failed log-ins and on conversations."""
+
     bind_address: str = "127.0.0.1"
     port: int = Field(default=8080, ge=0, le=65535)
     tls_cert_file: Path | None = Field(default=None, description="HTTPS: certificate chain, PEM; None: plain HTTP "
@@ -322,7 +325,7 @@ class ApiSettings(Section):
 def _check_finding(value: str) -> str:
     """A CheXpert label, in any case, given back as the model's results name it (a misspelt name would
     otherwise flag nothing, silently)."""
-    labels = {label.lower(): label for label in CHEXPERT_LABELS if label != "No Finding"}
+    labels = {label.lower(): label for label in FINDINGS}
     label = labels.get(value.strip().lower())
     if label is None:
         raise ValueError(f"{value!r} is not a CheXpert finding; one of: {', '.join(labels.values())}")

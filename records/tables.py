@@ -42,6 +42,8 @@ class UTCDateTime(TypeDecorator[datetime]):
 
 
 class Base(DeclarativeBase):
+    """The tables' declarative base: every ``datetime`` column is a ``UTCDateTime`` (aware UTC in and out)."""
+
     type_annotation_map = {datetime: UTCDateTime()}
 
 
@@ -58,12 +60,17 @@ class StudyState(str, enum.Enum):
 
 
 class DeliveryState(str, enum.Enum):
+    """Where an outbox item stands: only a pending one is sent (again); a requested resend makes one pending anew."""
+
     pending = "pending"  # waiting for its first or next attempt
     sent = "sent"  # the destination confirmed it
     failed = "failed"  # refused for good, or not delivered within the configured time
 
 
 class JobState(str, enum.Enum):
+    """Where an analysis job stands. done, failed and superseded are final: a task delivered again for such a job does
+    nothing; a reanalysis is a new study version, hence a new job."""
+
     queued = "queued"
     running = "running"
     done = "done"
@@ -236,6 +243,9 @@ class KeptObject(Base):
 
 
 class ExchangeState(str, enum.Enum):
+    """Where a question stands. A queued or answering one holds back the conversation's next question until
+    ``api.chat_timeout_s`` has passed; then it counts as lost."""
+
     queued = "queued"  # asked, waiting for the model
     answering = "answering"
     answered = "answered"

@@ -485,7 +485,7 @@ def _small(case_id: str, expected: Outcome = "analysed", reason: str = "", *, ba
 
 CASES: list[Case] = [
     *_shipped_cases(),
-    # RG1 at full size in every transfer syntax the node accepts (dicom_node/sop.py TRANSFER_SYNTAXES)
+    # RG1 at full size in every transfer syntax the node accepts (reception/sop.py TRANSFER_SYNTAXES)
     _ts("ts-explicit-le", ExplicitVRLittleEndian, native(ExplicitVRLittleEndian), lossless=True),
     _ts("ts-implicit-le", ImplicitVRLittleEndian, native(ImplicitVRLittleEndian), lossless=True),
     _ts("ts-deflated", DeflatedExplicitVRLittleEndian, native(DeflatedExplicitVRLittleEndian), lossless=True,

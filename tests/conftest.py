@@ -21,10 +21,10 @@ from sqlalchemy import create_engine, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.server import Node
-from dicom_node.storage import InstanceStore
 from records.clock import utcnow
 from records.db import make_engine, make_session_factory, upgrade
 from records.settings import NodeSettings, Settings
+from records.storage import InstanceStore
 from records.tables import Study, StudyState
 
 RG1_STUDY = "1.3.6.1.4.1.5962.1.2.9.20040826185059.5457"  # the chest PA in pydicom-data
@@ -222,19 +222,19 @@ def _quiet_pynetdicom() -> None:
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny random LLaVA-OneVision checkpoint, built once per test session."""
-    from worker.test_model import make_test_model
+    from radvlm.tiny_checkpoint import make_test_model
 
     return make_test_model(tmp_path_factory.mktemp("tiny-llava-onevision"))
 
 
 def worker_context(running: RunningNode, backend, outputs=None, **settings):  # type: ignore[no-untyped-def]
     """What a worker holds, over the running node's database and storage, with ``backend``."""
-    from worker.analysis import Outputs
+    from results.outbox import Routing
     from worker.context import WorkerContext
     from worker.pipeline import AnalysisOptions
 
     return WorkerContext(settings=Settings(**settings), sessions=running.sessions, store=running.store,
-                         options=AnalysisOptions(max_new_tokens=64), outputs=outputs or Outputs(), _backend=backend)
+                         options=AnalysisOptions(max_new_tokens=64), outputs=outputs or Routing(), _backend=backend)
 
 
 @dataclass
@@ -249,7 +249,7 @@ class AnalysedNode:
 
 @pytest.fixture
 def analysed_node(sqlite_url: str, start_node) -> Iterator[AnalysedNode]:  # type: ignore[no-untyped-def]
-    from worker.backends.scripted import ScriptedBackend
+    from radvlm.backends.scripted import ScriptedBackend
     from worker.dispatch import InProcessRunner
     from worker.model_thread import ModelThread
 

@@ -16,9 +16,9 @@ from radvlm_pacs import main
 from records.clock import utcnow
 from records.db import alembic_config, upgrade
 from records.tables import SignOff
+from results.agreement import FINDINGS, agreement
 from tests.conftest import RG1_STUDY
 from tests.test_chat import HOUSE, auth, settings_for
-from worker.agreement import FINDINGS, agreement
 
 SIGNED = {"report": "Findings: Enlarged cardiac silhouette. Impression: Cardiomegaly. Line in place.",
           "findings": ["Cardiomegaly", "Support Devices"]}  # the draft said Cardiomegaly and Pleural Effusion

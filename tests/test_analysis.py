@@ -6,6 +6,7 @@ import pydicom
 import pytest
 from sqlalchemy import func, select
 
+from radvlm.backends.scripted import ScriptedBackend
 from records.clock import utcnow
 from records.schema import StudyResult
 from records.settings import Settings
@@ -13,7 +14,6 @@ from records.tables import Job, JobState, Result, Study, StudyState
 from tests.conftest import RG1_STUDY, radiograph, rg1_copy, storescu, wait_for, worker_context
 from worker.analysis import claim, run_analysis
 from worker.app import ROUTINE_PRIORITY, STAT_PRIORITY
-from worker.backends.scripted import ScriptedBackend
 from worker.dispatch import InProcessRunner
 from worker.model_thread import ModelThread
 from worker.pipeline import AnalysisOptions
@@ -130,7 +130,7 @@ def test_stat_studies_get_the_first_priority(sqlite_url, start_node, tmp_path):
 
 def test_tiny_real_model_end_to_end(sqlite_url, start_node, tiny_model):
     """The real loading and generate path (transformers, LLaVA-OneVision) on CPU."""
-    from worker.backends.transformers import TransformersBackend
+    from radvlm.backends.transformers import TransformersBackend
 
     backend = TransformersBackend(str(tiny_model))
     assert backend.model_revision.startswith("local-")
@@ -179,8 +179,8 @@ def test_groundings_are_asked_while_the_report_is_still_being_written():
 
     import numpy as np
 
-    from dicom_node.pixels import ModelImage
-    from worker import prompts
+    from radvlm import prompts
+    from records.pixels import ModelImage
     from worker.pipeline import analyse_image
 
     @dataclass

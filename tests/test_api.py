@@ -16,8 +16,8 @@ from PIL import Image
 from api.main import create_app
 from radvlm_pacs import main
 from records.settings import ApiUser, Settings
+from results.capture import BOX_COLOUR
 from tests.conftest import RG1_STUDY, RG3_STUDY
-from worker.delivery.capture import BOX_COLOUR
 
 TOKEN = "correct horse battery staple"
 HEADERS = {"Authorization": f"Bearer {TOKEN}"}

@@ -11,14 +11,14 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import select, update
 
-from api.askers import LocalAsker
 from api.main import create_app
+from radvlm.backends.scripted import ScriptedBackend
 from records.audit import AUDIT_LOGGER, send_to_syslog
 from records.db import make_engine, make_session_factory
 from records.tables import AuditEvent, Result
 from tests.conftest import RG1_STUDY, RG3_STUDY, radiograph, storescu, worker_context
 from tests.test_chat import HOUSE, auth, settings_for
-from worker.backends.scripted import ScriptedBackend
+from worker.askers import LocalAsker
 from worker.model_thread import ModelThread
 
 

@@ -16,13 +16,13 @@ import pytest
 from playwright.sync_api import Page, sync_playwright
 from sqlalchemy import select
 
-from api.askers import LocalAsker
 from api.main import create_app
+from radvlm.backends.scripted import ScriptedBackend
 from records.settings import DeliverySettings
 from records.tables import Conversation, SignOff, Study, StudyState
 from tests.conftest import RG1_STUDY, radiograph, rg1_copy, serving, storescu, wait_for, worker_context
 from tests.test_chat import TOKENS, settings_for
-from worker.backends.scripted import ScriptedBackend
+from worker.askers import LocalAsker
 from worker.dispatch import InProcessRunner
 from worker.model_thread import ModelThread
 

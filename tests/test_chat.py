@@ -12,15 +12,15 @@ import json
 import pytest
 from fastapi.testclient import TestClient
 
-from api.askers import LocalAsker
 from api.main import create_app
+from radvlm import prompts
+from radvlm.backends.base import PromptTooLong
+from radvlm.backends.scripted import ScriptedBackend
+from radvlm.prompts import Turn
 from records.settings import Settings
 from tests.conftest import RG1_STUDY, RG3_STUDY, wait_for, worker_context
-from worker import prompts
-from worker.backends.base import PromptTooLong
-from worker.backends.scripted import ScriptedBackend
+from worker.askers import LocalAsker
 from worker.model_thread import ModelThread
-from worker.prompts import Turn
 
 TOKENS = {"dr.house": "radiologist token", "it.admin": "admin token", "dr.elsewhere": "another site"}
 

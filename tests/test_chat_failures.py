@@ -9,13 +9,13 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 
-from api.askers import LocalAsker
 from api.main import create_app
+from radvlm.backends import base
+from radvlm.backends.scripted import ScriptedBackend
 from records.tables import Exchange, ExchangeState, Study, StudyState
 from tests.conftest import RG1_STUDY, radiograph, storescu, wait_for, worker_context
 from tests.test_chat import HOUSE, settings_for
-from worker.backends import base
-from worker.backends.scripted import ScriptedBackend
+from worker.askers import LocalAsker
 from worker.dispatch import InProcessRunner
 from worker.model_thread import ModelThread
 

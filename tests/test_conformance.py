@@ -31,12 +31,12 @@ from pynetdicom import AE
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicom_node.pixels import model_image, read_model_image
 from dicom_node.server import Node
-from dicom_node.storage import InstanceStore
 from records.clock import utcnow
 from records.db import make_engine, make_session_factory, upgrade
+from records.pixels import model_image, read_model_image
 from records.settings import CallerRule, DeliverySettings, Destination, NodeSettings, Settings
+from records.storage import InstanceStore
 from records.tables import DeliveryState, Instance, OutboxItem, Study, StudyState
 from tests.conformance_corpus import CASES, NO_CONTEXT, Case
 from tests.conftest import wait_for
@@ -63,8 +63,8 @@ class Site:
 
 @contextmanager
 def running_site(folder: Path) -> Iterator[Site]:
-    from worker.analysis import Outputs
-    from worker.backends.scripted import ScriptedBackend
+    from radvlm.backends.scripted import ScriptedBackend
+    from results.outbox import Routing
     from worker.context import WorkerContext
     from worker.dispatch import InProcessRunner
     from worker.model_thread import ModelThread
@@ -89,7 +89,7 @@ def running_site(folder: Path) -> Iterator[Site]:
         model_thread = stack.enter_context(ModelThread())
         ctx = WorkerContext(settings=Settings(destinations=[pacs], delivery=FAST_RETRIES), sessions=sessions,
                             store=store, options=AnalysisOptions(max_new_tokens=64),
-                            outputs=Outputs(destinations=[pacs], policy=FAST_RETRIES), _backend=ScriptedBackend())
+                            outputs=Routing(destinations=[pacs], policy=FAST_RETRIES), _backend=ScriptedBackend())
         runner = holder["runner"] = InProcessRunner(ctx, model_thread)
         runner.start()
         stack.callback(runner.close)

@@ -12,15 +12,16 @@ import time
 import pydicom
 from sqlalchemy import select
 
+from radvlm.backends.scripted import ScriptedBackend
 from records.clock import utcnow
 from records.settings import CallerRule, DeliverySettings, Destination, Settings
 from records.tables import AuditEvent, DeliveryState, Job, OutboxItem, StudyVersion
+from results.outbox import Routing
 from tests.conftest import free_port, radiograph, rg1_copy, storescu, wait_for
 from tests.orthanc import running_orthanc
-from worker.analysis import Outputs, run_analysis
-from worker.backends.scripted import ScriptedBackend
+from worker.analysis import run_analysis
 from worker.context import WorkerContext
-from worker.delivery.send import c_store
+from worker.delivery.dimse import c_store
 from worker.dispatch import InProcessRunner
 from worker.model_thread import ModelThread
 from worker.pipeline import AnalysisOptions
@@ -33,7 +34,7 @@ def _runner(running, destinations, pool) -> InProcessRunner:
     settings = Settings(destinations=destinations, delivery=FAST_RETRIES)
     ctx = WorkerContext(settings=settings, sessions=running.sessions, store=running.store,
                         options=AnalysisOptions(max_new_tokens=64),
-                        outputs=Outputs(destinations=destinations, policy=FAST_RETRIES), _backend=ScriptedBackend())
+                        outputs=Routing(destinations=destinations, policy=FAST_RETRIES), _backend=ScriptedBackend())
     runner = InProcessRunner(ctx, pool)
     runner.start()
     return runner
@@ -137,7 +138,7 @@ def test_dicom_tls_destination(tmp_path):
 def test_a_new_version_names_the_earlier_report_as_predecessor(sqlite_url, start_node, tmp_path):
     pacs = Destination(name="pacs", ae_title="ORTHANC", host="127.0.0.1", port=free_port(),
                        objects=["sr", "narrative"])
-    outputs = Outputs(destinations=[pacs], policy=FAST_RETRIES)
+    outputs = Routing(destinations=[pacs], policy=FAST_RETRIES)
     node = start_node(sqlite_url)
     assert storescu(node.port, radiograph("RG1_UNCI.dcm")).returncode == 0
     wait_for(lambda: node.ready, 15)

@@ -17,7 +17,8 @@ import pytest
 import yaml
 from sqlalchemy import select
 
-from radvlm_pacs import HEALTH_AE, _parser
+from radvlm_pacs.checks import HEALTH_AE
+from radvlm_pacs.cli import _parser
 from records.settings import load_settings
 from records.tables import Instance
 from tests.conftest import radiograph, rg1_copy, wait_for
@@ -84,7 +85,7 @@ def test_the_vllm_profile_serves_radvlm_with_its_template_and_the_worker_keeps_i
     flags = {flag: command[i + 1] if i + 1 < len(command) and not command[i + 1].startswith("--") else True
              for i, flag in enumerate(command) if flag.startswith("--")}
     template = flags["--chat-template"]
-    assert any(volume.startswith(str(DOCKER.parent / "worker" / "radvlm_chat_template.jinja") + ":" + template)
+    assert any(volume.startswith(str(DOCKER.parent / "radvlm" / "radvlm_chat_template.jinja") + ":" + template)
                for volume in vllm["volumes"])
     assert flags["--enable-prefix-caching"] is True and flags["--generation-config"] == "vllm"
     assert json.loads(flags["--limit-mm-per-prompt"]) == {"image": 1}

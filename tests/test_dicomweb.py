@@ -17,15 +17,15 @@ from pydicom.uid import generate_uid
 from sqlalchemy import select
 
 from api.main import create_app
+from radvlm.backends.scripted import ScriptedBackend
 from records.db import make_engine, make_session_factory
 from records.settings import Settings
 from records.tables import AuditEvent, DeliveryState, Instance, KeptObject, OutboxItem, Study, StudyState
+from results.outbox import Routing
 from tests.conftest import free_port, radiograph, rg1_copy, serving, storescu, wait_for, worker_context
 from tests.orthanc import running_orthanc
 from tests.processes import serve_env, service
 from tests.test_chat import HOUSE, auth, users
-from worker.analysis import Outputs
-from worker.backends.scripted import ScriptedBackend
 from worker.dispatch import InProcessRunner
 from worker.model_thread import ModelThread
 
@@ -164,7 +164,7 @@ def _stored(node, sop_uid: str) -> bool:  # type: ignore[no-untyped-def]
 def test_qido_and_wado_serve_the_result_objects_the_node_kept(sqlite_url, start_node):
     holder: dict[str, InProcessRunner] = {}
     node = start_node(sqlite_url, on_ready=lambda s, v: holder["runner"](s, v))
-    outputs = Outputs(kept=("sr", "gsps"))
+    outputs = Routing(kept=("sr", "gsps"))
     with ModelThread() as thread:
         runner = holder["runner"] = InProcessRunner(worker_context(node, ScriptedBackend(), outputs), thread)
         runner.start()

@@ -1,4 +1,5 @@
-"""docs/ says what the code does: every SOP class and transfer syntax, and the HL7 example message."""
+"""docs/ says what the code does: every SOP class and transfer syntax, the HL7 example message, the open routes;
+the README stays short and links every page."""
 
 from __future__ import annotations
 
@@ -14,14 +15,14 @@ from pynetdicom.sop_class import (
     Verification,
 )
 
-from dicom_node.pixels import read_model_image
-from dicom_node.sop import STORAGE_SOP_CLASSES, TRANSFER_SYNTAXES
+from radvlm.backends.scripted import ScriptedBackend
+from reception.sop import STORAGE_SOP_CLASSES, TRANSFER_SYNTAXES
+from records.pixels import read_model_image
 from records.schema import StudyResult
 from records.settings import DeliverySettings, HL7Settings
+from results.hl7 import parse_strict
+from results.outbox import SR_CLASSES, hl7_result
 from tests.conftest import radiograph
-from worker.backends.scripted import ScriptedBackend
-from worker.delivery.hl7 import parse_strict
-from worker.delivery.outbox import SR_CLASSES, hl7_result
 from worker.pipeline import AnalysisOptions, analyse_image
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
@@ -65,8 +66,8 @@ def test_hl7_example_is_what_the_code_builds():
     assert built.replace("\r", "\n").strip() == example
 
 
-def test_readme_names_each_route_that_answers_without_a_token(sqlite_url, tmp_path):
-    """Every other route answers 401 without one (test_api); these open ones are named in the README."""
+def test_security_page_names_each_route_that_answers_without_a_token(sqlite_url, tmp_path):
+    """Every other route answers 401 without one (test_api); these open ones are named in docs/security.md."""
     from collections import defaultdict
 
     from fastapi.testclient import TestClient
@@ -83,6 +84,24 @@ def test_readme_names_each_route_that_answers_without_a_token(sqlite_url, tmp_pa
         answered = {path for method, path in calls if client.request(
             method, path.format_map(defaultdict(lambda: "1")), json={}, follow_redirects=False).status_code != 401}
     assert {"/health", "/metrics", "/openapi.json", "/docs", "/ui/app.js"} <= answered
-    readme = README.read_text()
-    assert [path for path in sorted(answered) if f"`{path}`" not in readme and f"`{Path(path).name}`" not in readme] \
+    page = (DOCS / "security.md").read_text()
+    assert [path for path in sorted(answered) if f"`{path}`" not in page and f"`{Path(path).name}`" not in page] \
         == []
+
+
+def _local_links(path: Path) -> set[str]:
+    """The relative link targets of a Markdown file, without their #anchors."""
+    return {target.split("#")[0] for target in re.findall(r"\]\(([^)\s]+)\)", path.read_text())
+            if not re.match(r"[a-z]+:", target) and not target.startswith("#")}
+
+
+def test_readme_is_short_and_links_every_docs_page():
+    """The README stays an overview (at most 200 lines); the detail is in docs/, every page linked and present."""
+    assert len(README.read_text().splitlines()) <= 200
+    linked = _local_links(README)
+    pages = {link for link in linked if link.startswith("docs/") and link.endswith(".md")}
+    assert [page for page in sorted(pages) if not (README.parent / page).is_file()] == []
+    assert [page.name for page in sorted(DOCS.glob("*.md")) if f"docs/{page.name}" not in pages] == []
+    assert "docs/architecture.md" in pages
+    for page in (README, *sorted(DOCS.glob("*.md"))):  # and the pages' own links resolve
+        assert [link for link in sorted(_local_links(page)) if not (page.parent / link).exists()] == [], page.name

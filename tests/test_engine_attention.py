@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 import torch
 
-from worker import prompts
-from worker.backends.base import GenerationParams
-from worker.backends.batch_decode import BLOCK, KVStore, RowBatch, round_up
-from worker.backends.transformers import TransformersBackend
-from worker.prompts import Turn
+from radvlm import prompts
+from radvlm.backends.base import GenerationParams
+from radvlm.backends.batch_decode import BLOCK, KVStore, RowBatch, round_up
+from radvlm.backends.transformers import TransformersBackend
+from radvlm.prompts import Turn
 
 
 @pytest.fixture(autouse=True)
@@ -64,9 +64,12 @@ def test_row_attention_equals_attention_over_each_rows_own_sequence():
                                   store.tail_keys[0][tail_row, :, :seen]], dim=1).repeat_interleave(3, dim=0)
                 values = torch.cat([store.prefix_values[0][row_slot[row], :, :prefix_length],
                                     store.tail_values[0][tail_row, :, :seen]], dim=1).repeat_interleave(3, dim=0)
-                weights = torch.softmax(query[row, :, token:token + 1] @ keys.transpose(1, 2) * 0.25, dim=-1)
+                # the softmax in float32, as transformers' eager attention takes it: the float64 inputs agree to
+                # float32's precision (a wrong key or row would be off by tenths)
+                weights = torch.softmax(query[row, :, token:token + 1] @ keys.transpose(1, 2) * 0.25, dim=-1,
+                                        dtype=torch.float32).to(torch.float64)
                 expected = (weights @ values)[:, 0]  # (heads, dim)
-                assert torch.allclose(output[row, token], expected, atol=1e-10)
+                assert torch.allclose(output[row, token], expected, rtol=1e-5, atol=1e-6)
 
 
 def test_decode_steps_read_the_live_tokens_and_a_studys_questions_share_one_prefix(tiny_model, capsys):
@@ -80,8 +83,8 @@ def test_decode_steps_read_the_live_tokens_and_a_studys_questions_share_one_pref
     answer is plain generate()'s."""
     from transformers import AttentionInterface
 
-    from worker.backends.batch_decode import ROW_ATTENTION, row_attention
-    from worker.backends.prefix_cache import PREFIX, image_key
+    from radvlm.backends.batch_decode import ROW_ATTENTION, row_attention
+    from radvlm.backends.prefix_cache import PREFIX, image_key
 
     backend = TransformersBackend(str(tiny_model), prefix_cache_mb=512, batch_cache_mb=64)
     plain = TransformersBackend(str(tiny_model))

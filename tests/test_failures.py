@@ -15,14 +15,14 @@ from pydicom.uid import generate_uid
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError, OperationalError
 
+from radvlm.backends.scripted import ScriptedBackend
 from records.metrics import OBJECTS_NOT_BUILT
 from records.settings import Destination, HL7Settings
 from records.tables import Job, JobState, OutboxItem, Study, StudyState
+from results import outbox
+from results.outbox import Routing
 from tests.conftest import radiograph, storescu, wait_for, worker_context
-from worker.analysis import Outputs
-from worker.backends.scripted import ScriptedBackend
-from worker.delivery import outbox
-from worker.jobs import attempt, transient
+from worker.attempts import attempt, transient
 
 PACS = Destination(name="pacs", ae_title="PACS", host="127.0.0.1", port=1, objects=["sr", "narrative", "gsps"])
 RIS = HL7Settings(host="127.0.0.1", port=1)
@@ -59,7 +59,7 @@ def test_a_gsps_that_cannot_be_built_costs_neither_the_sr_nor_the_hl7(sqlite_url
     running = start_node(sqlite_url)
     study_id, version = _ready(running, radiograph("RG1_UNCI.dcm"))
     before = OBJECTS_NOT_BUILT.labels("gsps")._value.get()
-    ctx = worker_context(running, ScriptedBackend(), outputs=Outputs(destinations=[PACS], hl7=RIS))
+    ctx = worker_context(running, ScriptedBackend(), outputs=Routing(destinations=[PACS], hl7=RIS))
     ctx.deliver = lambda items: None
     assert attempt(ctx, study_id, version, retries_done=0) is None
 
@@ -85,7 +85,7 @@ def test_a_voi_lut_only_dx_gets_its_sr_and_a_gsps_that_carries_the_lut(sqlite_ur
     uid, path = _rg1_variant(tmp_path, "voi-lut-only", WindowCenter=None, WindowWidth=None, VOILUTSequence=[lut])
     running = start_node(sqlite_url)
     study_id, version = _ready(running, path)
-    ctx = worker_context(running, ScriptedBackend(), outputs=Outputs(destinations=[PACS]))
+    ctx = worker_context(running, ScriptedBackend(), outputs=Routing(destinations=[PACS]))
     ctx.deliver = lambda items: None
     started = time.monotonic()
     assert attempt(ctx, study_id, version, retries_done=0) is None

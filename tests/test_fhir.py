@@ -19,14 +19,15 @@ from fhir.resources.R4B.bundle import Bundle
 from pydicom import dcmread
 from sqlalchemy import select
 
+from radvlm.backends.scripted import ScriptedBackend
 from records.clock import utcnow
 from records.schema import StudyResult
 from records.settings import DeliverySettings, FhirSettings
 from records.tables import DeliveryState, OutboxItem, Result
+from results.outbox import Routing, fhir_result
 from tests.conftest import radiograph, storescu, wait_for
-from worker.analysis import Outputs, run_analysis
-from worker.backends.scripted import ScriptedBackend
-from worker.delivery.outbox import deliver_item, fhir_result, sender
+from worker.analysis import run_analysis
+from worker.delivery.outbox import deliver_item, sender
 from worker.pipeline import AnalysisOptions
 
 RG1_STUDY = "1.3.6.1.4.1.5962.1.2.9.20040826185059.5457"
@@ -70,7 +71,7 @@ def test_bundle_validates_and_goes_through_the_outbox_with_retries(sqlite_url, s
         fhir = FhirSettings(base_url=url, token="ehr secret", patient_identifier_system="urn:oid:1.2.3.4")
         [item_id] = run_analysis(study_id, version, sessions=node.sessions, store=node.store,
                                  backend=ScriptedBackend(), options=AnalysisOptions(), clock=utcnow,
-                                 outputs=Outputs(fhir=fhir, policy=policy))
+                                 outputs=Routing(fhir=fhir, policy=policy))
         send = sender([], None, "RADVLM", policy, fhir)
         delay = deliver_item(node.sessions, item_id, send, policy, utcnow)  # 503: tried again later
         assert delay is not None and delay > 0
@@ -119,7 +120,7 @@ def test_bundle_validates_and_goes_through_the_outbox_with_retries(sqlite_url, s
 
 
 def test_a_refused_transaction_is_final_and_a_missing_server_is_retried():
-    from worker.delivery.fhir import post_bundle
+    from worker.delivery.fhir_rest import post_bundle
 
     with recording_endpoint([422]) as (url, _):
         refused = post_bundle(b"{}", FhirSettings(base_url=url), 5)

@@ -40,7 +40,7 @@ def test_each_named_hostile_input_gets_its_status(tmp_path):
 
 def test_a_refusal_comment_is_a_valid_lo_whatever_the_parser_said():
     from dicom_node.handlers import _status
-    from dicom_node.reception import UNDECODABLE
+    from reception.receiver import UNDECODABLE
 
     comment = _status(UNDECODABLE, "cannot decode dataset: bad\\value\nat (0008,0060)" + "x" * 80).ErrorComment
     assert comment.startswith("cannot decode dataset: bad value at (0008,0060)") and len(comment) == 64

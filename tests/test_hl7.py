@@ -11,15 +11,17 @@ from datetime import datetime, timezone
 import pydicom
 import pytest
 
-from dicom_node.pixels import read_model_image
+from radvlm.backends.scripted import ScriptedBackend
 from records.clock import utcnow
+from records.pixels import read_model_image
 from records.schema import StudyResult
 from records.settings import DeliverySettings, HL7Settings
 from records.tables import DeliveryState, OutboxItem
+from results.hl7 import oru_message, parse_strict
+from results.outbox import Routing
 from tests.conftest import free_port, radiograph, storescu, wait_for
-from worker.analysis import Outputs, run_analysis
-from worker.backends.scripted import ScriptedBackend
-from worker.delivery.hl7 import mllp_send, oru_message, parse_strict
+from worker.analysis import run_analysis
+from worker.delivery.mllp import mllp_send
 from worker.delivery.outbox import deliver_item, sender
 from worker.pipeline import AnalysisOptions, analyse_image
 
@@ -107,7 +109,7 @@ def test_delivered_through_the_outbox_to_an_mllp_listener(sqlite_url, start_node
         hl7 = HL7Settings(host="127.0.0.1", port=port)
         [item_id] = run_analysis(study_id, version, sessions=node.sessions, store=node.store,
                                  backend=ScriptedBackend(), options=AnalysisOptions(), clock=utcnow,
-                                 outputs=Outputs(hl7=hl7, policy=policy))
+                                 outputs=Routing(hl7=hl7, policy=policy))
         assert deliver_item(node.sessions, item_id, sender([], hl7, "RADVLM", policy), policy, utcnow) is None
     with node.sessions() as session:
         item = session.get_one(OutboxItem, item_id)

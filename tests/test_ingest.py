@@ -23,9 +23,9 @@ from pynetdicom.sop_class import ComputedRadiographyImageStorage, CTImageStorage
 from sqlalchemy import create_engine, func, select, text
 
 from dicom_node import spool
-from dicom_node.pixels import read_model_image
 from dicom_node.server import INCOMING
 from dicom_node.transport import READ_BYTES, BulkReadSocket
+from records.pixels import read_model_image
 from records.tables import Instance, Study, StudyState, StudyVersion
 from tests.conftest import POSTGRES_ADMIN_URL, radiograph, rg1_copy, storescu, wait_for
 
@@ -165,7 +165,7 @@ def test_connections_the_database_dropped_cost_no_store(database_url, start_node
             {"name": database})
     admin.dispose()
     assert dropped >= 1
-    with caplog.at_level(logging.WARNING, logger="dicom_node.reception"):
+    with caplog.at_level(logging.WARNING, logger="reception.receiver"):
         result = storescu(running.port, second)
     assert result.returncode == 0, result.stderr
     assert any("database connection lost" in r.getMessage() for r in caplog.records)
@@ -189,7 +189,7 @@ def test_a_statement_the_database_refuses_is_logged_without_patient_data(databas
     ds = pydicom.dcmread(rg1_copy(tmp_path, "private.dcm", PatientName="Doe^Jane", PatientID="PID-4711"))
     ae = AE(ae_title="STORESCU")
     ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
-    with caplog.at_level(logging.ERROR, logger="dicom_node.reception"):
+    with caplog.at_level(logging.ERROR, logger="reception.receiver"):
         assoc = ae.associate("127.0.0.1", running.port, ae_title="RADVLM")
         status = assoc.send_c_store(ds)
         assoc.release()
@@ -511,7 +511,7 @@ def test_a_deflated_file_that_inflates_past_the_limit_is_refused_unread(sqlite_u
     ds.save_as(bomb, enforce_file_format=True)
     del ds
     assert bomb.stat().st_size < 1 << 20
-    with caplog.at_level(logging.ERROR, logger="dicom_node.reception"):
+    with caplog.at_level(logging.ERROR, logger="reception.receiver"):
         assert _send_raw(running.port, bomb, DeflatedExplicitVRLittleEndian) == 0xA700
     assert "inflates to more than" in caplog.text
     with running.sessions() as session:

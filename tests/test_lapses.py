@@ -18,6 +18,8 @@ from alembic import command
 from pydicom.uid import generate_uid
 from sqlalchemy import func, inspect, select
 
+from radvlm.backends.scripted import ScriptedBackend
+from records.chat_events import channel
 from records.db import alembic_config, make_engine, make_session_factory, upgrade
 from records.tables import Conversation, Exchange, ExchangeState, Job, JobState, Result, Study, StudyState
 from tests.conftest import flushed_redis, free_port, radiograph, rg1_copy, storescu, wait_for
@@ -26,8 +28,6 @@ from tests.test_chat import HOUSE, users
 from tests.test_production_layout import RG1_STUDY, _env, _listening, _study
 from worker.analysis import claim
 from worker.app import STAT_PRIORITY
-from worker.backends.scripted import ScriptedBackend
-from worker.chat import channel
 from worker.lapses import STOPPED, LapseSweep
 from worker.presence import PREFIX
 

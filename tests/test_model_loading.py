@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from radvlm.backends.base import GenerationParams, ModelLoadError
+from radvlm.backends.transformers import TransformersBackend
+from radvlm.prompts import REPORT, Turn
 from records.text import plain_text
-from worker.backends.base import GenerationParams, ModelLoadError
-from worker.backends.transformers import TransformersBackend
-from worker.prompts import REPORT, Turn
 
 
 @pytest.fixture(autouse=True)
@@ -62,7 +62,7 @@ def test_the_image_prefix_is_prefilled_once_and_answers_stay_the_same(tiny_model
     """The tasks of a study and a chat turn reuse the image's KV cache, token for token as without it."""
     import threading
 
-    from worker import prompts
+    from radvlm import prompts
 
     cached = TransformersBackend(str(tiny_model), prefix_cache_mb=512, batch_cache_mb=64)
     plain = TransformersBackend(str(tiny_model))
@@ -94,7 +94,7 @@ def test_the_image_prefix_is_prefilled_once_and_answers_stay_the_same(tiny_model
                                                                                     params).text
     assert cached.prefixes.misses == 2 and 0 < cached.prefixes.nbytes <= 512 * 1024 * 1024
     # the engine's memory budget counts rows at this many bytes per token: the real cache's
-    from worker.backends.prefix_cache import image_key
+    from radvlm.backends.prefix_cache import image_key
 
     entry = cached.prefixes.peek(image_key(other))
     assert entry is not None and entry.nbytes == entry.length * cached.kv_bytes_per_token
@@ -103,7 +103,7 @@ def test_the_image_prefix_is_prefilled_once_and_answers_stay_the_same(tiny_model
 def _five_questions_answered_as_plain_generate_answers_them(backend, tiny_model):  # type: ignore[no-untyped-def]
     """A study's questions of different lengths (the last a conversation) about one image, asked of
     ``backend`` together: each answer must be the one plain generate() gives it alone."""
-    from worker import prompts
+    from radvlm import prompts
 
     plain = TransformersBackend(str(tiny_model))
     image = np.random.default_rng(3).integers(0, 256, (500, 420), dtype=np.uint8)
@@ -136,8 +136,8 @@ def test_questions_about_one_image_asked_at_once_prepare_and_prefill_it_once(tin
     import threading
     from concurrent.futures import ThreadPoolExecutor
 
-    from worker import prompts
-    from worker.backends.prefix_cache import PREFIX
+    from radvlm import prompts
+    from radvlm.backends.prefix_cache import PREFIX
 
     backend = TransformersBackend(str(tiny_model), prefix_cache_mb=512, batch_cache_mb=64)
     plain = TransformersBackend(str(tiny_model))
@@ -167,8 +167,8 @@ def test_concurrent_studies_share_decode_steps_and_keep_their_answers(tiny_model
     import threading
     import time
 
-    from worker import prompts
-    from worker.backends.prefix_cache import PREFIX
+    from radvlm import prompts
+    from radvlm.backends.prefix_cache import PREFIX
 
     engine_backed = TransformersBackend(str(tiny_model), prefix_cache_mb=512, batch_cache_mb=64)
     plain = TransformersBackend(str(tiny_model))
@@ -213,9 +213,9 @@ def test_a_new_image_is_prefilled_in_parts_between_the_decode_steps_of_others(ti
     stay those of plain generate()."""
     import time
 
-    from worker import prompts
-    from worker.backends.batch_decode import Row
-    from worker.backends.prefix_cache import PREFIX, image_key
+    from radvlm import prompts
+    from radvlm.backends.batch_decode import Row
+    from radvlm.backends.prefix_cache import PREFIX, image_key
 
     backend = TransformersBackend(str(tiny_model), prefix_cache_mb=512, batch_cache_mb=64, prefill_chunk_tokens=512)
     plain = TransformersBackend(str(tiny_model))
@@ -260,8 +260,8 @@ def test_a_failing_request_fails_alone(tiny_model):
     """A request whose prefix cannot be built fails with its own error; the batch it joined goes on."""
     from concurrent.futures import Future
 
-    from worker import prompts
-    from worker.backends.batch_decode import Row
+    from radvlm import prompts
+    from radvlm.backends.batch_decode import Row
 
     backend = TransformersBackend(str(tiny_model), prefix_cache_mb=512, batch_cache_mb=64)
     image = np.random.default_rng(5).integers(0, 256, (500, 420), dtype=np.uint8)
@@ -286,9 +286,9 @@ def test_a_streamed_question_is_admitted_before_waiting_analyses(tiny_model):
     """With the batch full, a question someone reads as it streams goes before analyses that waited longer."""
     import time
 
-    from worker import prompts
-    from worker.backends.batch_decode import Row
-    from worker.backends.prefix_cache import PREFIX, image_key
+    from radvlm import prompts
+    from radvlm.backends.batch_decode import Row
+    from radvlm.backends.prefix_cache import PREFIX, image_key
 
     backend = TransformersBackend(str(tiny_model), prefix_cache_mb=512, batch_cache_mb=2,  # two rows of 1 MiB
                                   max_prompt_tokens=2000, max_new_tokens=48)
@@ -323,8 +323,8 @@ def test_when_the_engine_thread_dies_no_caller_waits_forever(tiny_model):
     import threading
     import time
 
-    from worker.backends.batch_decode import Row
-    from worker.backends.prefix_cache import image_key
+    from radvlm.backends.batch_decode import Row
+    from radvlm.backends.prefix_cache import image_key
 
     backend = TransformersBackend(str(tiny_model), prefix_cache_mb=512, batch_cache_mb=2,  # two rows of 1 MiB
                                   max_prompt_tokens=2000, max_new_tokens=48)
@@ -339,7 +339,7 @@ def test_when_the_engine_thread_dies_no_caller_waits_forever(tiny_model):
     def rows(length: int) -> list[Row]:
         return [Row([1, 2, 3], GenerationParams(max_new_tokens=length, min_new_tokens=length))]
 
-    from worker.backends.prefix_cache import PREFIX
+    from radvlm.backends.prefix_cache import PREFIX
 
     length = int(backend.inputs(image, [], text=PREFIX)["input_ids"].shape[1])
 
@@ -363,7 +363,7 @@ def test_when_the_engine_thread_dies_no_caller_waits_forever(tiny_model):
 def test_compiled_decode_steps_with_fewer_rows_than_questions_give_plain_answers(tiny_model):
     """The decode step compiled once per bucket size (torch.compile; CUDA graphs on a GPU), and a study
     of five questions entering a store of two rows as rows free up: every answer is plain generate()'s."""
-    from worker import prompts
+    from radvlm import prompts
 
     compiled = TransformersBackend(str(tiny_model), prefix_cache_mb=512, batch_cache_mb=4,  # a 2 MiB slot, two rows
                                    max_prompt_tokens=4000, max_new_tokens=96, compile_decode=True)
@@ -384,7 +384,7 @@ def test_the_decode_step_is_compiled_at_start_for_every_shape_it_will_take(tiny_
     import torch
     from torch._dynamo.utils import counters
 
-    from worker import prompts
+    from radvlm import prompts
 
     torch._dynamo.reset()  # forget the graphs of earlier tests' engines (the same code: they would be reused)
     counters.clear()
@@ -410,7 +410,7 @@ def test_a_decode_step_that_cannot_be_compiled_is_run_uncompiled_and_said_so(tin
     and answers all the same, uncompiled."""
     import torch
 
-    from worker import prompts
+    from radvlm import prompts
 
     def no_compiler(function, **options):  # type: ignore[no-untyped-def]
         def compiled(*args, **kwargs):  # type: ignore[no-untyped-def]

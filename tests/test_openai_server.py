@@ -20,14 +20,14 @@ import pytest
 from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
 
+from radvlm import prompts
+from radvlm.backends import openai_server
+from radvlm.backends.base import GenerationParams, ModelUnavailable
+from radvlm.backends.openai_server import OpenAIServerBackend, image_url
+from radvlm.backends.transformers import TransformersBackend
+from radvlm.prompts import Turn
 from records.text import plain_text
 from tests.conftest import free_port, serving, wait_for
-from worker import prompts
-from worker.backends import openai_server
-from worker.backends.base import GenerationParams, ModelUnavailable
-from worker.backends.openai_server import OpenAIServerBackend, image_url
-from worker.backends.transformers import TransformersBackend
-from worker.prompts import Turn
 
 CONVERSATIONS = [
     [Turn("user", prompts.REPORT)],
@@ -81,7 +81,7 @@ def test_a_study_waits_for_the_server_however_many_attempts(sqlite_url, start_no
 
     from records.tables import Job, JobState, Study, StudyState
     from tests.conftest import radiograph, storescu, worker_context
-    from worker.jobs import attempt
+    from worker.attempts import attempt
 
     node = start_node(sqlite_url)
     assert storescu(node.port, radiograph("RG1_UNCI.dcm")).returncode == 0

@@ -29,8 +29,8 @@ def _orthanc_uids(orthanc) -> set[str]:  # type: ignore[no-untyped-def]
 
 
 def test_resend_and_reanalyse_through_the_running_service(sqlite_url, start_node, tmp_path, monkeypatch, capsys):
-    from worker.analysis import Outputs
-    from worker.backends.scripted import ScriptedBackend
+    from radvlm.backends.scripted import ScriptedBackend
+    from results.outbox import Routing
     from worker.dispatch import InProcessRunner
     from worker.model_thread import ModelThread
 
@@ -39,7 +39,7 @@ def test_resend_and_reanalyse_through_the_running_service(sqlite_url, start_node
         pacs = Destination(name="pacs", ae_title="ORTHANC", host="127.0.0.1", port=orthanc.dicom_port)
         holder: dict[str, InProcessRunner] = {}
         node = start_node(sqlite_url, on_ready=lambda s, v: holder["runner"](s, v))
-        ctx = worker_context(node, ScriptedBackend(), Outputs(destinations=[pacs]), destinations=[pacs])
+        ctx = worker_context(node, ScriptedBackend(), Routing(destinations=[pacs]), destinations=[pacs])
         with ModelThread() as model_thread:
             runner = holder["runner"] = InProcessRunner(ctx, model_thread)
             runner.start()

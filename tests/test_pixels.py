@@ -15,7 +15,7 @@ from pydicom.encaps import encapsulate, generate_frames
 from pydicom.pixels import apply_voi_lut
 from pydicom.uid import ExplicitVRLittleEndian, RLELossless
 
-from dicom_node.pixels import PixelError, model_image, read_model_image
+from records.pixels import PixelError, model_image, read_model_image
 from tests.conftest import radiograph
 
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from worker import prompts
-from worker.parsing import boxes_from_answer, labels_as_radvlm_evaluates, labels_from_answer
-from worker.prompts import CHAT_TEMPLATE, REPORT, Turn, render
+from radvlm import prompts
+from radvlm.parsing import boxes_from_answer, labels_as_radvlm_evaluates, labels_from_answer
+from radvlm.prompts import CHAT_TEMPLATE, REPORT, Turn, render
 
 
 def test_first_turn_carries_the_image_and_no_system_message():
@@ -86,7 +86,7 @@ def test_the_jinja_chat_template_renders_the_same_prompt():
     """What model servers and checkpoints are given renders exactly RadVLM's evaluation prompt."""
     from jinja2 import Template
 
-    from worker.backends.openai_server import messages
+    from radvlm.backends.openai_server import messages
 
     turns = [Turn("user", REPORT), Turn("assistant", "Findings: clear lungs."), Turn("user", "Any effusion?")]
     rendered = Template(CHAT_TEMPLATE).render(messages=messages(turns, "data:,"), add_generation_prompt=True)

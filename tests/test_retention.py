@@ -11,18 +11,18 @@ from fastapi.testclient import TestClient
 from prometheus_client import REGISTRY
 from sqlalchemy import select, update
 
-from api.askers import LocalAsker
 from api.main import create_app
-from dicom_node.catalog import Arrival, record_arrival
 from dicom_node.retention import RetentionSweep, remove_old_images
+from radvlm.backends.scripted import ScriptedBackend
+from reception.catalog import Arrival, record_arrival
 from records.clock import utcnow
 from records.db import make_engine, make_session_factory
 from records.tables import AuditEvent, Instance, Study, StudyState
 from tests.conftest import RG1_STUDY, RG3_STUDY, radiograph, storescu, wait_for, worker_context
 from tests.test_chat import HOUSE, settings_for
-from worker.backends.scripted import ScriptedBackend
+from worker.askers import LocalAsker
 from worker.model_thread import ModelThread
-from worker.operations import Refused, reanalyse
+from worker.reruns import Refused, reanalyse
 
 KEEP = timedelta(days=30)
 

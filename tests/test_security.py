@@ -16,7 +16,7 @@ from records.tables import Instance, Study
 from tests.conftest import RG1_STUDY, free_port, radiograph, storescu, wait_for
 from tests.processes import ENTRY, service
 from tests.test_production_layout import _listening
-from worker.delivery.send import c_store
+from worker.delivery.dimse import c_store
 
 RG1 = radiograph("RG1_UNCI.dcm")
 

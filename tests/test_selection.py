@@ -7,7 +7,7 @@ import pytest
 from pydicom import Dataset
 
 from dicom_node.selection import Selection, select
-from dicom_node.sop import (
+from reception.sop import (
     ComputedRadiographyImageStorage,
     DigitalMammographyXRayImageStorageForPresentation,
     DigitalXRayImageStorageForPresentation,

@@ -19,16 +19,16 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.completion import CompletionMonitor
 from dicom_node.retention import remove_old_images
-from dicom_node.storage import InstanceStore
-from radvlm_pacs import STOP_GRACE_S
+from radvlm.backends.scripted import ScriptedBackend
+from radvlm_pacs.composition import STOP_GRACE_S
 from records.clock import utcnow
 from records.db import make_engine, make_session_factory
+from records.storage import InstanceStore
 from records.tables import Job, JobState, Result, Study, StudyState, StudyVersion
 from tests.conftest import free_port, rg1_copy, storescu, wait_for, worker_context
 from tests.processes import serve_env, service
 from tests.test_production_layout import _listening
 from worker.analysis import claim
-from worker.backends.scripted import ScriptedBackend
 from worker.dispatch import InProcessRunner, unfinished_analyses
 from worker.model_thread import ModelThread
 

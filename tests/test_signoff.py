@@ -13,15 +13,15 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select
 
 from api.main import create_app
+from radvlm.backends.scripted import ScriptedBackend
 from records.settings import DeliverySettings, Destination, HL7Settings, Settings
 from records.tables import DeliveryState, OutboxItem, Study, StudyState
+from results.hl7 import parse_strict
+from results.outbox import Routing
 from tests.conftest import RG1_STUDY, radiograph, storescu, wait_for, worker_context
 from tests.orthanc import running_orthanc
 from tests.test_chat import HOUSE, users
 from tests.test_hl7 import listener
-from worker.analysis import Outputs
-from worker.backends.scripted import ScriptedBackend
-from worker.delivery.hl7 import parse_strict
 from worker.dispatch import InProcessRunner
 from worker.model_thread import ModelThread
 
@@ -43,7 +43,7 @@ def test_edited_sign_off_sends_a_verified_sr_after_the_draft(sqlite_url, start_n
         hl7 = HL7Settings(host="127.0.0.1", port=ris_port)
         settings = Settings(database_url=sqlite_url, storage_dir=node.store.root, destinations=[pacs], hl7=hl7,
                             delivery=FAST, api={"users": users(), "organization": "St Elsewhere Radiology"})
-        ctx = worker_context(node, ScriptedBackend(), Outputs(destinations=[pacs], policy=FAST, hl7=hl7),
+        ctx = worker_context(node, ScriptedBackend(), Routing(destinations=[pacs], policy=FAST, hl7=hl7),
                              destinations=[pacs], hl7=hl7, delivery=FAST)
         runner = holder["runner"] = InProcessRunner(ctx, thread)
         runner.start()

@@ -12,12 +12,13 @@ import numpy as np
 import pydicom
 import pytest
 
-from dicom_node.pixels import read_model_image
+from radvlm.backends.scripted import ScriptedBackend
+from records.pixels import read_model_image
+from results.authorship import Device
+from results.placement import Placement, closed_rectangle
+from results.sr import measurement_report, split_report, verify_regions
 from tests.conftest import radiograph
 from tests.orthanc import running_orthanc
-from worker.backends.scripted import ScriptedBackend
-from worker.delivery.equipment import Device, Placement, closed_rectangle
-from worker.delivery.sr import measurement_report, split_report, verify_regions
 from worker.pipeline import AnalysisOptions, analyse_image
 
 DEVICE = Device(model_id="KrauthammerLab/RadVLM", model_revision="abc123", software_version="0.1.0")
@@ -117,8 +118,8 @@ def test_regions_closed_inside_and_equal_to_the_model_box(analysed):
 
 @pytest.mark.parametrize("builder", ["sr", "narrative", "gsps"])
 def test_same_inputs_same_bytes_and_a_new_model_a_new_device(analysed, tmp_path, builder):
-    from worker.delivery.gsps import presentation_state
-    from worker.delivery.narrative import narrative_report
+    from results.gsps import presentation_state
+    from results.narrative import narrative_report
 
     build = {"sr": measurement_report, "narrative": narrative_report, "gsps": presentation_state}[builder]
     header, result = analysed
@@ -143,9 +144,9 @@ def test_split_report():
 
 
 def test_orthanc_accepts_every_object(analysed, written, tmp_path):
-    from worker.delivery.capture import burned_in_capture
-    from worker.delivery.gsps import presentation_state
-    from worker.delivery.narrative import narrative_report
+    from results.capture import burned_in_capture
+    from results.gsps import presentation_state
+    from results.narrative import narrative_report
 
     header, result = analysed
     others = [narrative_report(header, result, DEVICE, PLACE), presentation_state(header, result, DEVICE, PLACE),
@@ -170,7 +171,7 @@ def _dciodvfy_errors(path) -> list[str]:
 
 
 def test_narrative_report_tid_2000(analysed, tmp_path):
-    from worker.delivery.narrative import narrative_report
+    from results.narrative import narrative_report
 
     header, result = analysed
     path = tmp_path / "narrative.dcm"
@@ -186,7 +187,7 @@ def test_narrative_report_tid_2000(analysed, tmp_path):
 
 
 def test_presentation_state_draws_every_box(analysed, tmp_path):
-    from worker.delivery.gsps import presentation_state
+    from results.gsps import presentation_state
 
     header, result = analysed
     path = tmp_path / "gsps.dcm"
@@ -207,7 +208,7 @@ def test_presentation_state_draws_every_box(analysed, tmp_path):
 
 
 def test_burned_in_capture(analysed, tmp_path):
-    from worker.delivery.capture import BOX_COLOUR, burned_in_capture
+    from results.capture import BOX_COLOUR, burned_in_capture
 
     header, result = analysed
     model_image = read_model_image(radiograph("RG1_UNCI.dcm"))

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from radvlm.parsing import BOX_PATTERN, boxes_from_answer
 from tests.conftest import radiograph
 from tests.training_data import link, placeholder_dicom, placeholder_png, txv_data
 from training import answers, instructions, recipe
@@ -25,7 +26,6 @@ from training.images import gray_pixels
 from training.instructions import Instruction
 from training.reports import RuleCleaner, sections, sentences
 from training.sources import chexpert, iu_xray, nih, rsna, vindr
-from worker.parsing import BOX_PATTERN, boxes_from_answer
 
 VINDR_IMAGE = "9a5094b2563a1ef3ff50dc5c7ff71345"  # read by R8, R9 and R10; all three drew cardiomegaly
 
@@ -338,7 +338,7 @@ def test_llava_json_round_trip(tmp_path: Path) -> None:
 
 
 def test_training_images_are_the_services_model_images(tmp_path: Path) -> None:
-    from dicom_node.pixels import read_model_image
+    from records.pixels import read_model_image
 
     rg1 = radiograph("RG1_UNCI.dcm")  # MONOCHROME1: inverted, as the node does
     assert np.array_equal(gray_pixels(_copy(rg1, tmp_path)), read_model_image(rg1).pixels)

@@ -16,6 +16,7 @@ import torch
 from sklearn.metrics import precision_recall_fscore_support
 from torchmetrics.detection import MeanAveragePrecision
 
+from records.findings import FINDINGS
 from tests.conftest import free_port
 from tests.llm_server import CONVERSATION, ScriptedLLM
 from tests.training_data import placeholder_png
@@ -24,7 +25,6 @@ from training.conversations import Case
 from training.instructions import Instruction
 from training.llm import ChatLLM, Endpoint
 from training.reports import LLMCleaner
-from training.sources.labels import PATHOLOGIES
 
 
 def _box(rng: random.Random) -> tuple[float, float, float, float]:
@@ -69,7 +69,7 @@ def test_grounding_ap_all_point_by_hand() -> None:
 
 def test_label_f1_agrees_with_scikit_learn() -> None:
     rng = random.Random(3)
-    names = [label.lower() for label in PATHOLOGIES]
+    names = [label.lower() for label in FINDINGS]
 
     def text() -> str:
         chosen = rng.sample(names, rng.randint(0, 4))
@@ -80,7 +80,7 @@ def test_label_f1_agrees_with_scikit_learn() -> None:
     ours = metrics.label_scores(answers, references)
     truth, predicted = metrics.label_matrix(references), metrics.label_matrix(answers)
     p, r, f, support = precision_recall_fscore_support(truth, predicted, average=None, zero_division=0)
-    for index, label in enumerate(PATHOLOGIES):
+    for index, label in enumerate(FINDINGS):
         assert ours.per_label[label]["f1"] == pytest.approx(f[index])
         assert ours.per_label[label]["precision"] == pytest.approx(p[index])
         assert ours.per_label[label]["support"] == support[index]
@@ -89,7 +89,7 @@ def test_label_f1_agrees_with_scikit_learn() -> None:
         assert getattr(ours, average)["f1"] == pytest.approx(f)
         assert getattr(ours, average)["recall"] == pytest.approx(r)
     # RadVLM's matching, no negation: "no pneumothorax" names pneumothorax.
-    assert metrics.label_matrix(["No pneumothorax."])[0][PATHOLOGIES.index("Pneumothorax")]
+    assert metrics.label_matrix(["No pneumothorax."])[0][FINDINGS.index("Pneumothorax")]
 
 
 def test_rouge_l() -> None:
@@ -206,8 +206,8 @@ def test_the_references_score_perfectly_on_every_task(tmp_path: Path) -> None:
         "report": [answers.report(rng, "The heart is enlarged. No effusion."),
                    answers.report(rng, "The lungs are clear.")],
         # every label named somewhere: macro F1 averages all 13 (RadVLM's definition)
-        "abnormalities": [answers.abnormalities(rng, list(PATHOLOGIES[:7])),
-                          answers.abnormalities(rng, list(PATHOLOGIES[7:])),
+        "abnormalities": [answers.abnormalities(rng, list(FINDINGS[:7])),
+                          answers.abnormalities(rng, list(FINDINGS[7:])),
                           answers.abnormalities(rng, ["Pneumothorax"]), answers.abnormalities(rng, [])],
         "abnormality-grounding": [answers.location(rng, "Cardiomegaly", [a]),
                                   answers.location(rng, "Nodule/Mass", [a, b])],

@@ -11,12 +11,12 @@ import pytest
 import torch
 from transformers import AutoProcessor, LlavaOnevisionForConditionalGeneration
 
+from radvlm.prompts import CHAT_TEMPLATE, Turn, render
 from tests.training_data import placeholder_png
 from training import answers
 from training.examples import IGNORE, TRAINING_TEMPLATE, Collator, messages
 from training.finetune import Recipe, finetune, parameter_groups
 from training.instructions import Instruction
-from worker.prompts import CHAT_TEMPLATE, Turn, render
 
 
 def _items(folder: Path, count: int) -> list[Instruction]:

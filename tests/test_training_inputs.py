@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 from transformers import AutoProcessor
 
-from radvlm_pacs import _parser, main
+from radvlm_pacs.cli import _parser, main
 from tests.llm_server import ScriptedLLM
 from tests.training_data import link, placeholder_dicom, placeholder_png, txv_data
 from training import answers, instructions, recipe
@@ -241,7 +241,7 @@ def test_a_misspelt_local_checkpoint_is_refused_at_once(tmp_path: Path) -> None:
     instructions.write([_conversation(placeholder_png(tmp_path / "a.png", 80, 96), 0)], data)
     import radvlm_pacs
 
-    env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "PYTHONPATH": str(Path(radvlm_pacs.__file__).parent)}
+    env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "PYTHONPATH": str(Path(radvlm_pacs.__file__).parents[1])}
     done = subprocess.run([sys.executable, "-m", "radvlm_pacs", "train", "finetune", "--model", "runs/radvlm-typo",
                            "--data", str(data), "--out", "runs/out"], cwd=tmp_path, env=env, capture_output=True,
                           text=True, timeout=30)
@@ -406,7 +406,7 @@ def test_data_loader_workers_default_to_the_cores(monkeypatch):
 def test_the_training_page_lists_every_layout_and_one_datapoint_per_task():
     import re
 
-    from worker.parsing import BOX_PATTERN
+    from radvlm.parsing import BOX_PATTERN
 
     root = Path(__file__).resolve().parents[1]
     assert "](docs/training.md)" in (root / "README.md").read_text()

@@ -15,17 +15,17 @@ import pytest
 from pydicom import Dataset
 from sqlalchemy import select
 
-from dicom_node.pixels import read_model_image
 from dicom_node.retention import remove_old_images
 from radvlm_pacs import main
 from records.clock import utcnow
+from records.pixels import read_model_image
 from records.tables import AuditEvent, Instance, Study
+from results.authorship import Verifier
+from results.outbox import Routing
+from results.signoff import Signed, sign_off
 from tests.conftest import RG1_STUDY
 from training import deidentify, images
 from training.sources import site
-from worker.analysis import Outputs
-from worker.delivery.equipment import Verifier
-from worker.signoff import Signed, sign_off
 
 SIGNED = ("Findings: Enlarged cardiac silhouette, 16.5 cm wide. Compared with the prior study of 03/12/2024, "
           "the heart is larger. Discussed with Dr. Chen at 14:30 (phone 555-123-4567); patient CompressedSamples, "
@@ -39,7 +39,7 @@ def test_signed_off_studies_are_exported_de_identified_and_built_into_instructio
                                                                                    monkeypatch, capsys):
     running = analysed_node.running
     sign_off(running.sessions, running.store, RG1_STUDY, "dr.house", Verifier("House^Gregory", "Radiology"),
-             Signed(SIGNED, frozenset({"Cardiomegaly", "Support Devices"})), Outputs(), utcnow)
+             Signed(SIGNED, frozenset({"Cardiomegaly", "Support Devices"})), Routing(), utcnow)
     monkeypatch.setenv("RADVLM_DATABASE_URL", running.url)
     monkeypatch.setenv("RADVLM_STORAGE_DIR", str(running.store.root))
     folder = tmp_path / "site"

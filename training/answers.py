@@ -1,9 +1,9 @@
 """Questions and answers in the shapes RadVLM was trained on, one function per task.
 
-Each question list starts with the canonical question the service asks (``worker.prompts``);
+Each question list starts with the canonical question the service asks (``radvlm.prompts``);
 the variants after it are ours, in the same spirit as RadVLM's templates (the paper drew one at
 random per datapoint). The answer shapes are RadVLM's, because the service parses them
-(``worker.parsing``): sorted lower-case labels joined "a, b and c", boxes ``[x1, y1, x2, y2]``
+(``radvlm.parsing``): sorted lower-case labels joined "a, b and c", boxes ``[x1, y1, x2, y2]``
 at two decimals joined the same way, findings separated by "; ".
 
 Every choice comes from the ``random.Random`` passed in, so a build with the same seed writes
@@ -15,9 +15,9 @@ from __future__ import annotations
 import random
 from collections.abc import Mapping, Sequence
 
+from radvlm import prompts
+from radvlm.parsing import join_words
 from training.boxes import NormBox, boxes_text
-from worker import prompts
-from worker.parsing import join_words
 
 REPORT_QUESTIONS = (
     prompts.REPORT,
@@ -93,6 +93,7 @@ def _article(word: str) -> str:
 
 
 def report(rng: random.Random, text: str) -> tuple[str, str]:
+    """Report generation: a question drawn from the list, and the (cleaned) report, unchanged, as the answer."""
     return rng.choice(REPORT_QUESTIONS), text
 
 
@@ -126,5 +127,6 @@ def detection(rng: random.Random, findings: Mapping[str, Sequence[NormBox]]) -> 
 
 
 def phrase(rng: random.Random, sentence: str, boxes: Sequence[NormBox]) -> tuple[str, str]:
+    """Phrase grounding: the sentence (stripped) in the question, its boxes in the answer, as RadVLM writes them."""
     return (rng.choice(PHRASE_QUESTIONS).format(phrase=sentence.strip()),
             rng.choice(PHRASE_ANSWERS).format(boxes=boxes_text(boxes)))

@@ -2,7 +2,7 @@
 
 A box is ``(x1, y1, x2, y2)`` as fractions of the **original** image's width and height (x =
 column / Columns, y = row / Rows), the frame in which the service maps answers back to pixels
-(``worker.parsing``, which also writes them as text: ``[0.1, 0.23, 0.5, 0.6]``).
+(``radvlm.parsing``, which also writes them as text: ``[0.1, 0.23, 0.5, 0.6]``).
 
 A box that cannot be placed (no area, or outside its image) is not dropped alone: the builders
 leave its image out, since the image's other datapoints would then say less than its readers
@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 from ensemble_boxes import weighted_boxes_fusion
 
-from worker.parsing import box_text, join_words
+from radvlm.parsing import box_text, join_words
 
 NormBox = tuple[float, float, float, float]
 
@@ -121,6 +121,7 @@ class Placement:
 
 
 def boxes_text(boxes: Sequence[NormBox]) -> str:
+    """Boxes as RadVLM's answers write them: two decimals each, joined "a, b and c"; no box is ValueError."""
     return join_words([box_text(b) for b in boxes])
 
 

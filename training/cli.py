@@ -82,6 +82,8 @@ def _llm(url: str | None, model: str | None) -> Any:
 
 @_refusals
 def cmd_dataset(args: argparse.Namespace) -> int:
+    """``train dataset``: build the parts the given folders (and LLM) allow, write the instruction JSON to ``--out``,
+    and print the counts beside the paper's."""
     from training import instructions, recipe
     from training.reports import LLMCleaner, RuleCleaner
 
@@ -125,6 +127,8 @@ class _Parser(argparse.ArgumentParser):
 
 @_refusals
 def cmd_finetune(args: argparse.Namespace) -> int:
+    """``train finetune``: train ``--model`` on the instruction files with RadVLM's recipe (the flags overriding it) and
+    print the final metrics."""
     model = checkpoint(args.model)
     from training.finetune import Recipe, finetune
     from training.instructions import read
@@ -143,6 +147,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 @_refusals
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    """``train evaluate``: ask the configured model every question of ``--data`` (or take ``--predictions`` made
+    before), score them per task and write ``metrics.json`` to ``--out``."""
     from training import evaluate
     from training.instructions import read
 
@@ -153,10 +159,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         predictions = evaluate.read_predictions(args.predictions)
         args.out.mkdir(parents=True, exist_ok=True)
     else:
+        from radvlm.backends import load_backend
+        from radvlm.backends.base import GenerationParams
         from records.settings import load_settings
         from training.progress import progress
-        from worker.backends.base import GenerationParams
-        from worker.context import load_backend
 
         settings = load_settings(args.config)
         items = list(read(args.data))[: args.limit or None]
@@ -178,12 +184,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 @_refusals
 def cmd_export_site(args: argparse.Namespace) -> int:
+    """``train export-site``: add this installation's signed-off studies, de-identified, to ``--out`` (an audited
+    export) and say how many were left out, and why."""
     import getpass
 
-    from dicom_node.storage import InstanceStore
     from records.clock import utcnow
     from records.db import make_engine, make_session_factory
     from records.settings import load_settings
+    from records.storage import InstanceStore
     from training.sources import site
 
     settings = load_settings(args.config)
@@ -199,6 +207,8 @@ def cmd_export_site(args: argparse.Namespace) -> int:
 
 
 def add_commands(sub: Any) -> None:
+    """Add ``train`` (dataset, finetune, export-site, evaluate) to ``sub``, the command line's subparsers; each
+    command's ``func`` returns the exit status."""
     train = sub.add_parser("train", help="RadVLM's instruction data, fine-tuning and evaluation").add_subparsers(
         dest="train_command", required=True, parser_class=_Parser)
 

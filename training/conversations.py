@@ -82,6 +82,8 @@ class Case:
 
 
 def generation_prompt(case: Case, rounds: tuple[int, int] = (5, 10)) -> str:
+    """The prompt asking the LLM for a conversation about ``case`` of ``rounds`` (fewest, most) rounds, with the rule on
+    boxes when the case has phrases."""
     return GENERATION_PROMPT.format(low=rounds[0], high=rounds[1], facts=case.facts(),
                                     grounding=GROUNDING_RULE if case.phrases else "")
 
@@ -135,6 +137,8 @@ def generate(cases: Iterable[Case], llm: ChatLLM, cache: Path, source: str) -> I
 
 
 def judge_prompt(case_facts: str, rounds: Sequence[tuple[str, str]], generated: Sequence[str]) -> str:
+    """The prompt asking the judge to score a conversation: the image's facts, then each round's question with its
+    expected and its generated answer, paired in order (an unpaired one is left out)."""
     parts = [f"User: {question}\nExpected answer: {expected}\nGenerated answer: {answer}"
              for (question, expected), answer in zip(rounds, generated)]
     return JUDGE_PROMPT.format(facts=case_facts, rounds="\n\n".join(parts))

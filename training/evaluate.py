@@ -16,13 +16,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from radvlm.backends.base import GenerationParams, ModelBackend
+from radvlm.prompts import Turn
 from training import metrics
 from training.conversations import judge_prompt, parse_score
 from training.images import gray_pixels
 from training.instructions import Instruction
 from training.llm import ChatLLM, LLMError
-from worker.backends.base import GenerationParams, ModelBackend
-from worker.prompts import Turn
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +32,9 @@ CONVERSATION_TASKS = ("conversation", "grounded-conversation")
 
 @dataclass(frozen=True)
 class Prediction:
+    """One instruction's questions, expected answers and the model's answers: a line of predictions.jsonl; ``context``
+    is what the judge is told about the image."""
+
     id: str
     task: str
     source: str
@@ -43,6 +46,8 @@ class Prediction:
 
 def predict(items: Iterable[Instruction], backend: ModelBackend, image_folder: Path | None = None,
             params: GenerationParams = GenerationParams()) -> Iterable[Prediction]:
+    """Ask ``backend`` every round of each instruction, with the expected answers of the earlier rounds as history;
+    lazily, as the caller iterates. Relative image paths start at ``image_folder``."""
     for item in items:
         path = Path(item.image)
         pixels = gray_pixels(path if path.is_absolute() or image_folder is None else image_folder / path)
@@ -66,6 +71,8 @@ class Scoring:
 
 
 def judge_score(prediction: Prediction, judge: ChatLLM) -> float | None:
+    """The judge's score (0 to 10) of one conversation's answers; None, logged, when the endpoint fails or its reply
+    holds no score (an endpoint that refuses the request stops the run)."""
     prompt = judge_prompt(prediction.context or "(not given)", list(zip(prediction.questions, prediction.references)),
                           prediction.answers)
     try:
@@ -109,6 +116,8 @@ def score(predictions: Sequence[Prediction], scoring: Scoring) -> dict[str, Any]
 
 
 def write_predictions(predictions: Iterable[Prediction], path: Path) -> list[Prediction]:
+    """Write each prediction to ``path`` as a JSON line as it comes (a failure keeps those asked so far) and return them
+    all."""
     kept = []
     with path.open("w") as handle:
         for prediction in predictions:
@@ -118,4 +127,5 @@ def write_predictions(predictions: Iterable[Prediction], path: Path) -> list[Pre
 
 
 def read_predictions(path: Path) -> list[Prediction]:
+    """The predictions of a predictions.jsonl (blank lines skipped), to score again without asking the model."""
     return [Prediction(**json.loads(line)) for line in path.read_text().splitlines() if line.strip()]

@@ -2,7 +2,7 @@
 assistant's tokens, and only those carry a loss.
 
 The template (``radvlm_training_template.jinja``) writes exactly the text the service prompts
-with (``worker/radvlm_chat_template.jinja``: no system message, the image first in the first
+with (``radvlm/radvlm_chat_template.jinja``: no system message, the image first in the first
 user turn); it adds transformers' ``{% generation %}`` marks around each answer and its
 ``<|im_end|>``, which ``apply_chat_template(return_assistant_tokens_mask=True)`` turns into a
 token mask after the processor has expanded the image tokens.

@@ -78,6 +78,9 @@ class Recipe:
 
 
 class Instructions(Dataset):
+    """The instructions as a torch ``Dataset``, items as they are: the ``Collator`` tokenises them and loads their
+    images batch by batch."""
+
     def __init__(self, items: list[Instruction]) -> None:
         self.items = items
 
@@ -141,6 +144,8 @@ class MetricsLog(TrainerCallback):
 
 
 def training_arguments(recipe: Recipe, output: Path, world_size: int = 1) -> TrainingArguments:
+    """The ``Trainer``'s arguments for ``recipe``: bf16 and tf32 on a GPU, the CPU when there is none. ``world_size`` is
+    not read: the launcher (accelerate, torchrun) sets it."""
     on_gpu = torch.cuda.is_available()
     return TrainingArguments(
         output_dir=str(output), num_train_epochs=recipe.epochs, learning_rate=recipe.learning_rate,
@@ -154,6 +159,8 @@ def training_arguments(recipe: Recipe, output: Path, world_size: int = 1) -> Tra
 
 
 def load_model(checkpoint: str, recipe: Recipe) -> Any:
+    """The checkpoint in bf16 on a GPU (float32 without one), with LoRA adapters on the language model when
+    ``recipe.lora``; its KV cache off (training needs none)."""
     dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
     model = LlavaOnevisionForConditionalGeneration.from_pretrained(checkpoint, dtype=dtype)
     if recipe.lora:

@@ -1,7 +1,7 @@
 """Training images as the service's model sees them: 8-bit grayscale at the original size.
 
 DICOM goes through the node's own conversion (Modality LUT, VOI LUT or window, MONOCHROME1
-inverted: ``dicom_node.pixels``), so a model fine-tuned on a hospital's DICOM learns from the
+inverted: ``records.pixels``), so a model fine-tuned on a hospital's DICOM learns from the
 pixels it will later be shown. JPEG and PNG are read as they are; 16-bit PNGs (PadChest) are
 scaled to 8 bits from their own range.
 """
@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from dicom_node.pixels import model_picture, read_model_image
+from records.pixels import model_picture, read_model_image
 from training.sources.files import DICOM_SUFFIXES
 
 
@@ -32,4 +32,5 @@ def gray_pixels(path: Path) -> np.ndarray:
 
 
 def load(path: Path) -> Image.Image:
+    """The image at ``path`` as the processor takes it: the model's 8-bit gray view, in RGB."""
     return model_picture(gray_pixels(path))

@@ -24,6 +24,9 @@ class BadInstruction(ValueError):
 
 @dataclass(frozen=True)
 class Instruction:
+    """One datapoint: an image and its rounds of (question, answer), with its task and source; ``BadInstruction`` when
+    the task is unknown, or a turn is empty or holds ``<image>``."""
+
     id: str
     image: str
     rounds: tuple[tuple[str, str], ...]  # (question, answer) pairs, in order
@@ -97,6 +100,8 @@ def write(instructions: Iterable[Instruction], path: Path) -> Counter[tuple[str,
 
 
 def read(path: Path) -> Iterator[Instruction]:
+    """The datapoints of an instruction JSON file (ours, or any LLaVA list), one at a time: a bad entry is
+    ``BadInstruction`` when it is reached."""
     entries = json.loads(path.read_text())
     if not isinstance(entries, list):
         raise BadInstruction(f"{path}: not a JSON list")

@@ -21,6 +21,9 @@ class LLMRefused(Refused):
 
 @dataclass(frozen=True)
 class Endpoint:
+    """Where the chat model is and how long to wait: ``timeout_s`` per request, retried ``max_retries`` times by the
+    OpenAI client before it counts as failed."""
+
     url: str  # e.g. https://api.openai.com/v1 or http://127.0.0.1:8000/v1
     model: str
     api_key: str = "unused"

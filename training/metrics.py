@@ -1,7 +1,7 @@
 """The paper's metrics (``radvlm/evaluation/compute_metrics_tasks.py``), computed our way.
 
 - Abnormalities: the 13 label names matched as lower-case substrings of the answer and of the
-  reference (``worker.parsing.labels_as_radvlm_evaluates``), then precision, recall and F1 per
+  reference (``radvlm.parsing.labels_as_radvlm_evaluates``), then precision, recall and F1 per
   label, micro and macro. Macro averages all 13 labels as RadVLM's code does: a label that neither
   side names scores 0, so macro reaches 1 only on a test set whose references name every label.
 - Grounding and detection: every ``[x1, y1, x2, y2]`` of the answer, in the order written, matched
@@ -23,9 +23,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from radvlm.parsing import BOX_PATTERN, labels_as_radvlm_evaluates
+from records.findings import FINDINGS, precision_recall_f1
 from training.boxes import NormBox
-from training.sources.labels import PATHOLOGIES
-from worker.parsing import BOX_PATTERN, labels_as_radvlm_evaluates
 
 INTERPOLATIONS = ("all-point", "101-point")
 
@@ -36,6 +36,7 @@ def boxes_in(text: str) -> list[NormBox]:
 
 
 def iou(a: NormBox, b: NormBox) -> float:
+    """Intersection over union of two ``[x1, y1, x2, y2]`` boxes; 0 when they do not overlap or have no area."""
     width = min(a[2], b[2]) - max(a[0], b[0])
     height = min(a[3], b[3]) - max(a[1], b[1])
     if width <= 0 or height <= 0:
@@ -97,16 +98,14 @@ def mean_average_precision(pairs: Sequence[tuple[str, str]], threshold: float = 
 
 @dataclass(frozen=True)
 class LabelScores:
+    """Precision, recall and F1 per label (with support: the references naming it), micro over the 13 labels' pooled
+    counts, and macro their mean."""
+
     per_label: dict[str, dict[str, float]]  # label -> precision, recall, f1, support
     micro: dict[str, float]
     macro: dict[str, float]
 
 
-def precision_recall_f1(tp: int, fp: int, fn: int) -> dict[str, float]:
-    precision = tp / (tp + fp) if tp + fp else 0.0
-    recall = tp / (tp + fn) if tp + fn else 0.0
-    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-    return {"precision": precision, "recall": recall, "f1": f1}
 
 
 def label_matrix(texts: Sequence[str]) -> np.ndarray:
@@ -114,15 +113,17 @@ def label_matrix(texts: Sequence[str]) -> np.ndarray:
     rows = []
     for text in texts:
         found = labels_as_radvlm_evaluates(text)
-        rows.append([found[label] for label in PATHOLOGIES])
-    return np.array(rows, dtype=bool).reshape(len(texts), len(PATHOLOGIES))
+        rows.append([found[label] for label in FINDINGS])
+    return np.array(rows, dtype=bool).reshape(len(texts), len(FINDINGS))
 
 
 def label_scores(answers: Sequence[str], references: Sequence[str]) -> LabelScores:
+    """The abnormality scores of ``answers`` against ``references`` (paired in order), the labels matched as RadVLM's
+    evaluation matches them."""
     predicted, truth = label_matrix(answers), label_matrix(references)
     per_label = {}
     totals = np.zeros(3, dtype=int)
-    for index, label in enumerate(PATHOLOGIES):
+    for index, label in enumerate(FINDINGS):
         p, t = predicted[:, index], truth[:, index]
         counts = np.array([np.sum(p & t), np.sum(p & ~t), np.sum(~p & t)])
         totals += counts
@@ -133,6 +134,7 @@ def label_scores(answers: Sequence[str], references: Sequence[str]) -> LabelScor
 
 
 def rouge_l(answers: Sequence[str], references: Sequence[str]) -> float:
+    """The mean ROUGE-L F-measure of each answer against its reference (no stemming); 0.0 for no pairs."""
     from rouge_score import rouge_scorer
 
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)

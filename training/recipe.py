@@ -67,6 +67,9 @@ Build = Callable[[Inputs, random.Random], Iterable[Instruction]]
 
 @dataclass(frozen=True)
 class Part:
+    """One row of the training mix: a builder, the folders it reads, and how often its output is repeated and how much
+    of it kept, beside the paper's count."""
+
     name: str
     needs: tuple[str, ...]  # data set folders it reads
     build: Build
@@ -155,6 +158,8 @@ LAYOUTS: dict[str, Layout] = {
 
 
 def runnable(inputs: Inputs, only: Iterable[str] = ()) -> list[Part]:
+    """The parts the inputs can build, in the mix's order: their folders (and LLM) given, named by ``only`` if any, and
+    with a test split when building one; an unknown part or split is ``BuildError``."""
     wanted = set(only)
     names = [part.name for part in PARTS]
     for name in sorted(wanted - set(names)):
@@ -194,6 +199,8 @@ def select(inputs: Inputs, only: Iterable[str] = ()) -> list[Part]:
 
 @dataclass
 class Tally:
+    """What one part of a build came to, beside the paper's figure: a row of ``counts_table`` and the notes under it."""
+
     part: Part
     paper: int  # the paper's figure for this split (0: not given)
     repeats: int  # the recipe's up-sampling in training; a test set is taken once

@@ -83,6 +83,9 @@ class Marks:
 
 
 class Cleaner(Protocol):
+    """What cleans reports (``LLMCleaner``, ``RuleCleaner``); ``marks`` counts what de-identification marks have cost
+    its reports so far."""
+
     marks: Marks
 
     def clean(self, key: str, text: str) -> str | None:
@@ -110,6 +113,8 @@ def report_text(findings: str | None, impression: str | None) -> str:
 
 
 def sentences(text: str) -> list[str]:
+    """``text`` in sentences: split after ., ! or ? and a space, and where a full stop runs straight into a capitalised
+    word (not after Dr., Mr., Mrs., Ms., St. or vs.); blanks dropped."""
     return [s.strip() for s in SENTENCE_END.split(text) if s.strip()]
 
 

@@ -10,38 +10,38 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from datetime import datetime
-from importlib.metadata import PackageNotFoundError
-from importlib.metadata import version as package_version
 
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicom_node.pixels import PixelError, model_image, read_dataset
-from dicom_node.storage import InstanceStore
+from radvlm.backends.base import ModelBackend
+from radvlm.prompts import PROMPT_VERSION
 from records.audit import PROCESS_USER, Outcome, process_host, record
+from records.clock import Clock
 from records.metrics import ANALYSIS_DURATION, ANALYSIS_LATENCY
+from records.pixels import PixelError, model_image, read_dataset
 from records.schema import StudyResult
-from records.settings import DeliverySettings, Destination, FhirSettings, HL7Settings, Settings
-from records.tables import Instance, Job, JobState, KeptObject, Result, Study, StudyState, StudyVersion
+from records.storage import InstanceStore
+from records.tables import Instance, Job, JobState, Result, Study, StudyState, StudyVersion
 from records.text import one_line
-from worker.backends.base import ModelBackend
-from worker.delivery.equipment import Device
-from worker.delivery.outbox import BuiltObject, build_objects, enqueue, fhir_result, hl7_result, previous_reports
+from results.authorship import Device
+from results.outbox import (
+    SOFTWARE_VERSION,
+    BuiltObject,
+    Routing,
+    build_objects,
+    enqueue,
+    fhir_result,
+    hl7_result,
+    keep,
+    previous_reports,
+)
 from worker.pipeline import AnalysisOptions, analyse_image
-from worker.prompts import PROMPT_VERSION
 
 log = logging.getLogger(__name__)
-Clock = Callable[[], datetime]
-
-try:
-    SOFTWARE_VERSION = package_version("radvlm-pacs")
-except PackageNotFoundError:  # running from a checkout that was not installed
-    SOFTWARE_VERSION = "0+unknown"
-
 
 class PermanentFailure(Exception):
     """An analysis that no retry can fix (no decodable image, study gone)."""
@@ -89,36 +89,12 @@ def usable_instances(session: Session, study_id: int) -> list[Instance]:
     return list(session.scalars(query))
 
 
-@dataclass(frozen=True)
-class Outputs:
-    """Where results go: the destinations, their retry policy, and the device that signs them."""
-
-    destinations: Sequence[Destination] = ()
-    policy: DeliverySettings = field(default_factory=DeliverySettings)
-    station_name: str = "RADVLM"
-    hl7: HL7Settings | None = None
-    fhir: FhirSettings | None = None
-    kept: Sequence[str] = ()  # kinds kept for the node's own DICOMweb service
-
-    @classmethod
-    def of(cls, settings: Settings) -> Outputs:
-        return cls(destinations=settings.destinations, policy=settings.delivery, station_name=settings.node.ae_title,
-                   hl7=settings.hl7, fhir=settings.fhir, kept=settings.dicomweb.results)
-
-    def kinds(self) -> set[str]:
-        return {kind for destination in self.destinations for kind in destination.objects} | set(self.kept)
 
 
-def keep(session: Session, job: Job, objects: Sequence[BuiltObject], kinds: Sequence[str], now: datetime) -> None:
-    """Keep the objects of ``kinds`` for the node's DICOMweb service (QIDO-RS, WADO-RS)."""
-    session.add_all(KeptObject(job_id=job.id, study_id=job.study_id, kind=obj.kind,
-                               series_instance_uid=obj.series_instance_uid, sop_instance_uid=obj.sop_instance_uid,
-                               sop_class_uid=obj.sop_class_uid, payload=obj.payload, created_at=now)
-                    for obj in objects if obj.kind in kinds and obj.series_instance_uid)
 
 
 def finish(sessions: sessionmaker[Session], job_id: int, result: StudyResult, objects: Sequence[BuiltObject],
-           outputs: Outputs, now: datetime, problems: Sequence[str] = ()) -> list[int] | None:
+           outputs: Routing, now: datetime, problems: Sequence[str] = ()) -> list[int] | None:
     """Store the result and its outbox items; None if another runner stored one for this job first.
 
     ``problems``: the objects that could not be built, one line each; the job keeps them (one per line) and
@@ -171,9 +147,9 @@ def fail(sessions: sessionmaker[Session], study_id: int, version: int, model_rev
 
 def run_analysis(study_id: int, version: int, *, sessions: sessionmaker[Session], store: InstanceStore,
                  backend: ModelBackend, options: AnalysisOptions, clock: Clock,
-                 outputs: Outputs | None = None, worker: str | None = None) -> list[int]:
+                 outputs: Routing | None = None, worker: str | None = None) -> list[int]:
     """Analyse one study version end to end; idempotent. Returns the new outbox items to deliver."""
-    outputs = outputs or Outputs()
+    outputs = outputs or Routing()
     job_id = claim(sessions, study_id, version, backend, clock(), worker)
     if job_id is None:
         return []

@@ -12,32 +12,27 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable
-from datetime import datetime
 from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicom_node.pixels import PixelError, read_model_image
-from dicom_node.retention import removed
-from dicom_node.storage import InstanceStore
+from radvlm.backends.base import GenerationParams, ModelBackend, ModelUnavailable, PromptTooLong
+from radvlm.parsing import boxes_from_answer
+from radvlm.prompts import Turn
+from records.chat_events import Event, channel
+from records.clock import Clock
 from records.metrics import observe_generation
+from records.pixels import PixelError, read_model_image
+from records.storage import InstanceStore, removed
 from records.tables import Exchange, ExchangeState, Instance
 from records.text import one_line, plain_text
-from worker.backends.base import GenerationParams, ModelBackend, ModelUnavailable, PromptTooLong
-from worker.parsing import boxes_from_answer
-from worker.prompts import Turn
 
 log = logging.getLogger(__name__)
 
-Event = dict[str, Any]
 Publish = Callable[[Event], None]
-TERMINAL = ("done", "error")  # event types after which nothing more comes
 
 
-def channel(exchange_id: int) -> str:
-    """The Redis pub/sub channel that carries one exchange's events from a worker to the API."""
-    return f"radvlm:chat:{exchange_id}"
 
 
 def history(exchanges: list[Exchange], position: int) -> list[Turn]:
@@ -72,7 +67,7 @@ def _claim(session: Session, exchange_id: int, worker: str | None) -> tuple[list
 
 
 def answer_question(exchange_id: int, *, sessions: sessionmaker[Session], store: InstanceStore,
-                    backend: ModelBackend, params: GenerationParams, clock: Callable[[], datetime],
+                    backend: ModelBackend, params: GenerationParams, clock: Clock,
                     publish: Publish, worker: str | None = None) -> None:
     """Answer one exchange and store the answer; every outcome ends with a ``done`` or ``error`` event.
     ``worker``: the GPU worker's announced name, kept on the exchange while it answers (worker.lapses)."""

@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicom_node.storage import InstanceStore
+from radvlm.backends import load_backend
+from radvlm.backends.base import ModelBackend
 from records.db import make_engine, make_session_factory
-from records.settings import ModelSettings, Settings
-from worker.analysis import Outputs
-from worker.backends.base import ModelBackend
+from records.settings import Settings
+from records.storage import InstanceStore
+from results.outbox import Deliver, Routing
 from worker.pipeline import AnalysisOptions
-
-Deliver = Callable[[list[int]], None]
 
 
 @dataclass
@@ -25,7 +23,7 @@ class WorkerContext:
     sessions: sessionmaker[Session]
     store: InstanceStore
     options: AnalysisOptions
-    outputs: Outputs
+    outputs: Routing
     deliver: Deliver = lambda items: None  # noqa: E731 (replaced by the composition root)
     # the name a GPU worker announces in Redis (worker.presence), recorded on the jobs and questions it takes
     # so that an io worker's sweep can give them back if it dies (worker.lapses); None in serve
@@ -39,25 +37,6 @@ class WorkerContext:
         return self._backend
 
 
-def load_backend(model: ModelSettings) -> ModelBackend:
-    """The configured backend. ``scripted`` is the named test double and says so in every result."""
-    if model.backend == "scripted":
-        from worker.backends.scripted import ScriptedBackend
-
-        return ScriptedBackend(delay_s=model.scripted_delay_s)
-    if model.backend == "openai-server":
-        from worker.backends.openai_server import OpenAIServerBackend
-
-        key = model.server_api_key.get_secret_value() if model.server_api_key else None
-        return OpenAIServerBackend(model.server_url or "", model.server_model or model.id, api_key=key,
-                                   revision=model.revision, timeout_s=model.server_timeout_s)
-    from worker.backends.transformers import TransformersBackend
-
-    return TransformersBackend(model.id, revision=model.revision, device=model.device,
-                               quantization=model.quantization, prefix_cache_mb=model.prefix_cache_mb,
-                               batch_cache_mb=model.batch_cache_mb, max_prompt_tokens=model.max_prompt_tokens,
-                               max_new_tokens=model.max_new_tokens, compile_decode=model.compile_decode,
-                               prefill_chunk_tokens=model.prefill_chunk_tokens)
 
 
 def build_context(settings: Settings, backend: ModelBackend | None = None) -> WorkerContext:
@@ -67,6 +46,6 @@ def build_context(settings: Settings, backend: ModelBackend | None = None) -> Wo
         store=InstanceStore(settings.effective_storage_dir, fsync=settings.node.fsync),
         options=AnalysisOptions(max_new_tokens=settings.model.max_new_tokens, regions=tuple(settings.model.regions),
                                 max_megapixels=settings.node.max_image_megapixels),
-        outputs=Outputs.of(settings),
+        outputs=Routing.of(settings),
         _backend=backend,
     )

@@ -11,14 +11,15 @@ from pydicom import dcmread
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicom_node.storage import InstanceStore
 from records.clock import Clock, utcnow
+from records.periodic import Periodic
 from records.settings import PriorityRule
+from records.storage import InstanceStore
 from records.tables import Instance, Study, StudyState, StudyVersion
 from worker.app import ROUTINE_PRIORITY, STAT_PRIORITY, send_analysis
+from worker.attempts import attempt, deliver_once
 from worker.context import WorkerContext
 from worker.delivery.outbox import due_items
-from worker.jobs import attempt, deliver_once
 from worker.model_thread import ModelThread
 
 log = logging.getLogger(__name__)
@@ -69,37 +70,32 @@ class OutboxLoop:
 
     def __init__(self, ctx: WorkerContext, poll_s: float = 1.0) -> None:
         self.ctx, self.poll_s = ctx, poll_s
-        self._wake, self._closed = threading.Event(), threading.Event()
-        self._thread = threading.Thread(target=self._run, name="outbox", daemon=True)
+        self._closed = threading.Event()
+        self._loop = Periodic("outbox", poll_s, self._pass, on_error=self._failed, stop_event=self._closed)
 
-    def _run(self) -> None:
-        while not self._closed.is_set():
-            try:
-                with self.ctx.sessions() as session:
-                    due = due_items(session, utcnow())
-                for item in due:
-                    if self._closed.is_set():
-                        return
-                    deliver_once(self.ctx, item)
-            except Exception:  # the database may be briefly away; the next pass retries
-                log.exception("outbox pass failed")
-            self._wake.wait(self.poll_s)
-            self._wake.clear()
+    def _pass(self) -> None:
+        with self.ctx.sessions() as session:
+            due = due_items(session, utcnow())
+        for item in due:
+            if self._closed.is_set():
+                return
+            deliver_once(self.ctx, item)
+
+    def _failed(self, exc: Exception) -> None:  # the database may be briefly away; the next pass retries
+        log.exception("outbox pass failed")
 
     def deliver(self, items: list[int]) -> None:
-        self._wake.set()
+        """New items are in the outbox: the next pass starts now rather than at the next poll."""
+        self._loop.wake()
 
     def start(self) -> None:
-        self._thread.start()
+        self._loop.start()
 
     def close(self, timeout: float | None = None) -> None:
         """Stop after the attempt in flight, or leave it after ``timeout`` (a destination may take its
         whole network timeout); pending items stay in the outbox for the next start, and an item left
         in flight keeps its lease until then, so it is sent again rather than lost."""
-        self._closed.set()
-        self._wake.set()
-        self._thread.join(timeout)
-        if self._thread.is_alive():
+        if not self._loop.stop(timeout):
             log.warning("outbox: a delivery attempt still in flight is left; it is retried after its lease")
 
 
@@ -114,8 +110,8 @@ class OutboxSweep:
                  grace_s: float, clock: Clock, backlog: Callable[[], int] = lambda: 0) -> None:
         self.sessions, self.send, self.interval_s, self.grace_s, self.clock = sessions, send, interval_s, grace_s, clock
         self.backlog = backlog
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="outbox-sweep", daemon=True)
+        self._grace = 0.0  # the first pass, at start, queues every due item
+        self._loop = Periodic("outbox-sweep", interval_s, self._pass, on_error=self._failed)
 
     def run_once(self, grace_s: float) -> list[int]:
         if self.backlog():
@@ -127,23 +123,18 @@ class OutboxSweep:
             log.info("outbox sweep queued %d overdue item(s)", len(items))
         return items
 
-    def _run(self) -> None:
-        grace = 0.0
-        while True:
-            try:
-                self.run_once(grace)
-                grace = self.grace_s
-            except Exception as exc:  # the database or the broker away: the next pass tries again
-                log.warning("outbox sweep failed (%s: %s); next in %.0f s", type(exc).__name__, exc, self.interval_s)
-            if self._stop.wait(self.interval_s):
-                return
+    def _pass(self) -> None:
+        self.run_once(self._grace)
+        self._grace = self.grace_s
+
+    def _failed(self, exc: Exception) -> None:  # the database or the broker away: the next pass tries again
+        log.warning("outbox sweep failed (%s: %s); next in %.0f s", type(exc).__name__, exc, self.interval_s)
 
     def start(self) -> None:
-        self._thread.start()
+        self._loop.start()
 
     def stop(self) -> None:
-        self._stop.set()
-        self._thread.join()
+        self._loop.stop()
 
 
 def unfinished_analyses(sessions: sessionmaker[Session]) -> list[tuple[int, int, int]]:

@@ -18,7 +18,6 @@ finds the job done (or the question failed) and stops.
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -27,10 +26,11 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+from records.chat_events import Event
 from records.clock import Clock
+from records.periodic import Periodic
 from records.tables import Exchange, ExchangeState, Job, JobState, Study, StudyState
 from records.text import one_line
-from worker.chat import Event
 from worker.presence import announced
 
 log = logging.getLogger(__name__)
@@ -59,8 +59,7 @@ class LapseSweep:
         self.sessions, self.client, self.resend, self.publish = sessions, client, resend, publish
         self.grace, self.interval_s, self.clock = timedelta(seconds=grace_s), interval_s, clock
         self._missing: dict[str, datetime] = {}  # worker name -> first pass that found no announcement
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="lapse-sweep", daemon=True)
+        self._loop = Periodic("lapse-sweep", interval_s, self.run_once, on_error=self._failed)
 
     def _holders(self) -> set[str]:
         with self.sessions() as session:
@@ -128,18 +127,11 @@ class LapseSweep:
                             type(exc).__name__, exc)
         return failed
 
-    def _run(self) -> None:
-        while True:
-            try:
-                self.run_once()
-            except Exception as exc:  # the database or Redis away: the next pass tries again
-                log.warning("lapse sweep failed (%s: %s); next in %.0f s", type(exc).__name__, exc, self.interval_s)
-            if self._stop.wait(self.interval_s):
-                return
+    def _failed(self, exc: Exception) -> None:  # the database or Redis away: the next pass tries again
+        log.warning("lapse sweep failed (%s: %s); next in %.0f s", type(exc).__name__, exc, self.interval_s)
 
     def start(self) -> None:
-        self._thread.start()
+        self._loop.start()
 
     def stop(self) -> None:
-        self._stop.set()
-        self._thread.join()
+        self._loop.stop()

@@ -6,13 +6,13 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from dicom_node.pixels import DEFAULT_MAX_MEGAPIXELS, ModelImage
+from radvlm import prompts
+from radvlm.backends.base import GenerationParams, ModelBackend
+from radvlm.parsing import boxes_from_answer, labels_from_answer
+from radvlm.prompts import Turn
 from records.metrics import observe_generation
+from records.pixels import DEFAULT_MAX_MEGAPIXELS, ModelImage
 from records.schema import Answer, Grounding, ImageResult
-from worker import prompts
-from worker.backends.base import GenerationParams, ModelBackend
-from worker.parsing import boxes_from_answer, labels_from_answer
-from worker.prompts import Turn
 
 
 @dataclass(frozen=True)

@@ -9,8 +9,9 @@ time to live instead; when the worker dies, its key expires.
 from __future__ import annotations
 
 import logging
-import threading
 from typing import Any
+
+from records.periodic import Periodic
 
 log = logging.getLogger(__name__)
 
@@ -22,23 +23,19 @@ class Presence:
 
     def __init__(self, client: Any, name: str, value: str, ttl_s: float = 15.0) -> None:
         self.client, self.key, self.value, self.ttl_s = client, PREFIX + name, value, ttl_s
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="presence", daemon=True)
+        self._loop = Periodic("presence", ttl_s / 3, self._announce, on_error=self._failed)
 
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.client.set(self.key, self.value, px=int(self.ttl_s * 1000))
-            except Exception as exc:  # Redis away for a moment: the key may lapse, the worker goes on
-                log.warning("cannot announce the worker in Redis: %s", exc)
-            self._stop.wait(self.ttl_s / 3)
+    def _announce(self) -> None:
+        self.client.set(self.key, self.value, px=int(self.ttl_s * 1000))
+
+    def _failed(self, exc: Exception) -> None:  # Redis away for a moment: the key may lapse, the worker goes on
+        log.warning("cannot announce the worker in Redis: %s", exc)
 
     def start(self) -> None:
-        self._thread.start()
+        self._loop.start()
 
     def stop(self) -> None:
-        self._stop.set()
-        self._thread.join()
+        self._loop.stop()
         self.client.delete(self.key)
 
 

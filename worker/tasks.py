@@ -7,9 +7,9 @@ from celery import Task, shared_task
 
 from records.logs import log_context
 from worker.app import ANALYSE_TASK, CHAT_TASK, DELIVER_TASK, send_deliveries
+from worker.attempts import answer, attempt, deliver_once
 from worker.chat import redis_publisher
 from worker.context import WorkerContext, build_context
-from worker.jobs import answer, attempt, deliver_once
 
 
 def context_of(app) -> WorkerContext:  # type: ignore[no-untyped-def]

@@ -13,7 +13,7 @@ from api.problems import Problem
 from api.schemas import AgreementPublic
 from records.clock import as_utc
 from records.tables import Study
-from worker.agreement import agreement
+from results.agreement import agreement
 
 router = APIRouter()
 

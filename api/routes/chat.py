@@ -16,11 +16,11 @@ from api.access import find_study, require_radiologist
 from api.askers import Asker, within
 from api.deps import AskerDep, AuditDep, CurrentUser, SessionDep, SettingsDep
 from api.problems import Problem
-from api.routes.studies import latest_result
 from api.schemas import ConversationIn, ConversationPublic, ExchangePublic, QuestionIn
-from dicom_node.retention import removed
 from records.clock import utcnow
+from records.latest import latest_result
 from records.settings import ApiUser
+from records.storage import removed
 from records.tables import Conversation, Exchange, ExchangeState, Study, StudyState
 
 router = APIRouter(prefix="/studies/{uid}/conversations", tags=["chat"])
@@ -82,6 +82,8 @@ def list_conversations(uid: str, session: SessionDep, user: CurrentUser, audit: 
 @router.get("/{conversation_id}", response_model=ConversationPublic)
 def get_conversation(uid: str, conversation_id: ConversationId, session: SessionDep, user: CurrentUser,
                      audit: AuditDep) -> ConversationPublic:
+    """One of your conversations about the study, with its questions and answers so far; another user's conversation is
+    answered 404."""
     audit("read_conversation", uid, str(conversation_id))
     _, conversation = _conversation(session, user, uid, conversation_id)
     return ConversationPublic.of(conversation, uid)

@@ -18,8 +18,8 @@ from api import qido
 from api.access import find_study, visible
 from api.deps import AuditDep, CurrentSender, CurrentUser, Offset, SessionDep
 from api.problems import Problem
-from api.stow import boundary_of, response, store_stream
-from dicom_node.reception import Caller, Receiver, Transfers
+from api.stow_in import boundary_of, response, store_stream
+from reception.receiver import Caller, Receiver, Transfers
 from records.settings import ApiUser
 from records.tables import KeptObject, Study
 

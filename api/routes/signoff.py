@@ -11,9 +11,9 @@ from api.problems import Problem
 from api.schemas import SignOffIn, SignOffPublic, SignOffResult
 from records.clock import utcnow
 from records.tables import SignOff
-from worker.analysis import Outputs
-from worker.delivery.equipment import Verifier
-from worker.signoff import Signed, SignOffRefused, sign_off
+from results.authorship import Verifier
+from results.outbox import Routing
+from results.signoff import Signed, SignOffRefused, sign_off
 
 router = APIRouter(prefix="/studies/{uid}/sign-off", tags=["sign-off"])
 
@@ -30,7 +30,7 @@ def sign(request: Request, uid: str, body: SignOffIn, session: SessionDep, store
     try:
         items = sign_off(request.app.state.sessions, store, uid, user.name,
                          Verifier(user.observer_name, settings.api.organization),
-                         Signed(body.report.strip(), frozenset(body.findings)), Outputs.of(settings), utcnow)
+                         Signed(body.report.strip(), frozenset(body.findings)), Routing.of(settings), utcnow)
     except SignOffRefused as exc:
         raise Problem(exc.status, exc.title, exc.detail) from exc
     if items:

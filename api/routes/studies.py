@@ -9,18 +9,19 @@ from typing import Annotated
 from fastapi import APIRouter, Query
 from fastapi.responses import Response
 from sqlalchemy import ColumnElement, String, case, cast, func, or_, select
-from sqlalchemy.orm import Session
 
 from api import qido
 from api.access import find_study, visible
 from api.deps import AuditDep, CurrentUser, Offset, SessionDep, SettingsDep, StoreDep
 from api.problems import Problem
 from api.schemas import DeliveryPublic, InstancePublic, SignOffPublic, StudiesPublic, StudyDetail, StudyPublic
-from dicom_node.pixels import PixelError, read_model_image
-from dicom_node.retention import removed
-from records.schema import CHEXPERT_LABELS, StudyResult
-from records.tables import Job, JobState, OutboxItem, SignOff, Study, StudyState
-from worker.delivery.capture import draw_boxes
+from records.findings import FINDINGS
+from records.latest import latest_job, latest_result
+from records.pixels import PixelError, read_model_image
+from records.schema import StudyResult
+from records.storage import removed
+from records.tables import OutboxItem, SignOff, Study, StudyState
+from results.capture import draw_boxes
 
 router = APIRouter(prefix="/studies", tags=["studies"])
 
@@ -40,16 +41,8 @@ def _names(label: str) -> ColumnElement[bool]:
     return cast(Study.findings, String).like(f'%"{label}"%')
 
 
-def latest_job(session: Session, study: Study) -> Job | None:
-    """The newest finished analysis of the study."""
-    return session.scalar(select(Job).where(Job.study_id == study.id, Job.state == JobState.done)
-                          .order_by(Job.study_version.desc(), Job.id.desc()))
 
 
-def latest_result(session: Session, study: Study) -> StudyResult | None:
-    """The result of the newest finished analysis of the study."""
-    job = latest_job(session, study)
-    return StudyResult.model_validate(job.result.payload) if job is not None and job.result else None
 
 
 @router.get("", response_model=StudiesPublic)
@@ -73,7 +66,7 @@ def list_studies(
         date_from=date_from, date_to=date_to, finding=finding, urgent_first=urgent_first).items() if v) or None)
     query = visible(select(Study), user)
     if finding is not None:
-        if finding not in CHEXPERT_LABELS or finding == "No Finding":
+        if finding not in FINDINGS:
             raise Problem(422, "unknown finding", f"not a CheXpert finding label: {finding}")
         query = query.where(_names(finding))
     if state is not None:
@@ -100,6 +93,8 @@ def list_studies(
 @router.get("/{uid}", response_model=StudyDetail)
 def get_study(uid: str, session: SessionDep, user: CurrentUser, audit: AuditDep,
               settings: SettingsDep) -> StudyDetail:
+    """The study with its images (and why each was or was not analysed), the result of its newest finished analysis with
+    the objects that could not be built from it, each delivery, and the sign-off, if any."""
     audit("read_study", uid)  # attempts too: a denied or unknown study is logged as asked
     study = find_study(session, user, uid)
     job = latest_job(session, study)

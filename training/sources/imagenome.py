@@ -42,6 +42,9 @@ def _scene_graph(root: Path, dicom_id: str) -> Path | None:
 
 def anatomical_grounding(root: Path, mimic_root: Path, rng: random.Random, split: str = "train",
                          size: ImageSize = header_size, boxes: Placement | None = None) -> Iterator[Instruction]:
+    """One datapoint per frontal image of the split: one of its regions, drawn by ``rng``, with its box. An image
+    without a scene graph or that cannot be read is skipped; one with a region wholly outside it is left out, noted in
+    ``boxes``."""
     placement = boxes if boxes is not None else Placement()
     table = find(root, f"silver_dataset/splits/{split}.csv")
     for row in rows(table, COLUMNS):

@@ -32,6 +32,7 @@ LAYOUT = Layout((Table(("ecgen-radiology/*.xml", "NLMCXR_reports.tgz"), ("Abstra
 
 
 def frontal_ids(views: Path) -> set[str]:
+    """The image ids the view table calls PA or AP (by its first view column that has a value)."""
     found = set()
     for row in rows(views, ("imageid",), one_of=VIEW_COLUMNS):
         view = next((row[c] for c in VIEW_COLUMNS if row.get(c)), "")

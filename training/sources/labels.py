@@ -9,10 +9,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from records.schema import CHEXPERT_LABELS
+from records.findings import FINDINGS
 from training.sources.files import number
 
-PATHOLOGIES = tuple(label for label in CHEXPERT_LABELS if label != "No Finding")
 UNCERTAIN_CHOICES = ("absent", "present")
 
 
@@ -21,7 +20,7 @@ def present(row: Mapping[str, str], uncertain: str = "absent") -> list[str]:
     if uncertain not in UNCERTAIN_CHOICES:
         raise ValueError(f"uncertain must be one of {UNCERTAIN_CHOICES}, not {uncertain!r}")
     found = []
-    for label in PATHOLOGIES:
+    for label in FINDINGS:
         value = number(row.get(label))
         if value == 1.0 or (value == -1.0 and uncertain == "present"):
             found.append(label)

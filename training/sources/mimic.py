@@ -36,6 +36,9 @@ LAYOUT = Layout((Table(("mimic-cxr-2.0.0-metadata.csv[.gz]",), METADATA),
 
 @dataclass(frozen=True)
 class MimicImage:
+    """A MIMIC-CXR image as the metadata table lists it; its JPEG and its study's report lie under the data set's folder
+    by subject and study."""
+
     dicom_id: str
     subject_id: str
     study_id: str
@@ -73,6 +76,8 @@ def study_report(root: Path, image: MimicImage) -> str:
 
 
 def reports(root: Path, rng: random.Random, cleaner: Cleaner, split: str = "train") -> Iterator[Instruction]:
+    """One report-generation datapoint per frontal image of the split whose study's report has text left after
+    cleaning."""
     for image in frontal_images(root, split):
         text = study_report(root, image)
         cleaned = cleaner.clean(image.study_id, text) if text else None
@@ -91,6 +96,8 @@ def study_labels(root: Path, uncertain: str = "absent") -> dict[str, list[str]]:
 
 def classification(root: Path, rng: random.Random, split: str = "train",
                    uncertain: str = "absent") -> Iterator[Instruction]:
+    """One abnormalities datapoint per frontal image of the split whose study the CheXpert table labels; ``uncertain``
+    says how an uncertain label counts."""
     labels = study_labels(root, uncertain)
     for image in frontal_images(root, split):
         if image.study_id not in labels:

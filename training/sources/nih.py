@@ -29,6 +29,8 @@ NAMES = {"Effusion": "Pleural effusion", "Infiltrate": "Infiltration"}
 
 def abnormality_grounding(root: Path, rng: random.Random, size: ImageSize = header_size,
                           boxes: Placement | None = None) -> Iterator[Instruction]:
+    """One datapoint per (image, finding) with all that finding's boxes; an image that cannot be read is skipped, and
+    one with any box that does not fit it left out, noted in ``boxes``."""
     placement = boxes if boxes is not None else Placement()
     table = find(root, "BBox_List_2017.csv", "BBox_List_2017.csv.gz")
     by_label: dict[tuple[str, str], list[tuple[float, float, float, float]]] = defaultdict(list)

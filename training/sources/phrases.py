@@ -68,6 +68,8 @@ def ms_cxr_groups(root: Path, split: str = "train", boxes: Placement | None = No
 
 def ms_cxr(root: Path, mimic_root: Path, rng: random.Random, split: str = "train",
            boxes: Placement | None = None) -> Iterator[Instruction]:
+    """One phrase-grounding datapoint per (image, sentence) of MS-CXR's split; the images lie under ``mimic_root``
+    (MIMIC-CXR-JPG)."""
     for dicom_id, (path, sentences) in ms_cxr_groups(root, split, boxes).items():
         for index, (sentence, boxes) in enumerate(sentences, start=1):
             question, answer = answers.phrase(rng, sentence, boxes)
@@ -125,6 +127,8 @@ def padchest_groups(root: Path, split: str = "train", boxes: Placement | None = 
 
 def padchest_gr(root: Path, rng: random.Random, split: str = "train",
                 boxes: Placement | None = None) -> Iterator[Instruction]:
+    """One phrase-grounding datapoint per (image, sentence) of PadChest-GR's split, for the images whose boxes all fit
+    them."""
     for image_id, path, sentences, _ in padchest_groups(root, split, boxes):
         for index, (sentence, boxes) in enumerate(sentences):
             question, answer = answers.phrase(rng, sentence, boxes)
@@ -144,4 +148,6 @@ def padchest_cases(root: Path, split: str = "train", boxes: Placement | None = N
 
 def ms_cxr_phrases(root: Path, split: str = "train",
                    boxes: Placement | None = None) -> dict[str, list[tuple[str, tuple[NormBox, ...]]]]:
+    """MS-CXR's sentences with their boxes, by dicom_id: the ``phrases`` of grounded conversations about MIMIC-CXR
+    images (``mimic.conversation_cases``)."""
     return {dicom_id: sentences for dicom_id, (_, sentences) in ms_cxr_groups(root, split, boxes).items()}

@@ -27,6 +27,8 @@ LAYOUT = Layout((Table(("stage_2_train_labels.csv", "stage_2_train_labels.csv.zi
 
 def opacity_grounding(root: Path, rng: random.Random, size: ImageSize = header_size,
                       boxes: Placement | None = None) -> Iterator[Instruction]:
+    """One "Lung Opacity" grounding datapoint per patient with an opacity (Target 1), with all its boxes; a patient
+    whose image cannot be read, or whose boxes do not all fit it, is left out."""
     placement = boxes if boxes is not None else Placement()
     table = find(root, "stage_2_train_labels.csv", "stage_2_train_labels.csv.zip")
     by_patient: dict[str, list[tuple[float, float, float, float]]] = defaultdict(list)

@@ -20,9 +20,8 @@ import csv
 import hashlib
 import os
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 
 from alembic.runtime.migration import MigrationContext
@@ -32,10 +31,11 @@ from sqlalchemy import create_engine, select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicom_node.pixels import model_image, read_dataset
-from dicom_node.storage import InstanceStore
 from records.audit import process_host, record
+from records.clock import Clock
 from records.db import alembic_config, error_summary
+from records.pixels import model_image, read_dataset
+from records.storage import InstanceStore
 from records.tables import Instance, Job, SignOff, Study
 from training import answers
 from training.deidentify import Identifiers, burned_in, scrub
@@ -100,7 +100,7 @@ class Exported:
 
 
 def export(sessions: sessionmaker[Session], store: InstanceStore, out: Path, *, user: str,
-           clock: Callable[[], datetime]) -> Exported:
+           clock: Clock) -> Exported:
     """Add every sign-off whose image is not in ``out`` yet, de-identified; audit each study exported
     (Export, by ``user``) once its row is in the folder."""
     table = out / TABLE

@@ -35,12 +35,17 @@ SKIP_BOX_THR = 0.0
 
 @dataclass(frozen=True)
 class VinDrImage:
+    """An annotated VinDr-CXR image with its readers' boxes fused per label, normalised; no findings: its readers drew
+    none."""
+
     image_id: str
     path: Path
     findings: dict[str, list[NormBox]]  # label -> fused boxes; empty: no finding
 
 
 def annotation_file(root: Path, split: str) -> Path:
+    """The split's annotation table: PhysioNet's layout first, then Kaggle's ``train.csv`` for training, each perhaps
+    gzipped; ``MissingData`` when none is there."""
     names = [f"annotations/annotations_{split}.csv", f"annotations_{split}.csv"]
     if split == "train":
         names.append("train.csv")
