@@ -14,7 +14,7 @@ import torch
 
 from radvlm import prompts
 from radvlm.backends.base import GenerationParams
-from radvlm.backends.batch_decode import BLOCK, KVStore, RowBatch, round_up
+from radvlm.backends.kv_rows import BLOCK, KVStore, RowBatch, round_up
 from radvlm.backends.transformers import TransformersBackend
 from radvlm.prompts import Turn
 
@@ -83,7 +83,7 @@ def test_decode_steps_read_the_live_tokens_and_a_studys_questions_share_one_pref
     answer is plain generate()'s."""
     from transformers import AttentionInterface
 
-    from radvlm.backends.batch_decode import ROW_ATTENTION, row_attention
+    from radvlm.backends.kv_rows import ROW_ATTENTION, row_attention
     from radvlm.backends.prefix_cache import PREFIX, image_key
 
     backend = TransformersBackend(str(tiny_model), prefix_cache_mb=512, batch_cache_mb=64)

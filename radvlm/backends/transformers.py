@@ -17,16 +17,8 @@ import numpy as np
 
 from radvlm import prompts
 from radvlm.backends.base import Completion, GenerationParams, ModelLoadError, OnText
-from radvlm.backends.batch_decode import (
-    BLOCK,
-    MIN_QUESTION_TOKENS,
-    DecodeEngine,
-    Row,
-    round_up,
-    split_budget,
-    step_workspace,
-    stream_relay,
-)
+from radvlm.backends.batch_decode import MIN_QUESTION_TOKENS, DecodeEngine, Row, stream_relay
+from radvlm.backends.kv_rows import BLOCK, round_up, split_budget, step_workspace
 from radvlm.backends.prefix_cache import PREFIX, Prefix, PrefixCache, cache_bytes, image_key
 from radvlm.prompts import Turn
 from records.metrics import observe_engine
