@@ -38,5 +38,3 @@ async def within(events: AsyncIterator[Event], seconds: float) -> AsyncIterator[
             yield event
     finally:
         await events.aclose()  # type: ignore[attr-defined]
-
-

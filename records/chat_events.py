@@ -7,8 +7,6 @@ from __future__ import annotations
 from typing import Any
 
 Event = dict[str, Any]
-
-
 TERMINAL = ("done", "error")  # event types after which nothing more comes
 
 

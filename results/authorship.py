@@ -50,28 +50,12 @@ class Device:
             station_name=self.station_name, contribution_datetime=when)
 
 
-
-
-
-
 @dataclass(frozen=True)
 class Verifier:
     """The radiologist who signed a report off: their SR is COMPLETE, FINAL and VERIFIED."""
 
     observer_name: str  # DICOM PN, Family^Given
     organization: str
-
-
-
-
-
-
-
-
-
-
-
-
 
 
 def mark_authors(sr: Dataset, device: Device, verifier: Verifier | None = None) -> None:

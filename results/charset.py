@@ -13,8 +13,6 @@ from pydicom import Dataset
 from pydicom.valuerep import CUSTOMIZABLE_CHARSET_VR
 
 UTF8 = "ISO_IR 192"
-
-
 PIXEL_DATA = 0x7FE00010
 
 

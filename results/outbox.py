@@ -51,6 +51,7 @@ try:
 except PackageNotFoundError:  # running from a checkout that was not installed
     SOFTWARE_VERSION = "0+unknown"
 
+
 Deliver = Callable[[list[int]], None]  # hands outbox item ids to whatever sends them
 
 
@@ -64,10 +65,6 @@ class BuiltObject:
     sop_class_uid: str | None
     payload: bytes
     series_instance_uid: str | None = None  # DICOM objects
-
-
-
-
 
 
 # kind -> (image header, image result, model image, device, placement, earlier SRs of the kind) -> dataset

@@ -89,10 +89,6 @@ def usable_instances(session: Session, study_id: int) -> list[Instance]:
     return list(session.scalars(query))
 
 
-
-
-
-
 def finish(sessions: sessionmaker[Session], job_id: int, result: StudyResult, objects: Sequence[BuiltObject],
            outputs: Routing, now: datetime, problems: Sequence[str] = ()) -> list[int] | None:
     """Store the result and its outbox items; None if another runner stored one for this job first.

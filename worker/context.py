@@ -37,8 +37,6 @@ class WorkerContext:
         return self._backend
 
 
-
-
 def build_context(settings: Settings, backend: ModelBackend | None = None) -> WorkerContext:
     return WorkerContext(
         settings=settings,

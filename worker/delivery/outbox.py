@@ -25,8 +25,6 @@ from worker.delivery.mllp import mllp_send
 log = logging.getLogger(__name__)
 
 LEASE = timedelta(minutes=5)  # an attempt in flight keeps others off the item this long
-
-
 Send = Callable[[str, str, bytes], Attempt]  # (kind, destination name, payload) -> outcome
 
 
