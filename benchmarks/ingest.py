@@ -173,7 +173,7 @@ def run_storescp(work: Path, files: list[Path]) -> float:
 
 
 def run_orthanc(work: Path, files: list[Path]) -> float:
-    from tests.orthanc import running_orthanc
+    from testbed.orthanc import running_orthanc
 
     with running_orthanc(work / "orthanc", {}) as orthanc:
         elapsed = send(orthanc.dicom_port, files, "ORTHANC")

@@ -38,8 +38,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -54,9 +53,9 @@ from pydicom.uid import DeflatedExplicitVRLittleEndian, generate_uid  # noqa: E4
 from sqlalchemy import create_engine, func, select  # noqa: E402
 
 from records.tables import Study, StudyState  # noqa: E402
+from testbed.processes import ENTRY, service  # noqa: E402
 
 REDIS_DBS = range(13, 16)  # the tests use 11, ingest.py and load.py 12
-ENTRY = [sys.executable, "-m", "radvlm_pacs"]
 
 # Run as ``python -c TRACER OUT INTERVAL WARMUP FRAMES``: ``serve`` in the main thread (its signal handlers need it),
 # traced from after its imports, and beside it a thread writing the largest allocation differences since the
@@ -200,24 +199,6 @@ class Sender:
         self._thread.join()
 
 
-@contextmanager
-def service(name: str, command: list[str], env: dict[str, str], logs: Path) -> Iterator[subprocess.Popen]:
-    """One service in its own process group, its output in ``logs/NAME.log``; SIGTERM to the group at the end."""
-    with (logs / f"{name}.log").open("ab") as log:
-        process = subprocess.Popen(command, env={**os.environ, **env}, cwd=ROOT, stdout=log,
-                                   stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            yield process
-        finally:
-            if process.poll() is None:
-                os.killpg(process.pid, signal.SIGTERM)
-                try:
-                    process.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    os.killpg(process.pid, signal.SIGKILL)
-                    process.wait()
-
-
 def spare_redis_db(stack: ExitStack) -> str:
     """The URL of an empty database on the machine's Redis, of those reserved for benchmarks; emptied again
     once the services have stopped (Celery leaves its results there)."""
@@ -258,17 +239,19 @@ def soak(layout: str, args: argparse.Namespace, work: Path, stack: ExitStack) ->
     if layout == "serve":
         url = f"sqlite:///{work / 'radvlm.db'}"
         env = common_env(work, url, port, args.associations)
-        command = [*ENTRY, "serve"]
+        entry, command = ENTRY, ["serve"]
         if args.trace:
-            command = [sys.executable, "-c", TRACER, str(trace), str(args.interval), str(args.warmup * 60),
-                       str(args.trace_frames)]
-        services = {"serve": stack.enter_context(service("serve", command, env, logs))}
+            entry = [sys.executable, "-c", TRACER]
+            command = [str(trace), str(args.interval), str(args.warmup * 60), str(args.trace_frames)]
+        services = {"serve": stack.enter_context(service("serve", command, env, logs, entry=entry, cwd=ROOT,
+                                                         stop_timeout=30))}
     else:
         url = stack.enter_context(postgres_database(args.database_url))
         env = {**common_env(work, url, port, args.associations), "RADVLM_BROKER_URL": spare_redis_db(stack)}
         subprocess.run([*ENTRY, "db", "upgrade"], env={**os.environ, **env}, cwd=ROOT, check=True,
                        capture_output=True)  # once, before four processes would each try
-        services = {name: stack.enter_context(service(name, [*ENTRY, *command], env, logs)) for name, command in
+        services = {name: stack.enter_context(service(name, command, env, logs, cwd=ROOT, stop_timeout=30))
+                    for name, command in
                     (("node", ["node"]), ("api", ["api"]), ("gpu-worker", ["worker"]),
                      ("io-worker", ["worker", "--queues", "io"]))}
     wait_listening(port, services.get("serve") or services["node"], timeout=120)

@@ -85,7 +85,7 @@ def run_node(work: Path, files: list[Path]) -> tuple[float, int, float, float]:
 
 
 def run_orthanc(work: Path, files: list[Path]) -> tuple[float, int, float, float]:
-    from tests.orthanc import running_orthanc
+    from testbed.orthanc import running_orthanc
 
     extra = {"Plugins": [ORTHANC_DICOMWEB], "DicomWeb": {"Enable": True, "Root": "/dicom-web/"}}
     with running_orthanc(work / "orthanc", {}, extra=extra) as orthanc:

@@ -3,12 +3,18 @@
 Each ORU^R01 is parsed with hl7apy's strict validation, saved to FOLDER, and answered with an ACK
 whose MSA-1 is ANSWER (AA accepts; AE and AR let the tests see retries and refusals).
 
-    python -m tests.hl7_listener PORT FOLDER [ANSWER]
+    python -m testbed.hl7_listener PORT FOLDER [ANSWER]
+
+``listener`` runs it for the length of a block, on a free port.
 """
 
 from __future__ import annotations
 
+import socket
+import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from itertools import count
 from pathlib import Path
 
@@ -16,6 +22,8 @@ from hl7apy.consts import VALIDATION_LEVEL
 from hl7apy.core import Message
 from hl7apy.mllp import AbstractErrorHandler, AbstractHandler, MLLPServer
 from hl7apy.parser import parse_message
+
+from testbed.network import free_port, wait_for
 
 NUMBERS = count(1)
 
@@ -57,6 +65,20 @@ def main() -> None:
     folder.mkdir(parents=True, exist_ok=True)
     server = MLLPServer("127.0.0.1", port, {"ORU^R01^ORU_R01": (SaveResult, folder, answer), "ERR": (Refuse,)})
     server.serve_forever()
+
+
+@contextmanager
+def listener(tmp_path: Path, answer: str = "AA") -> Iterator[int]:
+    """This listener in its own process, saving to ``tmp_path/ris`` and answering ``answer``: its port."""
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-m", "testbed.hl7_listener", str(port), str(tmp_path / "ris"),
+                                answer])
+    try:
+        wait_for(lambda: socket.socket().connect_ex(("127.0.0.1", port)) == 0, 15)
+        yield port
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
 
 
 if __name__ == "__main__":

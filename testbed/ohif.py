@@ -15,7 +15,7 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, Response
 from starlette.routing import Route
 
-from tests.conftest import serving
+from testbed.network import serving
 
 OHIF_VERSION = "3.13.2"
 OHIF_DIST = Path(__file__).parents[1] / ".cache" / "ohif" / OHIF_VERSION / "dist"

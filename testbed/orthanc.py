@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tests.conftest import free_port
+from testbed.network import free_port
 
 ORTHANC = "/usr/sbin/Orthanc"
 

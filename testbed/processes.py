@@ -1,4 +1,4 @@
-"""Service processes for tests: the real ``radvlm-pacs`` commands, with logs kept for failures."""
+"""Service processes for tests and benchmarks: the real ``radvlm-pacs`` commands, with logs kept for failures."""
 
 from __future__ import annotations
 
@@ -18,19 +18,21 @@ ENTRY = [sys.executable, "-m", "radvlm_pacs"]
 
 
 @contextmanager
-def service(name: str, args: list[str], env: dict[str, str], logs: Path) -> Iterator[subprocess.Popen]:
-    """Start ``radvlm-pacs ARGS`` in its own process group; kill the group afterwards."""
+def service(name: str, args: list[str], env: dict[str, str], logs: Path, *, entry: list[str] = ENTRY,
+            cwd: Path | None = None, stop_timeout: float = 15) -> Iterator[subprocess.Popen]:
+    """Start ``radvlm-pacs ARGS`` (``entry`` + ``args``) in its own process group, its output in
+    ``logs/NAME.log``; SIGTERM to the group afterwards, SIGKILL if it has not stopped ``stop_timeout`` s later."""
     logs.mkdir(parents=True, exist_ok=True)
     log = (logs / f"{name}.log").open("ab")
-    process = subprocess.Popen([*ENTRY, *args], env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT,
-                               start_new_session=True)
+    process = subprocess.Popen([*entry, *args], env={**os.environ, **env}, cwd=cwd, stdout=log,
+                               stderr=subprocess.STDOUT, start_new_session=True)
     try:
         yield process
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGTERM)
             try:
-                process.wait(timeout=15)
+                process.wait(timeout=stop_timeout)
             except subprocess.TimeoutExpired:
                 os.killpg(process.pid, signal.SIGKILL)
                 process.wait()
@@ -112,3 +114,16 @@ def serve_env(tmp_path: Path, database_url: str, node_port: int, api_port: int, 
             "RADVLM_NODE__DISK_RESERVE_MB": "1", "RADVLM_NODE__METRICS_PORT": "0",
             "RADVLM_API__PORT": str(api_port), "RADVLM_API__BIND_ADDRESS": "127.0.0.1",
             "RADVLM_MODEL__BACKEND": "scripted", "RADVLM_DESTINATIONS": json.dumps(destinations), **extra}
+
+
+def production_env(tmp_path: Path, database_url: str, broker_url: str, port: int, **extra: str) -> dict[str, str]:
+    """The production layout (``node``, ``worker``, ``api`` apart, over ``broker_url``) on loopback for a test:
+    scripted model, quick completion, metrics on free ports."""
+    return {
+        "RADVLM_DATABASE_URL": database_url, "RADVLM_BROKER_URL": broker_url,
+        "RADVLM_STORAGE_DIR": str(tmp_path / "dicom"), "RADVLM_NODE__PORT": str(port),
+        "RADVLM_NODE__BIND_ADDRESS": "127.0.0.1", "RADVLM_NODE__STABLE_AGE_S": "1",
+        "RADVLM_NODE__COMPLETION_POLL_S": "0.2", "RADVLM_NODE__DISK_RESERVE_MB": "1",
+        "RADVLM_MODEL__BACKEND": "scripted", "RADVLM_LOG_LEVEL": "INFO",
+        "RADVLM_NODE__METRICS_PORT": "0", "RADVLM_WORKER__METRICS_PORT": "0", **extra,
+    }

@@ -21,8 +21,9 @@ from radvlm_pacs.checks import HEALTH_AE
 from radvlm_pacs.cli import _parser
 from records.settings import load_settings
 from records.tables import Instance
-from tests.conftest import radiograph, rg1_copy, wait_for
-from tests.orthanc import running_orthanc
+from testbed.network import wait_for
+from testbed.orthanc import running_orthanc
+from testbed.radiographs import radiograph, rg1_copy
 
 DOCKER = Path(__file__).resolve().parents[1] / "docker"
 COMPOSE = "/usr/bin/docker-compose"
@@ -199,4 +200,4 @@ def test_ohif_reaches_the_demonstration_orthanc_on_its_own_origin():
     [(user, password)] = orthanc["RegisteredUsers"].items()
     assert base64.b64encode(f"{user}:{password}".encode()).decode() in template
     config = (DOCKER / "ohif" / "app-config.js").read_text()
-    assert "qidoRoot: window.location.origin + '/dicom-web'" in config  # what tests/test_viewer.py serves too
+    assert "qidoRoot: window.location.origin + '/dicom-web'" in config  # what tests/results/test_viewer.py serves too

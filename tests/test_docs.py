@@ -22,7 +22,7 @@ from records.schema import StudyResult
 from records.settings import DeliverySettings, HL7Settings
 from results.hl7 import parse_strict
 from results.outbox import SR_CLASSES, hl7_result
-from tests.conftest import radiograph
+from testbed.radiographs import radiograph
 from worker.pipeline import AnalysisOptions, analyse_image
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"

@@ -1,6 +1,6 @@
 // OHIF (@ohif/app 3.13.2) for the demonstration deployment: one DICOMweb data source, the demonstration
 // Orthanc, reached on this origin's /dicom-web (nginx proxies it, see default.conf.template). The viewer
-// test (tests/test_viewer.py) serves OHIF's published build with this same file.
+// test (tests/results/test_viewer.py) serves OHIF's published build with this same file.
 window.config = {
   routerBasename: null, extensions: [], modes: [], customizationService: {},
   showStudyList: true, maxNumberOfWebWorkers: 2, showWarningMessageForCrossOrigin: false,
