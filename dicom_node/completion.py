@@ -18,13 +18,15 @@ from pydicom import dcmread
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+from dicom_node.selection import is_stat
 from dicom_node.selection import select as select_image
 from records.clock import Clock
 from records.metrics import INSTANCES_SKIPPED, STUDIES_COMPLETED, skip_reason
 from records.periodic import Periodic
 from records.pixels import DEFAULT_MAX_MEGAPIXELS, PixelError, model_image, size_problem
+from records.settings import PriorityRule
 from records.storage import InstanceStore
-from records.tables import Instance, Study, StudyState, StudyVersion
+from records.tables import STAT_PRIORITY, Instance, Study, StudyState, StudyVersion
 from records.text import one_line
 
 log = logging.getLogger(__name__)
@@ -34,17 +36,23 @@ OnReady = Callable[[int, int], None]
 
 @dataclass(frozen=True)
 class ImageRules:
-    """The node's settings that decide, beside the header rules, whether a received image is analysed."""
+    """The node's settings that decide, beside the header rules, whether a received image is analysed, and the
+    site's rules for a study that is read first (``worker.stat_rules``), applied to the same header read."""
 
     max_megapixels: float = DEFAULT_MAX_MEGAPIXELS
     for_processing: bool = False
+    stat_rules: tuple[PriorityRule, ...] = ()
 
 
 @dataclass(frozen=True)
 class Evaluation:
+    """One received image judged: analysed or not and why, a pixel error found by decoding it once, and
+    whether its header makes the study STAT."""
+
     selected: bool
     reason: str
     pixel_error: str | None = None
+    stat: bool = False
 
 
 def evaluate(store: InstanceStore, relative_path: str, rules: ImageRules = ImageRules()) -> Evaluation:
@@ -55,18 +63,19 @@ def evaluate(store: InstanceStore, relative_path: str, rules: ImageRules = Image
     try:
         ds = dcmread(store.path(relative_path))
         choice = select_image(ds, for_processing=rules.for_processing)
+        stat = is_stat(ds, rules.stat_rules)
     except Exception as exc:  # stored before reception checked every value, or changed on disk since
         return Evaluation(False, "unreadable file", one_line(f"{type(exc).__name__}: {exc}"))
     if not choice.selected:
-        return Evaluation(False, choice.reason)
+        return Evaluation(False, choice.reason, stat=stat)
     too_large = size_problem(ds, rules.max_megapixels)
     if too_large:
-        return Evaluation(False, too_large)
+        return Evaluation(False, too_large, stat=stat)
     try:
         model_image(ds, rules.max_megapixels)
     except PixelError as exc:
-        return Evaluation(True, choice.reason, str(exc))
-    return Evaluation(True, choice.reason)
+        return Evaluation(True, choice.reason, str(exc), stat=stat)
+    return Evaluation(True, choice.reason, stat=stat)
 
 
 def _nothing_reason(instances: list[Instance]) -> str:
@@ -111,6 +120,8 @@ def complete_study(
         unevaluated = [i for i in study.instances if i.selected is None]
         if unevaluated:  # arrived between the two phases; the next pass completes the study
             return None
+        if any(result.stat for result in evaluations.values()):  # once STAT, a study stays STAT
+            study.priority = STAT_PRIORITY
         usable = [i for i in study.instances if i.usable]
         outcome = StudyState.ready if usable else StudyState.nothing_to_analyse
         reason = (f"{len(usable)} frontal chest image(s) to analyse" if usable

@@ -9,6 +9,7 @@ kept as "assumed frontal", because a CR/DX routed to a chest AI node is most oft
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from pydicom import Dataset
@@ -18,6 +19,7 @@ from reception.sop import (
     DigitalXRayImageStorageForPresentation,
     DigitalXRayImageStorageForProcessing,
 )
+from records.settings import PriorityRule
 
 XRAY_MODALITIES = {"CR", "DX"}
 CHEST_SOP_CLASSES = {
@@ -114,3 +116,11 @@ def select(ds: Dataset, *, for_processing: bool = False) -> Selection:
     if FRONTAL_TEXT.search(view_text):
         return Selection(True, "frontal chest: series text")
     return Selection(True, "assumed frontal chest: no view attribute or text")
+
+
+def is_stat(ds: Dataset, rules: Sequence[PriorityRule]) -> bool:
+    """Whether the header asks for the study first: a rule's keyword holds its value (any case), in the dataset
+    or in an item of its Request Attributes Sequence (where the modality worklist puts the order's priority)."""
+    items = [ds, *ds.get("RequestAttributesSequence", [])]
+    return any(str(item.get(rule.keyword, "") or "").strip().upper() == rule.value.upper()
+               for rule in rules for item in items)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import ssl
 import tempfile
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from pathlib import Path
@@ -32,7 +33,7 @@ from reception.receiver import Receiver, inflated_limit
 from reception.sop import STORAGE_SOP_CLASSES, TRANSFER_SYNTAXES
 from records.clock import Clock
 from records.metrics import ASSOCIATIONS_ACTIVE
-from records.settings import NodeSettings, NodeTLS
+from records.settings import NodeSettings, NodeTLS, PriorityRule
 from records.storage import InstanceStore
 
 log = logging.getLogger(__name__)
@@ -86,7 +87,10 @@ def server_tls_context(tls: NodeTLS, timeout_s: float | None) -> ssl.SSLContext:
 
 
 class Node:
-    """The DICOM node: the association server plus the completion monitor, started and stopped together."""
+    """The DICOM node: the association server plus the completion monitor, started and stopped together.
+
+    ``stat_rules``: the header rules that put a study first (``worker.stat_rules``), judged at completion from
+    the header read there."""
 
     def __init__(
         self,
@@ -96,6 +100,7 @@ class Node:
         *,
         on_ready: OnReady,
         clock: Clock,
+        stat_rules: Sequence[PriorityRule] = (),
     ) -> None:
         self.settings = node
         self.ae = build_ae(node)
@@ -107,7 +112,8 @@ class Node:
         self.monitor = CompletionMonitor(
             sessions, store, stable_age=timedelta(seconds=node.stable_age_s),
             poll_interval=node.completion_poll_s, on_ready=on_ready, clock=clock,
-            rules=ImageRules(max_megapixels=node.max_image_megapixels, for_processing=node.analyse_for_processing),
+            rules=ImageRules(max_megapixels=node.max_image_megapixels, for_processing=node.analyse_for_processing,
+                             stat_rules=tuple(stat_rules)),
         )
         self.retention = None if not node.keep_images_days else RetentionSweep(
             sessions, store, keep=timedelta(days=node.keep_images_days), interval=RETENTION_SWEEP, clock=clock)

@@ -143,12 +143,10 @@ def cmd_reanalyse(args: argparse.Namespace) -> int:
                         lambda session, uid: reanalyse(session, uid, args.reason, utcnow()))
     if settings.broker_url:
         from dicom_node.completion import dispatch_ready
-        from records.storage import InstanceStore
         from worker.app import make_celery
         from worker.dispatch import CeleryDispatcher
 
-        dispatcher = CeleryDispatcher(make_celery(settings), sessions,
-                                      InstanceStore(settings.effective_storage_dir), settings.worker.stat_rules)
+        dispatcher = CeleryDispatcher(make_celery(settings), sessions)
         print(f"queued {dispatch_ready(sessions, dispatcher, utcnow())} for analysis")
     else:
         print("the running service's node queues them within a second (no broker configured)")

@@ -143,15 +143,12 @@ def cmd_api(args: argparse.Namespace) -> int:
 def cmd_node(args: argparse.Namespace) -> int:
     """The DICOM node alone (production layout): ready studies go to the Celery gpu queue."""
     from records.metrics import serve_metrics
-    from records.storage import InstanceStore
     from worker.app import make_celery
     from worker.dispatch import CeleryDispatcher
 
     settings = _start(args)
     serve_metrics(settings.node.metrics_port, settings.node.bind_address)
-    dispatcher = CeleryDispatcher(
-        make_celery(settings), open_sessions(settings),
-        InstanceStore(settings.effective_storage_dir, fsync=settings.node.fsync), settings.worker.stat_rules)
+    dispatcher = CeleryDispatcher(make_celery(settings), open_sessions(settings))
     return run_node(settings, on_ready=dispatcher)
 
 
@@ -222,7 +219,7 @@ def run_node(settings, on_ready: Callable[[int, int], None]) -> int:  # type: ig
     node = Node(
         settings.node, sessions,
         InstanceStore(settings.effective_storage_dir, fsync=settings.node.fsync),
-        on_ready=on_ready, clock=utcnow,
+        on_ready=on_ready, clock=utcnow, stat_rules=settings.worker.stat_rules,
     )
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -182,7 +182,8 @@ class WorkerSettings(Section):
     stat_rules: list[PriorityRule] = Field(default_factory=lambda: [
         PriorityRule(keyword="RequestedProcedurePriority", value="STAT"),
         PriorityRule(keyword="ScheduledProcedureStepPriority", value="HIGH"),
-    ])
+    ], description="a study any of whose images matches a rule (in the dataset or its Request Attributes "
+                   "Sequence) is analysed first; the node judges it when the study completes")
     metrics_port: int = Field(default=9102, ge=0, le=65535,
                               description="Prometheus metrics of a worker process; 0: off")
     concurrency: int = Field(default=1, ge=1,

@@ -82,6 +82,11 @@ def _enum(cls: type[enum.Enum]) -> Enum:
     return Enum(cls, native_enum=False, length=32, values_callable=lambda e: [m.value for m in e])
 
 
+# A study's priority, as the gpu queue serves it (Redis transport: a lower number first). The node records it
+# at completion from the study's headers (STAT rules); dispatch queues the study with it.
+STAT_PRIORITY, ROUTINE_PRIORITY = 1, 5
+
+
 class Study(Base):
     """A study as received. ``version`` grows by one each time an instance reopens it after completion."""
 
@@ -101,7 +106,7 @@ class Study(Base):
 
     instances: Mapped[list[Instance]] = relationship(back_populates="study", order_by="Instance.id")
     versions: Mapped[list[StudyVersion]] = relationship(back_populates="study", order_by="StudyVersion.version")
-    priority: Mapped[int] = mapped_column(Integer, default=5, doc="0 = STAT (first), 5 = routine")
+    priority: Mapped[int] = mapped_column(Integer, default=5, doc="1 = STAT (first), 5 = routine")
     findings: Mapped[list | None] = mapped_column(JSON, doc="CheXpert findings of the newest draft (any image), "
                                                              "or those signed once signed off; None before")
 

@@ -14,7 +14,7 @@ from sqlalchemy import create_engine, select, text
 from dicom_node.server import Node
 from records.clock import utcnow
 from records.db import make_engine, make_session_factory, upgrade
-from records.settings import NodeSettings
+from records.settings import NodeSettings, Settings
 from records.storage import InstanceStore
 from records.tables import Study, StudyState
 from testbed.databases import POSTGRES_ADMIN_URL, flushed_redis, postgres_available
@@ -82,7 +82,8 @@ def start_node(tmp_path: Path) -> Iterator[Callable[..., RunningNode]]:
             if on_ready is not None:
                 on_ready(study_id, version)
 
-        node = Node(settings, sessions, store, on_ready=record_and_forward, clock=utcnow)
+        node = Node(settings, sessions, store, on_ready=record_and_forward, clock=utcnow,
+                    stat_rules=Settings().worker.stat_rules)  # the site's default rules, as `node` gets them
         running = RunningNode(node=node, sessions=sessions, store=store, url=url)
         node.start()
         started.append(running)

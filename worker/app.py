@@ -12,13 +12,15 @@ from __future__ import annotations
 from celery import Celery
 
 from records.settings import Settings
+from records.tables import ROUTINE_PRIORITY
 
 ANALYSE_TASK = "radvlm.analyse_study"
 CHAT_TASK = "radvlm.chat"
 DELIVER_TASK = "radvlm.deliver"
 GPU_QUEUE, IO_QUEUE = "gpu", "io"
-# Redis transport: a lower number is served first. A radiologist waiting on a question goes first.
-CHAT_PRIORITY, STAT_PRIORITY, ROUTINE_PRIORITY = 0, 1, 5
+# Redis transport: a lower number is served first. A radiologist waiting on a question goes first, then
+# STAT studies, then routine ones.
+CHAT_PRIORITY = 0
 
 
 def make_celery(settings: Settings) -> Celery:

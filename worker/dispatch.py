@@ -4,19 +4,16 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from datetime import timedelta
 
-from pydicom import dcmread
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from records.clock import Clock, utcnow
 from records.periodic import Periodic
-from records.settings import PriorityRule
-from records.storage import InstanceStore
-from records.tables import Instance, Study, StudyState, StudyVersion
-from worker.app import ROUTINE_PRIORITY, STAT_PRIORITY, send_analysis
+from records.tables import Study, StudyState, StudyVersion
+from worker.app import send_analysis
 from worker.attempts import attempt, deliver_once
 from worker.context import WorkerContext
 from worker.delivery.outbox import due_items
@@ -25,40 +22,21 @@ from worker.model_thread import ModelThread
 log = logging.getLogger(__name__)
 
 
-def _matches(ds, rules: Sequence[PriorityRule]) -> bool:  # type: ignore[no-untyped-def]
-    items = [ds, *ds.get("RequestAttributesSequence", [])]
-    return any(str(item.get(rule.keyword, "") or "").strip().upper() == rule.value.upper()
-               for rule in rules for item in items)
-
-
-def _header(store: InstanceStore, path: str):  # type: ignore[no-untyped-def]
-    try:
-        return dcmread(store.path(path), stop_before_pixels=True)
-    except Exception:  # an unreadable file is recorded by completion; it just cannot make a study STAT
-        return None
-
-
-def study_priority(sessions: sessionmaker[Session], store: InstanceStore, study_id: int,
-                   rules: Sequence[PriorityRule]) -> int:
-    """STAT when any instance's header matches a rule; the priority is recorded on the study."""
+def study_priority(sessions: sessionmaker[Session], study_id: int) -> int:
+    """The priority the node recorded on the study at completion, from its headers (``worker.stat_rules``):
+    no file is read again to queue it."""
     with sessions() as session:
-        paths = session.scalars(select(Instance.path).where(Instance.study_id == study_id)).all()
-    headers = [h for h in (_header(store, p) for p in paths) if h is not None]
-    priority = STAT_PRIORITY if any(_matches(h, rules) for h in headers) else ROUTINE_PRIORITY
-    with sessions() as session, session.begin():
-        session.get_one(Study, study_id).priority = priority
-    return priority
+        return session.get_one(Study, study_id).priority
 
 
 class CeleryDispatcher:
     """The node's ``on_ready`` in production: one analysis message on the gpu queue, by priority."""
 
-    def __init__(self, app, sessions: sessionmaker[Session], store: InstanceStore,  # type: ignore[no-untyped-def]
-                 rules: Sequence[PriorityRule]) -> None:
-        self.app, self.sessions, self.store, self.rules = app, sessions, store, rules
+    def __init__(self, app, sessions: sessionmaker[Session]) -> None:  # type: ignore[no-untyped-def]
+        self.app, self.sessions = app, sessions
 
     def __call__(self, study_id: int, version: int) -> None:
-        priority = study_priority(self.sessions, self.store, study_id, self.rules)
+        priority = study_priority(self.sessions, study_id)
         send_analysis(self.app, study_id, version, priority)
         log.info("study %d version %d queued for analysis (priority %d)", study_id, version, priority)
 
@@ -171,7 +149,7 @@ class InProcessRunner:
             retries += 1
 
     def __call__(self, study_id: int, version: int) -> None:
-        priority = study_priority(self.ctx.sessions, self.ctx.store, study_id, self.ctx.settings.worker.stat_rules)
+        priority = study_priority(self.ctx.sessions, study_id)
         self.model_thread.submit_at(priority, self._run, study_id, version)
 
     def start(self) -> None:

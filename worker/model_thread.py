@@ -11,7 +11,7 @@ from collections.abc import Callable
 from concurrent.futures import Executor, Future
 from typing import Any
 
-from worker.app import ROUTINE_PRIORITY
+from records.tables import ROUTINE_PRIORITY
 
 
 class ModelThread(Executor):

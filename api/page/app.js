@@ -61,9 +61,10 @@ async function login(token) {
     sessionStorage.setItem("radvlm-token", token);
     $("who").textContent = `${me.name} (${me.role})`;
     $("logout").hidden = false;
-    $("show-studies").hidden = $("show-audit").hidden = me.role !== "admin";
     await loadAgreement().catch(() => { state.agreement = []; });  // the figures beside findings are extras
     await listStudies();
+    // only now: an audit log opened while the list loaded would be hidden again by the list
+    $("show-studies").hidden = $("show-audit").hidden = me.role !== "admin";
   } catch (error) {
     state.token = null;
     $("login-error").textContent = error.status === 401 ? "This token is not known here." : error.message;

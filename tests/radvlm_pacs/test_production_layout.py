@@ -14,7 +14,18 @@ from pydicom.uid import generate_uid
 from sqlalchemy import func, select
 
 from records.db import make_engine, make_session_factory
-from records.tables import DeliveryState, Job, JobState, OutboxItem, Result, Study, StudyState, StudyVersion
+from records.tables import (
+    ROUTINE_PRIORITY,
+    STAT_PRIORITY,
+    DeliveryState,
+    Job,
+    JobState,
+    OutboxItem,
+    Result,
+    Study,
+    StudyState,
+    StudyVersion,
+)
 from testbed.accounts import HOUSE, users
 from testbed.chat import sse
 from testbed.dcmtk import storescu
@@ -24,7 +35,6 @@ from testbed.node import rg1_study
 from testbed.orthanc import running_orthanc
 from testbed.processes import ENTRY, kill_hard, production_env, service
 from testbed.radiographs import RG1_STUDY, radiograph, rg1_copy
-from worker.app import ROUTINE_PRIORITY, STAT_PRIORITY
 
 
 def test_node_redis_and_worker_processes(database_url, broker_url, tmp_path):

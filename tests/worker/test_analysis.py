@@ -9,14 +9,12 @@ from sqlalchemy import func, select
 from radvlm.backends.scripted import ScriptedBackend
 from records.clock import utcnow
 from records.schema import StudyResult
-from records.settings import Settings
-from records.tables import Job, JobState, Result, Study, StudyState
+from records.tables import ROUTINE_PRIORITY, STAT_PRIORITY, Job, JobState, Result, Study, StudyState
 from testbed.dcmtk import storescu
 from testbed.network import wait_for
 from testbed.node import worker_context
-from testbed.radiographs import RG1_STUDY, radiograph, rg1_copy
+from testbed.radiographs import RG1_STUDY, RG3_STUDY, radiograph, rg1_copy
 from worker.analysis import claim, run_analysis
-from worker.app import ROUTINE_PRIORITY, STAT_PRIORITY
 from worker.dispatch import InProcessRunner
 from worker.model_thread import ModelThread
 from worker.pipeline import AnalysisOptions
@@ -113,6 +111,7 @@ def test_no_decodable_image_fails_visibly(sqlite_url, start_node):
 
 
 def test_stat_studies_get_the_first_priority(sqlite_url, start_node, tmp_path):
+    """The node judges the STAT rules from the header it reads at completion; dispatch reads no file."""
     from worker.dispatch import study_priority
 
     running = start_node(sqlite_url)
@@ -122,13 +121,14 @@ def test_stat_studies_get_the_first_priority(sqlite_url, start_node, tmp_path):
     stat.RequestAttributesSequence = [request]
     stat.save_as(tmp_path / "stat.dcm")
     assert storescu(running.port, tmp_path / "stat.dcm", radiograph("RG3_UNCI.dcm")).returncode == 0
-    wait_for(lambda: running.ready, 15)
-    rules = Settings().worker.stat_rules
+    wait_for(lambda: len(running.ready) == 1, 15)  # the tibia has nothing to analyse: it is never ready
     with running.sessions() as session:
-        ids = {s.study_instance_uid: s.id for s in session.scalars(select(Study))}
-    assert study_priority(running.sessions, running.store, ids[RG1_STUDY], rules) == STAT_PRIORITY
-    assert study_priority(running.sessions, running.store, ids["1.3.6.1.4.1.5962.1.2.11.20040826185059.5457"],
-                          rules) == ROUTINE_PRIORITY
+        studies = {s.study_instance_uid: s for s in session.scalars(select(Study))}
+    assert studies[RG1_STUDY].priority == STAT_PRIORITY
+    assert studies[RG3_STUDY].priority == ROUTINE_PRIORITY
+    for path in running.store.root.rglob("*.dcm"):
+        path.unlink()  # the priority was recorded: queuing the study does not need its files
+    assert study_priority(running.sessions, studies[RG1_STUDY].id) == STAT_PRIORITY
 
 
 def test_tiny_real_model_end_to_end(sqlite_url, start_node, tiny_model):
@@ -156,7 +156,8 @@ def test_model_threads_start_by_priority_and_run_side_by_side():
     the other here, which one thread could never finish)."""
     import threading
 
-    from worker.app import CHAT_PRIORITY, ROUTINE_PRIORITY
+    from records.tables import ROUTINE_PRIORITY
+    from worker.app import CHAT_PRIORITY
 
     started: list[str] = []
     gate = threading.Event()

@@ -21,7 +21,17 @@ from sqlalchemy import func, inspect, select
 from radvlm.backends.scripted import ScriptedBackend
 from records.chat_events import channel
 from records.db import alembic_config, make_engine, make_session_factory, upgrade
-from records.tables import Conversation, Exchange, ExchangeState, Job, JobState, Result, Study, StudyState
+from records.tables import (
+    STAT_PRIORITY,
+    Conversation,
+    Exchange,
+    ExchangeState,
+    Job,
+    JobState,
+    Result,
+    Study,
+    StudyState,
+)
 from testbed.accounts import HOUSE, users
 from testbed.databases import flushed_redis
 from testbed.dcmtk import storescu
@@ -30,7 +40,6 @@ from testbed.node import rg1_study
 from testbed.processes import kill_hard, production_env, service
 from testbed.radiographs import RG1_STUDY, radiograph, rg1_copy
 from worker.analysis import claim
-from worker.app import STAT_PRIORITY
 from worker.lapses import STOPPED, LapseSweep
 from worker.presence import PREFIX
 
