@@ -144,6 +144,7 @@ def complete_study(
 
 
 def stable_study_ids(session: Session, cutoff: datetime) -> list[int]:
+    """Studies still receiving that have had nothing new since ``cutoff``, the longest quiet first."""
     query = select(Study.id).where(Study.state == StudyState.receiving, Study.last_received_at <= cutoff)
     return list(session.scalars(query.order_by(Study.last_received_at)))
 

@@ -67,6 +67,7 @@ def handle_store(event, receiver: Receiver, transfers: Transfers) -> int | Datas
 
 
 def handle_echo(event) -> int:  # type: ignore[no-untyped-def]
+    """C-ECHO: always success, logged with the caller, so a PACS administrator's test shows in the log."""
     log.info("C-ECHO from %s", _peer(event))
     return SUCCESS
 
@@ -108,6 +109,7 @@ def handle_rejected(event, receiver: Receiver) -> None:  # type: ignore[no-untyp
 
 
 def handle_accepted(event) -> None:  # type: ignore[no-untyped-def]
+    """Count and log an accepted association, with the SOP classes it proposed that the node does not take."""
     assoc = event.assoc
     ASSOCIATIONS.labels("accepted").inc()
     log.info("association from %s accepted: %d context(s)", _peer(event), len(assoc.accepted_contexts))

@@ -12,9 +12,9 @@ from pathlib import Path
 
 from radvlm_pacs import admin, checks, composition
 from records.clock import as_utc
+from training import COMMAND_HELP
 
 DESCRIPTION = "The ``radvlm-pacs`` command: the composition root that wires settings, database, node and jobs."
-TRAIN_HELP = "RadVLM's instruction data, fine-tuning and evaluation"  # training.cli's own words for ``train``
 
 
 class _CommandParser(argparse.ArgumentParser):
@@ -136,7 +136,7 @@ def _parser() -> argparse.ArgumentParser:
     token.add_argument("--days", type=int, default=90, help="valid for this many days (0: until removed)")
     token.add_argument("--sources", nargs="*", metavar="AE", help="calling AE titles whose studies the user sees")
     token.set_defaults(func=admin.cmd_token)
-    sub.add_parser("train", help=TRAIN_HELP, build=_add_training)
+    sub.add_parser("train", help=COMMAND_HELP, build=_add_training)
     return parser
 
 

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from training import COMMAND_HELP
 from training.errors import Refused
 
 LLM_KEY_ENV = "RADVLM_LLM_API_KEY"
@@ -209,7 +210,7 @@ def cmd_export_site(args: argparse.Namespace) -> int:
 def add_commands(sub: Any) -> None:
     """Add ``train`` (dataset, finetune, export-site, evaluate) to ``sub``, the command line's subparsers; each
     command's ``func`` returns the exit status."""
-    train = sub.add_parser("train", help="RadVLM's instruction data, fine-tuning and evaluation").add_subparsers(
+    train = sub.add_parser("train", help=COMMAND_HELP).add_subparsers(
         dest="train_command", required=True, parser_class=_Parser)
 
     data = train.add_parser("dataset", help="build the LLaVA instruction JSON from public data set folders",

@@ -84,6 +84,7 @@ def claim(sessions: sessionmaker[Session], study_id: int, version: int, backend:
 
 
 def usable_instances(session: Session, study_id: int) -> list[Instance]:
+    """The study's images to analyse: selected at completion, decodable then, and not yet removed."""
     query = select(Instance).where(Instance.study_id == study_id, Instance.selected.is_(True),
                                    Instance.pixel_error.is_(None), Instance.removed_at.is_(None)).order_by(Instance.id)
     return list(session.scalars(query))

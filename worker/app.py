@@ -24,6 +24,7 @@ CHAT_PRIORITY = 0
 
 
 def make_celery(settings: Settings) -> Celery:
+    """The Celery application on the configured Redis; ValueError without a broker (``serve`` needs none)."""
     if not settings.broker_url:
         raise ValueError("broker_url is not set: Celery needs Redis (serve runs analyses in-process instead)")
     app = Celery("radvlm", broker=settings.broker_url, backend=settings.broker_url)

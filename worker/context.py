@@ -38,6 +38,7 @@ class WorkerContext:
 
 
 def build_context(settings: Settings, backend: ModelBackend | None = None) -> WorkerContext:
+    """A worker process's context from the settings; ``backend`` given (tests, ``serve``) or loaded on first use."""
     return WorkerContext(
         settings=settings,
         sessions=make_session_factory(make_engine(settings.effective_database_url)),

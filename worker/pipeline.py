@@ -17,6 +17,8 @@ from records.schema import Answer, Grounding, ImageResult
 
 @dataclass(frozen=True)
 class AnalysisOptions:
+    """How an analysis asks the model: the answer's token limit, the anatomical regions grounded on every image, and the
+    image size the node let through."""
     max_new_tokens: int = 1500
     regions: tuple[str, ...] = ()
     max_megapixels: float = DEFAULT_MAX_MEGAPIXELS  # the node's limit: an image it let through is decoded here too

@@ -23,6 +23,7 @@ def context_of(app) -> WorkerContext:  # type: ignore[no-untyped-def]
 
 @shared_task(bind=True, name=ANALYSE_TASK, max_retries=None)
 def analyse_study(self: Task, study_id: int, version: int) -> str:
+    """One analysis attempt of a study version; retried with the delay ``attempt`` returns (a transient failure)."""
     with log_context(task_id=self.request.id):
         delay = attempt(context_of(self.app), study_id, version, self.request.retries)
     if delay is not None:

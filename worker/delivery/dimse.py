@@ -59,6 +59,7 @@ def c_echo(host: str, port: int, called_ae: str, calling_ae: str, timeout_s: flo
 
 
 def echo_destination(destination: Destination, calling_ae: str, timeout_s: float) -> Attempt:
+    """C-ECHO to a configured destination, over TLS if it has it: ``config check`` and ``health`` ask this."""
     return c_echo(destination.host, destination.port, destination.ae_title, calling_ae, timeout_s,
                   _tls(destination))
 
