@@ -63,9 +63,13 @@ def evaluate(store: InstanceStore, relative_path: str, rules: ImageRules = Image
     try:
         ds = dcmread(store.path(relative_path))
         choice = select_image(ds, for_processing=rules.for_processing)
-        stat = is_stat(ds, rules.stat_rules)
     except Exception as exc:  # stored before reception checked every value, or changed on disk since
         return Evaluation(False, "unreadable file", one_line(f"{type(exc).__name__}: {exc}"))
+    try:
+        stat = is_stat(ds, rules.stat_rules)
+    except Exception:  # a priority value that cannot be read: the image is judged all the same, as routine
+        log.warning("%s: a STAT rule's attribute cannot be read; taken as routine", relative_path)
+        stat = False
     if not choice.selected:
         return Evaluation(False, choice.reason, stat=stat)
     too_large = size_problem(ds, rules.max_megapixels)
