@@ -31,8 +31,6 @@ log = logging.getLogger(__name__)
 FINISHED = (StudyState.analysed, StudyState.signed_off, StudyState.nothing_to_analyse, StudyState.failed)
 
 
-
-
 def remove_old_images(sessions: sessionmaker[Session], store: InstanceStore, keep: timedelta, now: datetime, *,
                       stop: threading.Event | None = None) -> int:
     """Remove the files of every finished study that has received nothing for ``keep``; the count removed.

@@ -14,11 +14,12 @@ log = logging.getLogger(__name__)
 OnError = Callable[[Exception], None]
 
 
-def log_failure(name: str, interval_s: float) -> OnError:
-    """The default for a step that raises: a warning with the reason; the loop goes on."""
+def log_failure(label: str, interval_s: float, logger: logging.Logger = log) -> OnError:
+    """A step that raises, told as one warning line on ``logger`` with the reason and when the next pass comes;
+    the loop goes on. The default ``on_error``."""
 
     def on_error(exc: Exception) -> None:
-        log.warning("%s failed (%s: %s); next in %.1f s", name, type(exc).__name__, exc, interval_s)
+        logger.warning("%s failed (%s: %s); next in %.0f s", label, type(exc).__name__, exc, interval_s)
 
     return on_error
 

@@ -15,7 +15,6 @@ from records.findings import CHEXPERT_LABELS
 SCHEMA_VERSION = 1
 
 
-
 class Box(BaseModel):
     """One box: normalised to [0, 1] (x = column / Columns, y = row / Rows) and in pixels."""
 

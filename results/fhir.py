@@ -107,7 +107,3 @@ def report_bundle(result: StudyResult, header: Dataset, fhir: FhirSettings, urge
     return Bundle.model_validate({"resourceType": "Bundle", "type": "transaction", "entry": entries})
 
 
-
-
-
-

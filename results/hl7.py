@@ -133,5 +133,3 @@ def parse_strict(er7: str) -> Message:
     return parse_message(er7.replace("\n", "\r"), validation_level=VALIDATION_LEVEL.STRICT, find_groups=True)
 
 
-
-

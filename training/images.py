@@ -30,7 +30,6 @@ def gray_pixels(path: Path) -> np.ndarray:
         return np.asarray(image.convert("L"), dtype=np.uint8)
 
 
-
 def load(path: Path) -> Image.Image:
     """The image at ``path`` as the processor takes it: the model's 8-bit gray view, in RGB."""
     return model_picture(gray_pixels(path))

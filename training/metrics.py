@@ -106,8 +106,6 @@ class LabelScores:
     macro: dict[str, float]
 
 
-
-
 def label_matrix(texts: Sequence[str]) -> np.ndarray:
     """(datapoints, 13) booleans: which pathology each text names."""
     rows = []

@@ -33,8 +33,6 @@ log = logging.getLogger(__name__)
 Publish = Callable[[Event], None]
 
 
-
-
 def history(exchanges: list[Exchange], position: int) -> list[Turn]:
     """The answered exchanges before ``position`` as turns, then the question at ``position``."""
     turns: list[Turn] = []

@@ -11,7 +11,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from records.clock import Clock, utcnow
-from records.periodic import Periodic
+from records.periodic import Periodic, log_failure
 from records.tables import Study, StudyState, StudyVersion
 from worker.app import send_analysis
 from worker.attempts import attempt, deliver_once
@@ -89,7 +89,9 @@ class OutboxSweep:
         self.sessions, self.send, self.interval_s, self.grace_s, self.clock = sessions, send, interval_s, grace_s, clock
         self.backlog = backlog
         self._grace = 0.0  # the first pass, at start, queues every due item
-        self._loop = Periodic("outbox-sweep", interval_s, self._pass, on_error=self._failed)
+        # the database or the broker away: the next pass tries again
+        self._loop = Periodic("outbox-sweep", interval_s, self._pass,
+                              on_error=log_failure("outbox sweep", interval_s, log))
 
     def run_once(self, grace_s: float) -> list[int]:
         if self.backlog():
@@ -104,9 +106,6 @@ class OutboxSweep:
     def _pass(self) -> None:
         self.run_once(self._grace)
         self._grace = self.grace_s
-
-    def _failed(self, exc: Exception) -> None:  # the database or the broker away: the next pass tries again
-        log.warning("outbox sweep failed (%s: %s); next in %.0f s", type(exc).__name__, exc, self.interval_s)
 
     def start(self) -> None:
         self._loop.start()

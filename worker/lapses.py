@@ -28,7 +28,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from records.chat_events import Event
 from records.clock import Clock
-from records.periodic import Periodic
+from records.periodic import Periodic, log_failure
 from records.tables import Exchange, ExchangeState, Job, JobState, Study, StudyState
 from records.text import one_line
 from worker.presence import announced
@@ -59,7 +59,9 @@ class LapseSweep:
         self.sessions, self.client, self.resend, self.publish = sessions, client, resend, publish
         self.grace, self.interval_s, self.clock = timedelta(seconds=grace_s), interval_s, clock
         self._missing: dict[str, datetime] = {}  # worker name -> first pass that found no announcement
-        self._loop = Periodic("lapse-sweep", interval_s, self.run_once, on_error=self._failed)
+        # the database or Redis away: the next pass tries again
+        self._loop = Periodic("lapse-sweep", interval_s, self.run_once,
+                              on_error=log_failure("lapse sweep", interval_s, log))
 
     def _holders(self) -> set[str]:
         with self.sessions() as session:
@@ -126,9 +128,6 @@ class LapseSweep:
                 log.warning("question %d: the failure could not be published (%s: %s)", exchange_id,
                             type(exc).__name__, exc)
         return failed
-
-    def _failed(self, exc: Exception) -> None:  # the database or Redis away: the next pass tries again
-        log.warning("lapse sweep failed (%s: %s); next in %.0f s", type(exc).__name__, exc, self.interval_s)
 
     def start(self) -> None:
         self._loop.start()

@@ -41,10 +41,6 @@ def _names(label: str) -> ColumnElement[bool]:
     return cast(Study.findings, String).like(f'%"{label}"%')
 
 
-
-
-
-
 @router.get("", response_model=StudiesPublic)
 def list_studies(
     session: SessionDep, user: CurrentUser, audit: AuditDep, settings: SettingsDep,

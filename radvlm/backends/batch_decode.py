@@ -48,12 +48,6 @@ log = logging.getLogger(__name__)
 MIN_QUESTION_TOKENS = 512  # a row's tail holds at least this many question tokens besides the answer
 
 
-
-
-
-
-
-
 @dataclass
 class Row:
     """One question of a request: its tokens after the image prefix, and the answer as it decodes (``on_token`` hears
@@ -109,14 +103,6 @@ class Live:
     row: Row
     slot: Slot
     written: int
-
-
-
-
-
-
-
-
 
 
 @dataclass
