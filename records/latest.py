@@ -23,7 +23,11 @@ def latest_job(session: Session, study: Study, *, current_version: bool = False,
     return session.scalar(query.with_for_update() if lock else query)
 
 
+def result_of(job: Job | None) -> StudyResult | None:
+    """A finished analysis's result, or None when there is no analysis or it stored none."""
+    return StudyResult.model_validate(job.result.payload) if job is not None and job.result else None
+
+
 def latest_result(session: Session, study: Study) -> StudyResult | None:
     """The result of the newest finished analysis of the study."""
-    job = latest_job(session, study)
-    return StudyResult.model_validate(job.result.payload) if job is not None and job.result else None
+    return result_of(latest_job(session, study))

@@ -16,9 +16,8 @@ from api.deps import AuditDep, CurrentUser, Offset, SessionDep, SettingsDep, Sto
 from api.problems import Problem
 from api.schemas import DeliveryPublic, InstancePublic, SignOffPublic, StudiesPublic, StudyDetail, StudyPublic
 from records.findings import FINDINGS
-from records.latest import latest_job, latest_result
+from records.latest import latest_job, latest_result, result_of
 from records.pixels import PixelError, read_model_image
-from records.schema import StudyResult
 from records.storage import removed
 from records.tables import OutboxItem, SignOff, Study, StudyState
 from results.capture import draw_boxes
@@ -94,7 +93,7 @@ def get_study(uid: str, session: SessionDep, user: CurrentUser, audit: AuditDep,
     audit("read_study", uid)  # attempts too: a denied or unknown study is logged as asked
     study = find_study(session, user, uid)
     job = latest_job(session, study)
-    result = StudyResult.model_validate(job.result.payload) if job is not None and job.result else None
+    result = result_of(job)
     signed = session.scalar(select(SignOff).where(SignOff.study_id == study.id).order_by(SignOff.id.desc()))
     deliveries = session.scalars(select(OutboxItem).where(OutboxItem.study_id == study.id).order_by(OutboxItem.id))
     return StudyDetail(
