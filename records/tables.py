@@ -106,7 +106,7 @@ class Study(Base):
 
     instances: Mapped[list[Instance]] = relationship(back_populates="study", order_by="Instance.id")
     versions: Mapped[list[StudyVersion]] = relationship(back_populates="study", order_by="StudyVersion.version")
-    priority: Mapped[int] = mapped_column(Integer, default=5, doc="1 = STAT (first), 5 = routine")
+    priority: Mapped[int] = mapped_column(Integer, default=ROUTINE_PRIORITY, doc="1 = STAT (first), 5 = routine")
     findings: Mapped[list | None] = mapped_column(JSON, doc="CheXpert findings of the newest draft (any image), "
                                                              "or those signed once signed off; None before")
 
